@@ -1,0 +1,49 @@
+# pgpipe: `make demo` runs it against a Postgres of its own; `make test` runs every test.
+PG_MAJOR   ?= 15
+PG_CONFIG  ?= /usr/lib/postgresql/$(PG_MAJOR)/bin/pg_config
+# Postgres refuses to run as root: pgrx's #[pg_test] cluster runs as this OS user.
+PG_TEST_USER ?= postgres
+PGRX_TEST_DATA ?= /tmp/pgpipe-pgrx-test-data
+INSTALL_FLAGS ?=
+
+.PHONY: setup install build test test-unit test-pg test-scenarios lint demo bench clean
+
+setup:
+	scripts/setup.sh
+
+## Builds the extension and installs it into the system Postgres $(PG_MAJOR).
+install: setup
+	cd pgpipe_ext && cargo pgrx install --pg-config $(PG_CONFIG) $(INSTALL_FLAGS)
+
+## Builds the forwarder binary `pgpipe` (target/debug/pgpipe).
+build:
+	cargo build -p pgpipe_forwarder
+
+## Unit tests, #[pg_test]s in Postgres, then the scenarios against a real Postgres.
+test: test-unit test-pg test-scenarios
+
+test-unit:
+	cargo test -p pgpipe_forwarder
+
+test-pg: setup
+	mkdir -p $(PGRX_TEST_DATA) && chown $(PG_TEST_USER) $(PGRX_TEST_DATA)
+	cd pgpipe_ext && CARGO_PGRX_TEST_RUNAS=$(PG_TEST_USER) CARGO_PGRX_TEST_PGDATA=$(PGRX_TEST_DATA)/data \
+		cargo pgrx test pg$(PG_MAJOR)
+
+test-scenarios: install build
+	cargo test -p pgpipe_tests -- --test-threads=4
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+## Starts a Postgres of its own, subscribes a demo table, writes rows, shows the events.
+demo: install build
+	scripts/demo.sh
+
+bench: install
+	cargo build --release -p pgpipe_forwarder
+	scripts/bench.sh
+
+clean:
+	cargo clean

@@ -1,0 +1,159 @@
+//! `#[pg_test]`s: the SQL API inside Postgres, each in a rolled-back transaction.
+
+use pgrx::prelude::*;
+
+/// The tests live in schema `tests`, where pgrx's runner calls them.
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    use crate::uuid7::{encode, next_stamp};
+
+    #[pg_test]
+    fn uuid_v7_has_version_variant_and_time() {
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let id = crate::uuid7::uuid_generate_v7();
+        let b = id.as_bytes();
+        assert_eq!(b[6] >> 4, 7, "version");
+        assert_eq!(b[8] >> 6, 0b10, "variant");
+        let mut ms = [0u8; 8];
+        ms[2..].copy_from_slice(&b[..6]);
+        let ms = u64::from_be_bytes(ms);
+        assert!(ms >= before && ms < before + 1000, "timestamp {ms} vs {before}");
+    }
+
+    #[pg_test]
+    fn uuid_v7_is_strictly_increasing_within_a_backend() {
+        let ids: Vec<[u8; 16]> = (0..10_000)
+            .map(|_| *crate::uuid7::uuid_generate_v7().as_bytes())
+            .collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[pg_test]
+    fn stamp_bumps_past_a_clock_that_stands_still_or_goes_back() {
+        let first = next_stamp(0, 1_000, 500_000);
+        assert_eq!(first, (1_000 << 12) | 2048);
+        assert_eq!(next_stamp(first, 1_000, 500_000), first + 1);
+        assert_eq!(next_stamp(first, 999, 0), first + 1);
+        let bytes = encode(first, u64::MAX);
+        assert_eq!(&bytes[..6], &[0, 0, 0, 0, 0x03, 0xE8]);
+        assert_eq!(bytes[6], 0x78);
+        assert_eq!(bytes[8], 0xBF);
+    }
+
+    fn setup_orders() {
+        Spi::run("CREATE TABLE public.orders (id int PRIMARY KEY, status text, total numeric, meta jsonb)")
+            .unwrap();
+    }
+
+    #[pg_test]
+    fn trigger_captures_typed_rows() {
+        setup_orders();
+        let channel = Spi::get_one::<String>("SELECT pgpipe.subscribe('orders')").unwrap();
+        assert_eq!(channel.as_deref(), Some("orders"));
+        Spi::run("INSERT INTO orders VALUES (1, 'new', 10.50, '{\"k\": \"v\"}')").unwrap();
+        Spi::run("UPDATE orders SET status = 'paid' WHERE id = 1").unwrap();
+        Spi::run("DELETE FROM orders").unwrap();
+        Spi::run("TRUNCATE orders").unwrap();
+        let ops = Spi::get_one::<String>(
+            "SELECT string_agg(operation, ',' ORDER BY id) FROM pgpipe.events WHERE channel = 'orders'",
+        )
+        .unwrap();
+        assert_eq!(ops.as_deref(), Some("INSERT,UPDATE,DELETE,TRUNCATE"));
+        let update = Spi::get_one::<pgrx::JsonB>(
+            "SELECT payload FROM pgpipe.events WHERE operation = 'UPDATE'",
+        )
+        .unwrap()
+        .unwrap()
+        .0;
+        assert_eq!(
+            update,
+            serde_json::json!({
+                "op": "UPDATE", "schema": "public", "table": "orders",
+                "row": {"id": 1, "status": "paid", "total": 10.50, "meta": {"k": "v"}},
+                "old": {"id": 1, "status": "new", "total": 10.50, "meta": {"k": "v"}}
+            })
+        );
+    }
+
+    #[pg_test]
+    fn subscribe_is_idempotent_and_replaces_options() {
+        setup_orders();
+        Spi::run("SELECT pgpipe.subscribe('orders')").unwrap();
+        Spi::run("SELECT pgpipe.subscribe('orders', 'shop:orders', ARRAY['insert'])").unwrap();
+        let subs = Spi::get_one::<i64>("SELECT count(*) FROM pgpipe.subscriptions").unwrap();
+        assert_eq!(subs, Some(1));
+        Spi::run("INSERT INTO orders VALUES (1, 'new', 1, NULL)").unwrap();
+        Spi::run("UPDATE orders SET status = 'paid'").unwrap();
+        let events = Spi::get_one::<String>(
+            "SELECT string_agg(channel || ' ' || operation, ',') FROM pgpipe.events",
+        )
+        .unwrap();
+        assert_eq!(events.as_deref(), Some("shop:orders INSERT"));
+        assert_eq!(Spi::get_one::<bool>("SELECT pgpipe.unsubscribe('orders')").unwrap(), Some(true));
+        assert_eq!(Spi::get_one::<bool>("SELECT pgpipe.unsubscribe('orders')").unwrap(), Some(false));
+    }
+
+    #[pg_test]
+    fn default_channel_is_schema_qualified_outside_public() {
+        Spi::run("CREATE SCHEMA shop; CREATE TABLE shop.items (id int PRIMARY KEY)").unwrap();
+        let channel = Spi::get_one::<String>("SELECT pgpipe.subscribe('shop.items')").unwrap();
+        assert_eq!(channel.as_deref(), Some("shop.items"));
+    }
+
+    #[pg_test(error = "relation \"missing\" does not exist")]
+    fn subscribe_rejects_a_missing_table() {
+        Spi::run("SELECT pgpipe.subscribe('missing')").unwrap();
+    }
+
+    #[pg_test(error = "unknown operation 'UPSERT'")]
+    fn subscribe_rejects_an_unknown_operation() {
+        setup_orders();
+        Spi::run("SELECT pgpipe.subscribe('orders', operations => ARRAY['insert', 'upsert'])").unwrap();
+    }
+
+    #[pg_test(error = "invalid channel name 'no spaces'")]
+    fn subscribe_rejects_a_bad_channel() {
+        setup_orders();
+        Spi::run("SELECT pgpipe.subscribe('orders', 'no spaces')").unwrap();
+    }
+
+    #[pg_test]
+    fn emit_queues_an_event_with_its_operation() {
+        let id = Spi::get_one::<pgrx::Uuid>("SELECT pgpipe.emit('billing', '{\"invoice\": 7}')")
+            .unwrap()
+            .unwrap();
+        let row = Spi::get_two::<String, String>(&format!(
+            "SELECT operation, source FROM pgpipe.events WHERE id = '{id}'"
+        ))
+        .unwrap();
+        assert_eq!(row, (Some("EMIT".into()), Some("emit".into())));
+        Spi::run("SELECT pgpipe.emit('billing', '{}', 'PAID')").unwrap();
+    }
+
+    #[pg_test]
+    fn read_leaves_out_uncommitted_events() {
+        Spi::run("SELECT pgpipe.register_consumer('c1', ARRAY['a'])").unwrap();
+        Spi::run("SELECT pgpipe.emit('a', to_jsonb(g)) FROM generate_series(1, 5) g").unwrap();
+        Spi::run("SELECT pgpipe.emit('b', '1')").unwrap();
+        // Events written by this (still open) transaction are not committed: a new batch
+        // cannot contain them, so reading returns only a position row.
+        let n = Spi::get_one::<i64>("SELECT count(id) FROM pgpipe.read('c1')").unwrap();
+        assert_eq!(n, Some(0));
+    }
+
+    #[pg_test(error = "invalid position 'garbage'")]
+    fn ack_rejects_a_malformed_position() {
+        Spi::run("SELECT pgpipe.register_consumer('c1')").unwrap();
+        Spi::run("SELECT pgpipe.ack('c1', 'garbage')").unwrap();
+    }
+
+    #[pg_test(error = "consumer 'nobody' does not exist")]
+    fn read_rejects_an_unknown_consumer() {
+        Spi::run("SELECT * FROM pgpipe.read('nobody')").unwrap();
+    }
+}

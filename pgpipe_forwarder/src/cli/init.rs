@@ -1,0 +1,326 @@
+//! `pgpipe init`: prints the SQL that sets a table up for capture.
+//!
+//! Names are checked before they are printed, and quoted anyway: identifiers with
+//! `quote_ident` rules (double quotes when not a plain lower-case name or a keyword),
+//! literals with doubled single quotes.
+
+use std::process::ExitCode;
+
+use anyhow::bail;
+use clap::Args;
+
+use super::{print_output, GlobalArgs, Run};
+use crate::config::valid_channel;
+
+/// Longest Postgres identifier (NAMEDATALEN - 1).
+const MAX_IDENTIFIER_LEN: usize = 63;
+
+/// Shown after `pgpipe init --help`.
+const AFTER_HELP: &str = "\
+Names are taken literally: --table Orders means the table \"Orders\", not orders.
+
+Examples:
+  pgpipe init --table orders | psql \"$DATABASE_URL\"
+  pgpipe init --table shop.orders --channel orders:v1
+  pgpipe init --table orders --detector wal --publication pgpipe_orders";
+
+/// Arguments of `pgpipe init`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = AFTER_HELP,
+    long_about = "Print the SQL that sets a table up for capture, to run with psql.\n\n\
+        --detector queue (default): install the pgpipe extension and subscribe the table; \
+        its changes are captured by a trigger into the extension's queue.\n\
+        --detector wal: create the publication that `pgpipe listen --detector wal` replicates."
+)]
+pub struct InitArgs {
+    /// Table to capture, optionally schema-qualified (schema.table); each part is a letter or
+    /// `_` followed by letters, digits, `_` or `$`
+    #[arg(long, value_name = "TABLE")]
+    table: String,
+
+    /// Channel the table's events are published on [default: the table name]; letters,
+    /// digits and `_ . : -`, at most 63 characters
+    #[arg(long, value_name = "NAME")]
+    channel: Option<String>,
+
+    /// Detector the SQL is for
+    #[arg(long, value_name = "TYPE", value_parser = ["queue", "listen_notify", "wal"], default_value = "queue")]
+    detector: String,
+
+    /// Print the target table of an adapter instead (pg_table: not available yet)
+    #[arg(long, value_name = "NAME", value_parser = ["pg_table"])]
+    adapter: Option<String>,
+
+    /// Publication to create with --detector wal [default: pgpipe_<table>]
+    #[arg(long, value_name = "NAME")]
+    publication: Option<String>,
+}
+
+impl Run for InitArgs {
+    fn run(self, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+        print_output(&self.sql()?)?;
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+impl InitArgs {
+    /// The SQL to print, or why there is none.
+    fn sql(&self) -> anyhow::Result<String> {
+        let table = parse_table(&self.table)?;
+        if let Some(adapter) = &self.adapter {
+            bail!("`pgpipe init --adapter {adapter}` is not available yet");
+        }
+        match self.detector.as_str() {
+            "queue" => {
+                if self.publication.is_some() {
+                    bail!("--publication only applies to --detector wal");
+                }
+                // regclass input syntax inside a literal: '"Orders"' keeps the case.
+                let mut args = quote_literal(&qualified(&table));
+                if let Some(channel) = &self.channel {
+                    if !valid_channel(channel) {
+                        bail!(
+                            "invalid channel name {channel:?}: use 1 to 63 characters of letters, \
+                             digits, '_', '.', ':' and '-'"
+                        );
+                    }
+                    args.push_str(", ");
+                    args.push_str(&quote_literal(channel));
+                }
+                Ok(format!(
+                    "CREATE EXTENSION IF NOT EXISTS pgpipe;\nSELECT pgpipe.subscribe({args});\n"
+                ))
+            }
+            "wal" => {
+                if self.channel.is_some() {
+                    bail!("--channel does not apply to --detector wal (events are named after their table)");
+                }
+                let publication = match &self.publication {
+                    Some(p) if valid_identifier(p) => p.clone(),
+                    Some(p) => bail!(
+                        "invalid publication name {p:?}: use a letter or '_' followed by letters, \
+                         digits, '_' or '$', at most {MAX_IDENTIFIER_LEN} characters"
+                    ),
+                    None => default_publication(&table),
+                };
+                Ok(format!(
+                    "CREATE PUBLICATION {} FOR TABLE {};\n",
+                    quote_ident(&publication),
+                    qualified(&table)
+                ))
+            }
+            other => bail!("`pgpipe init --detector {other}` is not available yet"),
+        }
+    }
+}
+
+/// Splits `schema.table` (or `table`) into checked identifiers.
+fn parse_table(table: &str) -> anyhow::Result<Vec<String>> {
+    let parts: Vec<&str> = table.split('.').collect();
+    if parts.len() > 2 || !parts.iter().all(|p| valid_identifier(p)) {
+        bail!(
+            "invalid table name {table:?}: use table or schema.table, each a letter or '_' \
+             followed by letters, digits, '_' or '$', at most {MAX_IDENTIFIER_LEN} characters"
+        );
+    }
+    Ok(parts.into_iter().map(str::to_owned).collect())
+}
+
+/// `[A-Za-z_][A-Za-z0-9_$]*`, at most 63 bytes.
+fn valid_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    s.len() <= MAX_IDENTIFIER_LEN
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+}
+
+/// `pgpipe_<schema>_<table>`, lower-cased, cut to 63 bytes.
+fn default_publication(table: &[String]) -> String {
+    let mut name = format!("pgpipe_{}", table.join("_")).to_ascii_lowercase();
+    name.truncate(MAX_IDENTIFIER_LEN);
+    name
+}
+
+/// `schema.table` with each part quoted as needed.
+fn qualified(parts: &[String]) -> String {
+    parts
+        .iter()
+        .map(|p| quote_ident(p))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// An SQL string literal: single quotes doubled.
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// An identifier as Postgres' `quote_ident` writes it: bare when it is a lower-case name
+/// that is not a keyword, double-quoted (inner quotes doubled) otherwise.
+fn quote_ident(s: &str) -> String {
+    let mut chars = s.chars();
+    let plain = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && NON_BARE_KEYWORDS.binary_search(&s).is_err();
+    if plain {
+        s.to_owned()
+    } else {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    }
+}
+
+/// Postgres keywords that are not "unreserved" (reserved, type/function-name and
+/// column-name keywords): `quote_ident` quotes these. Sorted for binary search.
+#[rustfmt::skip]
+const NON_BARE_KEYWORDS: &[&str] = &[
+    "all", "analyse", "analyze", "and", "any", "array", "as", "asc", "asymmetric",
+    "authorization", "between", "bigint", "binary", "bit", "boolean", "both", "case", "cast",
+    "char", "character", "check", "coalesce", "collate", "collation", "column", "concurrently",
+    "constraint", "create", "cross", "current_catalog", "current_date", "current_role",
+    "current_schema", "current_time", "current_timestamp", "current_user", "dec", "decimal",
+    "default", "deferrable", "desc", "distinct", "do", "else", "end", "except", "exists",
+    "extract", "false", "fetch", "float", "for", "foreign", "freeze", "from", "full", "grant",
+    "graph_table", "greatest", "group", "grouping", "having", "ilike", "in", "initially",
+    "inner", "inout", "int", "integer", "intersect", "interval", "into", "is", "isnull", "join",
+    "json", "json_array", "json_arrayagg", "json_exists", "json_object", "json_objectagg",
+    "json_query", "json_scalar", "json_serialize", "json_table", "json_value", "lateral",
+    "leading", "least", "left", "like", "limit", "localtime", "localtimestamp", "merge_action",
+    "national", "natural", "nchar", "none", "normalize", "not", "notnull", "null", "nullif",
+    "numeric", "offset", "on", "only", "or", "order", "out", "outer", "overlaps", "overlay",
+    "placing", "position", "precision", "primary", "real", "references", "returning", "right",
+    "row", "select", "session_user", "setof", "similar", "smallint", "some", "substring",
+    "symmetric", "system_user", "table", "tablesample", "then", "time", "timestamp", "to",
+    "trailing", "treat", "trim", "true", "union", "unique", "user", "using", "values",
+    "varchar", "variadic", "verbose", "when", "where", "window", "with", "xmlattributes",
+    "xmlconcat", "xmlelement", "xmlexists", "xmlforest", "xmlnamespaces", "xmlparse", "xmlpi",
+    "xmlroot", "xmlserialize", "xmltable",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn init(table: &str) -> InitArgs {
+        InitArgs {
+            table: table.into(),
+            channel: None,
+            detector: "queue".into(),
+            adapter: None,
+            publication: None,
+        }
+    }
+
+    fn err(args: &InitArgs) -> String {
+        args.sql().expect_err("should fail").to_string()
+    }
+
+    #[test]
+    fn keywords_are_sorted() {
+        assert!(NON_BARE_KEYWORDS.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn queue_sql() {
+        assert_eq!(
+            init("orders").sql().unwrap(),
+            "CREATE EXTENSION IF NOT EXISTS pgpipe;\nSELECT pgpipe.subscribe('orders');\n"
+        );
+        let mut a = init("shop.orders");
+        a.channel = Some("orders:v1.x-y".into());
+        assert_eq!(
+            a.sql().unwrap(),
+            "CREATE EXTENSION IF NOT EXISTS pgpipe;\n\
+             SELECT pgpipe.subscribe('shop.orders', 'orders:v1.x-y');\n"
+        );
+    }
+
+    #[test]
+    fn odd_names_are_quoted() {
+        assert!(init("Orders")
+            .sql()
+            .unwrap()
+            .contains("subscribe('\"Orders\"')"));
+        assert!(init("order")
+            .sql()
+            .unwrap()
+            .contains("subscribe('\"order\"')"));
+        assert!(init("My.t$1")
+            .sql()
+            .unwrap()
+            .contains("subscribe('\"My\".\"t$1\"')"));
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_ident("user"), "\"user\"");
+        assert_eq!(quote_ident("users"), "users");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(
+            quote_literal("'; DROP TABLE x; --"),
+            "'''; DROP TABLE x; --'"
+        );
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        for bad in [
+            "",
+            "1abc",
+            "a-b",
+            "a.b.c",
+            "a b",
+            "x'y",
+            "a.",
+            ".a",
+            "\"a\"",
+            &"x".repeat(64),
+        ] {
+            assert!(err(&init(bad)).starts_with("invalid table name"), "{bad:?}");
+        }
+        let mut a = init("orders");
+        a.channel = Some("bad channel'".into());
+        assert!(err(&a).starts_with("invalid channel name"));
+    }
+
+    #[test]
+    fn wal_sql() {
+        let mut a = init("orders");
+        a.detector = "wal".into();
+        assert_eq!(
+            a.sql().unwrap(),
+            "CREATE PUBLICATION pgpipe_orders FOR TABLE orders;\n"
+        );
+        let mut a = init("Shop.Order");
+        a.detector = "wal".into();
+        a.publication = Some("Pub".into());
+        assert_eq!(
+            a.sql().unwrap(),
+            "CREATE PUBLICATION \"Pub\" FOR TABLE \"Shop\".\"Order\";\n"
+        );
+        a.publication = Some("p;drop".into());
+        assert!(err(&a).starts_with("invalid publication name"));
+        let mut a = init("public.table");
+        a.detector = "wal".into();
+        assert_eq!(
+            a.sql().unwrap(),
+            "CREATE PUBLICATION pgpipe_public_table FOR TABLE public.\"table\";\n"
+        );
+        a.channel = Some("c".into());
+        assert!(err(&a).contains("--channel does not apply"));
+    }
+
+    #[test]
+    fn unfinished_modes_say_so() {
+        let mut a = init("orders");
+        a.detector = "listen_notify".into();
+        assert!(err(&a).contains("not available yet"));
+        let mut a = init("orders");
+        a.adapter = Some("pg_table".into());
+        assert!(err(&a).contains("not available yet"));
+        let mut a = init("orders");
+        a.publication = Some("p".into());
+        assert!(err(&a).contains("only applies to --detector wal"));
+    }
+}

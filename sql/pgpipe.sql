@@ -1,0 +1,490 @@
+-- pgpipe: the queue, trigger capture, and the consumer API.
+-- Everything lives in schema pgpipe (the control file's schema). Identifiers reach dynamic
+-- SQL only through regclass output or format('%I'/%L'); SECURITY DEFINER functions pin
+-- search_path.
+
+--------------------------------------------------------------------------------
+-- The queue
+--------------------------------------------------------------------------------
+
+CREATE TABLE pgpipe.events (
+    id          uuid        PRIMARY KEY DEFAULT pgpipe.uuid_generate_v7(),
+    channel     text        NOT NULL,
+    operation   text        NOT NULL,
+    payload     jsonb       NOT NULL,
+    source      text        NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    xid         xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    lsn         pg_lsn
+);
+COMMENT ON TABLE pgpipe.events IS
+    'pgpipe queue: one row per captured change or emitted event; read it through pgpipe.read()';
+-- Batches select by transaction id range (see pgpipe.read).
+CREATE INDEX events_xid_idx ON pgpipe.events (xid);
+
+--------------------------------------------------------------------------------
+-- Validation helpers
+--------------------------------------------------------------------------------
+
+-- Channels travel in URLs (/events/{channel}), file names and NOTIFY channel names, so
+-- they are kept to a portable alphabet.
+CREATE FUNCTION pgpipe.check_channel(channel text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF channel IS NULL OR channel !~ '^[A-Za-z0-9_.:-]{1,63}$' THEN
+        RAISE EXCEPTION 'invalid channel name %', coalesce(quote_literal(channel), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use 1 to 63 letters, digits, ''_'', ''.'', '':'' or ''-''.';
+    END IF;
+    RETURN channel;
+END $$;
+
+-- Upper-cases, checks and de-duplicates a list of operations.
+CREATE FUNCTION pgpipe.check_operations(operations text[]) RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    op text;
+    result text[] := '{}';
+BEGIN
+    IF operations IS NULL OR cardinality(operations) = 0 THEN
+        RAISE EXCEPTION 'no operations given'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass some of INSERT, UPDATE, DELETE, TRUNCATE.';
+    END IF;
+    FOREACH op IN ARRAY operations LOOP
+        op := upper(btrim(coalesce(op, '')));
+        IF op NOT IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE') THEN
+            RAISE EXCEPTION 'unknown operation %', quote_literal(op)
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Operations are INSERT, UPDATE, DELETE and TRUNCATE.';
+        END IF;
+        IF NOT op = ANY (result) THEN
+            result := result || op;
+        END IF;
+    END LOOP;
+    RETURN result;
+END $$;
+
+--------------------------------------------------------------------------------
+-- Trigger capture
+--------------------------------------------------------------------------------
+
+-- Row trigger: TG_ARGV[0] is the channel. No NOTIFY here: NOTIFY takes a global lock at
+-- commit and would serialize writers; consumers are woken another way (see README).
+CREATE FUNCTION pgpipe.capture_row() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_row jsonb;
+    old_row jsonb;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        new_row := to_jsonb(OLD);
+    ELSIF TG_OP = 'UPDATE' THEN
+        new_row := to_jsonb(NEW);
+        old_row := to_jsonb(OLD);
+    ELSE
+        new_row := to_jsonb(NEW);
+    END IF;
+    INSERT INTO pgpipe.events (id, channel, operation, payload, source)
+    VALUES (pgpipe.uuid_generate_v7(), TG_ARGV[0], TG_OP,
+            jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
+                               'row', new_row, 'old', old_row),
+            'trigger');
+    RETURN NULL;
+END $$;
+
+-- Statement trigger for TRUNCATE (row triggers do not fire for it).
+CREATE FUNCTION pgpipe.capture_truncate() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    INSERT INTO pgpipe.events (id, channel, operation, payload, source)
+    VALUES (pgpipe.uuid_generate_v7(), TG_ARGV[0], 'TRUNCATE',
+            jsonb_build_object('op', 'TRUNCATE', 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
+                               'row', NULL, 'old', NULL),
+            'trigger');
+    RETURN NULL;
+END $$;
+
+--------------------------------------------------------------------------------
+-- Subscriptions
+--------------------------------------------------------------------------------
+
+CREATE TABLE pgpipe.subscription (
+    relid       oid         PRIMARY KEY,
+    channel     text        NOT NULL,
+    operations  text[]      NOT NULL,
+    mode        text        NOT NULL CHECK (mode IN ('trigger', 'wal')),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE VIEW pgpipe.subscriptions AS
+SELECT s.relid::regclass AS "table", s.channel, s.operations, s.mode, s.created_at, s.updated_at
+FROM pgpipe.subscription s
+JOIN pg_catalog.pg_class c ON c.oid = s.relid;
+
+-- Drops pgpipe's capture triggers from a table (if present).
+CREATE FUNCTION pgpipe.drop_capture_triggers(tbl regclass) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    trigger_name name;
+BEGIN
+    FOR trigger_name IN
+        SELECT tgname FROM pg_trigger
+        WHERE tgrelid = tbl AND tgname IN ('pgpipe_capture', 'pgpipe_capture_truncate')
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, tbl);
+    END LOOP;
+END $$;
+
+-- Installs capture on a table. Idempotent: subscribing again replaces the channel,
+-- operations and mode of the existing subscription. Returns the channel.
+CREATE FUNCTION pgpipe.subscribe(
+    "table"    regclass,
+    channel    text   DEFAULT NULL,
+    operations text[] DEFAULT ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE'],
+    mode       text   DEFAULT 'trigger'
+) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel record;
+    ops text[];
+    row_ops text[];
+BEGIN
+    IF "table" IS NULL THEN
+        RAISE EXCEPTION 'no table given' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT c.relname, c.relkind, n.nspname INTO rel
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = "table";
+    IF rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', "table"
+            USING ERRCODE = 'wrong_object_type',
+                  HINT = 'Only ordinary and partitioned tables can be subscribed.';
+    END IF;
+    IF rel.nspname = 'pgpipe' THEN
+        RAISE EXCEPTION 'pgpipe''s own table % cannot be subscribed', "table"
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT pg_has_role(session_user, (SELECT relowner FROM pg_class WHERE oid = "table"), 'USAGE') THEN
+        RAISE EXCEPTION 'must be the owner of table % to subscribe it', "table"
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    mode := lower(coalesce(mode, ''));
+    IF mode = 'wal' THEN
+        RAISE EXCEPTION 'mode ''wal'' is not available in this version of pgpipe'
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Use mode => ''trigger''.';
+    ELSIF mode <> 'trigger' THEN
+        RAISE EXCEPTION 'unknown mode %', quote_literal(mode)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'mode is ''trigger'' or ''wal''.';
+    END IF;
+    channel := pgpipe.check_channel(coalesce(channel,
+        CASE WHEN rel.nspname = 'public' THEN rel.relname ELSE rel.nspname || '.' || rel.relname END));
+    ops := pgpipe.check_operations(operations);
+
+    PERFORM pgpipe.drop_capture_triggers("table");
+    row_ops := ARRAY(SELECT o FROM unnest(ops) o WHERE o <> 'TRUNCATE');
+    IF cardinality(row_ops) > 0 THEN
+        EXECUTE format(
+            'CREATE TRIGGER pgpipe_capture AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION pgpipe.capture_row(%L)',
+            array_to_string(row_ops, ' OR '), "table", channel);
+    END IF;
+    IF 'TRUNCATE' = ANY (ops) THEN
+        EXECUTE format(
+            'CREATE TRIGGER pgpipe_capture_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION pgpipe.capture_truncate(%L)',
+            "table", channel);
+    END IF;
+
+    INSERT INTO pgpipe.subscription AS s (relid, channel, operations, mode)
+    VALUES ("table", channel, ops, mode)
+    ON CONFLICT (relid) DO UPDATE
+        SET channel = excluded.channel, operations = excluded.operations,
+            mode = excluded.mode, updated_at = now();
+    RETURN channel;
+END $$;
+
+-- Removes capture from a table. Returns false when it was not subscribed.
+CREATE FUNCTION pgpipe.unsubscribe("table" regclass) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT pg_has_role(session_user, (SELECT relowner FROM pg_class WHERE oid = "table"), 'USAGE') THEN
+        RAISE EXCEPTION 'must be the owner of table % to unsubscribe it', "table"
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    PERFORM pgpipe.drop_capture_triggers("table");
+    DELETE FROM pgpipe.subscription WHERE relid = "table";
+    RETURN FOUND;
+END $$;
+
+-- A dropped table takes its subscription with it.
+CREATE FUNCTION pgpipe.forget_dropped_tables() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM pgpipe.subscription s
+    USING pg_event_trigger_dropped_objects() d
+    WHERE d.classid = 'pg_class'::regclass AND d.objsubid = 0 AND s.relid = d.objid;
+END $$;
+CREATE EVENT TRIGGER pgpipe_forget_dropped_tables ON sql_drop
+    EXECUTE FUNCTION pgpipe.forget_dropped_tables();
+
+--------------------------------------------------------------------------------
+-- Transactional outbox
+--------------------------------------------------------------------------------
+
+-- Queues an application event in the caller's transaction. Returns its id.
+CREATE FUNCTION pgpipe.emit(channel text, payload jsonb, operation text DEFAULT 'EMIT')
+RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_id uuid := pgpipe.uuid_generate_v7();
+BEGIN
+    IF operation IS NULL OR btrim(operation) = '' THEN
+        RAISE EXCEPTION 'operation must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO pgpipe.events (id, channel, operation, payload, source)
+    VALUES (new_id, pgpipe.check_channel(channel), operation, coalesce(payload, 'null'::jsonb), 'emit');
+    RETURN new_id;
+END $$;
+
+--------------------------------------------------------------------------------
+-- Consumer API
+--
+-- A consumer reads the queue in batches delimited by transaction snapshots (as PgQ
+-- does): a batch holds the events whose transactions are visible in snapshot `cur` but
+-- were not in `prev`, the snapshot that closed the previous batch. Commit order of
+-- concurrent transactions therefore cannot make a reader skip an event, which
+-- `WHERE id > last_id` alone would. Within a batch events come in id order; a large
+-- batch is paged by the last id returned.
+--
+-- A position is text: '<prev>/<cur>/<last id>' while paging inside a batch, and
+-- '<prev>//' once a batch is finished (the next read takes a new snapshot).
+--------------------------------------------------------------------------------
+
+CREATE TABLE pgpipe.consumers (
+    name        text        PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_.:,+-]{1,200}$'),
+    channels    text[],
+    prev        pg_snapshot NOT NULL,
+    cur         pg_snapshot,
+    last_id     uuid,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    acked_at    timestamptz
+);
+COMMENT ON COLUMN pgpipe.consumers.channels IS 'channels the consumer reads; NULL means all';
+
+CREATE TYPE pgpipe.read_position AS (prev pg_snapshot, cur pg_snapshot, last_id uuid);
+
+CREATE FUNCTION pgpipe.parse_position(pos text) RETURNS pgpipe.read_position
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    parts text[] := string_to_array(pos, '/');
+    result pgpipe.read_position;
+BEGIN
+    IF pos IS NULL OR cardinality(parts) <> 3 OR parts[1] = '' OR (parts[2] = '' AND parts[3] <> '') THEN
+        RAISE EXCEPTION 'invalid position %', coalesce(quote_literal(pos), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass a position returned by pgpipe.read().';
+    END IF;
+    BEGIN
+        result.prev := parts[1]::pg_snapshot;
+        result.cur := nullif(parts[2], '')::pg_snapshot;
+        result.last_id := nullif(parts[3], '')::uuid;
+    EXCEPTION WHEN data_exception THEN
+        RAISE EXCEPTION 'invalid position %', quote_literal(pos)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass a position returned by pgpipe.read().';
+    END;
+    RETURN result;
+END $$;
+
+CREATE FUNCTION pgpipe.format_position(p pgpipe.read_position) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT p.prev::text || '/' || coalesce(p.cur::text, '') || '/' || coalesce(p.last_id::text, '')
+$$;
+
+-- Registers a consumer, or updates the channels of an existing one (its position is kept).
+-- start => 'beginning' reads every event still in the queue; 'now' only later ones.
+-- Returns the consumer's position.
+CREATE FUNCTION pgpipe.register_consumer(name text, channels text[] DEFAULT NULL, start text DEFAULT 'beginning')
+RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c text;
+    existing pgpipe.consumers;
+BEGIN
+    IF name IS NULL OR name !~ '^[A-Za-z0-9_.:,+-]{1,200}$' THEN
+        RAISE EXCEPTION 'invalid consumer name %', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use 1 to 200 letters, digits, ''_'', ''.'', '':'', '','', ''+'' or ''-''.';
+    END IF;
+    IF channels IS NOT NULL THEN
+        FOREACH c IN ARRAY channels LOOP
+            PERFORM pgpipe.check_channel(c);
+        END LOOP;
+    END IF;
+    IF start NOT IN ('beginning', 'now') THEN
+        RAISE EXCEPTION 'invalid start %', coalesce(quote_literal(start), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'start is ''beginning'' or ''now''.';
+    END IF;
+    SELECT * INTO existing FROM pgpipe.consumers WHERE consumers.name = register_consumer.name FOR UPDATE;
+    IF FOUND THEN
+        UPDATE pgpipe.consumers SET channels = register_consumer.channels
+        WHERE consumers.name = register_consumer.name;
+        RETURN pgpipe.format_position(ROW(existing.prev, existing.cur, existing.last_id));
+    END IF;
+    INSERT INTO pgpipe.consumers (name, channels, prev)
+    VALUES (register_consumer.name, register_consumer.channels,
+            CASE WHEN start = 'now' THEN pg_current_snapshot() ELSE '1:1:'::pg_snapshot END)
+    RETURNING pgpipe.format_position(ROW(prev, cur, last_id)) INTO c;
+    RETURN c;
+END $$;
+
+CREATE FUNCTION pgpipe.drop_consumer(name text) RETURNS boolean
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH d AS (DELETE FROM pgpipe.consumers c WHERE c.name = drop_consumer.name RETURNING 1)
+    SELECT count(*) > 0 FROM d
+$$;
+
+-- Takes the consumer's lease for this session (a session advisory lock), so a second
+-- forwarder for the same consumer waits as a hot standby. Returns false when another
+-- session holds it.
+CREATE FUNCTION pgpipe.try_claim_consumer(name text) RETURNS boolean
+LANGUAGE sql AS $$
+    SELECT pg_try_advisory_lock(hashtextextended('pgpipe.consumer:' || name, 0))
+$$;
+
+-- The consumer's acknowledged position.
+CREATE FUNCTION pgpipe.consumer_position(name text) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c pgpipe.consumers;
+BEGIN
+    SELECT * INTO c FROM pgpipe.consumers WHERE consumers.name = consumer_position.name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'consumer % does not exist', quote_literal(name)
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Create it with pgpipe.register_consumer().';
+    END IF;
+    RETURN pgpipe.format_position(ROW(c.prev, c.cur, c.last_id));
+END $$;
+
+-- Reads up to max_events events after a position (default: the consumer's acknowledged
+-- one). Every row carries the position just after it; ack the last row's position once
+-- its events are handled. When there is nothing to deliver, one row comes back with only
+-- a position (id IS NULL): acking it lets the consumer move on.
+CREATE FUNCTION pgpipe.read(consumer text, after text DEFAULT NULL, max_events integer DEFAULT 1000)
+RETURNS TABLE (
+    "position"  text,
+    id          uuid,
+    channel     text,
+    operation   text,
+    payload     jsonb,
+    source      text,
+    created_at  timestamptz,
+    xid         xid8,
+    lsn         pg_lsn
+)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    chans text[];
+    pos pgpipe.read_position;
+    rows_returned integer;
+BEGIN
+    IF max_events IS NULL OR max_events < 1 THEN
+        RAISE EXCEPTION 'max_events must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT c.channels INTO chans FROM pgpipe.consumers c WHERE c.name = read.consumer;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'consumer % does not exist', quote_literal(consumer)
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Create it with pgpipe.register_consumer().';
+    END IF;
+    pos := pgpipe.parse_position(coalesce(after, pgpipe.consumer_position(consumer)));
+    IF pos.cur IS NULL THEN
+        -- Start a new batch: everything committed from here on is visible to the query
+        -- below, which runs with a later statement snapshot.
+        pos.cur := pg_current_snapshot();
+        pos.last_id := NULL;
+    END IF;
+
+    RETURN QUERY
+    WITH page AS (
+        SELECT e.*
+        FROM pgpipe.events e
+        WHERE e.xid >= pg_snapshot_xmin(pos.prev)
+          AND e.xid < pg_snapshot_xmax(pos.cur)
+          AND pg_visible_in_snapshot(e.xid, pos.cur)
+          AND NOT pg_visible_in_snapshot(e.xid, pos.prev)
+          AND (pos.last_id IS NULL OR e.id > pos.last_id)
+          AND (chans IS NULL OR e.channel = ANY (chans))
+        ORDER BY e.id
+        LIMIT max_events
+    ), numbered AS (
+        SELECT p.*, row_number() OVER (ORDER BY p.id) AS n, count(*) OVER () AS total
+        FROM page p
+    )
+    SELECT CASE WHEN nb.n = nb.total AND nb.total < max_events
+                THEN pos.cur::text || '//'
+                ELSE pos.prev::text || '/' || pos.cur::text || '/' || nb.id::text END,
+           nb.id, nb.channel, nb.operation, nb.payload, nb.source, nb.created_at, nb.xid, nb.lsn
+    FROM numbered nb
+    ORDER BY nb.id;
+    GET DIAGNOSTICS rows_returned = ROW_COUNT;
+
+    IF rows_returned = 0 THEN
+        -- The batch is finished: the next one starts after `cur`.
+        RETURN QUERY SELECT pos.cur::text || '//', NULL::uuid, NULL::text, NULL::text, NULL::jsonb,
+                            NULL::text, NULL::timestamptz, NULL::xid8, NULL::pg_lsn;
+    END IF;
+END $$;
+
+-- Records that everything up to `position` has been handled.
+CREATE FUNCTION pgpipe.ack(consumer text, "position" text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    pos pgpipe.read_position := pgpipe.parse_position("position");
+BEGIN
+    UPDATE pgpipe.consumers c
+    SET prev = pos.prev, cur = pos.cur, last_id = pos.last_id, acked_at = now()
+    WHERE c.name = ack.consumer;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'consumer % does not exist', quote_literal(consumer)
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Create it with pgpipe.register_consumer().';
+    END IF;
+END $$;
+
+-- Each consumer's acknowledged position and how many committed events it has not yet acked.
+CREATE VIEW pgpipe.consumer_lag AS
+SELECT c.name,
+       c.channels,
+       pgpipe.format_position(ROW(c.prev, c.cur, c.last_id)) AS "position",
+       c.acked_at,
+       pending.events AS pending_events,
+       pending.oldest AS oldest_pending_at
+FROM pgpipe.consumers c
+CROSS JOIN LATERAL (
+    SELECT count(*) AS events, min(e.created_at) AS oldest
+    FROM pgpipe.events e
+    WHERE e.xid >= pg_snapshot_xmin(c.prev)
+      AND NOT pg_visible_in_snapshot(e.xid, c.prev)
+      AND (c.cur IS NULL OR c.last_id IS NULL OR NOT pg_visible_in_snapshot(e.xid, c.cur) OR e.id > c.last_id)
+      AND (c.channels IS NULL OR e.channel = ANY (c.channels))
+) pending;
+
+CREATE FUNCTION pgpipe.lag(consumer text) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT pending_events FROM pgpipe.consumer_lag WHERE name = consumer
+$$;
+
+--------------------------------------------------------------------------------
+-- Privileges: the queue is written only through the functions above.
+--------------------------------------------------------------------------------
+REVOKE ALL ON pgpipe.events, pgpipe.subscription, pgpipe.consumers FROM PUBLIC;
+GRANT USAGE ON SCHEMA pgpipe TO PUBLIC;
+GRANT SELECT ON pgpipe.subscriptions TO PUBLIC;
+
+-- pg_dump keeps subscriptions and consumer positions.
+SELECT pg_catalog.pg_extension_config_dump('pgpipe.subscription', '');
+SELECT pg_catalog.pg_extension_config_dump('pgpipe.consumers', '');
