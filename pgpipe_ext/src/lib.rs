@@ -11,7 +11,11 @@ mod uuid7;
 
 // The tables, capture triggers and the consumer API are plain SQL: they need the UUIDv7
 // function, which is defined in Rust, so they come after it.
-extension_sql_file!("../sql/pgpipe.sql", name = "pgpipe_schema", requires = [uuid7::uuid_generate_v7]);
+extension_sql_file!(
+    "../sql/pgpipe.sql",
+    name = "pgpipe_schema",
+    requires = [uuid7::uuid_generate_v7]
+);
 
 #[cfg(any(test, feature = "pg_test"))]
 mod pg_tests;

@@ -22,7 +22,10 @@ mod tests {
         let mut ms = [0u8; 8];
         ms[2..].copy_from_slice(&b[..6]);
         let ms = u64::from_be_bytes(ms);
-        assert!(ms >= before && ms < before + 1000, "timestamp {ms} vs {before}");
+        assert!(
+            ms >= before && ms < before + 1000,
+            "timestamp {ms} vs {before}"
+        );
     }
 
     #[pg_test]
@@ -94,8 +97,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(events.as_deref(), Some("shop:orders INSERT"));
-        assert_eq!(Spi::get_one::<bool>("SELECT pgpipe.unsubscribe('orders')").unwrap(), Some(true));
-        assert_eq!(Spi::get_one::<bool>("SELECT pgpipe.unsubscribe('orders')").unwrap(), Some(false));
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT pgpipe.unsubscribe('orders')").unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT pgpipe.unsubscribe('orders')").unwrap(),
+            Some(false)
+        );
     }
 
     #[pg_test]
@@ -113,7 +122,8 @@ mod tests {
     #[pg_test(error = "unknown operation 'UPSERT'")]
     fn subscribe_rejects_an_unknown_operation() {
         setup_orders();
-        Spi::run("SELECT pgpipe.subscribe('orders', operations => ARRAY['insert', 'upsert'])").unwrap();
+        Spi::run("SELECT pgpipe.subscribe('orders', operations => ARRAY['insert', 'upsert'])")
+            .unwrap();
     }
 
     #[pg_test(error = "invalid channel name 'no spaces'")]

@@ -272,7 +272,7 @@ impl Default for DetectorConfig {
             poll_interval: Duration::from_millis(50),
             batch_size: 1000,
             max_in_flight: 10_000,
-            idle_ack_interval: Duration::from_secs(1),
+            idle_ack_interval: Duration::from_secs(10),
             backoff_base: Duration::from_secs(5),
             backoff_cap: Duration::from_secs(60),
         }

@@ -124,7 +124,13 @@ fn percent_decode(s: &str) -> String {
 /// receiver; it closes when the connection ends.
 pub async fn connect(
     url: &str,
-) -> Result<(Client, tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>), Error> {
+) -> Result<
+    (
+        Client,
+        tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+    ),
+    Error,
+> {
     let target = ConnectTarget::parse(url)?;
     let mut config: tokio_postgres::Config = target
         .url
@@ -193,7 +199,9 @@ fn tls_config(mode: TlsMode, root_cert: Option<&str>) -> Result<rustls::ClientCo
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
             .with_no_client_auth(),
-        TlsMode::VerifyFull => builder.with_root_certificates(roots()?).with_no_client_auth(),
+        TlsMode::VerifyFull => builder
+            .with_root_certificates(roots()?)
+            .with_no_client_auth(),
         TlsMode::VerifyCa => {
             let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
                 Arc::new(roots()?),
@@ -339,6 +347,9 @@ mod tests {
     #[test]
     fn an_unknown_sslmode_is_named() {
         let err = ConnectTarget::parse("postgres://db/x?sslmode=always").unwrap_err();
-        assert!(err.to_string().contains("unknown sslmode \"always\""), "{err}");
+        assert!(
+            err.to_string().contains("unknown sslmode \"always\""),
+            "{err}"
+        );
     }
 }

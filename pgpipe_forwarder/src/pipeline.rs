@@ -57,7 +57,11 @@ impl Pipeline {
         for adapter in self.adapters {
             let name = adapter.name().to_string();
             let is_durable = adapter.durable();
-            let capacity = if is_durable { self.max_in_flight } else { self.live_buffer };
+            let capacity = if is_durable {
+                self.max_in_flight
+            } else {
+                self.live_buffer
+            };
             let input = bus.add_output(&name, is_durable, capacity);
             let acker = is_durable.then(|| {
                 durable += 1;

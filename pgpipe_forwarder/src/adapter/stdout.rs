@@ -67,5 +67,7 @@ async fn write_line<W: AsyncWrite + Unpin>(
     buf.clear();
     serde_json::to_writer(&mut *buf, &*delivery.event).expect("an Event always serializes");
     buf.push(b'\n');
-    out.write_all(buf).await.map_err(Error::io("write to stdout"))
+    out.write_all(buf)
+        .await
+        .map_err(Error::io("write to stdout"))
 }

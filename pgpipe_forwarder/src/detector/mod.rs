@@ -31,8 +31,11 @@ pub trait Detector: Send {
 
     /// Reads until `cancel` fires, then waits (within the shutdown timeout) for in-flight
     /// events to be acknowledged, records the final position and returns.
-    fn run(self: Box<Self>, io: DetectorIo, cancel: CancellationToken)
-        -> BoxFuture<'static, Result<(), Error>>;
+    fn run(
+        self: Box<Self>,
+        io: DetectorIo,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'static, Result<(), Error>>;
 }
 
 /// Builds the configured detector; with no `detector.type` it picks `queue` when the
@@ -45,7 +48,11 @@ pub async fn build(config: &Config) -> Result<Box<dyn Detector>, Error> {
             } else {
                 "listen_notify"
             };
-            tracing::info!(component = "detector", detector = kind, "detector chosen automatically");
+            tracing::info!(
+                component = "detector",
+                detector = kind,
+                "detector chosen automatically"
+            );
             kind
         }
         kind => kind,

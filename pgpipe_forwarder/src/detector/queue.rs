@@ -89,7 +89,11 @@ impl QueueDetector {
         }
     }
 
-    async fn run_loop(mut self, mut io: DetectorIo, cancel: CancellationToken) -> Result<(), Error> {
+    async fn run_loop(
+        mut self,
+        mut io: DetectorIo,
+        cancel: CancellationToken,
+    ) -> Result<(), Error> {
         let mut progress = Progress {
             tracker: AckTracker::new(io.durable_adapters),
             read_position: None,
@@ -156,7 +160,9 @@ impl QueueDetector {
         let mut want_read = true;
         let mut shutdown_deadline: Option<tokio::time::Instant> = None;
         loop {
-            let room = self.max_in_flight.saturating_sub(progress.tracker.in_flight());
+            let room = self
+                .max_in_flight
+                .saturating_sub(progress.tracker.in_flight());
             if want_read && shutdown_deadline.is_none() && room > 0 {
                 let limit = room.min(u64::from(self.batch_size)) as i32;
                 let published = self
@@ -195,8 +201,12 @@ impl QueueDetector {
                     self.write_ack(&client, progress, false).await?;
                 }
                 Wake::Shutdown => {
-                    tracing::info!(component = "detector", detector = "queue",
-                        in_flight = progress.tracker.in_flight(), "stopping: draining in-flight events");
+                    tracing::info!(
+                        component = "detector",
+                        detector = "queue",
+                        in_flight = progress.tracker.in_flight(),
+                        "stopping: draining in-flight events"
+                    );
                     shutdown_deadline = Some(tokio::time::Instant::now() + self.shutdown_timeout);
                 }
                 Wake::Deadline => {
@@ -263,7 +273,10 @@ impl QueueDetector {
         let rows = client
             .query(READ_SQL, &[&self.consumer, &*read_position, &limit])
             .await
-            .map_err(Error::pg(format!("read queue for consumer {}", self.consumer)))?;
+            .map_err(Error::pg(format!(
+                "read queue for consumer {}",
+                self.consumer
+            )))?;
         let mut published = 0;
         for row in rows {
             let position: String = row.get(0);
@@ -367,7 +380,9 @@ fn event_from_row(id: Uuid, row: &tokio_postgres::Row) -> Result<Event, Error> {
         source: row.get(5),
         created_at: row.get::<_, DateTime<Utc>>(6),
         transaction: Some(Transaction {
-            xid: xid.parse().map_err(|_| Error::Extension(format!("unexpected xid {xid:?}")))?,
+            xid: xid
+                .parse()
+                .map_err(|_| Error::Extension(format!("unexpected xid {xid:?}")))?,
             commit_time: None,
             seq: None,
         }),
