@@ -33,6 +33,9 @@ pub const ADAPTERS: &[&str] = &["stdout", "webhook", "sse", "ws", "file", "exec"
 /// Detector names accepted in `detector.type` / `--detector` (empty picks one automatically).
 pub const DETECTORS: &[&str] = &["queue", "listen_notify", "wal"];
 
+/// File adapter fsync policies accepted in `file.fsync`.
+pub const FSYNC_POLICIES: &[&str] = &["always", "interval", "never"];
+
 /// Log levels accepted in `log_level` / `--log-level`.
 pub const LOG_LEVELS: &[&str] = &["debug", "info", "warn", "error"];
 
@@ -164,6 +167,8 @@ pub struct WebhookConfig {
     /// Longest retry delay.
     #[serde(with = "humantime_serde")]
     pub backoff_cap: Duration,
+    /// Events per POST: 1 sends each event as a JSON object, more send a JSON array.
+    pub batch_size: usize,
 }
 
 /// SSE adapter and HTTP server settings (`sse.*`).
@@ -196,6 +201,11 @@ pub struct FileConfig {
     pub max_size: u64,
     /// Rotated files kept: `path.1` … `path.N` (`--file-max-files`).
     pub max_files: u32,
+    /// When to fsync: `always` (before each acknowledgement), `interval` or `never`.
+    pub fsync: String,
+    /// With `fsync: interval`, the longest time between fsyncs (acks wait for them).
+    #[serde(with = "humantime_serde")]
+    pub fsync_interval: Duration,
 }
 
 /// Exec adapter settings (`exec.*`).
@@ -220,6 +230,8 @@ pub struct PgTableConfig {
     pub url: String,
     /// Target table, optionally schema-qualified (`--pg-table-name`).
     pub table: String,
+    /// Most rows per INSERT statement.
+    pub batch_size: usize,
     /// First reconnect delay.
     #[serde(with = "humantime_serde")]
     pub backoff_base: Duration,
@@ -295,6 +307,7 @@ impl Default for WebhookConfig {
             timeout: Duration::from_secs(10),
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(32),
+            batch_size: 1,
         }
     }
 }
@@ -317,6 +330,8 @@ impl Default for FileConfig {
             path: PathBuf::new(),
             max_size: 100 * 1024 * 1024,
             max_files: 5,
+            fsync: "always".into(),
+            fsync_interval: Duration::from_secs(1),
         }
     }
 }
@@ -336,6 +351,7 @@ impl Default for PgTableConfig {
         PgTableConfig {
             url: String::new(),
             table: "pgpipe_events".into(),
+            batch_size: 500,
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(30),
         }
@@ -418,6 +434,7 @@ impl fmt::Debug for WebhookConfig {
             .field("timeout", &w.timeout)
             .field("backoff_base", &w.backoff_base)
             .field("backoff_cap", &w.backoff_cap)
+            .field("batch_size", &w.batch_size)
             .finish()
     }
 }
@@ -427,6 +444,7 @@ impl fmt::Debug for PgTableConfig {
         f.debug_struct("PgTableConfig")
             .field("url", &redact_url(&self.url))
             .field("table", &self.table)
+            .field("batch_size", &self.batch_size)
             .field("backoff_base", &self.backoff_base)
             .field("backoff_cap", &self.backoff_cap)
             .finish()
@@ -1243,6 +1261,10 @@ impl Config {
         )?;
         at_least("file.max_size", self.file.max_size, 1)?;
         at_least("file.max_files", u64::from(self.file.max_files), 1)?;
+        at_least("webhook.batch_size", self.webhook.batch_size as u64, 1)?;
+        at_least("pg_table.batch_size", self.pg_table.batch_size as u64, 1)?;
+        one_of("file.fsync", &self.file.fsync, FSYNC_POLICIES)?;
+        nonzero("file.fsync_interval", self.file.fsync_interval)?;
 
         nonzero("detector.poll_interval", d.poll_interval)?;
         nonzero("webhook.timeout", self.webhook.timeout)?;

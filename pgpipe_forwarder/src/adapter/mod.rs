@@ -10,7 +10,10 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::event::Delivery;
 
+pub mod dead_letter;
+pub mod durable;
 pub mod stdout;
+pub mod webhook;
 
 /// A destination for events.
 ///
@@ -42,8 +45,13 @@ pub fn build(config: &Config) -> Result<Vec<Box<dyn Adapter>>, Error> {
         .map(|name| -> Result<Box<dyn Adapter>, Error> {
             match name.as_str() {
                 "stdout" => Ok(Box::new(stdout::Stdout::new(tokio::io::stdout()))),
+                "webhook" => Ok(Box::new(webhook::Webhook::new(
+                    "webhook",
+                    &config.webhook,
+                    &config.database_url,
+                )?)),
                 other => Err(Error::Config(format!(
-                    "adapter {other:?} is not available in this build (available: stdout)"
+                    "adapter {other:?} is not available in this build (available: stdout, webhook)"
                 ))),
             }
         })

@@ -11,7 +11,9 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::error::Error;
 
+pub mod listen_notify;
 pub mod queue;
+pub mod wal;
 
 /// What a detector works with: the bus to publish on and the acknowledgements of the
 /// durable adapters (`(adapter index, finished through seq)`).
@@ -59,9 +61,10 @@ pub async fn build(config: &Config) -> Result<Box<dyn Detector>, Error> {
     };
     match kind {
         "queue" => Ok(Box::new(queue::QueueDetector::new(config))),
+        "listen_notify" => Ok(Box::new(listen_notify::ListenNotifyDetector::new(config))),
+        "wal" => Ok(Box::new(wal::WalDetector::new(config)?)),
         other => Err(Error::Config(format!(
-            "detector {other:?} is not available in this build (available: queue); \
-             is the pgpipe extension installed in the database? (CREATE EXTENSION pgpipe)"
+            "unknown detector {other:?} (available: queue, listen_notify, wal)"
         ))),
     }
 }

@@ -1,0 +1,303 @@
+//! webhook: POSTs each event (or a batch of events, as a JSON array) to an HTTP endpoint.
+//!
+//! Delivery is in order and at-least-once: an event is acknowledged after a 2xx answer, or
+//! after it was recorded as a dead letter (a 4xx other than 429, or `max_retries` attempts
+//! without success). Network errors, timeouts, 429 and 5xx are retried with exponential
+//! backoff and full jitter (never less than 100 ms), or after the server's `Retry-After`.
+//! The event id is the idempotency key (`Idempotency-Key`, `webhook-id`,
+//! `X-PGPipe-Event-ID`), the same on every retry and redelivery.
+
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::dead_letter::DeadLetters;
+use super::durable::{next_batch, park, sleep_or_cancel};
+use super::Adapter;
+use crate::ack::Acker;
+use crate::backoff::Backoff;
+use crate::config::{redact_url, WebhookConfig};
+use crate::error::Error;
+use crate::event::Delivery;
+
+pub mod retry;
+pub mod sign;
+
+use retry::Attempt;
+use sign::Signer;
+
+/// Shortest wait between two attempts (the original's floor).
+const BACKOFF_FLOOR: Duration = Duration::from_millis(100);
+
+/// Most bytes of an error answer's body quoted in the error message.
+const BODY_EXCERPT: usize = 200;
+
+/// The webhook adapter.
+pub struct Webhook {
+    name: String,
+    client: reqwest::Client,
+    url: reqwest::Url,
+    /// The URL with any password masked, for logs and dead letters.
+    shown_url: String,
+    headers: HeaderMap,
+    signer: Option<Signer>,
+    max_attempts: u32,
+    backoff: Backoff,
+    timeout: Duration,
+    batch_size: usize,
+    dead_letters: DeadLetters,
+}
+
+/// How delivering one batch ended.
+enum Outcome {
+    Delivered,
+    Failed { error: String, attempts: u32 },
+    Shutdown,
+}
+
+impl Webhook {
+    /// A webhook adapter named `name` (`webhook`, or `webhook:<name>` for a listed one);
+    /// dead letters go to the database at `database_url`.
+    pub fn new(name: &str, config: &WebhookConfig, database_url: &str) -> Result<Webhook, Error> {
+        let shown_url = redact_url(&config.url);
+        let url = reqwest::Url::parse(config.url.trim()).map_err(|e| {
+            Error::Config(format!("{name}: invalid webhook URL {shown_url:?}: {e}"))
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(Error::Config(format!(
+                "{name}: webhook URL {shown_url:?} is not http:// or https://"
+            )));
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        for (key, value) in &config.headers {
+            let name_ = HeaderName::from_bytes(key.as_bytes())
+                .map_err(|e| Error::Config(format!("{name}: invalid header name {key:?}: {e}")))?;
+            let mut value = HeaderValue::from_str(value)
+                .map_err(|e| Error::Config(format!("{name}: invalid value for header {key:?}: {e}")))?;
+            value.set_sensitive(true);
+            headers.insert(name_, value);
+        }
+        let signer = match config.signing_key.as_str() {
+            "" => None,
+            key => Some(Signer::new(key)?),
+        };
+        let client = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .user_agent(concat!("pgpipe/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::Adapter {
+                adapter: name.to_string(),
+                reason: format!("build HTTP client: {e}"),
+            })?;
+        Ok(Webhook {
+            name: name.to_string(),
+            client,
+            url,
+            shown_url,
+            headers,
+            signer,
+            max_attempts: config.max_retries.max(1),
+            backoff: Backoff::new(config.backoff_base, config.backoff_cap).with_floor(BACKOFF_FLOOR),
+            timeout: config.timeout,
+            batch_size: config.batch_size.max(1),
+            dead_letters: DeadLetters::new(database_url, name, config.backoff_base, config.backoff_cap),
+        })
+    }
+
+    async fn run_loop(
+        mut self,
+        mut input: mpsc::Receiver<Delivery>,
+        acker: Option<Acker>,
+        cancel: CancellationToken,
+    ) -> Result<(), Error> {
+        tracing::info!(component = "webhook", adapter = %self.name, url = %self.shown_url,
+            signed = self.signer.is_some(), batch_size = self.batch_size, "webhook adapter started");
+        while let Some(batch) = next_batch(&mut input, self.batch_size).await {
+            match self.deliver(&batch, &cancel).await {
+                Outcome::Delivered => {}
+                Outcome::Failed { error, attempts } => {
+                    for delivery in &batch {
+                        if !self.dead_letters.record(&delivery.event, &error, attempts, &cancel).await {
+                            park(&mut input).await;
+                            return Ok(());
+                        }
+                        if let Some(acker) = &acker {
+                            acker.finished(delivery.seq);
+                        }
+                    }
+                }
+                Outcome::Shutdown => {
+                    tracing::warn!(component = "webhook", adapter = %self.name,
+                        "shutting down while retrying: undelivered events stay queued");
+                    park(&mut input).await;
+                    return Ok(());
+                }
+            }
+            if let (Some(acker), Some(last)) = (&acker, batch.last()) {
+                acker.finished(last.seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// Delivers one batch, retrying as configured.
+    async fn deliver(&mut self, batch: &[Delivery], cancel: &CancellationToken) -> Outcome {
+        let as_array = self.batch_size > 1;
+        let body = if as_array {
+            let events: Vec<_> = batch.iter().map(|d| &*d.event).collect();
+            serde_json::to_vec(&events)
+        } else {
+            serde_json::to_vec(&*batch[0].event)
+        }
+        .expect("events always serialize");
+        let first = &batch[0].event;
+        let message_id = match batch {
+            [one] => one.event.id.to_string(),
+            [.., last] => format!("{}_{}", first.id, last.event.id),
+            [] => return Outcome::Delivered,
+        };
+        let mut headers = self.headers.clone();
+        let mut put = |name: &'static str, value: &str| {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                headers.insert(name, v);
+            }
+        };
+        put("idempotency-key", &message_id);
+        put("webhook-id", &message_id);
+        if as_array {
+            put("x-pgpipe-batch-size", &batch.len().to_string());
+        }
+        if !as_array {
+            put("x-pgpipe-event-id", &message_id);
+        }
+        if batch.iter().all(|d| d.event.channel == first.channel) {
+            put("x-pgpipe-channel", &first.channel);
+        }
+        if let Some(signer) = &self.signer {
+            put("x-pgpipe-signature", &signer.pgpipe(&body));
+        }
+
+        self.backoff.reset();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let fate = self.attempt(&headers, &message_id, &body).await;
+            let (error, retry_after) = match fate {
+                Attempt::Delivered => {
+                    tracing::debug!(component = "webhook", adapter = %self.name,
+                        id = %message_id, events = batch.len(), attempt, "delivered");
+                    return Outcome::Delivered;
+                }
+                Attempt::Reject { error } => {
+                    tracing::warn!(component = "webhook", adapter = %self.name, id = %message_id,
+                        url = %self.shown_url, error, "rejected by the endpoint; not retrying");
+                    return Outcome::Failed { error, attempts: attempt };
+                }
+                Attempt::Retry { error, retry_after } => (error, retry_after),
+            };
+            if attempt >= self.max_attempts {
+                return Outcome::Failed {
+                    error: format!("{error} (gave up after {attempt} attempts)"),
+                    attempts: attempt,
+                };
+            }
+            let delay = match retry_after {
+                Some(d) => d.max(BACKOFF_FLOOR),
+                None => self.backoff.next_delay(),
+            };
+            tracing::warn!(component = "webhook", adapter = %self.name, id = %message_id,
+                url = %self.shown_url, error, attempt, max_attempts = self.max_attempts,
+                retry_in = ?delay, "delivery failed; retrying");
+            if !sleep_or_cancel(delay, cancel).await {
+                return Outcome::Shutdown;
+            }
+        }
+    }
+
+    /// One POST.
+    async fn attempt(&self, headers: &HeaderMap, message_id: &str, body: &[u8]) -> Attempt {
+        let mut headers = headers.clone();
+        if let Some(signer) = &self.signer {
+            let timestamp = chrono::Utc::now().timestamp();
+            headers.insert("webhook-timestamp", HeaderValue::from(timestamp));
+            if let Ok(v) = HeaderValue::from_str(&signer.standard(message_id, timestamp, body)) {
+                headers.insert("webhook-signature", v);
+            }
+        }
+        let sent = self
+            .client
+            .post(self.url.clone())
+            .headers(headers)
+            .body(body.to_vec())
+            .send()
+            .await;
+        match sent {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let retry_after = response
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let excerpt = if response.status().is_success() {
+                    String::new()
+                } else {
+                    let text = response.text().await.unwrap_or_default();
+                    let text = text.trim();
+                    text.char_indices()
+                        .nth(BODY_EXCERPT)
+                        .map_or(text, |(i, _)| &text[..i])
+                        .to_string()
+                };
+                retry::classify(status, retry_after.as_deref(), &excerpt, chrono::Utc::now())
+            }
+            Err(e) => Attempt::Retry {
+                error: self.describe(&e),
+                retry_after: None,
+            },
+        }
+    }
+
+    /// A request error in words: unreachable endpoint, timeout, or the cause chain.
+    fn describe(&self, e: &reqwest::Error) -> String {
+        let mut root = String::new();
+        let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(e);
+        while let Some(c) = cause {
+            root = c.to_string();
+            cause = c.source();
+        }
+        let url = &self.shown_url;
+        if e.is_timeout() {
+            format!("POST {url}: no answer within {:?} (webhook.timeout)", self.timeout)
+        } else if e.is_connect() {
+            format!("POST {url}: endpoint unreachable: {root}")
+        } else if root.is_empty() {
+            format!("POST {url}: {e}")
+        } else {
+            format!("POST {url}: {e}: {root}")
+        }
+    }
+}
+
+impl Adapter for Webhook {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn durable(&self) -> bool {
+        true
+    }
+
+    fn run(
+        self: Box<Self>,
+        input: mpsc::Receiver<Delivery>,
+        acker: Option<Acker>,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'static, Result<(), Error>> {
+        Box::pin(self.run_loop(input, acker, cancel))
+    }
+}

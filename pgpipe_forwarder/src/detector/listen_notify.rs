@@ -1,0 +1,269 @@
+//! The `listen_notify` detector: `LISTEN` on the configured channels of any Postgres, no
+//! extension needed (the original pgpipe's mode).
+//!
+//! Delivery is **at most once**, by nature of NOTIFY: a notification sent while the
+//! forwarder is disconnected (restart, network cut, `pg_terminate_backend`) is gone, and
+//! nothing is acknowledged back to Postgres. Use the `queue` or `wal` detector when every
+//! change must arrive.
+//!
+//! Payload rule (the original's): a payload that is a JSON object with a non-empty string
+//! `op` gives the event's operation; any other JSON object gives `NOTIFY`; anything else
+//! (plain text, arrays, numbers, an empty payload) is carried as a JSON string with
+//! operation `NOTIFY`. Ids are UUIDv7 minted by the forwarder on receipt.
+//!
+//! Flow control: NOTIFY cannot be paused at the source. While `max_in_flight` events wait
+//! for durable adapters, the detector stops taking notifications off the connection's
+//! buffer (they queue in memory) rather than overflow an adapter's channel.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::future::BoxFuture;
+use tokio_postgres::Notification;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{Detector, DetectorIo};
+use crate::ack::AckTracker;
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::db;
+use crate::error::Error;
+use crate::event::{Delivery, Event};
+
+/// The `source` of events from this detector.
+pub const SOURCE: &str = "listen_notify";
+
+/// Operation of a notification whose payload names none.
+pub const DEFAULT_OPERATION: &str = "NOTIFY";
+
+/// LISTENs on channels; see the module documentation.
+pub struct ListenNotifyDetector {
+    url: String,
+    channels: Vec<String>,
+    max_in_flight: u64,
+    backoff: Backoff,
+    connected: Arc<AtomicBool>,
+}
+
+impl ListenNotifyDetector {
+    /// A detector for `config.channels`.
+    pub fn new(config: &Config) -> Self {
+        let d = &config.detector;
+        ListenNotifyDetector {
+            url: config.database_url.clone(),
+            channels: config.channels.clone(),
+            max_in_flight: d.max_in_flight as u64,
+            backoff: Backoff::new(d.backoff_base, d.backoff_cap),
+            connected: Arc::default(),
+        }
+    }
+
+    /// A flag that is true while the detector holds a connection with every LISTEN in
+    /// place (for health reporting).
+    pub fn connected(&self) -> Arc<AtomicBool> {
+        self.connected.clone()
+    }
+
+    async fn run_loop(mut self, mut io: DetectorIo, cancel: CancellationToken) -> Result<(), Error> {
+        // Positions are meaningless for NOTIFY: the tracker only counts in-flight events.
+        let mut tracker: AckTracker<()> = AckTracker::new(io.durable_adapters);
+        loop {
+            let result = self.session(&mut io, &mut tracker, &cancel).await;
+            self.connected.store(false, Ordering::Relaxed);
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e @ (Error::Adapter { .. } | Error::BusClosed)) => return Err(e),
+                Err(e) => {
+                    let delay = self.backoff.next_delay();
+                    tracing::error!(component = "detector", detector = SOURCE, error = %e,
+                        retry_in = ?delay,
+                        "LISTEN connection lost: notifications sent until it is back are lost (NOTIFY is at-most-once); reconnecting");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = drain_acks_for(&mut io, &mut tracker, delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One connection's life: Ok after shutdown, Err when the connection failed.
+    async fn session(
+        &mut self,
+        io: &mut DetectorIo,
+        tracker: &mut AckTracker<()>,
+        cancel: &CancellationToken,
+    ) -> Result<(), Error> {
+        let (client, mut notifications) = db::connect(&self.url).await?;
+        let listen: String = self
+            .channels
+            .iter()
+            .map(|c| format!("LISTEN {};", quote_ident(c)))
+            .collect();
+        client
+            .batch_execute(&listen)
+            .await
+            .map_err(Error::pg(format!("listen on {}", self.channels.join(", "))))?;
+        self.connected.store(true, Ordering::Relaxed);
+        self.backoff.reset();
+        tracing::info!(component = "detector", detector = SOURCE, channels = ?self.channels,
+            "listening (at-most-once: notifications sent while disconnected are lost)");
+
+        loop {
+            let room = tracker.in_flight() < self.max_in_flight;
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    tracing::info!(component = "detector", detector = SOURCE, "stopping");
+                    return Ok(());
+                }
+                ack = io.acks.recv() => match ack {
+                    Some((adapter, seq)) => {
+                        tracker.finished(adapter, seq);
+                        tracker.take_releasable();
+                    }
+                    None => return Err(Error::BusClosed),
+                },
+                n = notifications.recv(), if room => match n {
+                    Some(n) => {
+                        let seq = tracker.push_event(());
+                        io.bus.publish(&Delivery { seq, event: Arc::new(event_from(&n)) })?;
+                    }
+                    None => {
+                        return Err(Error::DetectorDisconnected {
+                            detector: SOURCE.into(),
+                            reason: "connection closed".into(),
+                        })
+                    }
+                },
+            }
+            // Keep the connection's liveness visible even without traffic.
+            if client.is_closed() {
+                return Err(Error::DetectorDisconnected {
+                    detector: SOURCE.into(),
+                    reason: "connection closed".into(),
+                });
+            }
+        }
+    }
+}
+
+/// Keeps consuming acknowledgements while waiting to reconnect.
+async fn drain_acks_for(io: &mut DetectorIo, tracker: &mut AckTracker<()>, delay: Duration) {
+    let deadline = tokio::time::sleep(delay);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return,
+            ack = io.acks.recv() => match ack {
+                Some((adapter, seq)) => {
+                    tracker.finished(adapter, seq);
+                    tracker.take_releasable();
+                }
+                // No adapters report any more; just wait out the delay.
+                None => {
+                    (&mut deadline).await;
+                    return;
+                }
+            },
+        }
+    }
+}
+
+impl Detector for ListenNotifyDetector {
+    fn name(&self) -> &str {
+        SOURCE
+    }
+
+    fn run(
+        self: Box<Self>,
+        io: DetectorIo,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'static, Result<(), Error>> {
+        Box::pin((*self).run_loop(io, cancel))
+    }
+}
+
+/// The event for one notification, with a freshly minted UUIDv7.
+pub fn event_from(n: &Notification) -> Event {
+    let (operation, payload) = parse_payload(n.payload());
+    Event {
+        id: Uuid::now_v7(),
+        channel: n.channel().to_string(),
+        operation,
+        payload,
+        source: SOURCE.into(),
+        created_at: Utc::now(),
+        transaction: None,
+    }
+}
+
+/// The payload rule: `(operation, payload)` for a NOTIFY payload text.
+pub fn parse_payload(text: &str) -> (String, serde_json::Value) {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(map)) => {
+            let operation = match map.get("op") {
+                Some(serde_json::Value::String(op)) if !op.is_empty() => op.clone(),
+                _ => DEFAULT_OPERATION.to_string(),
+            };
+            (operation, serde_json::Value::Object(map))
+        }
+        _ => (
+            DEFAULT_OPERATION.to_string(),
+            serde_json::Value::String(text.to_string()),
+        ),
+    }
+}
+
+/// A double-quoted SQL identifier (channel names are case- and punctuation-preserving).
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_object_with_an_op_names_the_operation() {
+        let (op, payload) = parse_payload(r#"{"op":"INSERT","table":"t","row":{"id":1}}"#);
+        assert_eq!(op, "INSERT");
+        assert_eq!(payload, json!({"op": "INSERT", "table": "t", "row": {"id": 1}}));
+    }
+
+    #[test]
+    fn other_objects_are_notify() {
+        for text in [r#"{"a":1}"#, r#"{"op":""}"#, r#"{"op":5}"#, r#"{"op":null}"#, "{}"] {
+            let (op, payload) = parse_payload(text);
+            assert_eq!(op, "NOTIFY", "{text}");
+            assert!(payload.is_object(), "{text}");
+        }
+    }
+
+    #[test]
+    fn everything_else_is_a_json_string() {
+        for text in ["hello", "", "[1,2]", "42", "\"quoted\"", "null", "{broken", " "] {
+            let (op, payload) = parse_payload(text);
+            assert_eq!(op, "NOTIFY", "{text}");
+            assert_eq!(payload, json!(text), "{text}");
+        }
+    }
+
+    #[test]
+    fn numbers_keep_their_text() {
+        let (_, payload) = parse_payload(r#"{"total":10.50,"big":12345678901234567890123}"#);
+        assert_eq!(
+            serde_json::to_string(&payload).unwrap(),
+            r#"{"total":10.50,"big":12345678901234567890123}"#
+        );
+    }
+
+    #[test]
+    fn channels_are_quoted() {
+        assert_eq!(quote_ident("pgpipe:Orders"), "\"pgpipe:Orders\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+}
