@@ -5,7 +5,11 @@
 
 use pgrx::prelude::*;
 
+mod guc;
+mod shared;
+mod status;
 mod uuid7;
+mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -14,8 +18,24 @@ mod uuid7;
 extension_sql_file!(
     "../sql/pgpipe.sql",
     name = "pgpipe_schema",
-    requires = [uuid7::uuid_generate_v7]
+    requires = [
+        uuid7::uuid_generate_v7,
+        shared::mark_wakeup,
+        status::worker_status
+    ]
 );
+
+/// Registers the settings in every process that loads pgpipe; when loaded through
+/// `shared_preload_libraries`, also the shared memory and the background worker.
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::register();
+    // SAFETY: a flag Postgres sets while it loads shared_preload_libraries.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        shared::init();
+        worker::register();
+    }
+}
 
 #[cfg(any(test, feature = "pg_test"))]
 mod pg_tests;

@@ -166,4 +166,79 @@ mod tests {
     fn read_rejects_an_unknown_consumer() {
         Spi::run("SELECT * FROM pgpipe.read('nobody')").unwrap();
     }
+
+    // --- WAL capture and the background worker (issue 3). The worker and the slot need
+    // shared_preload_libraries and a transaction that has not written: scenarios
+    // (tests/tests/wal_*.rs) cover them; here, what a plain backend can check.
+
+    #[pg_test]
+    fn without_preloading_there_is_no_worker_and_wakeups_are_no_ops() {
+        assert_eq!(Spi::get_one::<bool>("SELECT pgpipe.mark_wakeup()").unwrap(), Some(false));
+        let state = Spi::get_two::<String, String>(
+            "SELECT worker_state, detail FROM pgpipe.status()",
+        )
+        .unwrap();
+        assert_eq!(state.0.as_deref(), Some("not_loaded"));
+        assert!(state.1.unwrap().contains("shared_preload_libraries"));
+        // Capture still works.
+        setup_orders();
+        Spi::run("SELECT pgpipe.subscribe('orders'); INSERT INTO orders VALUES (1, 'new', 1, NULL)")
+            .unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM pgpipe.events").unwrap(),
+            Some(1)
+        );
+    }
+
+    #[pg_test(error = "table public.no_key has no primary key or replica identity, so its changes cannot be captured from the WAL")]
+    fn wal_mode_refuses_a_table_without_key() {
+        Spi::run("CREATE TABLE public.no_key (v text)").unwrap();
+        Spi::run("SELECT pgpipe.subscribe('no_key', mode => 'wal')").unwrap();
+    }
+
+    #[pg_test(error = "mode 'wal' needs the pgpipe background worker, which runs only when pgpipe is preloaded")]
+    fn wal_mode_needs_the_worker() {
+        setup_orders();
+        Spi::run("SELECT pgpipe.subscribe('orders', mode => 'wal')").unwrap();
+    }
+
+    #[pg_test]
+    fn the_publication_exists_and_holds_no_pgpipe_table() {
+        let publication = Spi::get_one::<String>(
+            "SELECT pubname::text FROM pg_publication WHERE pubname = pgpipe.publication_name()",
+        )
+        .unwrap();
+        assert_eq!(publication.as_deref(), Some("pgpipe"));
+        assert_eq!(
+            Spi::get_one::<i64>(
+                "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'pgpipe' AND schemaname = 'pgpipe'"
+            )
+            .unwrap(),
+            Some(0)
+        );
+    }
+
+    #[pg_test(error = "replication slot pgpipe is healthy; recreating it would lose the changes it holds")]
+    fn recreate_slot_refuses_to_replace_a_healthy_slot() {
+        // A physical slot under the name stands in for a healthy one (creating it needs
+        // no clean transaction).
+        Spi::run("SELECT pg_create_physical_replication_slot('pgpipe', false, true)").unwrap();
+        Spi::run("SELECT pgpipe.recreate_slot()").unwrap();
+    }
+
+    #[pg_test]
+    fn settings_are_registered() {
+        for (name, value) in [
+            ("pgpipe.database", "postgres"),
+            ("pgpipe.poll_interval", "200ms"),
+            ("pgpipe.batch_size", "1000"),
+            ("pgpipe.slot_name", "pgpipe"),
+            ("pgpipe.publication", "pgpipe"),
+            ("pgpipe.rotate_interval", "1min"),
+        ] {
+            let shown = Spi::get_one::<String>(&format!("SHOW {name}")).unwrap();
+            assert_eq!(shown.as_deref(), Some(value), "{name}");
+        }
+        Spi::run("SET pgpipe.partition_xids = 1000").unwrap();
+    }
 }

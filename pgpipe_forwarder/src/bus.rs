@@ -55,11 +55,13 @@ impl Bus {
     /// A durable adapter whose channel is full or closed is an error (flow control was
     /// violated or the adapter died): the event stays unacknowledged and is read again.
     pub fn publish(&self, delivery: &Delivery) -> Result<(), Error> {
+        crate::metrics::received(1);
         for output in &self.outputs {
             match output.tx.try_send(delivery.clone()) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) if !output.durable => {
                     output.dropped.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::dropped(&output.name, 1);
                     tracing::debug!(component = "bus", adapter = %output.name, "live adapter behind: event dropped");
                 }
                 Err(TrySendError::Closed(_)) if !output.durable => {}

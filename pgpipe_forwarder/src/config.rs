@@ -52,7 +52,7 @@ pub const ENV_PREFIX: &str = "PGPIPE_";
 pub const MAX_CHANNEL_LEN: usize = 63;
 
 /// Keys whose value is a free-form string map, merged as a whole and not settable from env.
-const MAP_KEYS: &[&str] = &["webhook.headers"];
+const MAP_KEYS: &[&str] = &["webhook.headers", "webhooks"];
 
 /// Integer keys that also accept a size with a unit (`"100MiB"`).
 const SIZE_KEYS: &[&str] = &["file.max_size"];
@@ -99,6 +99,9 @@ pub struct Config {
     pub pg_table: PgTableConfig,
     /// WebSocket adapter (`websocket.*`).
     pub websocket: WebsocketConfig,
+    /// More webhook adapters (config file only): each entry is a `webhook` section plus a
+    /// `name`, and runs as adapter `webhook:<name>` besides those in `adapters`.
+    pub webhooks: Vec<WebhookConfig>,
 }
 
 /// Detector settings (`detector.*`).
@@ -118,6 +121,9 @@ pub struct DetectorConfig {
     pub slot: String,
     /// `wal`: capture every table (a `FOR ALL TABLES` publication) instead of a named one.
     pub all_tables: bool,
+    /// `wal`: longest time between standby status updates (confirmed LSN reports).
+    #[serde(with = "humantime_serde")]
+    pub status_interval: Duration,
     /// Consumer name in `pgpipe.consumers` (queue detector); empty derives it from the channels.
     pub consumer: String,
     /// How often the queue is polled when no wake-up arrives.
@@ -130,6 +136,9 @@ pub struct DetectorConfig {
     /// Queue detector: least time between acks that only move past empty batches.
     #[serde(with = "humantime_serde")]
     pub idle_ack_interval: Duration,
+    /// Queue detector: how often `pgpipe.rotate()` runs (queue retention); 0s turns it off.
+    #[serde(with = "humantime_serde")]
+    pub retention_interval: Duration,
     /// First reconnect delay.
     #[serde(with = "humantime_serde")]
     pub backoff_base: Duration,
@@ -169,10 +178,12 @@ pub struct WebhookConfig {
     pub backoff_cap: Duration,
     /// Events per POST: 1 sends each event as a JSON object, more send a JSON array.
     pub batch_size: usize,
+    /// Name of a `webhooks` entry (the adapter is `webhook:<name>`); unused in `webhook`.
+    pub name: String,
 }
 
 /// SSE adapter and HTTP server settings (`sse.*`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SseConfig {
     /// Listen address of the HTTP server (SSE, WS, /healthz, /metrics), e.g. `:8080`.
@@ -188,6 +199,12 @@ pub struct SseConfig {
     /// Idle keep-alive connections are closed after this long.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Bearer token required by `/events*` and `/ws*` (`--auth-token`); empty: none; a secret.
+    pub auth_token: String,
+    /// Events kept in memory for `Last-Event-ID` replay (older ones come from the queue).
+    pub replay_buffer: usize,
+    /// Most events one `Last-Event-ID` replay from the queue sends.
+    pub replay_max: usize,
 }
 
 /// File adapter settings (`file.*`).
@@ -206,6 +223,12 @@ pub struct FileConfig {
     /// With `fsync: interval`, the longest time between fsyncs (acks wait for them).
     #[serde(with = "humantime_serde")]
     pub fsync_interval: Duration,
+    /// First retry delay after a failed write (unwritable path, full disk).
+    #[serde(with = "humantime_serde")]
+    pub backoff_base: Duration,
+    /// Longest retry delay after a failed write.
+    #[serde(with = "humantime_serde")]
+    pub backoff_cap: Duration,
 }
 
 /// Exec adapter settings (`exec.*`).
@@ -247,6 +270,9 @@ pub struct WebsocketConfig {
     /// Interval between pings to each client (`--ws-ping-interval`).
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
+    /// A client silent (no pong, no message) for this long is disconnected.
+    #[serde(with = "humantime_serde")]
+    pub pong_timeout: Duration,
 }
 
 impl Default for Config {
@@ -267,6 +293,7 @@ impl Default for Config {
             exec: ExecConfig::default(),
             pg_table: PgTableConfig::default(),
             websocket: WebsocketConfig::default(),
+            webhooks: Vec::new(),
         }
     }
 }
@@ -280,11 +307,13 @@ impl Default for DetectorConfig {
             tx_markers: false,
             slot: String::new(),
             all_tables: false,
+            status_interval: Duration::from_secs(10),
             consumer: String::new(),
             poll_interval: Duration::from_millis(50),
             batch_size: 1000,
             max_in_flight: 10_000,
             idle_ack_interval: Duration::from_secs(10),
+            retention_interval: Duration::from_secs(60),
             backoff_base: Duration::from_secs(5),
             backoff_cap: Duration::from_secs(60),
         }
@@ -308,6 +337,7 @@ impl Default for WebhookConfig {
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(32),
             batch_size: 1,
+            name: String::new(),
         }
     }
 }
@@ -320,6 +350,9 @@ impl Default for SseConfig {
             heartbeat_interval: Duration::from_secs(15),
             read_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(120),
+            auth_token: String::new(),
+            replay_buffer: 10_000,
+            replay_max: 10_000,
         }
     }
 }
@@ -332,6 +365,8 @@ impl Default for FileConfig {
             max_files: 5,
             fsync: "always".into(),
             fsync_interval: Duration::from_secs(1),
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(30),
         }
     }
 }
@@ -362,6 +397,7 @@ impl Default for WebsocketConfig {
     fn default() -> Self {
         WebsocketConfig {
             ping_interval: Duration::from_secs(15),
+            pong_timeout: Duration::from_secs(45),
         }
     }
 }
@@ -376,7 +412,11 @@ impl Config {
         let mut c = self.clone();
         c.database_url = redact_url(&c.database_url);
         c.webhook = c.webhook.redacted();
+        c.webhooks = c.webhooks.iter().map(WebhookConfig::redacted).collect();
         c.pg_table.url = redact_url(&c.pg_table.url);
+        if !c.sse.auth_token.is_empty() {
+            c.sse.auth_token = REDACTED.into();
+        }
         c
     }
 
@@ -419,6 +459,7 @@ impl fmt::Debug for Config {
             .field("exec", &self.exec)
             .field("pg_table", &self.pg_table)
             .field("websocket", &self.websocket)
+            .field("webhooks", &self.webhooks)
             .finish()
     }
 }
@@ -435,6 +476,27 @@ impl fmt::Debug for WebhookConfig {
             .field("backoff_base", &w.backoff_base)
             .field("backoff_cap", &w.backoff_cap)
             .field("batch_size", &w.batch_size)
+            .field("name", &w.name)
+            .finish()
+    }
+}
+
+impl fmt::Debug for SseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let token = if self.auth_token.is_empty() {
+            ""
+        } else {
+            REDACTED
+        };
+        f.debug_struct("SseConfig")
+            .field("addr", &self.addr)
+            .field("cors_origins", &self.cors_origins)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("read_timeout", &self.read_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("auth_token", &token)
+            .field("replay_buffer", &self.replay_buffer)
+            .field("replay_max", &self.replay_max)
             .finish()
     }
 }
@@ -762,6 +824,14 @@ pub enum ConfigError {
         value: String,
         /// What is wrong.
         reason: String,
+    },
+    /// An entry of `webhooks` that cannot be used.
+    #[error("webhooks[{index}]: {message}")]
+    ListedWebhook {
+        /// Position in the list (0-based).
+        index: usize,
+        /// What is wrong.
+        message: String,
     },
     /// A bug: the defaults could not be turned into a tree, or a flag names no key.
     #[error("internal configuration error: {0}")]
@@ -1232,6 +1302,9 @@ impl Config {
         for (name, value) in &self.webhook.headers {
             check_header(name, value)?;
         }
+        for (index, hook) in self.webhooks.iter().enumerate() {
+            check_listed_webhook(index, hook, &self.webhooks[..index])?;
+        }
         if self.has_adapter("file") && self.file.path.as_os_str().is_empty() {
             return Err(ConfigError::FileWithoutPath);
         }
@@ -1267,10 +1340,13 @@ impl Config {
         nonzero("file.fsync_interval", self.file.fsync_interval)?;
 
         nonzero("detector.poll_interval", d.poll_interval)?;
+        nonzero("detector.status_interval", d.status_interval)?;
         nonzero("webhook.timeout", self.webhook.timeout)?;
         nonzero("sse.heartbeat_interval", self.sse.heartbeat_interval)?;
         nonzero("sse.read_timeout", self.sse.read_timeout)?;
         nonzero("websocket.ping_interval", self.websocket.ping_interval)?;
+        nonzero("websocket.pong_timeout", self.websocket.pong_timeout)?;
+        nonzero("sse.idle_timeout", self.sse.idle_timeout)?;
         let backoffs = [
             ("detector", d.backoff_base, d.backoff_cap),
             (
@@ -1279,6 +1355,7 @@ impl Config {
                 self.webhook.backoff_cap,
             ),
             ("exec", self.exec.backoff_base, self.exec.backoff_cap),
+            ("file", self.file.backoff_base, self.file.backoff_cap),
             (
                 "pg_table",
                 self.pg_table.backoff_base,
@@ -1307,6 +1384,53 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Checks entry `index` of `webhooks` (`earlier` are the entries before it).
+fn check_listed_webhook(
+    index: usize,
+    hook: &WebhookConfig,
+    earlier: &[WebhookConfig],
+) -> Result<(), ConfigError> {
+    let bad = |message: String| ConfigError::ListedWebhook { index, message };
+    let name_ok = !hook.name.is_empty()
+        && hook.name.len() <= MAX_CHANNEL_LEN
+        && hook
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !name_ok {
+        return Err(bad(format!(
+            "name {:?}: give each entry a name of letters, digits, '_' and '-'",
+            hook.name
+        )));
+    }
+    if earlier.iter().any(|h| h.name == hook.name) {
+        return Err(bad(format!("name {:?} is used twice", hook.name)));
+    }
+    let lower = hook.url.trim().to_ascii_lowercase();
+    let host = lower
+        .strip_prefix("http://")
+        .or_else(|| lower.strip_prefix("https://"));
+    if host.is_none_or(str::is_empty) {
+        return Err(bad(format!(
+            "url {:?} is not an http:// or https:// URL",
+            redact_url(&hook.url)
+        )));
+    }
+    for (name, value) in &hook.headers {
+        check_header(name, value)?;
+    }
+    if hook.max_retries == 0 || hook.batch_size == 0 {
+        return Err(bad("max_retries and batch_size must be at least 1".into()));
+    }
+    if hook.timeout.is_zero() {
+        return Err(bad("timeout must be longer than 0".into()));
+    }
+    if hook.backoff_base > hook.backoff_cap {
+        return Err(bad("backoff_base must not exceed backoff_cap".into()));
+    }
+    Ok(())
 }
 
 fn one_of(
@@ -1808,6 +1932,38 @@ websocket:
             c.detector.batch_size, 3,
             "keys are case-insensitive, as with viper"
         );
+    }
+
+    #[test]
+    fn several_webhooks_through_the_config_file() {
+        let text = "database_url: postgres://h/d\nchannels: [a]\nwebhook:\n  url: http://one\n\
+                    webhooks:\n  - name: billing\n    url: https://b.example/in\n    \
+                    max_retries: 2\n  - name: audit\n    url: http://a.example\n";
+        let c = load(&Config::default(), Some(&file(text)), &no_env, &[]).expect("loads");
+        assert_eq!(
+            c.webhook.url, "http://one",
+            "the original key keeps working"
+        );
+        assert_eq!(c.webhooks.len(), 2);
+        assert_eq!(
+            (c.webhooks[0].name.as_str(), c.webhooks[0].max_retries),
+            ("billing", 2)
+        );
+        assert_eq!(
+            c.webhooks[1].timeout,
+            WebhookConfig::default().timeout,
+            "defaults fill each entry"
+        );
+        let dup = text.replace("name: audit", "name: billing");
+        let e = load(&Config::default(), Some(&file(&dup)), &no_env, &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("webhooks[1]: name \"billing\" is used twice"),
+            "{e}"
+        );
+        let typo = text.replace("max_retries: 2", "retries: 2");
+        let e = load(&Config::default(), Some(&file(&typo)), &no_env, &[]).unwrap_err();
+        assert!(e.to_string().contains("retries"), "{e}");
     }
 
     #[test]

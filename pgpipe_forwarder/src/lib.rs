@@ -14,7 +14,10 @@ pub mod db;
 pub mod detector;
 pub mod error;
 pub mod event;
+pub mod health;
+pub mod metrics;
 pub mod pipeline;
+pub mod server;
 
 pub use config::Config;
 pub use error::Error;

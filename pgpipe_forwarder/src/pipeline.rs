@@ -16,7 +16,9 @@ use crate::adapter::{self, Adapter};
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::detector::{self, Detector, DetectorIo};
+use crate::server::{self, HttpSettings, HttpState};
 use crate::error::Error;
+use crate::health::{Health, Status};
 
 /// A detector wired to adapters through the bus.
 pub struct Pipeline {
@@ -25,6 +27,7 @@ pub struct Pipeline {
     max_in_flight: usize,
     live_buffer: usize,
     shutdown_timeout: Duration,
+    health: Health,
 }
 
 impl Pipeline {
@@ -43,7 +46,15 @@ impl Pipeline {
             max_in_flight,
             live_buffer,
             shutdown_timeout,
+            health: Health::new(),
         }
+    }
+
+    /// Reports the detector's, the bus's and every adapter's state to `health` (the HTTP
+    /// server's `/healthz`); without it they go to a checker nobody reads.
+    pub fn with_health(mut self, health: Health) -> Self {
+        self.health = health;
+        self
     }
 
     /// Runs until `cancel` fires (then drains and returns Ok) or a part fails.
@@ -54,8 +65,12 @@ impl Pipeline {
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let mut adapters = JoinSet::new();
         let mut durable = 0;
-        for adapter in self.adapters {
+        let health = self.health.clone();
+        let bus_health = health.component("bus", Status::Up);
+        for mut adapter in self.adapters {
             let name = adapter.name().to_string();
+            let adapter_health = health.component(&name, Status::Up);
+            adapter.set_health(adapter_health.clone());
             let is_durable = adapter.durable();
             let capacity = if is_durable {
                 self.max_in_flight
@@ -68,15 +83,34 @@ impl Pipeline {
                 Acker::new(durable - 1, ack_tx.clone())
             });
             let task = adapter.run(input, acker, cancel.clone());
-            adapters.spawn(async move { (name, task.await) });
+            adapters.spawn(async move {
+                let result = task.await;
+                match &result {
+                    Err(e) => adapter_health.down(e.to_string()),
+                    Ok(()) => adapter_health.down("stopped"),
+                }
+                (name, result)
+            });
         }
-        drop(ack_tx);
+        // Held until the detector returns: with no durable adapter no acker holds a
+        // sender, and a closed ack channel would read as a dead pipeline.
+        let ack_keepalive = ack_tx;
         let bus = Arc::new(bus);
+        let detector_health = health.component(
+            "detector",
+            if self.detector.reports_health() {
+                Status::Down("connecting".into())
+            } else {
+                Status::Up
+            },
+        );
         let io = DetectorIo {
             bus: bus.clone(),
             acks: ack_rx,
             durable_adapters: durable,
+            health: detector_health.clone(),
         };
+        health.set_running(true);
         let mut detector = tokio::spawn(self.detector.run(io, cancel.clone()));
 
         let mut failure: Option<Error> = None;
@@ -107,7 +141,14 @@ impl Pipeline {
                 });
             }
         }
+        drop(ack_keepalive);
         cancel.cancel();
+        health.set_running(false);
+        match &failure {
+            Some(e) => detector_health.down(e.to_string()),
+            None => detector_health.down("stopped"),
+        }
+        bus_health.down("stopped");
         drop(bus);
         let drained = tokio::time::timeout(self.shutdown_timeout, async {
             while let Some(joined) = adapters.join_next().await {
@@ -128,17 +169,41 @@ impl Pipeline {
     }
 }
 
-/// Builds the pipeline `config` describes and runs it until `cancel` fires.
+/// Builds the pipeline `config` describes and runs it until `cancel` fires, with the HTTP
+/// server (sse, ws, `/healthz`, `/metrics`) when the configuration asks for one.
 pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Error> {
-    let adapters = adapter::build(&config)?;
+    let hubs = adapter::live::Hubs::new(&config);
+    let adapters = adapter::build_with_hubs(&config, &hubs)?;
     let detector = detector::build(&config).await?;
-    Pipeline::new(
+    let health = Health::new();
+    // The server stops after the pipeline drained, so /healthz answers during shutdown.
+    let http_cancel = CancellationToken::new();
+    let state = HttpState::new(
+        health.clone(),
+        hubs.sse.clone(),
+        hubs.ws.clone(),
+        HttpSettings::new(&config),
+        http_cancel.clone(),
+    );
+    let servers = server::start(&config, &state, http_cancel.clone()).await?;
+    let result = Pipeline::new(
         detector,
         adapters,
         config.detector.max_in_flight,
         config.bus.buffer_size,
         config.shutdown_timeout,
     )
+    .with_health(health)
     .run(cancel)
-    .await
+    .await;
+    http_cancel.cancel();
+    for (_, task) in servers {
+        if tokio::time::timeout(config.shutdown_timeout, task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(component = "server", "HTTP connections did not close in time");
+        }
+    }
+    result
 }

@@ -38,13 +38,16 @@
 //! - `PGPIPE_TEST_QUIET=1`: do not echo the forwarder's stderr.
 
 mod forwarder;
+pub mod http;
 mod pg;
 mod process;
+mod receiver;
 mod tls;
 
 use std::time::{Duration, Instant};
 
 pub use forwarder::Forwarder;
+pub use receiver::{HttpReceiver, Reply, Request};
 pub use pg::{describe, test_db, PgOptions, StopMode, TempPg, TestDb, DEFAULT_PG_BIN};
 
 /// Polls `condition` every 50 ms until it returns true (then `true`) or `timeout` passes

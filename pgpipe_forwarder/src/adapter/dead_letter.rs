@@ -59,6 +59,7 @@ impl DeadLetters {
             match self.try_record(event, error, attempts).await {
                 Ok(id) => {
                     self.backoff.reset();
+                    crate::metrics::dead_letters(1);
                     tracing::error!(component = "dead_letter", adapter = %self.adapter,
                         event_id = %event.id, channel = %event.channel, attempts, error,
                         dead_letter_id = id, "event dead-lettered");
@@ -68,7 +69,11 @@ impl DeadLetters {
                     let missing = matches!(&e, Error::Postgres { source, .. }
                         if matches!(source.code(), Some(c) if *c == SqlState::UNDEFINED_FUNCTION
                             || *c == SqlState::INVALID_SCHEMA_NAME));
-                    let delay = if missing { self.cap } else { self.backoff.next_delay() };
+                    let delay = if missing {
+                        self.cap
+                    } else {
+                        self.backoff.next_delay()
+                    };
                     if missing {
                         tracing::error!(component = "dead_letter", adapter = %self.adapter,
                             event_id = %event.id, channel = %event.channel, delivery_error = error,
@@ -76,7 +81,7 @@ impl DeadLetters {
                              database (CREATE EXTENSION pgpipe); holding the event and retrying");
                     } else {
                         tracing::warn!(component = "dead_letter", adapter = %self.adapter,
-                            event_id = %event.id, error = %e, retry_in = ?delay,
+                            event_id = %event.id, error = %super::pg_table::describe(&e), retry_in = ?delay,
                             "writing a dead letter failed; retrying");
                     }
                     self.client = None;
@@ -88,7 +93,12 @@ impl DeadLetters {
         }
     }
 
-    async fn try_record(&mut self, event: &Event, error: &str, attempts: u32) -> Result<i64, Error> {
+    async fn try_record(
+        &mut self,
+        event: &Event,
+        error: &str,
+        attempts: u32,
+    ) -> Result<i64, Error> {
         let client = match &self.client {
             Some(c) if !c.is_closed() => c,
             _ => {

@@ -12,8 +12,14 @@ use crate::event::Delivery;
 
 pub mod dead_letter;
 pub mod durable;
+pub mod exec;
+pub mod file;
+pub mod live;
+pub mod pg_table;
+pub mod sse;
 pub mod stdout;
 pub mod webhook;
+pub mod ws;
 
 /// A destination for events.
 ///
@@ -35,25 +41,87 @@ pub trait Adapter: Send {
         acker: Option<Acker>,
         cancel: CancellationToken,
     ) -> BoxFuture<'static, Result<(), Error>>;
+
+    /// Receives the adapter's health handle before [`Adapter::run`]; the pipeline marks
+    /// the adapter up at start and down when it fails. Adapters that can tell more (a
+    /// webhook endpoint failing) keep the handle and report with it.
+    fn set_health(&mut self, _health: crate::health::Component) {}
 }
 
-/// Builds the adapters named in `config.adapters`.
-pub fn build(config: &Config) -> Result<Vec<Box<dyn Adapter>>, Error> {
-    config
-        .adapters
+/// Prefix of the adapters built from the `webhooks` list: `webhook:<name>`.
+pub const LISTED_WEBHOOK_PREFIX: &str = "webhook:";
+
+/// The adapters to run: those in `config.adapters`, then `webhook:<name>` per `webhooks`
+/// entry.
+pub fn names(config: &Config) -> Vec<String> {
+    let listed = config
+        .webhooks
         .iter()
-        .map(|name| -> Result<Box<dyn Adapter>, Error> {
-            match name.as_str() {
-                "stdout" => Ok(Box::new(stdout::Stdout::new(tokio::io::stdout()))),
-                "webhook" => Ok(Box::new(webhook::Webhook::new(
-                    "webhook",
-                    &config.webhook,
-                    &config.database_url,
-                )?)),
-                other => Err(Error::Config(format!(
-                    "adapter {other:?} is not available in this build (available: stdout, webhook)"
-                ))),
+        .map(|w| format!("{LISTED_WEBHOOK_PREFIX}{}", w.name));
+    config.adapters.iter().cloned().chain(listed).collect()
+}
+
+/// Builds the adapters [`names`] lists.
+pub fn build(config: &Config) -> Result<Vec<Box<dyn Adapter>>, Error> {
+    names(config)
+        .iter()
+        .map(|name| build_one(config, name))
+        .collect()
+}
+
+/// Builds the adapters named in `config.adapters`, the live ones (sse, ws) feeding `hubs`.
+pub fn build_with_hubs(config: &Config, hubs: &live::Hubs) -> Result<Vec<Box<dyn Adapter>>, Error> {
+    names(config)
+        .iter()
+        .map(|name| match (name.as_str(), hubs.get(name)) {
+            ("sse" | "ws", Some(hub)) => {
+                Ok(Box::new(live::LiveAdapter::new(hub)) as Box<dyn Adapter>)
             }
+            _ => build_one(config, name),
         })
         .collect()
+}
+
+/// Builds one adapter by name, as configured in `config` (also used by `pgpipe dlq replay`).
+pub fn build_one(config: &Config, name: &str) -> Result<Box<dyn Adapter>, Error> {
+    if let Some(listed) = name.strip_prefix(LISTED_WEBHOOK_PREFIX) {
+        let Some(hook) = config.webhooks.iter().find(|w| w.name == listed) else {
+            return Err(Error::Config(format!(
+                "adapter {name:?}: no webhooks entry is named {listed:?}"
+            )));
+        };
+        return Ok(Box::new(webhook::Webhook::new(
+            name,
+            hook,
+            &config.database_url,
+        )?));
+    }
+    match name {
+        "stdout" => Ok(Box::new(stdout::Stdout::new(tokio::io::stdout()))),
+        "file" => Ok(Box::new(file::FileAdapter::new(
+            "file",
+            &config.file,
+            config.file.backoff_base,
+            config.file.backoff_cap,
+        )?)),
+        "exec" => Ok(Box::new(exec::Exec::new(
+            "exec",
+            &config.exec,
+            config.shutdown_timeout / 2,
+        ))),
+        "pg_table" => Ok(Box::new(pg_table::PgTable::new(
+            "pg_table",
+            &config.pg_table,
+            &config.database_url,
+        ))),
+        "webhook" => Ok(Box::new(webhook::Webhook::new(
+            "webhook",
+            &config.webhook,
+            &config.database_url,
+        )?)),
+        other => Err(Error::Config(format!(
+            "adapter {other:?} is not available in this build \
+                     (available: stdout, webhook, file, exec, pg_table)"
+        ))),
+    }
 }

@@ -41,15 +41,29 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Adapter for Stdout<W> {
         Box::pin(async move {
             let mut out = BufWriter::new(self.out);
             let mut line = Vec::with_capacity(1024);
+            crate::metrics::register_adapter("stdout");
+            let mut created = Vec::new();
             while let Some(first) = input.recv().await {
                 // Write whatever is already queued, then flush and acknowledge once.
+                let started = std::time::Instant::now();
                 let mut last = first.seq;
+                created.clear();
+                created.push(first.event.created_at);
                 write_line(&mut out, &mut line, &first).await?;
                 while let Ok(next) = input.try_recv() {
                     last = next.seq;
+                    created.push(next.event.created_at);
                     write_line(&mut out, &mut line, &next).await?;
                 }
-                out.flush().await.map_err(Error::io("write to stdout"))?;
+                if let Err(e) = out.flush().await {
+                    crate::metrics::delivery_error("stdout");
+                    return Err(Error::io("write to stdout")(e));
+                }
+                crate::metrics::delivered("stdout", created.len() as u64);
+                crate::metrics::delivery_duration("stdout", started.elapsed());
+                for at in &created {
+                    crate::metrics::end_to_end(*at);
+                }
                 if let Some(acker) = &acker {
                     acker.finished(last);
                 }

@@ -31,15 +31,25 @@ Examples:
     long_about = "Print the SQL that sets a table up for capture, to run with psql.\n\n\
         --detector queue (default): install the pgpipe extension and subscribe the table; \
         its changes are captured by a trigger into the extension's queue.\n\
+        --detector listen_notify: a trigger that pg_notify's each change on channel pgpipe:<table> \
+        (rows that would exceed NOTIFY's 8000-byte limit are sent as their primary key, \
+        flagged \"truncated\": true).\n\
         --detector wal: create the publication that `pgpipe listen --detector wal` replicates."
 )]
 pub struct InitArgs {
     /// Table to capture, optionally schema-qualified (schema.table); each part is a letter or
     /// `_` followed by letters, digits, `_` or `$`
-    #[arg(long, value_name = "TABLE")]
+    /// (not needed with --adapter)
+    #[arg(
+        long,
+        value_name = "TABLE",
+        default_value = "",
+        hide_default_value = true
+    )]
     table: String,
 
-    /// Channel the table's events are published on [default: the table name]; letters,
+    /// Channel the table's events are published on [default: the table name, or
+    /// pgpipe:<table> with --detector listen_notify]; letters,
     /// digits and `_ . : -`, at most 63 characters
     #[arg(long, value_name = "NAME")]
     channel: Option<String>,
@@ -48,9 +58,14 @@ pub struct InitArgs {
     #[arg(long, value_name = "TYPE", value_parser = ["queue", "listen_notify", "wal"], default_value = "queue")]
     detector: String,
 
-    /// Print the target table of an adapter instead (pg_table: not available yet)
+    /// Print the target table of an adapter instead (pg_table: the events table)
     #[arg(long, value_name = "NAME", value_parser = ["pg_table"])]
     adapter: Option<String>,
+
+    /// With --adapter pg_table: the table to create, optionally schema-qualified
+    /// [default: pgpipe_events]
+    #[arg(long, value_name = "TABLE", requires = "adapter")]
+    pg_table_name: Option<String>,
 
     /// Publication to create with --detector wal [default: pgpipe_<table>]
     #[arg(long, value_name = "NAME")]
@@ -67,10 +82,18 @@ impl Run for InitArgs {
 impl InitArgs {
     /// The SQL to print, or why there is none.
     fn sql(&self) -> anyhow::Result<String> {
-        let table = parse_table(&self.table)?;
         if let Some(adapter) = &self.adapter {
-            bail!("`pgpipe init --adapter {adapter}` is not available yet");
+            return match adapter.as_str() {
+                "pg_table" => Ok(pg_table_ddl(&parse_table(
+                    self.pg_table_name.as_deref().unwrap_or("pgpipe_events"),
+                )?)),
+                other => bail!("`pgpipe init --adapter {other}` is not available"),
+            };
         }
+        if self.table.is_empty() {
+            bail!("pass --table TABLE (the table to capture), or --adapter pg_table");
+        }
+        let table = parse_table(&self.table)?;
         match self.detector.as_str() {
             "queue" => {
                 if self.publication.is_some() {
@@ -110,9 +133,114 @@ impl InitArgs {
                     qualified(&table)
                 ))
             }
+            "listen_notify" => {
+                if self.publication.is_some() {
+                    bail!("--publication only applies to --detector wal");
+                }
+                let channel = match &self.channel {
+                    Some(c) if valid_channel(c) => c.clone(),
+                    Some(c) => bail!(
+                        "invalid channel name {c:?}: use 1 to 63 characters of letters, \
+                         digits, '_', '.', ':' and '-'"
+                    ),
+                    None => {
+                        let name = format!("pgpipe:{}", table.last().expect("a table name"));
+                        if !valid_channel(&name) {
+                            bail!("the default channel {name:?} is not a valid channel name: pass --channel");
+                        }
+                        name
+                    }
+                };
+                Ok(notify_trigger_sql(&table, &channel))
+            }
             other => bail!("`pgpipe init --detector {other}` is not available yet"),
         }
     }
+}
+
+/// The table the pg_table adapter inserts into: the event envelope's six columns, keyed
+/// by the event id so a redelivered event is skipped (`ON CONFLICT (id) DO NOTHING`).
+fn pg_table_ddl(table: &[String]) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} (\n    \
+         id         uuid        PRIMARY KEY,\n    \
+         channel    text        NOT NULL,\n    \
+         operation  text        NOT NULL,\n    \
+         payload    jsonb       NOT NULL,\n    \
+         source     text        NOT NULL,\n    \
+         created_at timestamptz NOT NULL\n);\n",
+        qualified(table)
+    )
+}
+
+/// NOTIFY refuses payloads of 8000 bytes or more (the default build's limit).
+const NOTIFY_MAX_PAYLOAD: usize = 8000;
+
+/// The trigger function and triggers for `--detector listen_notify`: each row change is
+/// sent with `pg_notify` as `{op, schema, table, row, old}` (rows as `to_jsonb` gives
+/// them). A payload that would reach NOTIFY's 8000-byte limit (which would abort the
+/// writer's transaction) is replaced by the primary-key columns of `row`/`old` with
+/// `"truncated": true`, and by `row: null` when even that is too large or there is no
+/// primary key; a receiver then reads the row itself. TRUNCATE is notified too.
+fn notify_trigger_sql(table: &[String], channel: &str) -> String {
+    let name = table.last().expect("a table name");
+    let mut function_name = format!("pgpipe_notify_{name}");
+    while function_name.len() > MAX_IDENTIFIER_LEN {
+        function_name.pop();
+    }
+    let mut function = table[..table.len() - 1].to_vec();
+    function.push(function_name);
+    let function = qualified(&function);
+    let target = qualified(table);
+    let channel = quote_literal(channel);
+    format!(
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
+LANGUAGE plpgsql AS $pgpipe$
+DECLARE
+    new_row jsonb;
+    old_row jsonb;
+    key_cols text[];
+    payload text;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        new_row := to_jsonb(OLD);
+    ELSIF TG_OP = 'UPDATE' THEN
+        new_row := to_jsonb(NEW);
+        old_row := to_jsonb(OLD);
+    ELSIF TG_OP = 'INSERT' THEN
+        new_row := to_jsonb(NEW);
+    END IF;
+    payload := json_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
+                                 'row', new_row, 'old', old_row)::text;
+    IF octet_length(payload) >= {limit} THEN
+        -- Too large for NOTIFY: send the primary key only, flagged as truncated.
+        SELECT array_agg(a.attname::text) INTO key_cols
+          FROM pg_index i
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+         WHERE i.indrelid = TG_RELID AND i.indisprimary;
+        payload := json_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
+            'row', (SELECT jsonb_object_agg(k, new_row -> k) FROM unnest(key_cols) AS k),
+            'old', (SELECT jsonb_object_agg(k, old_row -> k) FROM unnest(key_cols) AS k
+                     WHERE old_row IS NOT NULL),
+            'truncated', true)::text;
+        IF octet_length(payload) >= {limit} THEN
+            payload := json_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA,
+                'table', TG_TABLE_NAME, 'row', NULL, 'old', NULL, 'truncated', true)::text;
+        END IF;
+    END IF;
+    PERFORM pg_notify({channel}, payload);
+    RETURN NULL;
+END
+$pgpipe$;
+DROP TRIGGER IF EXISTS pgpipe_notify ON {target};
+CREATE TRIGGER pgpipe_notify AFTER INSERT OR UPDATE OR DELETE ON {target}
+    FOR EACH ROW EXECUTE FUNCTION {function}();
+DROP TRIGGER IF EXISTS pgpipe_notify_truncate ON {target};
+CREATE TRIGGER pgpipe_notify_truncate AFTER TRUNCATE ON {target}
+    FOR EACH STATEMENT EXECUTE FUNCTION {function}();
+",
+        limit = NOTIFY_MAX_PAYLOAD,
+    )
 }
 
 /// Splits `schema.table` (or `table`) into checked identifiers.
@@ -211,6 +339,7 @@ mod tests {
             channel: None,
             detector: "queue".into(),
             adapter: None,
+            pg_table_name: None,
             publication: None,
         }
     }
@@ -266,7 +395,6 @@ mod tests {
     #[test]
     fn bad_names_are_refused() {
         for bad in [
-            "",
             "1abc",
             "a-b",
             "a.b.c",
@@ -315,12 +443,56 @@ mod tests {
     fn unfinished_modes_say_so() {
         let mut a = init("orders");
         a.detector = "listen_notify".into();
-        assert!(err(&a).contains("not available yet"));
-        let mut a = init("orders");
+        assert!(a
+            .sql()
+            .unwrap()
+            .contains("pg_notify('pgpipe:orders', payload)"));
+        let mut a = init("");
         a.adapter = Some("pg_table".into());
-        assert!(err(&a).contains("not available yet"));
+        let ddl = a.sql().unwrap();
+        assert!(
+            ddl.starts_with("CREATE TABLE IF NOT EXISTS pgpipe_events (\n    id         uuid        PRIMARY KEY,"),
+            "{ddl}"
+        );
+        a.pg_table_name = Some("audit.Events".into());
+        assert!(a.sql().unwrap().contains("audit.\"Events\" ("));
+        a.pg_table_name = Some("a;b".into());
+        assert!(err(&a).starts_with("invalid table name"));
+        assert!(err(&init("")).contains("pass --table"));
         let mut a = init("orders");
         a.publication = Some("p".into());
         assert!(err(&a).contains("only applies to --detector wal"));
+    }
+
+    #[test]
+    fn listen_notify_sql() {
+        let mut a = init("shop.Order");
+        a.detector = "listen_notify".into();
+        let sql = a.sql().unwrap();
+        assert!(
+            sql.starts_with(
+                "CREATE OR REPLACE FUNCTION shop.\"pgpipe_notify_Order\"() RETURNS trigger"
+            ),
+            "{sql}"
+        );
+        assert!(sql.contains("pg_notify('pgpipe:Order', payload)"), "{sql}");
+        assert!(sql.contains("ON shop.\"Order\""), "{sql}");
+        assert!(sql.contains("octet_length(payload) >= 8000"), "{sql}");
+        a.channel = Some("it's".into());
+        assert!(err(&a).starts_with("invalid channel name"));
+        a.channel = Some("orders:v1".into());
+        assert!(a.sql().unwrap().contains("pg_notify('orders:v1', payload)"));
+        a.publication = Some("p".into());
+        assert!(err(&a).contains("only applies to --detector wal"));
+        let mut a = init(&format!("t{}", "x".repeat(62)));
+        a.detector = "listen_notify".into();
+        assert!(
+            err(&a).contains("pass --channel"),
+            "pgpipe:<63 chars> is too long"
+        );
+        a.channel = Some("c".into());
+        let sql = a.sql().unwrap();
+        let name = sql.split_whitespace().nth(4).unwrap();
+        assert_eq!(name.len(), 63 + 2, "quoted, cut to 63: {name}");
     }
 }

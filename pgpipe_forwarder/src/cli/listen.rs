@@ -174,6 +174,11 @@ pub struct ListenArgs {
     /// [config: metrics_addr] [env: PGPIPE_METRICS_ADDR]
     #[arg(long, value_name = "ADDR", help_heading = "HTTP")]
     metrics_addr: Option<String>,
+
+    /// Bearer token SSE and WebSocket clients must send (Authorization header or ?token=)
+    /// [default: none] [config: sse.auth_token] [env: PGPIPE_SSE_AUTH_TOKEN]
+    #[arg(long, value_name = "TOKEN", help_heading = "HTTP")]
+    auth_token: Option<String>,
 }
 
 impl ListenArgs {
@@ -268,6 +273,7 @@ impl ListenArgs {
             duration(&self.ws_ping_interval),
         );
         set("metrics_addr", "--metrics-addr", string(&self.metrics_addr));
+        set("sse.auth_token", "--auth-token", string(&self.auth_token));
         out
     }
 }

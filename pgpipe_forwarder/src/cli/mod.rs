@@ -17,6 +17,7 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{Config, ConfigFile, FlagOverride};
 
 mod config;
+mod dlq;
 mod init;
 mod listen;
 mod version;
@@ -198,6 +199,8 @@ commands! {
     Config(config::ConfigArgs),
     /// Print pgpipe's version
     Version(version::VersionArgs),
+    /// List, replay or purge dead letters (events adapters gave up on)
+    Dlq(dlq::DlqArgs),
 }
 
 /// Entry point of the `pgpipe` binary: parses the command line and runs the subcommand.

@@ -15,7 +15,6 @@
 //! for durable adapters, the detector stops taking notifications off the connection's
 //! buffer (they queue in memory) rather than overflow an adapter's channel.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,7 +44,9 @@ pub struct ListenNotifyDetector {
     channels: Vec<String>,
     max_in_flight: u64,
     backoff: Backoff,
-    connected: Arc<AtomicBool>,
+    /// Whether a connection ever succeeded: failing to reach the database at start-up
+    /// exits (the supervisor restarts), later losses are retried.
+    reached: bool,
 }
 
 impl ListenNotifyDetector {
@@ -57,26 +58,25 @@ impl ListenNotifyDetector {
             channels: config.channels.clone(),
             max_in_flight: d.max_in_flight as u64,
             backoff: Backoff::new(d.backoff_base, d.backoff_cap),
-            connected: Arc::default(),
+            reached: false,
         }
     }
 
-    /// A flag that is true while the detector holds a connection with every LISTEN in
-    /// place (for health reporting).
-    pub fn connected(&self) -> Arc<AtomicBool> {
-        self.connected.clone()
-    }
-
-    async fn run_loop(mut self, mut io: DetectorIo, cancel: CancellationToken) -> Result<(), Error> {
+    async fn run_loop(
+        mut self,
+        mut io: DetectorIo,
+        cancel: CancellationToken,
+    ) -> Result<(), Error> {
         // Positions are meaningless for NOTIFY: the tracker only counts in-flight events.
         let mut tracker: AckTracker<()> = AckTracker::new(io.durable_adapters);
         loop {
             let result = self.session(&mut io, &mut tracker, &cancel).await;
-            self.connected.store(false, Ordering::Relaxed);
             match result {
                 Ok(()) => return Ok(()),
                 Err(e @ (Error::Adapter { .. } | Error::BusClosed)) => return Err(e),
+                Err(e) if !self.reached => return Err(e),
                 Err(e) => {
+                    io.health.down(format!("disconnected: {e}"));
                     let delay = self.backoff.next_delay();
                     tracing::error!(component = "detector", detector = SOURCE, error = %e,
                         retry_in = ?delay,
@@ -98,6 +98,7 @@ impl ListenNotifyDetector {
         cancel: &CancellationToken,
     ) -> Result<(), Error> {
         let (client, mut notifications) = db::connect(&self.url).await?;
+        self.reached = true;
         let listen: String = self
             .channels
             .iter()
@@ -107,7 +108,7 @@ impl ListenNotifyDetector {
             .batch_execute(&listen)
             .await
             .map_err(Error::pg(format!("listen on {}", self.channels.join(", "))))?;
-        self.connected.store(true, Ordering::Relaxed);
+        io.health.up();
         self.backoff.reset();
         tracing::info!(component = "detector", detector = SOURCE, channels = ?self.channels,
             "listening (at-most-once: notifications sent while disconnected are lost)");
@@ -130,6 +131,8 @@ impl ListenNotifyDetector {
                     Some(n) => {
                         let seq = tracker.push_event(());
                         io.bus.publish(&Delivery { seq, event: Arc::new(event_from(&n)) })?;
+                        // Nothing to release: this only forgets finished events.
+                        tracker.take_releasable();
                     }
                     None => {
                         return Err(Error::DetectorDisconnected {
@@ -175,6 +178,10 @@ async fn drain_acks_for(io: &mut DetectorIo, tracker: &mut AckTracker<()>, delay
 impl Detector for ListenNotifyDetector {
     fn name(&self) -> &str {
         SOURCE
+    }
+
+    fn reports_health(&self) -> bool {
+        true
     }
 
     fn run(
@@ -231,12 +238,21 @@ mod tests {
     fn an_object_with_an_op_names_the_operation() {
         let (op, payload) = parse_payload(r#"{"op":"INSERT","table":"t","row":{"id":1}}"#);
         assert_eq!(op, "INSERT");
-        assert_eq!(payload, json!({"op": "INSERT", "table": "t", "row": {"id": 1}}));
+        assert_eq!(
+            payload,
+            json!({"op": "INSERT", "table": "t", "row": {"id": 1}})
+        );
     }
 
     #[test]
     fn other_objects_are_notify() {
-        for text in [r#"{"a":1}"#, r#"{"op":""}"#, r#"{"op":5}"#, r#"{"op":null}"#, "{}"] {
+        for text in [
+            r#"{"a":1}"#,
+            r#"{"op":""}"#,
+            r#"{"op":5}"#,
+            r#"{"op":null}"#,
+            "{}",
+        ] {
             let (op, payload) = parse_payload(text);
             assert_eq!(op, "NOTIFY", "{text}");
             assert!(payload.is_object(), "{text}");
@@ -245,7 +261,16 @@ mod tests {
 
     #[test]
     fn everything_else_is_a_json_string() {
-        for text in ["hello", "", "[1,2]", "42", "\"quoted\"", "null", "{broken", " "] {
+        for text in [
+            "hello",
+            "",
+            "[1,2]",
+            "42",
+            "\"quoted\"",
+            "null",
+            "{broken",
+            " ",
+        ] {
             let (op, payload) = parse_payload(text);
             assert_eq!(op, "NOTIFY", "{text}");
             assert_eq!(payload, json!(text), "{text}");

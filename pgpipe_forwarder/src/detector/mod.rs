@@ -24,6 +24,9 @@ pub struct DetectorIo {
     pub acks: mpsc::UnboundedReceiver<(usize, u64)>,
     /// How many durable adapters report progress.
     pub durable_adapters: usize,
+    /// The detector's health: `up()` once connected and reading, `down(reason)` while
+    /// disconnected (`/healthz` answers 503 then).
+    pub health: crate::health::Component,
 }
 
 /// A source of events.
@@ -38,6 +41,12 @@ pub trait Detector: Send {
         io: DetectorIo,
         cancel: CancellationToken,
     ) -> BoxFuture<'static, Result<(), Error>>;
+
+    /// Whether the detector reports its health through [`DetectorIo::health`]. Those
+    /// that do not are shown up while their task runs.
+    fn reports_health(&self) -> bool {
+        false
+    }
 }
 
 /// Builds the configured detector; with no `detector.type` it picks `queue` when the

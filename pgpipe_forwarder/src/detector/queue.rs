@@ -49,6 +49,7 @@ pub struct QueueDetector {
     max_in_flight: u64,
     backoff: Backoff,
     idle_ack_interval: Duration,
+    retention_interval: Duration,
     shutdown_timeout: Duration,
 }
 
@@ -66,6 +67,7 @@ struct Progress {
 
 enum Wake {
     Read,
+    Rotate,
     Acks,
     Shutdown,
     Deadline,
@@ -85,6 +87,7 @@ impl QueueDetector {
             max_in_flight: d.max_in_flight as u64,
             backoff: Backoff::new(d.backoff_base, d.backoff_cap),
             idle_ack_interval: d.idle_ack_interval,
+            retention_interval: d.retention_interval,
             shutdown_timeout: config.shutdown_timeout,
         }
     }
@@ -108,6 +111,7 @@ impl QueueDetector {
                     return Err(e)
                 }
                 Err(e) => {
+                    io.health.down(e.to_string());
                     let delay = self.backoff.next_delay();
                     tracing::warn!(component = "detector", detector = "queue", error = %e,
                         retry_in = ?delay, "queue connection lost; reconnecting");
@@ -152,11 +156,15 @@ impl QueueDetector {
             .map_err(Error::pg(format!("listen on {WAKEUP_CHANNEL}")))?;
         let mut read_position = progress.read_position.clone().unwrap_or(acked);
         self.backoff.reset();
+        io.health.up();
         tracing::info!(component = "detector", detector = "queue", consumer = %self.consumer,
             channels = ?self.channels, "reading the pgpipe queue");
 
         let mut poll = tokio::time::interval(self.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Retention runs on the lease holder's connection; zero turns it off.
+        let mut rotate = tokio::time::interval(self.retention_interval.max(Duration::from_millis(1)));
+        rotate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut want_read = true;
         let mut shutdown_deadline: Option<tokio::time::Instant> = None;
         loop {
@@ -191,9 +199,11 @@ impl QueueDetector {
                 }
                 n = notifications.recv() => wake_from(n)?,
                 _ = poll.tick() => Wake::Read,
+                _ = rotate.tick(), if !self.retention_interval.is_zero() => Wake::Rotate,
             };
             match wake {
                 Wake::Read => want_read = true,
+                Wake::Rotate => self.rotate(&client).await?,
                 Wake::Acks => {
                     while let Ok((adapter, seq)) = io.acks.try_recv() {
                         progress.tracker.finished(adapter, seq);
@@ -259,6 +269,21 @@ impl QueueDetector {
                 _ = tokio::time::sleep(self.backoff.ceiling(0)) => {}
             }
         }
+    }
+
+    /// Runs queue retention: partitions ahead are created, those every consumer is past
+    /// are removed (see `pgpipe.rotate()`).
+    async fn rotate(&self, client: &Client) -> Result<(), Error> {
+        let rows = client
+            .query("SELECT action, partition_name FROM pgpipe.rotate()", &[])
+            .await
+            .map_err(Error::pg("rotate the queue"))?;
+        for row in rows {
+            let action: String = row.get(0);
+            let partition: Option<String> = row.get(1);
+            tracing::debug!(component = "detector", detector = "queue", %action, ?partition, "queue retention");
+        }
+        Ok(())
     }
 
     /// Reads one page and publishes its events. Returns how many events it published.
@@ -331,6 +356,10 @@ impl QueueDetector {
 impl Detector for QueueDetector {
     fn name(&self) -> &str {
         "queue"
+    }
+
+    fn reports_health(&self) -> bool {
+        true
     }
 
     fn run(

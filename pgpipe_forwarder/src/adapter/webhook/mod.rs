@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::dead_letter::DeadLetters;
-use super::durable::{next_batch, park, sleep_or_cancel};
+use super::durable::{next_batch, park, sleep_or_cancel, Report};
 use super::Adapter;
 use crate::ack::Acker;
 use crate::backoff::Backoff;
@@ -49,6 +49,7 @@ pub struct Webhook {
     timeout: Duration,
     batch_size: usize,
     dead_letters: DeadLetters,
+    report: Report,
 }
 
 /// How delivering one batch ended.
@@ -76,8 +77,9 @@ impl Webhook {
         for (key, value) in &config.headers {
             let name_ = HeaderName::from_bytes(key.as_bytes())
                 .map_err(|e| Error::Config(format!("{name}: invalid header name {key:?}: {e}")))?;
-            let mut value = HeaderValue::from_str(value)
-                .map_err(|e| Error::Config(format!("{name}: invalid value for header {key:?}: {e}")))?;
+            let mut value = HeaderValue::from_str(value).map_err(|e| {
+                Error::Config(format!("{name}: invalid value for header {key:?}: {e}"))
+            })?;
             value.set_sensitive(true);
             headers.insert(name_, value);
         }
@@ -101,10 +103,17 @@ impl Webhook {
             headers,
             signer,
             max_attempts: config.max_retries.max(1),
-            backoff: Backoff::new(config.backoff_base, config.backoff_cap).with_floor(BACKOFF_FLOOR),
+            backoff: Backoff::new(config.backoff_base, config.backoff_cap)
+                .with_floor(BACKOFF_FLOOR),
             timeout: config.timeout,
             batch_size: config.batch_size.max(1),
-            dead_letters: DeadLetters::new(database_url, name, config.backoff_base, config.backoff_cap),
+            report: Report::new(name),
+            dead_letters: DeadLetters::new(
+                database_url,
+                name,
+                config.backoff_base,
+                config.backoff_cap,
+            ),
         })
     }
 
@@ -121,7 +130,11 @@ impl Webhook {
                 Outcome::Delivered => {}
                 Outcome::Failed { error, attempts } => {
                     for delivery in &batch {
-                        if !self.dead_letters.record(&delivery.event, &error, attempts, &cancel).await {
+                        if !self
+                            .dead_letters
+                            .record(&delivery.event, &error, attempts, &cancel)
+                            .await
+                        {
                             park(&mut input).await;
                             return Ok(());
                         }
@@ -182,22 +195,31 @@ impl Webhook {
         }
 
         self.backoff.reset();
+        let started = std::time::Instant::now();
         let mut attempt = 0;
         loop {
             attempt += 1;
             let fate = self.attempt(&headers, &message_id, &body).await;
             let (error, retry_after) = match fate {
                 Attempt::Delivered => {
+                    self.report.delivered(batch, started);
                     tracing::debug!(component = "webhook", adapter = %self.name,
                         id = %message_id, events = batch.len(), attempt, "delivered");
                     return Outcome::Delivered;
                 }
                 Attempt::Reject { error } => {
+                    self.report.failed(&error);
                     tracing::warn!(component = "webhook", adapter = %self.name, id = %message_id,
                         url = %self.shown_url, error, "rejected by the endpoint; not retrying");
-                    return Outcome::Failed { error, attempts: attempt };
+                    return Outcome::Failed {
+                        error,
+                        attempts: attempt,
+                    };
                 }
-                Attempt::Retry { error, retry_after } => (error, retry_after),
+                Attempt::Retry { error, retry_after } => {
+                    self.report.failed(&error);
+                    (error, retry_after)
+                }
             };
             if attempt >= self.max_attempts {
                 return Outcome::Failed {
@@ -212,6 +234,7 @@ impl Webhook {
             tracing::warn!(component = "webhook", adapter = %self.name, id = %message_id,
                 url = %self.shown_url, error, attempt, max_attempts = self.max_attempts,
                 retry_in = ?delay, "delivery failed; retrying");
+            crate::metrics::webhook_retry();
             if !sleep_or_cancel(delay, cancel).await {
                 return Outcome::Shutdown;
             }
@@ -272,7 +295,10 @@ impl Webhook {
         }
         let url = &self.shown_url;
         if e.is_timeout() {
-            format!("POST {url}: no answer within {:?} (webhook.timeout)", self.timeout)
+            format!(
+                "POST {url}: no answer within {:?} (webhook.timeout)",
+                self.timeout
+            )
         } else if e.is_connect() {
             format!("POST {url}: endpoint unreachable: {root}")
         } else if root.is_empty() {
@@ -290,6 +316,10 @@ impl Adapter for Webhook {
 
     fn durable(&self) -> bool {
         true
+    }
+
+    fn set_health(&mut self, health: crate::health::Component) {
+        self.report.set_health(health);
     }
 
     fn run(

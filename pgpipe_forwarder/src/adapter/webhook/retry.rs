@@ -29,7 +29,12 @@ pub enum Attempt {
 
 /// Classifies an HTTP status (with the answer's `Retry-After` header and a short excerpt of
 /// its body for the error message).
-pub fn classify(status: u16, retry_after: Option<&str>, body_excerpt: &str, now: DateTime<Utc>) -> Attempt {
+pub fn classify(
+    status: u16,
+    retry_after: Option<&str>,
+    body_excerpt: &str,
+    now: DateTime<Utc>,
+) -> Attempt {
     let error = if body_excerpt.is_empty() {
         format!("HTTP {status}")
     } else {
@@ -53,7 +58,9 @@ pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
         return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
     }
     // IMF-fixdate ("Sun, 06 Nov 1994 08:49:37 GMT") is RFC 2822 with the GMT zone.
-    let when = DateTime::parse_from_rfc2822(value).ok()?.with_timezone(&Utc);
+    let when = DateTime::parse_from_rfc2822(value)
+        .ok()?
+        .with_timezone(&Utc);
     let wait = (when - now).to_std().unwrap_or(Duration::ZERO);
     Some(wait.min(MAX_RETRY_AFTER))
 }
@@ -63,26 +70,45 @@ mod tests {
     use super::*;
 
     fn now() -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339("2026-11-27T03:00:00Z").unwrap().with_timezone(&Utc)
+        DateTime::parse_from_rfc3339("2026-11-27T03:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
     }
 
     #[test]
     fn statuses() {
         assert_eq!(classify(204, None, "", now()), Attempt::Delivered);
-        assert!(matches!(classify(503, None, "", now()), Attempt::Retry { retry_after: None, .. }));
+        assert!(matches!(
+            classify(503, None, "", now()),
+            Attempt::Retry {
+                retry_after: None,
+                ..
+            }
+        ));
         assert!(matches!(classify(429, Some("2"), "", now()),
             Attempt::Retry { retry_after: Some(d), .. } if d == Duration::from_secs(2)));
         assert_eq!(
             classify(400, None, "bad", now()),
-            Attempt::Reject { error: "HTTP 400: bad".into() }
+            Attempt::Reject {
+                error: "HTTP 400: bad".into()
+            }
         );
-        assert!(matches!(classify(404, None, "", now()), Attempt::Reject { .. }));
-        assert!(matches!(classify(308, None, "", now()), Attempt::Reject { .. }));
+        assert!(matches!(
+            classify(404, None, "", now()),
+            Attempt::Reject { .. }
+        ));
+        assert!(matches!(
+            classify(308, None, "", now()),
+            Attempt::Reject { .. }
+        ));
     }
 
     #[test]
     fn retry_after_forms() {
-        assert_eq!(parse_retry_after(" 7 ", now()), Some(Duration::from_secs(7)));
+        assert_eq!(
+            parse_retry_after(" 7 ", now()),
+            Some(Duration::from_secs(7))
+        );
         assert_eq!(
             parse_retry_after("Fri, 27 Nov 2026 03:00:30 GMT", now()),
             Some(Duration::from_secs(30))

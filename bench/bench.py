@@ -1,0 +1,1453 @@
+#!/usr/bin/env python3
+"""pgpipe benchmarks (issue 7). Run through `make bench` (or scripts/bench.sh).
+
+Starts a Postgres 15 of its own (initdb in a temp dir as the `postgres` OS user, a free
+port, wal_level=logical, shared_preload_libraries=pgpipe, track_commit_timestamp=on),
+then runs the phases named in BENCH_PHASES, each with its baseline in the same run,
+interleaved (A B A B), and writes bench/results/<stamp>.json plus the generated part of
+BENCHMARKS.md. Only the Python standard library, psql, pgbench, pg_recvlogical, curl and
+(optionally) perf are used.
+
+Subcommands used internally as peers of the forwarder:
+  bench.py sink OUT TIMELINE        stdin -> OUT, records (time_ns, lines so far) per read
+  bench.py receiver PORT OUT        minimal HTTP/1.1 webhook receiver, bodies -> OUT lines
+"""
+
+import bisect
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.environ.get("BENCH_RESULTS_DIR", os.path.join(ROOT, "bench", "results"))
+BENCHMARKS_MD = os.environ.get("BENCH_MD", os.path.join(ROOT, "BENCHMARKS.md"))
+MD_BEGIN = "<!-- bench:generated:begin -->"
+MD_END = "<!-- bench:generated:end -->"
+
+
+def env_int(name, default):
+    return int(os.environ.get(name, default))
+
+
+def env_list(name, default):
+    return [x.strip() for x in os.environ.get(name, default).split(",") if x.strip()]
+
+
+# Parameters (environment). Defaults keep `make bench` around 15 minutes on 2 cores.
+P = {
+    "phases": env_list("BENCH_PHASES",
+                       "capture,breakdown,perf,e2e,latency,decoding,fanout,failure"),
+    "capture_secs": env_int("BENCH_CAPTURE_SECS", 5),
+    "rounds": env_int("BENCH_ROUNDS", 3),
+    "clients": [int(c) for c in env_list("BENCH_CLIENTS", "1,8,32")],
+    "variant_clients": [int(c) for c in env_list("BENCH_VARIANT_CLIENTS", "8")],
+    "breakdown_rows": env_int("BENCH_BREAKDOWN_ROWS", 100000),
+    "prefill": env_int("BENCH_PREFILL", 200000),
+    "burst": env_int("BENCH_BURST", 100000),
+    "sustain_secs": env_int("BENCH_SUSTAIN_SECS", 30),
+    "sustain_rate": env_int("BENCH_SUSTAIN_RATE", 20000),
+    "lat_secs": env_int("BENCH_LAT_SECS", 10),
+    "lat_rates": [int(r) for r in env_list("BENCH_LAT_RATES", "100,1000,10000")],
+    "lat_polls": env_list("BENCH_LAT_POLLS", "50ms,5ms"),
+    "decode_rows": env_int("BENCH_DECODE_ROWS", 100000),
+    "fanout_clients": [int(c) for c in env_list("BENCH_FANOUT_CLIENTS", "10,100")],
+    "fanout_secs": env_int("BENCH_FANOUT_SECS", 10),
+    "hold_secs": env_int("BENCH_HOLD_SECS", 60),
+    "perf_secs": env_int("BENCH_PERF_SECS", 5),
+}
+PG_BIN = os.environ.get("PG_BIN", "/usr/lib/postgresql/%s/bin" % os.environ.get("PG_MAJOR", "15"))
+PGPIPE = os.environ.get("PGPIPE", os.path.join(ROOT, "target", "release", "pgpipe"))
+KEEP = os.environ.get("BENCH_KEEP") == "1"
+IS_ROOT = os.geteuid() == 0
+
+
+def log(*a):
+    print("[bench %s]" % time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def pct(sorted_vals, p):
+    if not sorted_vals:
+        return None
+    k = max(0, min(len(sorted_vals) - 1, int(round(p / 100.0 * len(sorted_vals) + 0.5)) - 1))
+    return sorted_vals[k]
+
+
+def med(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def rnd(x, n=1):
+    return None if x is None else round(x, n)
+
+
+def proc_status(pid):
+    out = {}
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith(("VmRSS", "VmHWM")):
+                    k, v = line.split(":")
+                    out[k] = int(v.split()[0]) / 1024.0  # MiB
+    except OSError:
+        pass
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Postgres of our own
+# --------------------------------------------------------------------------------------
+
+class Cluster:
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="pgpipe-bench-")
+        os.chmod(self.dir, 0o755)
+        if IS_ROOT:
+            shutil.chown(self.dir, "postgres")
+        self.data = os.path.join(self.dir, "data")
+        self.port = free_port()
+        self.db = "bench"
+        self.url = "postgres://postgres@127.0.0.1:%d/%s?sslmode=disable" % (self.port, self.db)
+
+    def as_pg(self, cmd, **kw):
+        if IS_ROOT:
+            cmd = ["runuser", "-u", "postgres", "--"] + cmd
+        return subprocess.run(cmd, check=True, **kw)
+
+    def start(self):
+        self.as_pg([PG_BIN + "/initdb", "-D", self.data, "-A", "trust", "-U", "postgres",
+                    "--no-sync"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        conf = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(self.port),
+            "unix_socket_directories": "'%s'" % self.dir,
+            "wal_level": "logical",
+            "shared_preload_libraries": "'pgpipe'",
+            "track_commit_timestamp": "on",
+            "max_connections": "300",
+            "shared_buffers": "512MB",
+            "max_wal_size": "8GB",
+            "min_wal_size": "1GB",
+            "checkpoint_timeout": "30min",
+            "max_replication_slots": "10",
+            "max_wal_senders": "10",
+            "pgpipe.database": "'%s'" % self.db,
+            "log_min_messages": "warning",
+        }
+        with open(os.path.join(self.data, "postgresql.auto.conf"), "a") as f:
+            for k, v in conf.items():
+                f.write("%s = %s\n" % (k, v))
+        self.as_pg([PG_BIN + "/pg_ctl", "-D", self.data, "-l", os.path.join(self.dir, "postgres.log"),
+                    "-w", "start"], stdout=subprocess.DEVNULL)
+        self.psql("CREATE DATABASE %s" % self.db, db="postgres")
+
+    def stop(self):
+        try:
+            self.as_pg([PG_BIN + "/pg_ctl", "-D", self.data, "-m", "immediate", "stop"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except subprocess.CalledProcessError:
+            pass
+        if not KEEP:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def psql_cmd(self, db=None):
+        return ["psql", "-X", "-q", "-At", "-F", "\t", "-v", "ON_ERROR_STOP=1", "-h", self.dir,
+                "-p", str(self.port), "-U", "postgres", "-d", db or self.db]
+
+    def psql(self, sql, db=None, check=True):
+        r = subprocess.run(self.psql_cmd(db) + ["-f", "-"], input=sql, text=True,
+                           capture_output=True)
+        if check and r.returncode != 0:
+            raise RuntimeError("psql failed: %s\n--- sql:\n%s" % (r.stderr.strip(), sql[:2000]))
+        return r.stdout.strip()
+
+    def val(self, sql):
+        return self.psql(sql).split("\n")[-1]
+
+    def pgbench(self, script_text, clients, secs=None, transactions=None, rate=None, name="s",
+                extra=None):
+        path = os.path.join(self.dir, "pgbench_%s.sql" % name)
+        with open(path, "w") as f:
+            f.write(script_text)
+        cmd = [PG_BIN + "/pgbench", "-n", "-M", "prepared", "-h", self.dir, "-p", str(self.port),
+               "-U", "postgres", "-c", str(clients), "-j", str(min(clients, 2)), "-f", path]
+        if secs is not None:
+            cmd += ["-T", str(secs)]
+        if transactions is not None:
+            cmd += ["-t", str(transactions)]
+        if rate is not None:
+            cmd += ["-R", str(rate)]
+        cmd += extra or []
+        cmd.append(self.db)
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError("pgbench failed: %s" % (r.stderr[-2000:] + r.stdout[-2000:]))
+        m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", r.stdout)
+        out = {"tps": float(m.group(1)) if m else None}
+        m = re.search(r"number of transactions actually processed: (\d+)", r.stdout)
+        out["tx"] = int(m.group(1)) if m else None
+        m = re.search(r"rate limit schedule lag: avg ([\d.]+) \(max ([\d.]+)\) ms", r.stdout)
+        if m:
+            out["sched_lag_avg_ms"], out["sched_lag_max_ms"] = float(m.group(1)), float(m.group(2))
+        return out
+
+    def pgbench_async(self, script_text, clients, secs, rate=None, name="a"):
+        path = os.path.join(self.dir, "pgbench_%s.sql" % name)
+        with open(path, "w") as f:
+            f.write(script_text)
+        cmd = [PG_BIN + "/pgbench", "-n", "-M", "prepared", "-h", self.dir, "-p", str(self.port),
+               "-U", "postgres", "-c", str(clients), "-j", str(min(clients, 2)), "-f", path,
+               "-T", str(secs)]
+        if rate is not None:
+            cmd += ["-R", str(rate)]
+        cmd.append(self.db)
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def pgbench_result(proc):
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError("pgbench failed: %s" % (err[-2000:] + out[-2000:]))
+    res = {}
+    m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
+    res["tps"] = float(m.group(1)) if m else None
+    m = re.search(r"rate limit schedule lag: avg ([\d.]+) \(max ([\d.]+)\) ms", out)
+    if m:
+        res["sched_lag_avg_ms"], res["sched_lag_max_ms"] = float(m.group(1)), float(m.group(2))
+    return res
+
+
+TABLE_DDL = """
+CREATE TABLE {t} (
+    id bigserial PRIMARY KEY,
+    v int NOT NULL DEFAULT 0,
+    name text NOT NULL,
+    amount numeric(10,2),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO {t} (v, name, amount) SELECT 0, 'customer-' || g, g % 1000 + 0.5
+FROM generate_series(1, {n}) g;
+VACUUM ANALYZE {t};
+"""
+
+INSERT_SQL = "INSERT INTO {t} (v, name, amount) VALUES (0, 'new-customer', 12.50);\n"
+UPDATE_SQL = "\\set k random(1, 100000)\nUPDATE {t} SET v = v + 1 WHERE id = :k;\n"
+INSERT_N_SQL = ("INSERT INTO {t} (v, name, amount) SELECT 0, 'new-customer', 12.50 "
+                "FROM generate_series(1, {n});\n")
+
+
+# --------------------------------------------------------------------------------------
+# Forwarder, sinks, receivers
+# --------------------------------------------------------------------------------------
+
+class Forwarder:
+    """`pgpipe listen` with an adapter; stdout goes through the `sink` subcommand."""
+
+    def __init__(self, cl, workdir, name, channel, adapter="stdout", poll=None, env=None,
+                 extra=None):
+        self.cl = cl
+        self.name = name
+        self.out = os.path.join(workdir, name + ".out")
+        self.timeline = os.path.join(workdir, name + ".timeline.json")
+        self.errlog = os.path.join(workdir, name + ".log")
+        for p in (self.out, self.timeline):
+            if os.path.exists(p):
+                os.unlink(p)
+        cmd = [PGPIPE, "listen", "--db", cl.url, "-c", channel, "--consumer", name,
+               "--log-level", "info", "-a", adapter]
+        if poll:
+            cmd += ["--poll-interval", poll]
+        if adapter == "file":
+            cmd += ["--file-path", self.out, "--file-max-size", "100G"]
+        cmd += extra or []
+        e = dict(os.environ)
+        e.update(env or {})
+        e.pop("PGPIPE_DATABASE_URL", None)
+        self.err = open(self.errlog, "w")
+        self.sink = None
+        if adapter == "stdout":
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.err, env=e,
+                                         cwd=workdir)
+            self.sink = subprocess.Popen([sys.executable, os.path.abspath(__file__), "sink",
+                                          self.out, self.timeline], stdin=self.proc.stdout)
+            self.proc.stdout.close()
+        else:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.err, env=e,
+                                         cwd=workdir)
+        self.started = time.time()
+
+    def wait_ready(self, timeout=20):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("forwarder exited: %s" % open(self.errlog).read()[-2000:])
+            with open(self.errlog) as f:
+                if "reading the pgpipe queue" in f.read():
+                    return time.time() - self.started
+            time.sleep(0.02)
+        raise RuntimeError("forwarder not ready after %ss: %s" % (timeout, open(self.errlog).read()[-2000:]))
+
+    def mem(self):
+        return proc_status(self.proc.pid)
+
+    def stop(self, timeout=30):
+        mem = self.mem()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.sink:
+            self.sink.wait(timeout)
+        self.err.close()
+        return mem
+
+    def timeline_times(self):
+        """Receive time (ns) of every line, from the sink's timeline."""
+        if not self.sink:
+            return None
+        with open(self.timeline) as f:
+            tl = json.load(f)
+        return tl
+
+
+def line_time(tl_cum, tl_t, i):
+    """Receive time of line i (0-based) given the timeline's cumulative counts."""
+    k = bisect.bisect_right(tl_cum, i)
+    return tl_t[k] if k < len(tl_t) else None
+
+
+class Watcher:
+    """Counts occurrences of `needle` in a growing file (delivered events)."""
+
+    def __init__(self, path, needle=b"\n"):
+        self.path, self.needle = path, needle
+        self.f = None
+        self.count = 0
+        self.carry = b""
+
+    def poll(self):
+        if self.f is None:
+            if not os.path.exists(self.path):
+                return self.count
+            self.f = open(self.path, "rb")
+        data = self.f.read()
+        if data:
+            buf = self.carry + data
+            self.count += buf.count(self.needle)
+            # A needle cut at the chunk's end is completed (and counted) next time.
+            keep = len(self.needle) - 1
+            self.carry = buf[-keep:] if keep else b""
+        return self.count
+
+    def wait_for(self, n, timeout, interval=0.01):
+        """Time when the count reached n (None on timeout), and time of the first event."""
+        deadline = time.time() + timeout
+        first = None
+        while time.time() < deadline:
+            c = self.poll()
+            now = time.time()
+            if c > 0 and first is None:
+                first = now
+            if c >= n:
+                return now, first
+            time.sleep(interval)
+        return None, first
+
+    def close(self):
+        if self.f:
+            self.f.close()
+
+
+def parse_events(path):
+    """Events of an output file: JSON lines, or webhook bodies (an object or an array)."""
+    events = []
+    with open(path, "rb") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            obj = json.loads(line)
+            if isinstance(obj, list):
+                events.extend(obj)
+            else:
+                events.append(obj)
+    return events
+
+
+def check_events(events, produced=None, key_start=None):
+    """Exact correctness: delivered vs produced, duplicate ids, per-key order of `v`.
+
+    Every UPDATE in the benchmarks is `v = v + 1` and every INSERT has v = 0, so per key
+    the delivered v must be consecutive (a gap is a lost or reordered event)."""
+    ids = set()
+    dups = 0
+    per_key = {}
+    for e in events:
+        if e["id"] in ids:
+            dups += 1
+            continue
+        ids.add(e["id"])
+        row = (e.get("payload") or {}).get("row") or {}
+        if "id" in row and "v" in row:
+            per_key.setdefault(row["id"], []).append(row["v"])
+    order_violations = 0
+    for vs in per_key.values():
+        for a, b in zip(vs, vs[1:]):
+            if b != a + 1:
+                order_violations += 1
+    out = {"delivered": len(events), "unique": len(ids), "duplicates": dups,
+           "keys": len(per_key), "order_violations": order_violations}
+    if produced is not None:
+        out["produced"] = produced
+        out["ok"] = (len(ids) == produced and order_violations == 0)
+    return out
+
+
+def commit_times(cl, xids):
+    """Commit time (epoch µs) of each xid (xid8 as int), from track_commit_timestamp."""
+    if not xids:
+        return {}
+    xs = ",".join(str(x) for x in sorted(xids))
+    out = cl.psql("SELECT x, (extract(epoch FROM pg_xact_commit_timestamp((x % 4294967296)::text::xid)) "
+                  "* 1000000)::bigint FROM unnest('{%s}'::bigint[]) x" % xs)
+    res = {}
+    for line in out.splitlines():
+        x, t = line.split("\t")
+        if t:
+            res[int(x)] = int(t)
+    return res
+
+
+def latencies(cl, fw, events=None):
+    """Commit -> delivery latency (ms) of every event on a stdout forwarder."""
+    if events is None:
+        events = parse_events(fw.out)
+    tl = fw.timeline_times()
+    cum = [c for _, c in tl]
+    ts = [t for t, _ in tl]
+    ct = commit_times(cl, {e["transaction"]["xid"] for e in events})
+    lats = []
+    per_event = []
+    for i, e in enumerate(events):
+        c = ct.get(e["transaction"]["xid"])
+        r = line_time(cum, ts, i)
+        if c is None or r is None:
+            continue
+        lat = (r / 1000.0 - c) / 1000.0
+        lats.append(lat)
+        per_event.append((c, lat))
+    return lats, per_event
+
+
+def lat_stats(lats):
+    s = sorted(lats)
+    if not s:
+        return {"n": 0}
+    return {"n": len(s), "p50_ms": rnd(pct(s, 50), 2), "p99_ms": rnd(pct(s, 99), 2),
+            "max_ms": rnd(s[-1], 2), "min_ms": rnd(s[0], 2)}
+
+
+# --------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self):
+        self.cl = Cluster()
+        self.work = os.path.join(self.cl.dir, "work")
+        os.makedirs(self.work)
+        self.res = {"params": P, "phases": {}}
+        self.wal_ok = None
+        self.wal_error = None
+
+    # ---- setup -------------------------------------------------------------------
+    def setup(self):
+        cl = self.cl
+        cl.start()
+        cl.psql("CREATE EXTENSION pgpipe; CREATE SCHEMA bench;")
+        # Partitions ahead exist as they would under a running forwarder.
+        cl.psql("SELECT * FROM pgpipe.rotate();")
+        self.capture_fn = cl.psql("SELECT prosrc FROM pg_proc WHERE oid = 'pgpipe.capture_row'::regproc")
+        # (b) the same trigger body without SECURITY DEFINER / SET search_path.
+        cl.psql("CREATE FUNCTION bench.capture_row_nosp() RETURNS trigger LANGUAGE plpgsql AS $body$%s$body$;"
+                % self.capture_fn)
+        # (c) a queue with one index: PRIMARY KEY (xid, id) and no separate xid index,
+        # partitioned like pgpipe.events.
+        parts = cl.psql("SELECT lower_xid, upper_xid FROM pgpipe.event_partitions ORDER BY 1")
+        ddl = ["CREATE TABLE bench.events_1idx (LIKE pgpipe.events INCLUDING DEFAULTS, "
+               "PRIMARY KEY (xid, id)) PARTITION BY RANGE (xid);",
+               "CREATE TABLE bench.events_1idx_default PARTITION OF bench.events_1idx DEFAULT;"]
+        for i, line in enumerate(parts.splitlines()):
+            lo, hi = line.split("\t")
+            ddl.append("CREATE TABLE bench.events_1idx_%d PARTITION OF bench.events_1idx "
+                       "FOR VALUES FROM ('%s') TO ('%s');" % (i, lo, hi))
+        cl.psql("\n".join(ddl))
+        body_1idx = self.capture_fn.replace("INSERT INTO pgpipe.events", "INSERT INTO bench.events_1idx")
+        cl.psql("CREATE FUNCTION bench.capture_row_1idx() RETURNS trigger LANGUAGE plpgsql "
+                "SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$%s$body$;" % body_1idx)
+        for t in ("b_plain", "b_trig", "b_nosp", "b_1idx", "b_wal"):
+            cl.psql(TABLE_DDL.format(t=t, n=100000))
+        cl.psql("SELECT pgpipe.subscribe('b_trig');")
+        cl.psql("CREATE TRIGGER bench_capture AFTER INSERT OR UPDATE OR DELETE ON b_nosp "
+                "FOR EACH ROW EXECUTE FUNCTION bench.capture_row_nosp('b_nosp');")
+        cl.psql("CREATE TRIGGER bench_capture AFTER INSERT OR UPDATE OR DELETE ON b_1idx "
+                "FOR EACH ROW EXECUTE FUNCTION bench.capture_row_1idx('b_1idx');")
+        self.res["capture_row_source"] = self.capture_fn
+
+    def reset_queue(self):
+        self.cl.psql("TRUNCATE pgpipe.events, bench.events_1idx; DELETE FROM pgpipe.consumers;")
+
+    def between_cells(self):
+        if self.wal_ok:
+            self.wait_wal_caught_up()
+        self.reset_queue()
+        self.cl.psql("VACUUM b_plain, b_trig, b_nosp, b_1idx, b_wal; CHECKPOINT;")
+
+    def wait_wal_caught_up(self, timeout=120):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            lag = self.cl.val("SELECT coalesce(lag_bytes, 0) FROM pgpipe.status()")
+            if float(lag or 0) < 256 * 1024:
+                return True
+            time.sleep(0.2)
+        log("WAL worker did not catch up within %ss" % timeout)
+        return False
+
+    def try_wal(self):
+        """Subscribes b_wal in WAL mode, if WAL mode works in this build."""
+        try:
+            self.cl.psql("SELECT pgpipe.subscribe('b_wal', mode => 'wal');")
+            # One change must come through the worker for WAL mode to count as working.
+            self.cl.psql("UPDATE b_wal SET v = v WHERE id = 1;")
+            deadline = time.time() + 20
+            while time.time() < deadline:
+                if self.cl.val("SELECT count(*) FROM pgpipe.events WHERE channel = 'b_wal'") != "0":
+                    self.wal_ok = True
+                    return True
+                time.sleep(0.2)
+            st = self.cl.psql("SELECT worker_state, last_error, detail FROM pgpipe.status()")
+            raise RuntimeError("no WAL-mode event within 20 s; status: %s" % st)
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            self.wal_ok = False
+            self.wal_error = str(e).splitlines()[0][:300]
+            log("WAL mode not available: %s" % self.wal_error)
+            return False
+
+    # ---- 1. capture cost --------------------------------------------------------
+    def cell(self, table, op, clients, secs):
+        script = (INSERT_SQL if op == "insert" else UPDATE_SQL).format(t=table)
+        r = self.cl.pgbench(script, clients, secs=secs, name="%s_%s" % (table, op))
+        return r["tps"]
+
+    def capture_rounds(self, variants, plan, rounds, secs):
+        """plan: list of (op, clients, [variant names]); A B A B rounds, the order of the
+        variants reversed every other round. Returns {op: {clients: {variant: [tps]}}}."""
+        out = {}
+        for r in range(rounds):
+            for op, clients, names in plan:
+                order = names if r % 2 == 0 else list(reversed(names))
+                for v in order:
+                    self.between_cells()
+                    tps = self.cell(variants[v], op, clients, secs)
+                    out.setdefault(op, {}).setdefault(str(clients), {}).setdefault(v, []).append(tps)
+                    log("capture round %d %s c=%d %-12s %8.0f tps  load %s" % (r + 1, op, clients, v, tps, loadavg()))
+        return out
+
+    def phase_capture(self):
+        variants = {"plain": "b_plain", "trigger": "b_trig", "trigger_nosp": "b_nosp",
+                    "trigger_1idx": "b_1idx", "plain_slot": "b_plain", "wal": "b_wal"}
+        plan = []
+        for op in ("insert", "update"):
+            for c in P["clients"]:
+                names = ["plain", "trigger"]
+                if c in P["variant_clients"]:
+                    names += ["trigger_nosp", "trigger_1idx"]
+                plan.append((op, c, names))
+        load_before = loadavg()
+        raw = self.capture_rounds(variants, plan, P["rounds"], P["capture_secs"])
+        # WAL mode: once a slot exists every write is decoded, so it runs as a second
+        # block with its own interleaved plain baseline ("plain_slot").
+        wal_raw = {}
+        if self.try_wal():
+            plan2 = [(op, c, ["plain_slot", "wal"]) for op in ("insert", "update") for c in P["clients"]]
+            wal_raw = self.capture_rounds(variants, plan2, P["rounds"], P["capture_secs"])
+            self.wait_wal_caught_up()
+        res = {"load_before": load_before, "load_after": loadavg(), "raw_tps": raw,
+               "raw_tps_wal_block": wal_raw, "wal_available": self.wal_ok,
+               "wal_error": self.wal_error, "table": {}}
+        for src in (raw, wal_raw):
+            for op, by_c in src.items():
+                for c, by_v in by_c.items():
+                    cell = res["table"].setdefault(op, {}).setdefault(c, {})
+                    for v, vals in by_v.items():
+                        cell[v] = rnd(med(vals), 0)
+        for op, by_c in res["table"].items():
+            for c, cell in by_c.items():
+                for v in list(cell):
+                    base = cell.get("plain_slot") if v == "wal" else cell.get("plain")
+                    if v not in ("plain", "plain_slot") and base:
+                        cell[v + "_ratio"] = rnd(cell[v] / base, 3)
+                if cell.get("wal") and cell.get("plain"):
+                    cell["wal_ratio_vs_plain_noslot"] = rnd(cell["wal"] / cell["plain"], 3)
+        self.res["phases"]["capture"] = res
+
+    # ---- 1b. where the trigger's time goes (single session, set-based) -----------
+    def phase_breakdown(self):
+        cl = self.cl
+        n = P["breakdown_rows"]
+        cl.psql("""
+CREATE OR REPLACE FUNCTION bench.elapsed_ms(q text) RETURNS float8 LANGUAGE plpgsql AS $$
+DECLARE t0 timestamptz := clock_timestamp();
+BEGIN EXECUTE q; RETURN extract(epoch FROM clock_timestamp() - t0) * 1000; END $$;
+""")
+        for t in ("k_plain", "k_trig", "k_nosp", "k_1idx"):
+            cl.psql("CREATE TABLE IF NOT EXISTS %s (LIKE b_plain INCLUDING ALL);" % t)
+        cl.psql("SELECT pgpipe.subscribe('k_trig');")
+        cl.psql("DROP TRIGGER IF EXISTS bench_capture ON k_nosp; DROP TRIGGER IF EXISTS bench_capture ON k_1idx;"
+                "CREATE TRIGGER bench_capture AFTER INSERT OR UPDATE OR DELETE ON k_nosp "
+                "FOR EACH ROW EXECUTE FUNCTION bench.capture_row_nosp('k_nosp');"
+                "CREATE TRIGGER bench_capture AFTER INSERT OR UPDATE OR DELETE ON k_1idx "
+                "FOR EACH ROW EXECUTE FUNCTION bench.capture_row_1idx('k_1idx');")
+        ins = "INSERT INTO %s (v, name, amount) SELECT 0, ''new-customer'', 12.50 FROM generate_series(1, " + str(n) + ")"
+        has_wakeup = cl.val("SELECT count(*) FROM pg_proc WHERE proname = 'mark_wakeup' "
+                            "AND pronamespace = 'pgpipe'::regnamespace") != "0"
+        items = [
+            ("insert, no trigger", ins % "k_plain"),
+            ("insert, pgpipe trigger (a)", ins % "k_trig"),
+            ("insert, trigger without SET search_path (b)", ins % "k_nosp"),
+            ("insert, trigger into 1-index queue (c)", ins % "k_1idx"),
+            ("uuid_generate_v7()", "SELECT count(pgpipe.uuid_generate_v7()) FROM generate_series(1, %d)" % n),
+            ("gen_random_uuid() (v4, for scale)", "SELECT count(gen_random_uuid()) FROM generate_series(1, %d)" % n),
+            ("to_jsonb(row) + jsonb_build_object envelope",
+             "SELECT count(jsonb_build_object(''op'', ''INSERT'', ''schema'', ''public'', ''table'', ''k'', "
+             "''row'', to_jsonb(t), ''old'', NULL::jsonb)) FROM (SELECT * FROM b_plain LIMIT %d) t" % n),
+            ("queue INSERT set-based (no trigger)",
+             "INSERT INTO pgpipe.events (id, channel, operation, payload, source) "
+             "SELECT pgpipe.uuid_generate_v7(), ''k'', ''INSERT'', ''{\"row\": {\"id\": 1}}''::jsonb, ''trigger'' "
+             "FROM generate_series(1, %d)" % n),
+            ("queue INSERT set-based into 1-index queue",
+             "INSERT INTO bench.events_1idx (id, channel, operation, payload, source) "
+             "SELECT pgpipe.uuid_generate_v7(), ''k'', ''INSERT'', ''{\"row\": {\"id\": 1}}''::jsonb, ''trigger'' "
+             "FROM generate_series(1, %d)" % n),
+        ]
+        if has_wakeup:
+            items.append(("pgpipe.mark_wakeup()", "SELECT count(pgpipe.mark_wakeup()) FROM generate_series(1, %d)" % n))
+        times = {name: [] for name, _ in items}
+        for r in range(3):
+            for name, q in (items if r % 2 == 0 else list(reversed(items))):
+                self.reset_queue()
+                cl.psql("TRUNCATE k_plain, k_trig, k_nosp, k_1idx; CHECKPOINT;")
+                ms = float(cl.val("SELECT bench.elapsed_ms('%s')" % q))
+                times[name].append(ms)
+        res = {"rows": n, "load": loadavg(), "us_per_row": {}}
+        for name, _ in items:
+            res["us_per_row"][name] = rnd(med(times[name]) * 1000.0 / n, 2)
+        base = res["us_per_row"]["insert, no trigger"]
+        res["trigger_overhead_us_per_row"] = {
+            k: rnd(res["us_per_row"][k] - base, 2) for k in res["us_per_row"] if k.startswith("insert, ") and k != "insert, no trigger"}
+        self.reset_queue()
+        self.res["phases"]["breakdown"] = res
+
+    # ---- 1c. perf profile of the backends during the trigger INSERT workload -------
+    def phase_perf(self):
+        if not shutil.which("perf"):
+            self.res["phases"]["perf"] = {"error": "perf not installed"}
+            return
+        out = {}
+        for label, table in (("plain", "b_plain"), ("trigger", "b_trig")):
+            self.between_cells()
+            data = os.path.join(self.work, "perf_%s.data" % label)
+            pb = self.cl.pgbench_async(INSERT_SQL.format(t=table), 8, P["perf_secs"] + 2, name="perf_" + label)
+            time.sleep(1)
+            subprocess.run(["perf", "record", "-F", "499", "-a", "-g", "-o", data, "--", "sleep",
+                            str(P["perf_secs"])], capture_output=True)
+            pgbench_result(pb)
+            rep = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
+                                  "--sort", "dso", "--percent-limit", "1"], capture_output=True, text=True)
+            dsos = [l.strip() for l in rep.stdout.splitlines() if l.strip() and not l.startswith("#") and "%" in l and not l.strip().startswith("-") and not l.strip().startswith("|")]
+            rep2 = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "-g", "none",
+                                   "--comm", "postgres", "--sort", "symbol", "--percent-limit", "0.8"],
+                                  capture_output=True, text=True)
+            syms = [l.strip() for l in rep2.stdout.splitlines() if l.strip() and not l.startswith("#") and "%" in l][:30]
+            out[label] = {"by_dso": dsos[:15], "postgres_top_symbols": syms}
+        out["load"] = loadavg()
+        self.res["phases"]["perf"] = out
+
+    # ---- 2. end-to-end throughput ------------------------------------------------
+    def e2e_table(self):
+        if getattr(self, "_e2e_ready", False):
+            return
+        self.cl.psql(TABLE_DDL.format(t="b_e2e", n=10000))
+        self.cl.psql("SELECT pgpipe.subscribe('b_e2e');")
+        self._e2e_ready = True
+
+    def produced_since(self, base):
+        """Changes committed to b_e2e since `base` = (rows, sum of v): INSERTs + UPDATEs."""
+        rows, vs = self.cl.val("SELECT count(*), coalesce(sum(v), 0) FROM b_e2e").split("\t")
+        return (int(rows) - base[0]) + (int(vs) - base[1])
+
+    def e2e_base(self):
+        rows, vs = self.cl.val("SELECT count(*), coalesce(sum(v), 0) FROM b_e2e").split("\t")
+        return int(rows), int(vs)
+
+    def run_prefill(self, label, adapter, env=None, extra=None, receiver=False):
+        cl = self.cl
+        n = P["prefill"]
+        self.reset_queue()
+        cl.psql("CHECKPOINT;")
+        name = "pf_" + label
+        cl.psql("SELECT pgpipe.register_consumer('%s', ARRAY['b_e2e'], start => 'now');" % name)
+        base = self.e2e_base()
+        t0 = time.time()
+        cl.pgbench(INSERT_N_SQL.format(t="b_e2e", n=1000), 2, transactions=n // 2000, name="prefill")
+        write_s = time.time() - t0
+        produced = self.produced_since(base)
+        recv = None
+        env = dict(env or {})
+        extra = list(extra or [])
+        if receiver:
+            rport = free_port()
+            recv_out = os.path.join(self.work, name + ".out")
+            if os.path.exists(recv_out):
+                os.unlink(recv_out)
+            recv = subprocess.Popen([sys.executable, os.path.abspath(__file__), "receiver", str(rport), recv_out])
+            time.sleep(0.5)
+            extra += ["--url", "http://127.0.0.1:%d/hook" % rport]
+        fw = Forwarder(cl, self.work, name, "b_e2e", adapter=adapter, env=env, extra=extra)
+        watch = Watcher(os.path.join(self.work, name + ".out"),
+                        b'"source":"' if receiver else b"\n")
+        t_start = time.time()
+        t_done, t_first = watch.wait_for(produced, timeout=600)
+        mem = fw.stop()
+        watch.poll()
+        watch.close()
+        if recv:
+            recv.terminate()
+            recv.wait()
+        events = parse_events(fw.out)
+        res = {"events": produced, "write_s": rnd(write_s, 2), "load": loadavg(),
+               "rss_mb_end": rnd(mem.get("VmRSS")), "rss_mb_peak": rnd(mem.get("VmHWM"))}
+        if t_done:
+            res["drain_s_from_start"] = rnd(t_done - t_start, 3)
+            res["drain_s_from_first"] = rnd(t_done - t_first, 3)
+            res["events_per_s"] = rnd(produced / max(t_done - t_first, 1e-6), 0)
+        else:
+            res["timeout"] = True
+        res["check"] = check_events(events, produced)
+        return res
+
+    def phase_e2e(self):
+        self.e2e_table()
+        cl = self.cl
+        res = {"load_before": loadavg(), "prefill": {}}
+        # Idle RSS.
+        self.reset_queue()
+        fw = Forwarder(cl, self.work, "idle", "b_e2e", adapter="file")
+        fw.wait_ready()
+        time.sleep(3)
+        res["rss_idle_mb"] = rnd(fw.mem().get("VmRSS"))
+        fw.stop()
+        # Pre-filled queue, drained by each adapter (the forwarder's own cost).
+        configs = [("stdout_sink", "stdout", {}, [], False),
+                   ("file_fsync_always", "file", {}, [], False),
+                   ("file_fsync_never", "file", {"PGPIPE_FILE_FSYNC": "never"}, [], False),
+                   ("webhook_single", "webhook", {}, [], True),
+                   ("webhook_batch100", "webhook", {"PGPIPE_WEBHOOK_BATCH_SIZE": "100"}, [], True)]
+        for label, adapter, env, extra, receiver in configs:
+            try:
+                r = self.run_prefill(label, adapter, env, extra, receiver)
+            except Exception as e:  # noqa: BLE001
+                r = {"error": str(e)[:500]}
+            res["prefill"][label] = r
+            log("prefill %-18s %s" % (label, json.dumps(r)))
+        # Burst: one transaction of N rows, forwarder running (file adapter).
+        try:
+            res["burst"] = self.run_burst()
+        except Exception as e:  # noqa: BLE001
+            res["burst"] = {"error": str(e)[:500]}
+        log("burst %s" % json.dumps(res["burst"]))
+        try:
+            res["sustained"] = self.run_sustained()
+        except Exception as e:  # noqa: BLE001
+            res["sustained"] = {"error": str(e)[:500]}
+        log("sustained %s" % json.dumps(res["sustained"]))
+        res["load_after"] = loadavg()
+        self.res["phases"]["e2e"] = res
+
+    def run_burst(self):
+        cl = self.cl
+        n = P["burst"]
+        self.reset_queue()
+        cl.psql("CHECKPOINT;")
+        cl.psql("SELECT pgpipe.register_consumer('burst', ARRAY['b_e2e'], start => 'now');")
+        fw = Forwarder(cl, self.work, "burst", "b_e2e", adapter="file")
+        fw.wait_ready()
+        watch = Watcher(fw.out)
+        base = self.e2e_base()
+        t0 = time.time()
+        xid = cl.val("BEGIN; %s SELECT pg_current_xact_id(); COMMIT;" % INSERT_N_SQL.format(t="b_e2e", n=n))
+        t_client_commit = time.time()
+        t_done, t_first = watch.wait_for(n, timeout=600)
+        mem = fw.stop()
+        watch.close()
+        ct = commit_times(cl, {int(xid)})[int(xid)] / 1e6
+        produced = self.produced_since(base)
+        res = {"rows": n, "insert_tx_s": rnd(t_client_commit - t0, 3), "load": loadavg(),
+               "rss_mb_peak": rnd(mem.get("VmHWM"))}
+        if t_done:
+            res["first_event_after_commit_s"] = rnd(t_first - ct, 3)
+            res["all_delivered_after_commit_s"] = rnd(t_done - ct, 3)
+            res["events_per_s"] = rnd(n / max(t_done - ct, 1e-6), 0)
+        else:
+            res["timeout"] = True
+        res["check"] = check_events(parse_events(fw.out), produced)
+        return res
+
+    def run_sustained(self):
+        cl = self.cl
+        rate_ev = P["sustain_rate"]
+        rows_per_tx = 50
+        tx_rate = max(1, rate_ev // rows_per_tx)
+        secs = P["sustain_secs"]
+        self.reset_queue()
+        cl.psql("CHECKPOINT;")
+        cl.psql("SELECT pgpipe.register_consumer('sustained', ARRAY['b_e2e'], start => 'now');")
+        fw = Forwarder(cl, self.work, "sustained", "b_e2e", adapter="file")
+        fw.wait_ready()
+        watch = Watcher(fw.out)
+        base = self.e2e_base()
+        script = ("\\set k random(1, 10000)\nBEGIN;\n" + INSERT_N_SQL.format(t="b_e2e", n=rows_per_tx - 1)
+                  + "UPDATE b_e2e SET v = v + 1 WHERE id = :k;\nCOMMIT;\n")
+        t0 = time.time()
+        pb = cl.pgbench_async(script, 8, secs, rate=tx_rate, name="sustained")
+        samples = []
+        rss_max = 0.0
+        while pb.poll() is None:
+            time.sleep(1)
+            samples.append((rnd(time.time() - t0, 1), watch.poll()))
+            rss_max = max(rss_max, fw.mem().get("VmRSS", 0))
+        t_end = time.time()
+        pbr = pgbench_result(pb)
+        delivered_at_end = watch.poll()
+        produced = self.produced_since(base)
+        t_done, _ = watch.wait_for(produced, timeout=300)
+        mem = fw.stop()
+        watch.close()
+        res = {"target_events_per_s": tx_rate * rows_per_tx, "rows_per_tx": rows_per_tx,
+               "writer_tx_per_s": rnd(pbr["tps"], 0), "writer_sched_lag_avg_ms": pbr.get("sched_lag_avg_ms"),
+               "produced": produced, "secs": rnd(t_end - t0, 1),
+               "produced_per_s": rnd(produced / (t_end - t0), 0),
+               "delivered_during_write_per_s": rnd(delivered_at_end / (t_end - t0), 0),
+               "backlog_at_writer_end": produced - delivered_at_end,
+               "catch_up_s": rnd(t_done - t_end, 2) if t_done else None,
+               "rss_mb_max_sampled": rnd(rss_max), "rss_mb_peak": rnd(mem.get("VmHWM")),
+               "load": loadavg(), "delivered_per_second": samples}
+        res["check"] = check_events(parse_events(fw.out), produced)
+        return res
+
+    # ---- 3. latency commit -> delivery ----------------------------------------------
+    def phase_latency(self):
+        cl = self.cl
+        cl.psql(TABLE_DDL.format(t="b_lat", n=0))
+        cl.psql("SELECT pgpipe.subscribe('b_lat');")
+        res = {"load_before": loadavg(), "runs": {}}
+        for rate in P["lat_rates"]:
+            rows_per_tx = 1 if rate <= 1000 else 10
+            tx_rate = rate // rows_per_tx
+            script = (INSERT_SQL.format(t="b_lat") if rows_per_tx == 1
+                      else INSERT_N_SQL.format(t="b_lat", n=rows_per_tx))
+            for poll in P["lat_polls"]:
+                self.reset_queue()
+                cl.psql("CHECKPOINT;")
+                name = "lat_%d_%s" % (rate, poll)
+                cl.psql("SELECT pgpipe.register_consumer('%s', ARRAY['b_lat'], start => 'now');" % name)
+                before = int(cl.val("SELECT count(*) FROM b_lat"))
+                fw = Forwarder(cl, self.work, name, "b_lat", adapter="stdout", poll=poll)
+                fw.wait_ready()
+                pbr = cl.pgbench(script, 4, secs=P["lat_secs"], rate=tx_rate, name=name)
+                produced = int(cl.val("SELECT count(*) FROM b_lat")) - before
+                watch = Watcher(fw.out)
+                watch.wait_for(produced, timeout=60)
+                watch.close()
+                fw.stop()
+                events = parse_events(fw.out)
+                lats, _ = latencies(cl, fw, events)
+                r = lat_stats(lats)
+                r.update({"rate": rate, "rows_per_tx": rows_per_tx, "poll": poll,
+                          "writer_sched_lag_avg_ms": pbr.get("sched_lag_avg_ms"),
+                          "load": loadavg(), "check": check_events(events, produced)})
+                res["runs"][name] = r
+                log("latency %s %s" % (name, json.dumps(r)))
+        self.res["phases"]["latency"] = res
+
+    # ---- 4. decoding limit -------------------------------------------------------
+    def phase_decoding(self):
+        cl = self.cl
+        n = P["decode_rows"]
+        res = {"rows": n, "rows_per_tx": 10, "load_before": loadavg()}
+        cl.psql(TABLE_DDL.format(t="b_dec", n=0))
+        cl.psql("SELECT pg_create_logical_replication_slot('bench_td', 'test_decoding');")
+        t0 = time.time()
+        cl.pgbench(INSERT_N_SQL.format(t="b_dec", n=10), 4, transactions=n // 40, name="dec")
+        res["write_s"] = rnd(time.time() - t0, 2)
+        end = cl.val("SELECT pg_current_wal_lsn()")
+        t0 = time.time()
+        subprocess.run(["pg_recvlogical", "-h", self.cl.dir, "-p", str(cl.port), "-U", "postgres",
+                        "-d", cl.db, "--slot", "bench_td", "--start", "-E", end, "--no-loop",
+                        "-f", "/dev/null"], check=True, capture_output=True)
+        dt = time.time() - t0
+        res["pg_recvlogical_test_decoding_s"] = rnd(dt, 3)
+        res["pg_recvlogical_rows_per_s"] = rnd(n / dt, 0)
+        cl.psql("SELECT pg_drop_replication_slot('bench_td');")
+        if self.wal_ok is None:
+            self.try_wal()
+        if self.wal_ok:
+            try:
+                res.update(self.wal_worker_drain(n))
+            except Exception as e:  # noqa: BLE001
+                res["wal_worker_error"] = str(e)[:300]
+        else:
+            res["wal_worker"] = "not yet: %s" % self.wal_error
+        res["load_after"] = loadavg()
+        self.res["phases"]["decoding"] = res
+
+    def wal_worker_drain(self, n):
+        """The worker's rate on a backlog: pgpipe.events is locked while the workload is
+        written (the worker blocks on its first insert), then released."""
+        cl = self.cl
+        cl.psql(TABLE_DDL.format(t="b_decw", n=0))
+        cl.psql("SELECT pgpipe.subscribe('b_decw', mode => 'wal');")
+        self.wait_wal_caught_up()
+        self.reset_queue()
+        locker = subprocess.Popen(cl.psql_cmd() + ["-f", "-"], stdin=subprocess.PIPE, text=True,
+                                  stdout=subprocess.DEVNULL)
+        locker.stdin.write("BEGIN; LOCK TABLE pgpipe.events IN SHARE MODE; SELECT 1;\n")
+        locker.stdin.flush()
+        time.sleep(0.5)
+        cl.pgbench(INSERT_N_SQL.format(t="b_decw", n=10), 4, transactions=n // 40, name="decw")
+        t0 = time.time()
+        locker.stdin.write("COMMIT;\n")
+        locker.stdin.close()
+        locker.wait()
+        while True:
+            c = int(cl.val("SELECT count(*) FROM pgpipe.events WHERE channel = 'b_decw'"))
+            if c >= n or time.time() - t0 > 300:
+                break
+            time.sleep(0.1)
+        dt = time.time() - t0
+        return {"wal_worker_events": c, "wal_worker_s": rnd(dt, 3), "wal_worker_rows_per_s": rnd(c / dt, 0)}
+
+    # ---- 6. SSE fan-out ----------------------------------------------------------------
+    def phase_fanout(self):
+        cl = self.cl
+        help_text = subprocess.run([PGPIPE, "listen", "--help"], capture_output=True, text=True).stdout
+        if "sse" not in help_text:
+            self.res["phases"]["fanout"] = {"status": "not yet: no sse adapter"}
+            return
+        cl.psql(TABLE_DDL.format(t="b_fan", n=0))
+        cl.psql("SELECT pgpipe.subscribe('b_fan');")
+        res = {"rate": 1000, "secs": P["fanout_secs"], "runs": {}}
+        for n in P["fanout_clients"]:
+            self.reset_queue()
+            port = free_port()
+            name = "fan_%d" % n
+            fw = Forwarder(cl, self.work, name, "b_fan", adapter="sse",
+                           extra=["--sse-addr", "127.0.0.1:%d" % port])
+            fw.wait_ready()
+            time.sleep(0.5)
+            clients = []
+            for i in range(n):
+                path = os.path.join(self.work, "%s_c%d.txt" % (name, i))
+                clients.append((path, subprocess.Popen(
+                    ["curl", "-sN", "--max-time", str(P["fanout_secs"] + 30), "-o", path,
+                     "http://127.0.0.1:%d/events/b_fan" % port])))
+            time.sleep(1.0 + n / 100.0)
+            before = int(cl.val("SELECT count(*) FROM b_fan"))
+            pbr = cl.pgbench(INSERT_SQL.format(t="b_fan"), 4, secs=P["fanout_secs"], rate=1000, name=name)
+            produced = int(cl.val("SELECT count(*) FROM b_fan")) - before
+            time.sleep(2)
+            metrics = ""
+            try:
+                metrics = subprocess.run(["curl", "-s", "--max-time", "5", "http://127.0.0.1:%d/metrics" % port],
+                                         capture_output=True, text=True).stdout
+            except Exception:  # noqa: BLE001
+                pass
+            mem = fw.mem()
+            for _, p in clients:
+                p.terminate()
+            for _, p in clients:
+                p.wait()
+            fw.stop()
+            counts = []
+            for path, _ in clients:
+                try:
+                    with open(path, "rb") as f:
+                        counts.append(sum(1 for line in f if line.startswith(b"id:")))
+                except OSError:
+                    counts.append(0)
+            dropped = [l for l in metrics.splitlines() if l.startswith("pgpipe_events_dropped_total")]
+            r = {"clients": n, "produced": produced, "min_received": min(counts), "max_received": max(counts),
+                 "clients_complete": sum(1 for c in counts if c >= produced),
+                 "dropped_metric": dropped, "rss_mb": rnd(mem.get("VmRSS")),
+                 "writer_sched_lag_avg_ms": pbr.get("sched_lag_avg_ms"), "load": loadavg()}
+            res["runs"][str(n)] = r
+            log("fanout %s" % json.dumps(r))
+        self.res["phases"]["fanout"] = res
+
+    # ---- 7. failure phase: a transaction held open -----------------------------------
+    def phase_failure(self):
+        cl = self.cl
+        hold = P["hold_secs"]
+        cl.psql(TABLE_DDL.format(t="b_fail", n=0))
+        cl.psql("SELECT pgpipe.subscribe('b_fail');")
+        self.reset_queue()
+        cl.psql("CHECKPOINT;")
+        cl.psql("SELECT pgpipe.register_consumer('fail', ARRAY['b_fail'], start => 'now');")
+        fw = Forwarder(cl, self.work, "fail", "b_fail", adapter="stdout")
+        fw.wait_ready()
+        warm, after = 10, 30
+        total = warm + hold + after
+        t0 = time.time()
+        pb = cl.pgbench_async(INSERT_SQL.format(t="b_fail"), 4, total, rate=1000, name="fail")
+        time.sleep(warm)
+        holder = subprocess.Popen(cl.psql_cmd() + ["-f", "-"], stdin=subprocess.PIPE, text=True,
+                                  stdout=subprocess.PIPE)
+        holder.stdin.write("BEGIN; INSERT INTO b_fail (v, name, amount) VALUES (0, 'held', 1); SELECT pg_current_xact_id();\n")
+        holder.stdin.flush()
+        held_xid = int(holder.stdout.readline().strip())
+        t_hold = time.time()
+        time.sleep(hold)
+        holder.stdin.write("COMMIT;\n")
+        holder.stdin.close()
+        holder.wait()
+        t_release = time.time()
+        pgbench_result(pb)
+        produced = int(cl.val("SELECT count(*) FROM b_fail"))
+        watch = Watcher(fw.out)
+        watch.wait_for(produced, timeout=120)
+        watch.close()
+        fw.stop()
+        events = parse_events(fw.out)
+        lats, per_event = latencies(cl, fw, events)
+        # Latency by commit-time window: before, during, after the hold.
+        windows = {"before": [], "during": [], "after_0_5s": [], "after_5s_plus": []}
+        for c, lat in per_event:
+            c = c / 1e6
+            if c < t_hold:
+                windows["before"].append(lat)
+            elif c < t_release:
+                windows["during"].append(lat)
+            elif c < t_release + 5:
+                windows["after_0_5s"].append(lat)
+            else:
+                windows["after_5s_plus"].append(lat)
+        held = [e for e in events if e["transaction"]["xid"] == held_xid]
+        tl = fw.timeline_times()
+        per_sec = {}
+        for t, c in tl:
+            per_sec[int(t / 1e9 - t0)] = c
+        res = {"hold_s": hold, "rate": 1000, "produced": produced, "load": loadavg(),
+               "latency_by_window": {k: lat_stats(v) for k, v in windows.items()},
+               "held_event_delivered": bool(held),
+               "check": check_events(events, produced),
+               "delivered_cumulative_by_second": sorted(per_sec.items())}
+        # Read cost during the hold: how long one pgpipe.read takes with the old xmin.
+        self.res["phases"]["failure"] = res
+        log("failure %s" % json.dumps({k: v for k, v in res.items() if k != "delivered_cumulative_by_second"}))
+
+    # ---- run -------------------------------------------------------------------------
+    def machine(self):
+        def sh(cmd):
+            try:
+                return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
+            except Exception:  # noqa: BLE001
+                return ""
+        so = sh("%s/pg_config --pkglibdir" % PG_BIN) + "/pgpipe.so"
+        ext_profile = "unknown"
+        if os.path.exists(so):
+            ext_profile = "debug" if ".debug_info" in sh("readelf -S %s" % so) else "release"
+        return {
+            "host": platform.node(),
+            "cpu": sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip(),
+            "cores": os.cpu_count(),
+            "mem_gb": rnd(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+            "kernel": platform.release(),
+            "postgres": sh("%s/postgres --version" % PG_BIN),
+            "git": sh("git -C %s rev-parse --short HEAD" % ROOT) + (" (dirty)" if sh("git -C %s status --porcelain" % ROOT) else ""),
+            "forwarder_binary": PGPIPE,
+            "extension_so": so,
+            "extension_build": ext_profile,
+            "uptime_start": sh("uptime"),
+        }
+
+    def run(self):
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        self.res["stamp"] = stamp
+        self.res["machine"] = self.machine()
+        log("machine: %s" % json.dumps(self.res["machine"]))
+        t_all = time.time()
+        try:
+            self.setup()
+            for ph in P["phases"]:
+                fn = getattr(self, "phase_" + ph, None)
+                if fn is None:
+                    log("unknown phase %s" % ph)
+                    continue
+                log("phase %s (load %s)" % (ph, loadavg()))
+                t = time.time()
+                try:
+                    fn()
+                except Exception as e:  # noqa: BLE001 - one failing phase does not stop the rest
+                    log("phase %s failed: %s" % (ph, e))
+                    self.res["phases"][ph] = {"error": str(e)[:1000]}
+                self.res["phases"].setdefault(ph, {})["phase_s"] = rnd(time.time() - t, 1)
+        finally:
+            self.res["total_s"] = rnd(time.time() - t_all, 1)
+            self.res["machine"]["uptime_end"] = subprocess.run("uptime", shell=True, capture_output=True, text=True).stdout.strip()
+            self.cl.stop()
+            if KEEP:
+                log("cluster kept in %s" % self.cl.dir)
+        os.makedirs(RESULTS_DIR, exist_ok=True)
+        prev = previous_result(stamp)
+        path = os.path.join(RESULTS_DIR, stamp + ".json")
+        with open(path, "w") as f:
+            json.dump(self.res, f, indent=1, sort_keys=True)
+        md = render_md(self.res, prev)
+        write_md(md)
+        print(md)
+        log("results: %s (and the generated part of BENCHMARKS.md)" % path)
+
+
+def previous_result(stamp):
+    if not os.path.isdir(RESULTS_DIR):
+        return None
+    files = sorted(f for f in os.listdir(RESULTS_DIR) if f.endswith(".json") and f[:-5] < stamp)
+    for f in reversed(files):
+        try:
+            with open(os.path.join(RESULTS_DIR, f)) as fh:
+                r = json.load(fh)
+            r["_file"] = f
+            return r
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+def fmt(x, unit=""):
+    if x is None:
+        return "–"
+    if isinstance(x, float) and x >= 100:
+        x = int(round(x))
+    if isinstance(x, int) and x >= 10000:
+        return "{:,}".format(x) + unit
+    return "%s%s" % (x, unit)
+
+
+def verdict(ok):
+    return "met" if ok else "**missed**"
+
+
+def get(d, *path):
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def render_md(r, prev):
+    m = r["machine"]
+    ph = r["phases"]
+    L = []
+    L.append("### Run %s" % r["stamp"])
+    L.append("")
+    L.append("- machine: %s, %s cores, %s GiB, kernel %s; %s" % (m["cpu"], m["cores"], m["mem_gb"], m["kernel"], m["postgres"]))
+    L.append("- git %s; forwarder `%s`; extension `%s` (%s build)" % (m["git"], os.path.relpath(m["forwarder_binary"], ROOT), m["extension_so"], m["extension_build"]))
+    L.append("- load: `%s` at start, `%s` at end; whole run %ss" % (m["uptime_start"], m.get("uptime_end"), r.get("total_s")))
+    L.append("- parameters: `%s`" % json.dumps(r["params"], separators=(",", ":")))
+    L.append("")
+    targets = []
+
+    cap = ph.get("capture", {})
+    if cap.get("table"):
+        L.append("#### 1. Capture cost on writers (pgbench -M prepared, tps, median of %s interleaved rounds of %ss; ratio to plain)" % (r["params"]["rounds"], r["params"]["capture_secs"]))
+        L.append("")
+        L.append("load before/after: %s / %s. `trigger` = pgpipe.capture_row as shipped (a); `trigger_nosp` = the same body without SECURITY DEFINER/SET search_path (b); `trigger_1idx` = queue with PRIMARY KEY (xid, id) only (c). `wal` is measured in a second block against `plain_slot` (plain while the slot decodes), because a logical slot, once there, decodes every write." % (cap.get("load_before"), cap.get("load_after")))
+        L.append("")
+        L.append("| op | clients | plain | trigger (a) | ratio | no search_path (b) | ratio | 1-index queue (c) | ratio | plain with slot | wal | ratio |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for op in ("insert", "update"):
+            for c in sorted(cap["table"].get(op, {}), key=int):
+                x = cap["table"][op][c]
+                L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                    op, c, fmt(x.get("plain")), fmt(x.get("trigger")), fmt(x.get("trigger_ratio")),
+                    fmt(x.get("trigger_nosp")), fmt(x.get("trigger_nosp_ratio")),
+                    fmt(x.get("trigger_1idx")), fmt(x.get("trigger_1idx_ratio")),
+                    fmt(x.get("plain_slot")), fmt(x.get("wal")), fmt(x.get("wal_ratio"))))
+        L.append("")
+        if not cap.get("wal_available"):
+            L.append("WAL mode: not yet (%s)." % cap.get("wal_error"))
+            L.append("")
+        for op in ("insert", "update"):
+            tr = get(cap, "table", op, "8", "trigger_ratio")
+            if tr is not None:
+                targets.append(("trigger ≥ 0.75 × plain at 8 clients (%s)" % op, tr, tr >= 0.75))
+            wr = get(cap, "table", op, "8", "wal_ratio")
+            targets.append(("WAL ≥ 0.85 × plain at 8 clients (%s)" % op, wr if wr is not None else "not yet", (wr or 0) >= 0.85 if wr is not None else None))
+        if prev:
+            L.append("Compared with %s (trigger ratio at 8 clients): insert %s → %s, update %s → %s." % (
+                prev["_file"], get(prev, "phases", "capture", "table", "insert", "8", "trigger_ratio"),
+                get(cap, "table", "insert", "8", "trigger_ratio"),
+                get(prev, "phases", "capture", "table", "update", "8", "trigger_ratio"),
+                get(cap, "table", "update", "8", "trigger_ratio")))
+            L.append("")
+    elif "capture" in ph:
+        L.append("#### 1. Capture cost: failed: %s" % cap.get("error"))
+        L.append("")
+
+    bd = ph.get("breakdown", {})
+    if bd.get("us_per_row"):
+        L.append("#### 1b. Where a captured row's time goes (one session, set-based INSERT of %s rows, µs per row, median of 3)" % bd["rows"])
+        L.append("")
+        L.append("| step | µs/row | trigger overhead µs/row |")
+        L.append("|---|---|---|")
+        for k, v in bd["us_per_row"].items():
+            L.append("| %s | %s | %s |" % (k, v, fmt(bd["trigger_overhead_us_per_row"].get(k))))
+        L.append("")
+    pf = ph.get("perf", {})
+    if pf.get("trigger"):
+        L.append("#### 1c. perf (system-wide, 8 clients INSERT, %ss)" % r["params"]["perf_secs"])
+        L.append("")
+        for label in ("plain", "trigger"):
+            L.append("%s, by DSO:" % label)
+            L.append("```")
+            L.extend(pf[label]["by_dso"][:10])
+            L.append("```")
+        L.append("trigger, top postgres symbols:")
+        L.append("```")
+        L.extend(pf["trigger"]["postgres_top_symbols"][:25])
+        L.append("```")
+        L.append("")
+
+    e2e = ph.get("e2e", {})
+    if e2e.get("prefill") is not None:
+        L.append("#### 2. End-to-end throughput (forwarder release build)")
+        L.append("")
+        L.append("Pre-filled queue of %s events (1,000-row transactions) written with the forwarder stopped, then drained; rate = events / (last − first delivery). Load before/after: %s / %s." % (r["params"]["prefill"], e2e.get("load_before"), e2e.get("load_after")))
+        L.append("")
+        L.append("| adapter | events/s | drain from start s | RSS peak MB | delivered = produced | dups | order violations |")
+        L.append("|---|---|---|---|---|---|---|")
+        for label, x in e2e["prefill"].items():
+            if "error" in x:
+                L.append("| %s | failed: %s | | | | | |" % (label, x["error"][:150].replace("|", "/").replace("\n", " ")))
+                continue
+            c = x.get("check", {})
+            L.append("| %s | %s | %s | %s | %s (%s/%s) | %s | %s |" % (
+                label, fmt(x.get("events_per_s")), fmt(x.get("drain_s_from_start")), fmt(x.get("rss_mb_peak")),
+                "yes" if c.get("ok") else "**no**", c.get("unique"), c.get("produced"), c.get("duplicates"), c.get("order_violations")))
+        L.append("")
+        fr = get(e2e, "prefill", "file_fsync_always", "events_per_s")
+        targets.append(("≥ 50,000 events/s through the file adapter (pre-filled drain, fsync always)", fr, (fr or 0) >= 50000))
+        b = e2e.get("burst", {})
+        if b and "error" not in b:
+            L.append("Burst: one transaction of %s rows (INSERT took %s s): first event %s s and all %s s after commit (%s events/s); correct: %s (dups %s)." % (
+                b.get("rows"), b.get("insert_tx_s"), b.get("first_event_after_commit_s"), b.get("all_delivered_after_commit_s"),
+                fmt(b.get("events_per_s")), get(b, "check", "ok"), get(b, "check", "duplicates")))
+        elif b:
+            L.append("Burst failed: %s" % b.get("error"))
+        L.append("")
+        s = e2e.get("sustained", {})
+        if s and "error" not in s:
+            L.append("Sustained %ss, writer open-loop at %s events/s (8 clients, %s rows per transaction incl. 1 UPDATE): produced %s events/s, delivered during the run %s events/s, backlog at writer end %s, caught up %s s later; forwarder RSS max %s MB; correct: %s (dups %s, order violations %s)." % (
+                s.get("secs"), fmt(s.get("target_events_per_s")), s.get("rows_per_tx"), fmt(s.get("produced_per_s")),
+                fmt(s.get("delivered_during_write_per_s")), fmt(s.get("backlog_at_writer_end")), s.get("catch_up_s"),
+                s.get("rss_mb_max_sampled"), get(s, "check", "ok"), get(s, "check", "duplicates"), get(s, "check", "order_violations")))
+        elif s:
+            L.append("Sustained failed: %s" % s.get("error"))
+        L.append("")
+        idle = e2e.get("rss_idle_mb")
+        peak = max([x.get("rss_mb_peak") or 0 for x in e2e["prefill"].values()] + [s.get("rss_mb_peak") or 0, (b or {}).get("rss_mb_peak") or 0])
+        L.append("#### 5. Forwarder memory: RSS idle %s MB; peak under load %s MB" % (idle, peak))
+        L.append("")
+        targets.append(("RSS idle ≤ 20 MB", idle, (idle or 999) <= 20))
+        targets.append(("RSS under load ≤ 100 MB", peak, peak <= 100))
+        if prev:
+            L.append("Compared with %s: file adapter drain %s → %s events/s." % (prev["_file"], get(prev, "phases", "e2e", "prefill", "file_fsync_always", "events_per_s"), fr))
+            L.append("")
+
+    lat = ph.get("latency", {})
+    if lat.get("runs"):
+        L.append("#### 3. Latency commit → delivery (stdout adapter into a reader that timestamps lines; commit time from track_commit_timestamp), %ss per run" % r["params"]["lat_secs"])
+        L.append("")
+        L.append("| rate events/s | rows/tx | poll interval | p50 ms | p99 ms | max ms | events | correct | writer lag avg ms |")
+        L.append("|---|---|---|---|---|---|---|---|---|")
+        for name, x in lat["runs"].items():
+            L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                fmt(x["rate"]), x["rows_per_tx"], x["poll"], x.get("p50_ms"), x.get("p99_ms"), x.get("max_ms"), x.get("n"),
+                get(x, "check", "ok"), x.get("writer_sched_lag_avg_ms")))
+        L.append("")
+        for name, x in lat["runs"].items():
+            if x["rate"] == 1000:
+                ok = (x.get("p50_ms") or 1e9) <= 5 and (x.get("p99_ms") or 1e9) <= 25
+                targets.append(("p50 ≤ 5 ms and p99 ≤ 25 ms at 1,000/s (poll %s)" % x["poll"], "p50 %s / p99 %s" % (x.get("p50_ms"), x.get("p99_ms")), ok))
+
+    dec = ph.get("decoding", {})
+    if dec.get("rows"):
+        L.append("#### 4. Decoding limit (%s rows in %s-row transactions, backlog drained)" % (dec["rows"], dec.get("rows_per_tx")))
+        L.append("")
+        L.append("- pg_recvlogical + test_decoding: %s rows/s (%s s)" % (fmt(dec.get("pg_recvlogical_rows_per_s")), dec.get("pg_recvlogical_test_decoding_s")))
+        if dec.get("wal_worker_rows_per_s"):
+            L.append("- pgpipe WAL-mode worker: %s rows/s (%s s)" % (fmt(dec.get("wal_worker_rows_per_s")), dec.get("wal_worker_s")))
+        else:
+            L.append("- pgpipe WAL-mode worker: %s" % (dec.get("wal_worker") or dec.get("wal_worker_error")))
+        L.append("")
+
+    fo = ph.get("fanout", {})
+    if fo.get("runs"):
+        L.append("#### 6. SSE fan-out at 1,000 events/s for %ss" % fo.get("secs"))
+        L.append("")
+        L.append("| clients | produced | min received | clients complete | dropped (metric) | RSS MB |")
+        L.append("|---|---|---|---|---|---|")
+        for n, x in fo["runs"].items():
+            L.append("| %s | %s | %s | %s | %s | %s |" % (n, x["produced"], x["min_received"], x["clients_complete"], "; ".join(x["dropped_metric"]) or "–", x["rss_mb"]))
+        L.append("")
+    elif fo:
+        L.append("#### 6. SSE fan-out: %s" % (fo.get("status") or fo.get("error")))
+        L.append("")
+
+    fl = ph.get("failure", {})
+    if fl.get("latency_by_window"):
+        L.append("#### 7. Failure phase: a transaction held open %s s while 1,000 events/s are written" % fl["hold_s"])
+        L.append("")
+        L.append("| window (by commit time) | events | p50 ms | p99 ms | max ms |")
+        L.append("|---|---|---|---|---|")
+        for k, x in fl["latency_by_window"].items():
+            L.append("| %s | %s | %s | %s | %s |" % (k, x.get("n"), x.get("p50_ms"), x.get("p99_ms"), x.get("max_ms")))
+        L.append("")
+        L.append("Held transaction's event delivered: %s; correct: %s (dups %s, order violations %s)." % (
+            fl.get("held_event_delivered"), get(fl, "check", "ok"), get(fl, "check", "duplicates"), get(fl, "check", "order_violations")))
+        L.append("")
+    elif fl:
+        L.append("#### 7. Failure phase: %s" % fl.get("error"))
+        L.append("")
+
+    if targets:
+        L.append("#### Targets")
+        L.append("")
+        L.append("| target | measured | verdict |")
+        L.append("|---|---|---|")
+        for name, val, ok in targets:
+            L.append("| %s | %s | %s |" % (name, fmt(val), "not yet" if ok is None else verdict(ok)))
+        L.append("")
+    return "\n".join(L)
+
+
+def write_md(generated):
+    if os.path.exists(BENCHMARKS_MD):
+        with open(BENCHMARKS_MD) as f:
+            text = f.read()
+    else:
+        text = "# pgpipe benchmarks\n\n%s\n%s\n" % (MD_BEGIN, MD_END)
+    if MD_BEGIN in text and MD_END in text:
+        head, rest = text.split(MD_BEGIN, 1)
+        _, tail = rest.split(MD_END, 1)
+        text = head + MD_BEGIN + "\n" + generated + "\n" + MD_END + tail
+    else:
+        text = text + "\n" + MD_BEGIN + "\n" + generated + "\n" + MD_END + "\n"
+    with open(BENCHMARKS_MD, "w") as f:
+        f.write(text)
+
+
+# --------------------------------------------------------------------------------------
+# Peers
+# --------------------------------------------------------------------------------------
+
+def sink_main(out_path, timeline_path):
+    tl = []
+    n = 0
+    with open(out_path, "wb", buffering=0) as out:
+        while True:
+            b = os.read(0, 1 << 20)
+            if not b:
+                break
+            t = time.time_ns()
+            out.write(b)
+            n += b.count(b"\n")
+            tl.append((t, n))
+    with open(timeline_path, "w") as f:
+        json.dump(tl, f)
+
+
+def receiver_main(port, out_path):
+    """A minimal keep-alive HTTP/1.1 receiver: every request body becomes one line."""
+    import asyncio
+
+    out = open(out_path, "wb", buffering=1 << 20)
+    flusher_stop = threading.Event()
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:].strip())
+                body = await reader.readexactly(length) if length else b""
+                out.write(body.replace(b"\n", b" ") + b"\n")
+                out.flush()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+
+    signal.signal(signal.SIGTERM, lambda *_: (out.flush(), os._exit(0)))
+    del flusher_stop
+    asyncio.run(main())
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "sink":
+        sink_main(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) > 1 and sys.argv[1] == "receiver":
+        receiver_main(int(sys.argv[2]), sys.argv[3])
+    else:
+        Bench().run()

@@ -1,0 +1,304 @@
+//! The background worker (needs `shared_preload_libraries = 'pgpipe'`).
+//!
+//! One worker per cluster, connected to `pgpipe.database`. A wait-on-latch loop, no
+//! threads: every `pgpipe.poll_interval` it reads the logical replication slot of
+//! WAL-mode subscriptions into the queue ([`wal`]); whenever committed captures set its
+//! latch it sends one `NOTIFY pgpipe_wakeup` (at most one per
+//! `pgpipe.notify_min_interval`). A failing cycle is logged, shown by `pgpipe.status()`
+//! and retried; the worker does not crash-loop. Postgres restarts it
+//! [`guc::WORKER_RESTART_INTERVAL`] after it exits (SIGTERM from
+//! `pg_terminate_backend`, a FATAL error, or a change of `pgpipe.database`).
+
+pub mod pgoutput;
+pub mod wal;
+
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+
+use crate::guc;
+use crate::shared::{self, WorkerState, WORKER_STATUS};
+use wal::{ReadOutcome, WalCapture};
+
+/// Channel of the coalesced wake-up notification (the forwarder LISTENs on it).
+pub const WAKEUP_CHANNEL: &str = "pgpipe_wakeup";
+
+/// Registers the worker with the postmaster. `_PG_init`, while preloading only.
+pub fn register() {
+    BackgroundWorkerBuilder::new("pgpipe worker")
+        .set_type("pgpipe worker")
+        .set_library("pgpipe")
+        .set_function("pgpipe_worker_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(guc::WORKER_RESTART_INTERVAL))
+        .load();
+}
+
+/// Entry point of the background worker process.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pgpipe_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = guc::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    shared::register_worker();
+    {
+        let mut status = WORKER_STATUS.exclusive();
+        status.reset();
+        // SAFETY: plain reads of process globals.
+        unsafe {
+            status.pid = pg_sys::MyProcPid;
+            status.started_at = pg_sys::GetCurrentTimestamp();
+        }
+        status.set_database(&database);
+        status.set_state(WorkerState::Starting);
+    }
+    log!("pgpipe worker started for database \"{database}\"");
+
+    let mut worker = Worker {
+        wal: WalCapture::default(),
+        state: WorkerState::Starting,
+        last_notify: None,
+        next_poll: Instant::now(),
+        next_rotate: Instant::now(),
+        more: false,
+    };
+    worker.run(&database);
+    // Exit code 1: Postgres restarts the worker after the restart interval (exit code 0
+    // would unregister it for good, e.g. after pg_terminate_backend).
+    // SAFETY: ends the process the normal way.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+struct Worker {
+    wal: WalCapture,
+    state: WorkerState,
+    last_notify: Option<Instant>,
+    next_poll: Instant,
+    next_rotate: Instant,
+    /// The last read stopped at the batch size: read again without waiting.
+    more: bool,
+}
+
+impl Worker {
+    fn run(&mut self, database: &str) {
+        loop {
+            let now = Instant::now();
+            let mut timeout = if self.more {
+                Duration::ZERO
+            } else {
+                self.next_poll.saturating_duration_since(now)
+            };
+            if shared::wakeup_pending() {
+                timeout = timeout.min(self.notify_delay(now));
+            }
+            if !BackgroundWorker::wait_latch(Some(timeout)) {
+                log!("pgpipe worker exiting");
+                return;
+            }
+            if BackgroundWorker::sighup_received() {
+                // SAFETY: the standard way to re-read the configuration in a process.
+                unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+                if guc::database() != database {
+                    log!(
+                        "pgpipe.database changed from \"{database}\" to \"{}\": the worker restarts",
+                        guc::database()
+                    );
+                    return;
+                }
+            }
+            let now = Instant::now();
+            if shared::wakeup_pending() && self.notify_delay(now).is_zero() && shared::take_wakeup()
+            {
+                self.notify();
+            }
+            if self.more || now >= self.next_poll {
+                self.next_poll = now + guc::poll_interval();
+                self.poll_wal();
+            }
+            if let Some(interval) = guc::rotate_interval() {
+                if now >= self.next_rotate && self.state != WorkerState::WaitingForExtension {
+                    self.next_rotate = now + interval;
+                    self.rotate();
+                }
+            }
+        }
+    }
+
+    /// How long until the next NOTIFY may go out.
+    fn notify_delay(&self, now: Instant) -> Duration {
+        match self.last_notify {
+            Some(at) => (at + guc::notify_min_interval()).saturating_duration_since(now),
+            None => Duration::ZERO,
+        }
+    }
+
+    fn notify(&mut self) {
+        self.last_notify = Some(Instant::now());
+        let result = in_transaction(|| {
+            Spi::run(&format!(
+                "SET LOCAL synchronous_commit = off; SELECT pg_catalog.pg_notify('{WAKEUP_CHANNEL}', '')"
+            ))
+        });
+        match result {
+            Ok(Ok(())) => WORKER_STATUS.exclusive().notifies_sent += 1,
+            Ok(Err(e)) => warning!("pgpipe worker: send the wake-up NOTIFY: {e}"),
+            Err(message) => warning!("pgpipe worker: send the wake-up NOTIFY: {message}"),
+        }
+    }
+
+    /// Queue retention: `pgpipe.rotate()` creates partitions ahead and drops consumed ones.
+    fn rotate(&mut self) {
+        let result = in_transaction(|| Spi::run("SELECT count(*) FROM pgpipe.rotate()"));
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warning!("pgpipe worker: pgpipe.rotate(): {e}"),
+            Err(message) => warning!("pgpipe worker: pgpipe.rotate(): {message}"),
+        }
+    }
+
+    fn poll_wal(&mut self) {
+        self.more = false;
+        let wal = &mut self.wal;
+        let outcome = in_transaction(AssertUnwindSafe(|| wal.read()));
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(message) => {
+                self.set_state(WorkerState::Error, Some(&message));
+                return;
+            }
+        };
+        match outcome {
+            ReadOutcome::NoExtension => self.set_state(WorkerState::WaitingForExtension, None),
+            ReadOutcome::NoSlot => self.set_state(WorkerState::Idle, None),
+            ReadOutcome::SlotMissing => self.set_state(WorkerState::SlotMissing, None),
+            ReadOutcome::SlotInvalidated => self.set_state(WorkerState::SlotInvalidated, None),
+            ReadOutcome::Read(batch) => {
+                let hold = guc::DEBUG_NO_ADVANCE.get();
+                if let Some(target) = batch.advance_to.filter(|_| !hold) {
+                    if let Err(message) = in_transaction(|| wal::advance_slot(target)) {
+                        self.set_state(WorkerState::Error, Some(&message));
+                        return;
+                    }
+                }
+                let _ = batch.confirmed;
+                self.more = batch.more && !hold;
+                {
+                    let mut status = WORKER_STATUS.exclusive();
+                    status.events_written += batch.events;
+                    if let Some(lsn) = batch.last_commit {
+                        status.last_lsn = lsn;
+                    }
+                    if !batch.more {
+                        // SAFETY: a plain clock read.
+                        status.caught_up_at = unsafe { pg_sys::GetCurrentTimestamp() };
+                    }
+                }
+                if batch.events > 0 {
+                    self.last_notify = Some(Instant::now());
+                    WORKER_STATUS.exclusive().notifies_sent += 1;
+                }
+                self.set_state(WorkerState::Streaming, None);
+            }
+        }
+    }
+
+    /// Records the state; logs each change of state once (and every new error).
+    fn set_state(&mut self, state: WorkerState, error: Option<&str>) {
+        let changed = state != self.state;
+        {
+            let mut status = WORKER_STATUS.exclusive();
+            let repeated_error = error.is_some_and(|e| status.last_error() == e);
+            status.set_state(state);
+            if let Some(e) = error {
+                status.set_last_error(e);
+            } else if state == WorkerState::Streaming {
+                status.set_last_error("");
+            }
+            if !changed && (error.is_none() || repeated_error) {
+                self.state = state;
+                return;
+            }
+        }
+        self.state = state;
+        let slot = guc::slot_name();
+        match state {
+            WorkerState::WaitingForExtension => log!(
+                "pgpipe worker: extension pgpipe is not created in database \"{}\"; waiting \
+                 (run CREATE EXTENSION pgpipe there, or set pgpipe.database)",
+                guc::database()
+            ),
+            WorkerState::Idle => log!("pgpipe worker: no table is subscribed with mode 'wal'"),
+            WorkerState::Streaming => log!("pgpipe worker: consuming replication slot \"{slot}\""),
+            WorkerState::SlotMissing => warning!(
+                "pgpipe worker: replication slot \"{slot}\" does not exist any more; WAL-mode \
+                 changes are not captured. Changes made since it was dropped are lost; \
+                 SELECT pgpipe.recreate_slot() starts capturing again"
+            ),
+            WorkerState::SlotInvalidated => warning!(
+                "pgpipe worker: replication slot \"{slot}\" was invalidated (it fell behind \
+                 max_slot_wal_keep_size); WAL-mode changes were lost. \
+                 SELECT pgpipe.recreate_slot() starts capturing again"
+            ),
+            WorkerState::Error => warning!(
+                "pgpipe worker: {}; retrying every pgpipe.poll_interval",
+                error.unwrap_or("error")
+            ),
+            WorkerState::Starting | WorkerState::NotRunning => {}
+        }
+    }
+}
+
+/// Runs `body` in a transaction of its own. A Postgres error aborts the transaction and
+/// comes back as its message, so the worker can go on.
+pub fn in_transaction<R>(body: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, String> {
+    PgTryBuilder::new(move || {
+        // SAFETY: the worker is between transactions here.
+        unsafe {
+            pg_sys::SetCurrentStatementStartTimestamp();
+            pg_sys::StartTransactionCommand();
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        }
+        let result = body();
+        // SAFETY: matches the calls above.
+        unsafe {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        }
+        Ok(result)
+    })
+    .catch_others(|error| {
+        // SAFETY: cleans up the failed transaction (locks, snapshots, memory).
+        unsafe { pg_sys::AbortCurrentTransaction() };
+        Err(caught_message(&error))
+    })
+    .execute()
+}
+
+/// Raises a Postgres ERROR with a SQLSTATE and an optional hint.
+pub fn raise(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> ! {
+    let mut report = pgrx::pg_sys::panic::ErrorReport::new(code, message, "pgpipe worker");
+    if let Some(hint) = hint {
+        report = report.set_hint(hint);
+    }
+    report.report(PgLogLevel::ERROR);
+    unreachable!("ERROR does not return")
+}
+
+fn caught_message(error: &CaughtError) -> String {
+    match error {
+        CaughtError::PostgresError(report) | CaughtError::ErrorReport(report) => {
+            match report.hint() {
+                Some(hint) => format!("{} ({hint})", report.message()),
+                None => report.message().to_string(),
+            }
+        }
+        CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+    }
+}

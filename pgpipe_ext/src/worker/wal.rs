@@ -1,0 +1,785 @@
+//! WAL capture: the worker reads its logical replication slot (pgoutput) through SQL and
+//! turns the changes of tables in pgpipe's publication into events.
+//!
+//! Exactly once into the queue, in commit order:
+//! 1. In one transaction, peek the slot (`pg_logical_slot_peek_binary_changes`, which
+//!    returns whole source transactions in commit order and consumes nothing), insert one
+//!    event per change and record the end LSN of the last source transaction in
+//!    `pgpipe.wal_progress`. Source transactions whose commit lies before that recorded LSN
+//!    were written by an earlier attempt and are skipped. The progress row is updated
+//!    compare-and-set, so two writers can never both commit the same changes. (A unique
+//!    key on the events' LSN cannot do it: `pgpipe.events` is partitioned by the xid of
+//!    the inserting transaction, which differs between attempts.)
+//! 2. After that commit, advance the slot (`pg_replication_slot_advance`). A crash between
+//!    1 and 2 only means the next peek returns transactions that step 1 then skips.
+//!
+//! Column values arrive as text (each type's output function); they are turned back into
+//! datums with each type's input function and converted to JSON by `to_jsonb` on a row
+//! of the same column names and types, which is what the trigger path does with
+//! `to_jsonb(NEW)`: both capture modes give the same payload.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::{datum::DatumWithOid, PgMemoryContexts, PgOid};
+
+use super::pgoutput::{self, format_lsn, parse_lsn, Lsn, Message, OldTuple, Relation, Value};
+use super::raise;
+use crate::guc;
+
+/// Rows fetched from the peek cursor at a time.
+const FETCH_SIZE: i64 = 256;
+/// Prepared INSERT statements kept (one per table shape); the cache is cleared beyond.
+const MAX_CACHED_PLANS: usize = 512;
+
+/// What a read cycle found.
+pub enum ReadOutcome {
+    /// `CREATE EXTENSION pgpipe` has not run in this database.
+    NoExtension,
+    /// No slot and no record of one: nothing is subscribed with `mode => 'wal'`.
+    NoSlot,
+    /// pgpipe created a slot (there is progress for it) but it is gone.
+    SlotMissing,
+    /// The slot exists but was invalidated.
+    SlotInvalidated,
+    /// The slot was read.
+    Read(Batch),
+}
+
+/// The result of reading the slot once.
+pub struct Batch {
+    /// Events inserted.
+    pub events: u64,
+    /// The read stopped at the batch size: more may be waiting.
+    pub more: bool,
+    /// The slot's confirmed LSN before this read.
+    pub confirmed: Lsn,
+    /// Where to advance the slot once the events are committed.
+    pub advance_to: Option<Lsn>,
+    /// End LSN of the last source transaction written.
+    pub last_commit: Option<Lsn>,
+}
+
+/// The worker's WAL capture state, kept across cycles.
+#[derive(Default)]
+pub struct WalCapture {
+    relations: HashMap<u32, Relation>,
+    writer: Writer,
+}
+
+/// Inserts events; caches prepared statements and type input functions.
+#[derive(Default)]
+struct Writer {
+    plans: HashMap<(String, Vec<u32>), OwnedPreparedStatement>,
+    type_input: HashMap<u32, (pg_sys::Oid, pg_sys::Oid)>,
+}
+
+/// A subscription as the worker needs it.
+struct Target {
+    channel: String,
+    operations: Vec<String>,
+}
+
+/// The source transaction being read.
+struct SourceXact {
+    /// Already written by an earlier attempt (its commit precedes the recorded progress).
+    skip: bool,
+}
+
+/// One event to insert.
+struct Change<'a> {
+    lsn: &'a str,
+    operation: &'static str,
+    relation: &'a Relation,
+    row: Option<Vec<(usize, &'a Value)>>,
+    old: Option<Vec<(usize, &'a Value)>>,
+    unchanged_toast: Vec<String>,
+}
+
+impl WalCapture {
+    /// Reads the slot once and writes the events, inside the caller's transaction.
+    pub fn read(&mut self) -> ReadOutcome {
+        Spi::connect_mut(|client| self.read_with(client))
+    }
+
+    fn read_with(&mut self, client: &mut SpiClient<'_>) -> ReadOutcome {
+        let has_extension = client
+            .select(
+                "SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pgpipe'",
+                None,
+                &[],
+            )
+            .map(|t| !t.is_empty())
+            .unwrap_or_else(|e| error!("pgpipe worker: look up the extension: {e}"));
+        if !has_extension {
+            return ReadOutcome::NoExtension;
+        }
+        let slot = guc::slot_name();
+        let publication = guc::publication();
+
+        let (slot_row, progress) = slot_and_progress(client, &slot);
+        let Some(slot_row) = slot_row else {
+            return if progress.is_some() {
+                ReadOutcome::SlotMissing
+            } else {
+                ReadOutcome::NoSlot
+            };
+        };
+        if slot_row.lost {
+            return ReadOutcome::SlotInvalidated;
+        }
+        if !slot_row.usable {
+            raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("replication slot \"{slot}\" is not a pgoutput slot of this database"),
+                Some("Set pgpipe.slot_name to a name no other slot uses."),
+            );
+        }
+        let confirmed = slot_row.confirmed;
+        let progress = match progress {
+            Some(lsn) => lsn,
+            None => {
+                client
+                    .update(
+                        "INSERT INTO pgpipe.wal_progress (slot_name, lsn) \
+                         VALUES ($1, $2::pg_catalog.pg_lsn) ON CONFLICT DO NOTHING",
+                        None,
+                        &[slot.as_str().into(), format_lsn(confirmed).into()],
+                    )
+                    .unwrap_or_else(|e| error!("pgpipe worker: record progress: {e}"));
+                confirmed
+            }
+        };
+
+        let upto = client
+            .select(
+                "SELECT pg_catalog.pg_current_wal_flush_lsn()::text",
+                None,
+                &[],
+            )
+            .and_then(|t| t.first().get_one::<String>())
+            .ok()
+            .flatten()
+            .and_then(|s| parse_lsn(&s))
+            .unwrap_or_else(|| error!("pgpipe worker: could not read the WAL flush position"));
+        let batch = guc::batch_size();
+
+        let mut cursor = client.open_cursor(
+            "SELECT lsn::text, data FROM pg_catalog.pg_logical_slot_peek_binary_changes(\
+                $1, $2::pg_lsn, $3, 'proto_version', '1', \
+                'publication_names', pg_catalog.quote_ident($4))",
+            &[
+                slot.as_str().into(),
+                format_lsn(upto).into(),
+                i32::try_from(batch).unwrap_or(i32::MAX).into(),
+                publication.as_str().into(),
+            ],
+        );
+
+        let WalCapture { relations, writer } = self;
+        let mut rows: i64 = 0;
+        let mut events: u64 = 0;
+        let mut xact: Option<SourceXact> = None;
+        let mut last_end: Option<Lsn> = None;
+        let mut last_commit: Option<Lsn> = None;
+        let mut targets: HashMap<u32, Option<Target>> = HashMap::new();
+        let mut change_cx = PgMemoryContexts::new("pgpipe wal change");
+        loop {
+            let chunk: Vec<(String, Vec<u8>)> = cursor
+                .fetch(FETCH_SIZE)
+                .unwrap_or_else(|e| error!("pgpipe worker: read the slot: {e}"))
+                .map(|row| {
+                    (
+                        row.get::<String>(1).ok().flatten().unwrap_or_default(),
+                        row.get::<Vec<u8>>(2).ok().flatten().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            if chunk.is_empty() {
+                break;
+            }
+            for (lsn, data) in &chunk {
+                rows += 1;
+                let message = pgoutput::decode(data).unwrap_or_else(|e| {
+                    raise(
+                        PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
+                        format!("pgpipe worker: at LSN {lsn}: {e}"),
+                        None,
+                    )
+                });
+                match message {
+                    Message::Begin { final_lsn, .. } => {
+                        xact = Some(SourceXact {
+                            skip: final_lsn < progress,
+                        });
+                    }
+                    Message::Commit { end_lsn, .. } => {
+                        if xact.take().is_some_and(|x| !x.skip) {
+                            last_commit = Some(end_lsn);
+                        }
+                        last_end = Some(end_lsn);
+                    }
+                    Message::Relation(relation) => {
+                        targets.remove(&relation.oid);
+                        relations.insert(relation.oid, relation);
+                    }
+                    Message::Insert { relation, ref new } => {
+                        let Some(rel) = next_change(relations, &xact, relation) else {
+                            continue;
+                        };
+                        let change = Change {
+                            lsn,
+                            operation: "INSERT",
+                            relation: rel,
+                            row: Some(new.iter().enumerate().collect()),
+                            old: None,
+                            unchanged_toast: Vec::new(),
+                        };
+                        events += writer.write(client, &mut targets, &mut change_cx, change);
+                    }
+                    Message::Update {
+                        relation,
+                        ref old,
+                        ref new,
+                    } => {
+                        let Some(rel) = next_change(relations, &xact, relation) else {
+                            continue;
+                        };
+                        let change = update_change(lsn, rel, old.as_ref(), new);
+                        events += writer.write(client, &mut targets, &mut change_cx, change);
+                    }
+                    Message::Delete { relation, ref old } => {
+                        let Some(rel) = next_change(relations, &xact, relation) else {
+                            continue;
+                        };
+                        let change = Change {
+                            lsn,
+                            operation: "DELETE",
+                            relation: rel,
+                            row: Some(old_image(rel, old)),
+                            old: None,
+                            unchanged_toast: Vec::new(),
+                        };
+                        events += writer.write(client, &mut targets, &mut change_cx, change);
+                    }
+                    Message::Truncate {
+                        relations: ref truncated,
+                        ..
+                    } => {
+                        for &relation in truncated {
+                            let Some(rel) = next_change(relations, &xact, relation) else {
+                                continue;
+                            };
+                            let change = Change {
+                                lsn,
+                                operation: "TRUNCATE",
+                                relation: rel,
+                                row: None,
+                                old: None,
+                                unchanged_toast: Vec::new(),
+                            };
+                            events += writer.write(client, &mut targets, &mut change_cx, change);
+                        }
+                    }
+                    Message::Origin { .. }
+                    | Message::Type { .. }
+                    | Message::LogicalMessage { .. } => {}
+                }
+            }
+        }
+        drop(cursor);
+
+        if let Some(end) = last_commit {
+            record_progress(client, &slot, progress, end);
+        }
+        if events > 0 {
+            client
+                .update(
+                    "SELECT pg_catalog.pg_notify('pgpipe_wakeup', '')",
+                    None,
+                    &[],
+                )
+                .unwrap_or_else(|e| error!("pgpipe worker: notify: {e}"));
+        }
+        let more = rows >= batch;
+        let target = if more {
+            last_end
+        } else {
+            Some(last_end.map_or(upto, |end| end.max(upto)))
+        };
+        ReadOutcome::Read(Batch {
+            events,
+            more,
+            confirmed,
+            advance_to: target.filter(|&t| t > confirmed),
+            last_commit,
+        })
+    }
+}
+
+/// The relation of the next change, or None when its transaction was already written.
+fn next_change<'r>(
+    relations: &'r HashMap<u32, Relation>,
+    xact: &Option<SourceXact>,
+    relation: u32,
+) -> Option<&'r Relation> {
+    let Some(x) = xact.as_ref() else {
+        error!("pgpipe worker: change outside of a transaction in the slot's output");
+    };
+    if x.skip {
+        return None;
+    }
+    let rel = relations.get(&relation).unwrap_or_else(|| {
+        error!("pgpipe worker: change for relation {relation} before its description")
+    });
+    Some(rel)
+}
+
+impl Writer {
+    /// Inserts one event (unless its subscription leaves the operation out). Returns the
+    /// number of events written (0 or 1).
+    fn write(
+        &mut self,
+        client: &mut SpiClient<'_>,
+        targets: &mut HashMap<u32, Option<Target>>,
+        change_cx: &mut PgMemoryContexts,
+        change: Change<'_>,
+    ) -> u64 {
+        let rel = change.relation;
+        let target = targets
+            .entry(rel.oid)
+            .or_insert_with(|| lookup_target(client, rel.oid));
+        let default_target;
+        let target = match target {
+            Some(t) => &*t,
+            None => {
+                // Published but no longer subscribed (unsubscribed after the change):
+                // keep the change, on the default channel.
+                default_target = Target {
+                    channel: default_channel(rel),
+                    operations: Vec::new(),
+                };
+                &default_target
+            }
+        };
+        if !target.operations.is_empty()
+            && !target.operations.iter().any(|op| op == change.operation)
+        {
+            return 0;
+        }
+
+        let mut sql = String::from(
+            "INSERT INTO pgpipe.events (id, channel, operation, payload, source, lsn) \
+             VALUES (pgpipe.uuid_generate_v7(), $1, $2, pg_catalog.jsonb_build_object(\
+             'op', $2, 'schema', $3, 'table', $4, 'row', ",
+        );
+        let mut types: Vec<u32> = vec![
+            pg_sys::TEXTOID.to_u32(),
+            pg_sys::TEXTOID.to_u32(),
+            pg_sys::TEXTOID.to_u32(),
+            pg_sys::TEXTOID.to_u32(),
+            pg_sys::TEXTOID.to_u32(),
+        ];
+        let mut values: Vec<(usize, &Value)> = Vec::new();
+        image_sql(
+            &mut sql,
+            &mut types,
+            &mut values,
+            rel,
+            change.row.as_deref(),
+        );
+        sql.push_str(", 'old', ");
+        image_sql(
+            &mut sql,
+            &mut types,
+            &mut values,
+            rel,
+            change.old.as_deref(),
+        );
+        sql.push(')');
+        if !change.unchanged_toast.is_empty() {
+            types.push(pg_sys::TEXTARRAYOID.to_u32());
+            sql.push_str(&format!(
+                " || pg_catalog.jsonb_build_object('unchanged_toast', pg_catalog.to_jsonb(${}::text[]))",
+                types.len()
+            ));
+        }
+        sql.push_str(", 'wal', $5::pg_catalog.pg_lsn)");
+
+        let key = (sql, types);
+        if !self.plans.contains_key(&key) {
+            if self.plans.len() >= MAX_CACHED_PLANS {
+                self.plans.clear();
+            }
+            let oids: Vec<PgOid> = key
+                .1
+                .iter()
+                .map(|&t| PgOid::from(pg_sys::Oid::from(t)))
+                .collect();
+            let plan = client
+                .prepare_mut(key.0.as_str(), &oids)
+                .unwrap_or_else(|e| error!("pgpipe worker: prepare the event insert: {e}"))
+                .keep();
+            self.plans.insert(key.clone(), plan);
+        }
+        let plan = &self.plans[&key];
+
+        let namespace = if rel.namespace.is_empty() {
+            "pg_catalog"
+        } else {
+            rel.namespace.as_str()
+        };
+        let type_input = &mut self.type_input;
+        let mut args: Vec<DatumWithOid<'_>> = vec![
+            target.channel.as_str().into(),
+            change.operation.into(),
+            namespace.into(),
+            rel.name.as_str().into(),
+            change.lsn.into(),
+        ];
+        // SAFETY: the closure only builds datums, which stay in change_cx until its reset.
+        unsafe {
+            change_cx.switch_to(|_| {
+                for &(column, value) in &values {
+                    let type_oid = pg_sys::Oid::from(rel.columns[column].type_oid);
+                    args.push(match value {
+                        Value::Text(text) => {
+                            let datum = input_datum(type_input, type_oid, text);
+                            // SAFETY: the datum is of type `type_oid` and lives in change_cx
+                            // until the reset below, after the insert.
+                            DatumWithOid::new(datum, type_oid)
+                        }
+                        Value::Null | Value::UnchangedToast => DatumWithOid::null_oid(type_oid),
+                        Value::Binary(_) => error!("pgpipe worker: unexpected binary column value"),
+                    });
+                }
+            })
+        };
+        if !change.unchanged_toast.is_empty() {
+            args.push(change.unchanged_toast.clone().into());
+        }
+        let inserted = client
+            .update(plan, None, &args)
+            .unwrap_or_else(|e| error!("pgpipe worker: insert an event: {e}"))
+            .len();
+        drop(args);
+        // SAFETY: nothing refers to the datums any more.
+        unsafe { change_cx.reset() };
+        let _ = inserted;
+        1
+    }
+}
+
+/// The slot as `pg_replication_slots` shows it.
+struct SlotRow {
+    lost: bool,
+    usable: bool,
+    confirmed: Lsn,
+}
+
+fn slot_and_progress(client: &SpiClient<'_>, slot: &str) -> (Option<SlotRow>, Option<Lsn>) {
+    let slot_row = client
+        .select(
+            "SELECT coalesce(wal_status = 'lost', false), \
+                    plugin = 'pgoutput' AND database = pg_catalog.current_database() \
+                        AND slot_type = 'logical', \
+                    coalesce(confirmed_flush_lsn, '0/0')::text \
+             FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            None,
+            &[slot.into()],
+        )
+        .unwrap_or_else(|e| error!("pgpipe worker: look up the slot: {e}"));
+    let slot_row = if slot_row.is_empty() {
+        None
+    } else {
+        let (lost, usable, confirmed) = slot_row
+            .first()
+            .get_three::<bool, bool, String>()
+            .unwrap_or_else(|e| error!("pgpipe worker: read the slot: {e}"));
+        Some(SlotRow {
+            lost: lost.unwrap_or(false),
+            usable: usable.unwrap_or(false),
+            confirmed: confirmed.as_deref().and_then(parse_lsn).unwrap_or(0),
+        })
+    };
+    let progress = client
+        .select(
+            "SELECT lsn::text FROM pgpipe.wal_progress WHERE slot_name = $1",
+            None,
+            &[slot.into()],
+        )
+        .unwrap_or_else(|e| error!("pgpipe worker: read pgpipe.wal_progress: {e}"));
+    let progress = if progress.is_empty() {
+        None
+    } else {
+        progress
+            .first()
+            .get_one::<String>()
+            .ok()
+            .flatten()
+            .and_then(|s| parse_lsn(&s))
+    };
+    (slot_row, progress)
+}
+
+fn record_progress(client: &mut SpiClient<'_>, slot: &str, previous: Lsn, lsn: Lsn) {
+    // Compare-and-set: if anything else moved the progress since this transaction read
+    // it, fail (and roll the events back) rather than write them twice.
+    let updated = client
+        .update(
+            "UPDATE pgpipe.wal_progress SET lsn = $2::pg_catalog.pg_lsn, updated_at = now() \
+             WHERE slot_name = $1 AND lsn = $3::pg_catalog.pg_lsn",
+            None,
+            &[
+                slot.into(),
+                format_lsn(lsn).into(),
+                format_lsn(previous).into(),
+            ],
+        )
+        .unwrap_or_else(|e| error!("pgpipe worker: record progress: {e}"))
+        .len();
+    if updated != 1 {
+        raise(
+            PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            format!("pgpipe worker: progress of slot \"{slot}\" changed concurrently; retrying"),
+            None,
+        );
+    }
+}
+
+fn lookup_target(client: &SpiClient<'_>, relid: u32) -> Option<Target> {
+    let table = client
+        .select(
+            "SELECT channel, operations FROM pgpipe.subscription WHERE relid = $1",
+            None,
+            &[pg_sys::Oid::from(relid).into()],
+        )
+        .unwrap_or_else(|e| error!("pgpipe worker: look up the subscription: {e}"));
+    if table.is_empty() {
+        return None;
+    }
+    let (channel, operations) = table
+        .first()
+        .get_two::<String, Vec<String>>()
+        .unwrap_or_else(|e| error!("pgpipe worker: read the subscription: {e}"));
+    Some(Target {
+        channel: channel.unwrap_or_default(),
+        operations: operations.unwrap_or_default(),
+    })
+}
+
+/// The channel `pgpipe.subscribe` picks by default.
+fn default_channel(rel: &Relation) -> String {
+    if rel.namespace == "public" {
+        rel.name.clone()
+    } else {
+        format!("{}.{}", rel.namespace, rel.name)
+    }
+}
+
+/// Column values of an old image: every column of a full image, the key columns of a key
+/// image (the others are NULL in it, which would be a lie).
+fn old_image<'a>(rel: &Relation, old: &'a OldTuple) -> Vec<(usize, &'a Value)> {
+    match old {
+        OldTuple::Full(t) => t
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| **v != Value::UnchangedToast)
+            .collect(),
+        OldTuple::Key(t) => t
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| rel.columns.get(*i).is_some_and(|c| c.key))
+            .collect(),
+    }
+}
+
+fn update_change<'a>(
+    lsn: &'a str,
+    rel: &'a Relation,
+    old: Option<&'a OldTuple>,
+    new: &'a [Value],
+) -> Change<'a> {
+    let full_old = match old {
+        Some(OldTuple::Full(t)) => Some(t),
+        _ => None,
+    };
+    let mut unchanged_toast = Vec::new();
+    let mut row = Vec::with_capacity(new.len());
+    for (i, value) in new.iter().enumerate() {
+        if *value == Value::UnchangedToast {
+            match full_old.and_then(|t| t.get(i)) {
+                Some(v) if *v != Value::UnchangedToast => row.push((i, v)),
+                _ => {
+                    if let Some(column) = rel.columns.get(i) {
+                        unchanged_toast.push(column.name.clone());
+                    }
+                }
+            }
+        } else {
+            row.push((i, value));
+        }
+    }
+    let old = match old {
+        Some(old) => Some(old_image(rel, old)),
+        // The key did not change: the old key is in the new row.
+        None => {
+            let key: Vec<(usize, &Value)> = row
+                .iter()
+                .copied()
+                .filter(|(i, _)| rel.columns.get(*i).is_some_and(|c| c.key))
+                .collect();
+            (!key.is_empty()).then_some(key)
+        }
+    };
+    Change {
+        lsn,
+        operation: "UPDATE",
+        relation: rel,
+        row: Some(row),
+        old,
+        unchanged_toast,
+    }
+}
+
+/// Appends `(SELECT to_jsonb(r) FROM (SELECT $n AS "col", ...) r)` for an image, or NULL.
+fn image_sql<'a>(
+    sql: &mut String,
+    types: &mut Vec<u32>,
+    values: &mut Vec<(usize, &'a Value)>,
+    rel: &Relation,
+    image: Option<&[(usize, &'a Value)]>,
+) {
+    let Some(image) = image else {
+        sql.push_str("NULL::pg_catalog.jsonb");
+        return;
+    };
+    sql.push_str("(SELECT pg_catalog.to_jsonb(r) FROM (SELECT ");
+    for (n, &(column, value)) in image.iter().enumerate() {
+        let col = &rel.columns[column];
+        types.push(col.type_oid);
+        values.push((column, value));
+        if n > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!(
+            "${} AS {}",
+            types.len(),
+            pgrx::spi::quote_identifier(&col.name)
+        ));
+    }
+    sql.push_str(") r)");
+}
+
+/// Turns a column's text back into a datum with its type's input function.
+fn input_datum(
+    cache: &mut HashMap<u32, (pg_sys::Oid, pg_sys::Oid)>,
+    type_oid: pg_sys::Oid,
+    text: &str,
+) -> pg_sys::Datum {
+    let (input, io_param) = *cache.entry(type_oid.to_u32()).or_insert_with(|| {
+        let mut input = pg_sys::Oid::INVALID;
+        let mut io_param = pg_sys::Oid::INVALID;
+        // SAFETY: out-parameters; errors out for an unknown type.
+        unsafe { pg_sys::getTypeInputInfo(type_oid, &mut input, &mut io_param) };
+        (input, io_param)
+    });
+    let text =
+        CString::new(text).unwrap_or_else(|_| error!("pgpipe worker: NUL in a column value"));
+    // SAFETY: `input` is the type's input function; the string is NUL-terminated.
+    unsafe { pg_sys::OidInputFunctionCall(input, text.as_ptr().cast_mut(), io_param, -1) }
+}
+
+/// Advances the slot to `lsn` (after the events up to it are committed).
+pub fn advance_slot(lsn: Lsn) {
+    let slot = guc::slot_name();
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT pg_catalog.pg_replication_slot_advance($1, $2::pg_catalog.pg_lsn)",
+                None,
+                &[slot.as_str().into(), format_lsn(lsn).into()],
+            )
+            .map(|_| ())
+    })
+    .unwrap_or_else(|e| error!("pgpipe worker: advance slot \"{slot}\": {e}"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::pgoutput::Column;
+
+    fn rel() -> Relation {
+        Relation {
+            oid: 1,
+            namespace: "public".into(),
+            name: "t".into(),
+            replica_identity: b'd',
+            columns: ["id", "doc", "note"]
+                .iter()
+                .enumerate()
+                .map(|(i, name)| Column {
+                    key: i == 0,
+                    name: (*name).into(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn update_without_old_image_lists_unchanged_toast_and_keeps_the_key() {
+        let rel = rel();
+        let new = vec![
+            Value::Text("1".into()),
+            Value::UnchangedToast,
+            Value::Text("x".into()),
+        ];
+        let change = update_change("0/1", &rel, None, &new);
+        assert_eq!(change.unchanged_toast, vec!["doc".to_string()]);
+        let row: Vec<usize> = change.row.unwrap().iter().map(|(i, _)| *i).collect();
+        assert_eq!(row, vec![0, 2]);
+        let old: Vec<usize> = change.old.unwrap().iter().map(|(i, _)| *i).collect();
+        assert_eq!(old, vec![0]);
+    }
+
+    #[test]
+    fn update_with_full_old_image_fills_unchanged_toast() {
+        let rel = rel();
+        let old = OldTuple::Full(vec![
+            Value::Text("1".into()),
+            Value::Text("big".into()),
+            Value::Null,
+        ]);
+        let new = vec![
+            Value::Text("1".into()),
+            Value::UnchangedToast,
+            Value::Text("x".into()),
+        ];
+        let change = update_change("0/1", &rel, Some(&old), &new);
+        assert!(change.unchanged_toast.is_empty());
+        let row = change.row.unwrap();
+        assert_eq!(row[1], (1, &Value::Text("big".into())));
+        assert_eq!(change.old.unwrap().len(), 3);
+    }
+
+    #[test]
+    fn key_image_keeps_only_key_columns() {
+        let rel = rel();
+        let old = OldTuple::Key(vec![Value::Text("7".into()), Value::Null, Value::Null]);
+        let image = old_image(&rel, &old);
+        assert_eq!(image, vec![(0, &Value::Text("7".into()))]);
+    }
+
+    #[test]
+    fn default_channel_follows_subscribe() {
+        let mut r = rel();
+        assert_eq!(default_channel(&r), "t");
+        r.namespace = "shop".into();
+        assert_eq!(default_channel(&r), "shop.t");
+    }
+}

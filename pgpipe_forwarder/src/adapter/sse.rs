@@ -1,0 +1,257 @@
+//! sse: Server-Sent Events at `GET /events` and `GET /events/{channel}`.
+//!
+//! Each event is one frame: `id: <event id>`, `event: <channel>`, `data: <event JSON>`.
+//! Idle streams get a heartbeat comment every `sse.heartbeat_interval`. Responses carry
+//! `X-Accel-Buffering: no` so nginx-style proxies do not hold frames back.
+//!
+//! Resuming: a client that reconnects with `Last-Event-ID` (the header browsers send, or
+//! `?lastEventId=` / `?last_event_id=`) first gets the events it missed, then the live
+//! stream, with no gap and no duplicate at the seam:
+//! 1. the client is registered with the hub first, so live events from then on are
+//!    buffered for it;
+//! 2. the missed events come from the hub's in-memory history when the id is still in it
+//!    (exact: the history is the delivery order and is copied under the same lock that
+//!    registers the client);
+//! 3. otherwise (the forwarder restarted, or the id is older than `sse.replay_buffer`
+//!    events) from the queue through `pgpipe.events_after()`, and buffered live events
+//!    whose id was already replayed are skipped.
+//!
+//! The queue keeps events until retention drops them; a `Last-Event-ID` older than that
+//! (or unknown) gets a `: replay unavailable` comment and the live stream only.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseFrame, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{self, Stream, StreamExt};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::live::Missed;
+use crate::error::Error;
+use crate::event::{Event, Transaction};
+use crate::metrics::{ClientGuard, ClientKind};
+use crate::server::HttpState;
+
+/// Query parameters of `/events`.
+#[derive(Debug, Default, Deserialize)]
+pub struct EventsQuery {
+    /// Resume after this event id (for clients that cannot set `Last-Event-ID`).
+    #[serde(rename = "lastEventId", alias = "last_event_id")]
+    last_event_id: Option<String>,
+    /// `0`/`false` omits the `event:` line, so an `EventSource`'s `onmessage` sees every
+    /// channel (the live page uses it).
+    event_names: Option<String>,
+}
+
+const REPLAY_SQL: &str = "SELECT id, channel, operation, payload, source, created_at, xid::text \
+                          FROM pgpipe.events_after($1, $2, $3)";
+
+/// `GET /events`: every channel.
+pub async fn all_channels(
+    State(state): State<Arc<HttpState>>,
+    Query(query): Query<EventsQuery>,
+    headers: HeaderMap,
+) -> Response {
+    stream_events(state, None, query, &headers).await
+}
+
+/// `GET /events/{channel}`: one channel (exact match).
+pub async fn one_channel(
+    State(state): State<Arc<HttpState>>,
+    Path(channel): Path<String>,
+    Query(query): Query<EventsQuery>,
+    headers: HeaderMap,
+) -> Response {
+    stream_events(state, Some(channel), query, &headers).await
+}
+
+async fn stream_events(
+    state: Arc<HttpState>,
+    channel: Option<String>,
+    query: EventsQuery,
+    headers: &HeaderMap,
+) -> Response {
+    let Some(hub) = state.sse.clone() else {
+        return (
+            StatusCode::NOT_FOUND,
+            "the sse adapter is not enabled (--adapter sse)\n",
+        )
+            .into_response();
+    };
+    let last_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or(query.last_event_id)
+        .filter(|s| !s.trim().is_empty());
+    let last_id = match last_id.as_deref().map(|s| Uuid::parse_str(s.trim())) {
+        None => None,
+        Some(Ok(id)) => Some(id),
+        Some(Err(_)) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "Last-Event-ID is not an event id (a UUID)\n",
+            )
+                .into_response()
+        }
+    };
+    let named = !matches!(
+        query.event_names.as_deref(),
+        Some("0" | "false" | "no" | "off")
+    );
+
+    let guard = ClientGuard::new(ClientKind::Sse);
+    let subscription = hub.subscribe(channel.clone(), last_id);
+    let mut notes = vec!["connected".to_owned()];
+    // After a queue replay, live events up to the client's last one are repeats (a
+    // restarted forwarder delivers its unacknowledged events again): skip them.
+    let mut floor = None;
+    let replayed = match (subscription.missed, last_id) {
+        (Missed::Events(events), _) => events,
+        (Missed::Unknown, Some(id)) => {
+            match replay_from_queue(&state, id, channel.as_deref()).await {
+                Ok(events) => {
+                    floor = Some(id);
+                    events
+                }
+                Err(e) => {
+                    tracing::info!(component = "adapter", adapter = "sse", last_event_id = %id,
+                    error = %e, "no replay for a resuming client");
+                    notes.push(format!("replay unavailable: {e}"));
+                    Vec::new()
+                }
+            }
+        }
+        _ => Vec::new(),
+    };
+    tracing::debug!(component = "adapter", adapter = "sse", channel = ?channel,
+        replayed = replayed.len(), "client connected");
+    if !replayed.is_empty() {
+        crate::metrics::delivered("sse", replayed.len() as u64);
+    }
+    let seen: HashSet<Uuid> = replayed.iter().map(|e| e.id).collect();
+
+    let head = stream::iter(
+        notes
+            .into_iter()
+            .map(|n| SseFrame::default().comment(n))
+            .chain(replayed.iter().map(|e| frame(e, named)))
+            .collect::<Vec<_>>(),
+    );
+    let live = stream::unfold(
+        (subscription.events, seen, guard),
+        move |(mut rx, mut seen, guard)| async move {
+            loop {
+                let event = rx.recv().await?;
+                // Already sent from the queue replay (the seam): skip it once.
+                if !seen.is_empty() && seen.remove(&event.id) {
+                    continue;
+                }
+                if floor.is_some_and(|last| event.id <= last) {
+                    continue;
+                }
+                return Some((frame(&event, named), (rx, seen, guard)));
+            }
+        },
+    );
+    let cancel = state.cancel.clone();
+    let body: std::pin::Pin<Box<dyn Stream<Item = Result<SseFrame, Infallible>> + Send>> = Box::pin(
+        head.chain(live)
+            .take_until(cancel.cancelled_owned())
+            .map(Ok),
+    );
+    let mut response = Sse::new(body)
+        .keep_alive(
+            KeepAlive::new()
+                .interval(state.settings.heartbeat_interval)
+                .text("heartbeat"),
+        )
+        .into_response();
+    let h = response.headers_mut();
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    h.insert(
+        axum::http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    response
+}
+
+fn frame(event: &Event, named: bool) -> SseFrame {
+    let f = SseFrame::default()
+        .id(event.id.to_string())
+        .data(event.to_json_line());
+    if named {
+        f.event(&event.channel)
+    } else {
+        f
+    }
+}
+
+/// The events committed after `after` (see `pgpipe.events_after` in sql/pgpipe.sql).
+async fn replay_from_queue(
+    state: &HttpState,
+    after: Uuid,
+    channel: Option<&str>,
+) -> Result<Vec<Arc<Event>>, Error> {
+    let settings = &state.settings;
+    if settings.database_url.is_empty() {
+        return Err(Error::Config("no database".into()));
+    }
+    let channels: Option<Vec<String>> = match channel {
+        Some(c) => Some(vec![c.to_owned()]),
+        None if settings.channels.is_empty() => None,
+        None => Some(settings.channels.clone()),
+    };
+    let work = async {
+        let (client, _) = crate::db::connect(&settings.database_url).await?;
+        let max = i32::try_from(settings.replay_max).unwrap_or(i32::MAX);
+        let rows = client
+            .query(REPLAY_SQL, &[&after, &channels, &max])
+            .await
+            .map_err(|e| match e.as_db_error() {
+                Some(db) => Error::Extension(db.message().to_owned()),
+                None => Error::Postgres {
+                    context: "replay events from the queue".into(),
+                    source: e,
+                },
+            })?;
+        if rows.len() >= settings.replay_max {
+            tracing::warn!(
+                component = "adapter",
+                adapter = "sse",
+                max = settings.replay_max,
+                "replay truncated at sse.replay_max events"
+            );
+        }
+        rows.iter()
+            .map(|row| {
+                let xid: String = row.get(6);
+                Ok(Arc::new(Event {
+                    id: row.get(0),
+                    channel: row.get(1),
+                    operation: row.get(2),
+                    payload: row.get(3),
+                    source: row.get(4),
+                    created_at: row.get(5),
+                    transaction: xid.parse().ok().map(|xid| Transaction {
+                        xid,
+                        commit_time: None,
+                        seq: None,
+                    }),
+                }))
+            })
+            .collect()
+    };
+    match tokio::time::timeout(settings.read_timeout, work).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::Config(format!(
+            "the queue did not answer within {:?}",
+            settings.read_timeout
+        ))),
+    }
+}

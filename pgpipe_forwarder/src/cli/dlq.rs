@@ -1,0 +1,412 @@
+//! `pgpipe dlq list | replay | purge`: the dead letters in `pgpipe.dead_letters`.
+//!
+//! `replay` sends dead letters through adapters built from the same configuration as
+//! `pgpipe listen` (flags of `listen` are not repeated here: use the config file or the
+//! PGPIPE_* environment), and deletes each one its adapter acknowledged. An event that
+//! fails again is dead-lettered again by the adapter (a new row), and its old row goes.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use chrono::{DateTime, SecondsFormat, Utc};
+use clap::{Args, Subcommand};
+use serde_json::Value;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use super::{print_output, resolve_config, GlobalArgs, Run};
+use crate::ack::Acker;
+use crate::config::{Config, FlagOverride};
+use crate::event::{Delivery, Event};
+
+/// Widest error text shown by `dlq list` (use --json for all of it).
+const ERROR_WIDTH: usize = 60;
+
+/// Arguments of `pgpipe dlq`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  pgpipe dlq list --db postgres://app@db/shop
+  pgpipe dlq replay --db postgres://app@db/shop --adapter webhook --id 12
+  pgpipe dlq purge --db postgres://app@db/shop --older-than 7d")]
+pub struct DlqArgs {
+    /// Postgres connection URL of the database with pgpipe.dead_letters
+    /// [config: database_url] [env: PGPIPE_DATABASE_URL]
+    #[arg(long, value_name = "URL", global = true)]
+    db: Option<String>,
+
+    /// What to do.
+    #[command(subcommand)]
+    command: DlqCommand,
+}
+
+/// `pgpipe dlq` subcommands.
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// List dead letters, oldest first
+    List(ListArgs),
+    /// Deliver dead letters again and delete those delivered
+    Replay(ReplayArgs),
+    /// Delete dead letters
+    Purge(PurgeArgs),
+}
+
+/// Which dead letters a command works on.
+#[derive(Debug, Args)]
+struct Filter {
+    /// Only dead letters of this adapter (list, purge); replay: deliver through this
+    /// adapter instead of each letter's own
+    #[arg(long, value_name = "NAME")]
+    adapter: Option<String>,
+
+    /// Only these dead letters (repeatable or comma-separated)
+    #[arg(long, value_name = "N", value_delimiter = ',')]
+    id: Vec<i64>,
+}
+
+#[derive(Debug, Args)]
+struct ListArgs {
+    #[command(flatten)]
+    filter: Filter,
+    /// Most rows shown
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    limit: i64,
+    /// One JSON object per line, with the whole event and error
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ReplayArgs {
+    #[command(flatten)]
+    filter: Filter,
+}
+
+#[derive(Debug, Args)]
+struct PurgeArgs {
+    #[command(flatten)]
+    filter: Filter,
+    /// Only dead letters that failed longer ago than this (e.g. 7d, 12h)
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    older_than: Option<Duration>,
+}
+
+/// One row of pgpipe.dead_letters.
+struct Letter {
+    id: i64,
+    event_id: uuid::Uuid,
+    channel: String,
+    event: Value,
+    adapter: String,
+    error: String,
+    attempts: i32,
+    failed_at: DateTime<Utc>,
+}
+
+impl Run for DlqArgs {
+    fn run(self, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+        let mut flags = Vec::new();
+        if let Some(db) = &self.db {
+            flags.push(FlagOverride {
+                key: "database_url",
+                flag: "--db",
+                value: Value::from(db.as_str()),
+            });
+        }
+        let config = resolve_config(global, &flags)?;
+        if config.database_url.trim().is_empty() {
+            bail!("no database URL: pass --db or set database_url / PGPIPE_DATABASE_URL");
+        }
+        super::init_tracing(&config.log_level, &config.log_format);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("start the async runtime")?;
+        runtime.block_on(async move {
+            let (client, _) = crate::db::connect(&config.database_url).await?;
+            match self.command {
+                DlqCommand::List(args) => list(&client, args).await,
+                DlqCommand::Replay(args) => replay(&client, &config, args).await,
+                DlqCommand::Purge(args) => purge(&client, args).await,
+            }
+        })
+    }
+}
+
+const SELECT: &str = "SELECT id, event_id, channel, event, adapter, error, attempts, failed_at \
+                      FROM pgpipe.dead_letters \
+                      WHERE ($1::text IS NULL OR adapter = $1) \
+                        AND (cardinality($2::bigint[]) = 0 OR id = ANY($2)) \
+                      ORDER BY id LIMIT $3";
+
+async fn select(client: &Client, filter: &Filter, limit: i64) -> anyhow::Result<Vec<Letter>> {
+    let rows = client
+        .query(SELECT, &[&filter.adapter, &filter.id, &limit])
+        .await
+        .map_err(|e| explain(e, "read pgpipe.dead_letters"))?;
+    Ok(rows
+        .iter()
+        .map(|r| Letter {
+            id: r.get(0),
+            event_id: r.get(1),
+            channel: r.get(2),
+            event: r.get(3),
+            adapter: r.get(4),
+            error: r.get(5),
+            attempts: r.get(6),
+            failed_at: r.get(7),
+        })
+        .collect())
+}
+
+/// A database error with what was being done, and a hint when the table is missing.
+fn explain(e: tokio_postgres::Error, context: &str) -> anyhow::Error {
+    let missing = e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE);
+    let text = crate::error::Error::Postgres {
+        context: context.into(),
+        source: e,
+    }
+    .to_string();
+    if missing {
+        anyhow::anyhow!("{text} (is the pgpipe extension installed? CREATE EXTENSION pgpipe)")
+    } else {
+        anyhow::anyhow!("{text}")
+    }
+}
+
+async fn list(client: &Client, args: ListArgs) -> anyhow::Result<ExitCode> {
+    let letters = select(client, &args.filter, args.limit).await?;
+    let mut out = String::new();
+    if args.json {
+        for l in &letters {
+            let row = serde_json::json!({
+                "id": l.id, "event_id": l.event_id, "channel": l.channel, "adapter": l.adapter,
+                "attempts": l.attempts, "failed_at": l.failed_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+                "error": l.error, "event": l.event,
+            });
+            out.push_str(&row.to_string());
+            out.push('\n');
+        }
+    } else if letters.is_empty() {
+        out.push_str("no dead letters\n");
+    } else {
+        let rows: Vec<[String; 7]> = letters
+            .iter()
+            .map(|l| {
+                [
+                    l.id.to_string(),
+                    l.failed_at.to_rfc3339_opts(SecondsFormat::Secs, true),
+                    l.adapter.clone(),
+                    l.channel.clone(),
+                    l.event_id.to_string(),
+                    l.attempts.to_string(),
+                    shorten(&l.error, ERROR_WIDTH),
+                ]
+            })
+            .collect();
+        out = table(
+            [
+                "ID",
+                "FAILED_AT",
+                "ADAPTER",
+                "CHANNEL",
+                "EVENT_ID",
+                "ATTEMPTS",
+                "ERROR",
+            ],
+            &rows,
+        );
+    }
+    print_output(&out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Left-aligned columns separated by two spaces.
+fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(text.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn shorten(s: &str, width: usize) -> String {
+    let s = s.replace('\n', " ");
+    match s.char_indices().nth(width.saturating_sub(1)) {
+        Some((i, _)) if s.chars().count() > width => format!("{}…", &s[..i]),
+        _ => s,
+    }
+}
+
+async fn replay(client: &Client, config: &Config, args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let letters = select(client, &args.filter, i64::MAX).await?;
+    if letters.is_empty() {
+        print_output("no dead letters to replay\n")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let newest_before = letters.iter().map(|l| l.id).max().unwrap_or(0);
+    // Group by the adapter that delivers them, keeping id order within each.
+    let mut groups: BTreeMap<String, Vec<&Letter>> = BTreeMap::new();
+    for l in &letters {
+        let target = args
+            .filter
+            .adapter
+            .clone()
+            .unwrap_or_else(|| l.adapter.clone());
+        groups.entry(target).or_default().push(l);
+    }
+    let cancel = CancellationToken::new();
+    let ctrl_c = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                cancel.cancel();
+            }
+        })
+    };
+    let mut report = String::new();
+    let mut exit = ExitCode::SUCCESS;
+    for (name, group) in groups {
+        let finished = match deliver(config, &name, &group, &cancel).await {
+            Ok(n) => n,
+            Err(e) => {
+                report.push_str(&format!("{name}: {} not replayed: {e}\n", group.len()));
+                exit = ExitCode::FAILURE;
+                continue;
+            }
+        };
+        let done: Vec<i64> = group[..finished].iter().map(|l| l.id).collect();
+        let done_events: Vec<uuid::Uuid> = group[..finished].iter().map(|l| l.event_id).collect();
+        let again: Vec<i64> = client
+            .query(
+                "SELECT id FROM pgpipe.dead_letters WHERE id > $1 AND event_id = ANY($2) ORDER BY id",
+                &[&newest_before, &done_events],
+            )
+            .await
+            .map_err(|e| explain(e, "read pgpipe.dead_letters"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        client
+            .execute(
+                "DELETE FROM pgpipe.dead_letters WHERE id = ANY($1)",
+                &[&done],
+            )
+            .await
+            .map_err(|e| explain(e, "delete replayed dead letters"))?;
+        report.push_str(&format!(
+            "{name}: {} delivered, {} failed again{}, {} not finished\n",
+            finished - again.len(),
+            again.len(),
+            if again.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (now dead letters {})",
+                    again
+                        .iter()
+                        .map(|i| format!("#{i}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            },
+            group.len() - finished
+        ));
+        if !again.is_empty() || finished < group.len() {
+            exit = ExitCode::FAILURE;
+        }
+    }
+    ctrl_c.abort();
+    print_output(&report)?;
+    Ok(exit)
+}
+
+/// Runs adapter `name` over `letters`; returns how many (from the first) it finished.
+async fn deliver(
+    config: &Config,
+    name: &str,
+    letters: &[&Letter],
+    cancel: &CancellationToken,
+) -> anyhow::Result<usize> {
+    let adapter = crate::adapter::build_one(config, name)?;
+    if !adapter.durable() {
+        bail!("adapter {name} does not acknowledge deliveries; replay through a durable one");
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(letters.len().max(1));
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel();
+    for (i, letter) in letters.iter().enumerate() {
+        let event: Event = serde_json::from_value(letter.event.clone())
+            .with_context(|| format!("dead letter #{} holds no valid event", letter.id))?;
+        tx.try_send(Delivery {
+            seq: i as u64 + 1,
+            event: Arc::new(event),
+        })
+        .expect("channel sized for every letter");
+    }
+    drop(tx);
+    let result = adapter
+        .run(rx, Some(Acker::new(0, ack_tx)), cancel.clone())
+        .await;
+    let mut finished = 0u64;
+    while let Ok((_, seq)) = ack_rx.try_recv() {
+        finished = finished.max(seq);
+    }
+    result?;
+    Ok(usize::try_from(finished)
+        .unwrap_or(usize::MAX)
+        .min(letters.len()))
+}
+
+async fn purge(client: &Client, args: PurgeArgs) -> anyhow::Result<ExitCode> {
+    let older = args.older_than.map(|d| {
+        let secs = d.as_secs_f64();
+        format!("{secs} seconds")
+    });
+    let deleted = client
+        .execute(
+            "DELETE FROM pgpipe.dead_letters \
+             WHERE ($1::text IS NULL OR adapter = $1) \
+               AND (cardinality($2::bigint[]) = 0 OR id = ANY($2)) \
+               AND ($3::text IS NULL OR failed_at < now() - $3::interval)",
+            &[&args.filter.adapter, &args.filter.id, &older],
+        )
+        .await
+        .map_err(|e| explain(e, "delete dead letters"))?;
+    print_output(&format!("purged {deleted} dead letter(s)\n"))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(
+            ["ID", "ERROR"],
+            &[["1".into(), "HTTP 400".into()], ["12".into(), "x".into()]],
+        );
+        assert_eq!(t, "ID  ERROR\n1   HTTP 400\n12  x\n");
+        assert_eq!(shorten("abcdef", 4), "abc…");
+        assert_eq!(shorten("abc", 4), "abc");
+    }
+}

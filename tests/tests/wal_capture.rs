@@ -1,0 +1,210 @@
+//! Journey: a table subscribed with `mode => 'wal'` is captured by the background worker
+//! from the WAL, and its events are indistinguishable from trigger-captured ones except by
+//! `source`: the same writes on a table with many column types give equal payloads in
+//! both modes. Unchanged TOASTed values are filled from the old image (REPLICA IDENTITY
+//! FULL) or listed in `payload.unchanged_toast`, never a silent null.
+//!
+//! Failure that matters: a table WAL capture cannot handle (no primary key or replica
+//! identity), or a database the worker does not serve, is refused with an error saying
+//! what to do, and nothing is half-installed.
+
+use std::time::Duration;
+
+use pgpipe_tests::{describe, test_db, wait_until, TempPg};
+use serde_json::Value;
+use tokio_postgres::{Client, NoTls};
+
+/// The worker serves database `postgres` (the default `pgpipe.database`) of this test
+/// process's own cluster.
+async fn worker_db() -> Client {
+    static CREATE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let pg = TempPg::shared();
+    let (client, connection) = tokio_postgres::connect(&pg.url("postgres"), NoTls)
+        .await
+        .expect("connect to postgres");
+    tokio::spawn(connection);
+    let _guard = CREATE.lock().await;
+    client
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS pgpipe")
+        .await
+        .expect("create extension");
+    client
+}
+
+const COLUMNS: &str = "
+    id    int4 PRIMARY KEY,
+    i2    int2, i8 int8, num numeric(12,4), f4 real, f8 double precision, b bool,
+    t     text, vc varchar(20), ch char(5), jb jsonb, js json, u uuid,
+    d     date, ts timestamp, tstz timestamptz, iv interval, by bytea,
+    ai    int[], at text[], m mood, big text";
+
+const WRITES: &str = "
+    INSERT INTO {t} VALUES
+      (1, 32767, 9007199254740993, 12345678.1234, 1.1, 2.718281828459045, true,
+       'héllo \"quoted\" \\ back', 'varchar', 'ab', '{\"k\": [1, 2.50, null], \"z\": {\"a\": true}}',
+       '{\"b\": 1,  \"a\" : [1,2]}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+       '2024-02-29', '2024-02-29 13:14:15.123456', '2024-02-29 13:14:15.5+02', '1 year 2 mons 3 days 04:05:06.7',
+       '\\xdeadbeef', '{1,NULL,3}', '{a,\"b c\",NULL}', 'happy', 'short'),
+      (2, NULL, NULL, NULL, 'NaN', '-Infinity', NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+      (3, -1, -1, -0.0001, -0, 1e300, false, '', '', '', 'null', 'null', NULL,
+       'infinity', '-infinity', 'infinity', '-1 day', '\\x', '{}', '{}', 'sad',
+       (SELECT string_agg(md5(g::text), '') FROM generate_series(1, 2000) g));
+    UPDATE {t} SET t = 'changed', num = num * 2, jb = jb || '{\"new\": 1}' WHERE id = 1;
+    UPDATE {t} SET i2 = 7 WHERE id = 3;
+    UPDATE {t} SET id = 4 WHERE id = 2;
+    DELETE FROM {t} WHERE id = 1;
+    TRUNCATE {t};";
+
+/// (operation, payload without "table") of a channel's events, in queue order.
+async fn events(client: &Client, channel: &str) -> Vec<(String, Value)> {
+    client
+        .query(
+            "SELECT operation, payload - 'table' FROM pgpipe.events WHERE channel = $1 ORDER BY id",
+            &[&channel],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test]
+async fn trigger_and_wal_capture_give_identical_payloads() {
+    let client = worker_db().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TYPE mood AS ENUM ('sad', 'happy');
+             CREATE TABLE rich_trg ({COLUMNS});
+             CREATE TABLE rich_wal ({COLUMNS});
+             ALTER TABLE rich_trg REPLICA IDENTITY FULL;
+             ALTER TABLE rich_wal REPLICA IDENTITY FULL;
+             SELECT pgpipe.subscribe('rich_trg');"
+        ))
+        .await
+        .unwrap();
+    // The first WAL subscription creates the slot: a transaction of its own.
+    let channel: String = client
+        .query_one("SELECT pgpipe.subscribe('rich_wal', mode => 'wal')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(channel, "rich_wal");
+    for table in ["rich_trg", "rich_wal"] {
+        client
+            .batch_execute(&WRITES.replace("{t}", table))
+            .await
+            .unwrap_or_else(|e| panic!("writes on {table}: {}", describe(&e)));
+    }
+
+    let trigger = events(&client, "rich_trg").await;
+    assert_eq!(trigger.len(), 8, "trigger events: {trigger:#?}");
+    let arrived = wait_until(Duration::from_secs(20), async || {
+        events(&client, "rich_wal").await.len() >= trigger.len()
+    })
+    .await;
+    let wal = events(&client, "rich_wal").await;
+    assert!(arrived, "WAL events did not arrive: {wal:#?}");
+    assert_eq!(wal.len(), trigger.len());
+    for (n, (t, w)) in trigger.iter().zip(&wal).enumerate() {
+        assert_eq!(t, w, "event {n} differs between trigger and WAL capture");
+    }
+    let sources: Vec<String> = client
+        .query(
+            "SELECT DISTINCT source || ':' || (lsn IS NOT NULL)::text FROM pgpipe.events WHERE channel = 'rich_wal'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(sources, vec!["wal:true".to_string()]);
+
+    // Without REPLICA IDENTITY FULL the old image is the key, and an unchanged TOASTed
+    // value cannot be filled: it is left out and named.
+    client
+        .batch_execute(
+            "CREATE TABLE docs (id int PRIMARY KEY, title text, body text);
+             SELECT pgpipe.subscribe('docs', mode => 'wal');
+             INSERT INTO docs VALUES (1, 'a', (SELECT string_agg(md5(g::text), '') FROM generate_series(1, 2000) g));
+             UPDATE docs SET title = 'b' WHERE id = 1;",
+        )
+        .await
+        .unwrap();
+    let arrived = wait_until(Duration::from_secs(20), async || {
+        events(&client, "docs").await.len() == 2
+    })
+    .await;
+    assert!(arrived, "docs events: {:#?}", events(&client, "docs").await);
+    let update = &events(&client, "docs").await[1].1;
+    assert_eq!(update["row"], serde_json::json!({"id": 1, "title": "b"}));
+    assert_eq!(update["old"], serde_json::json!({"id": 1}));
+    assert_eq!(update["unchanged_toast"], serde_json::json!(["body"]));
+
+    let status = client
+        .query_one(
+            "SELECT worker_state, slot_name, slot_status, lag_bytes IS NOT NULL, detail FROM pgpipe.status()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(status.get::<_, String>(0), "streaming");
+    assert_eq!(status.get::<_, String>(1), "pgpipe");
+    assert_eq!(status.get::<_, String>(2), "reserved");
+    assert!(status.get::<_, bool>(3));
+    assert_eq!(status.get::<_, Option<String>>(4), None);
+}
+
+#[tokio::test]
+async fn wal_mode_refuses_what_it_cannot_capture() {
+    let client = worker_db().await;
+    client
+        .batch_execute("CREATE TABLE no_key (v text)")
+        .await
+        .unwrap();
+    let err = client
+        .batch_execute("SELECT pgpipe.subscribe('no_key', mode => 'wal')")
+        .await
+        .unwrap_err();
+    let db_err = err.as_db_error().expect("a server error");
+    assert_eq!(db_err.code().code(), "55000", "{}", describe(&err));
+    assert!(db_err.message().contains("no primary key or replica identity"));
+    assert!(db_err.hint().unwrap_or("").contains("replica_identity_full => true"));
+    let subscribed: i64 = client
+        .query_one("SELECT count(*) FROM pgpipe.subscription WHERE relid = 'no_key'::regclass", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(subscribed, 0, "nothing half-installed");
+
+    // The explicit opt-in sets REPLICA IDENTITY FULL.
+    client
+        .batch_execute("SELECT pgpipe.subscribe('no_key', mode => 'wal', replica_identity_full => true)")
+        .await
+        .unwrap();
+    let full: bool = client
+        .query_one(
+            "SELECT relreplident = 'f' FROM pg_class WHERE oid = 'no_key'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(full, "REPLICA IDENTITY FULL");
+
+    // A database the worker does not serve.
+    let other = test_db("wal_other_db").await;
+    other.execute("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let err = other
+        .client()
+        .await
+        .batch_execute("SELECT pgpipe.subscribe('t', mode => 'wal')")
+        .await
+        .unwrap_err();
+    let db_err = err.as_db_error().expect("a server error");
+    assert_eq!(db_err.code().code(), "55000");
+    assert!(db_err.message().contains("serves database"), "{}", describe(&err));
+    assert!(db_err.hint().unwrap_or("").contains("pgpipe.database"));
+}
