@@ -314,6 +314,9 @@ class Forwarder:
     def mem(self):
         return proc_status(self.proc.pid)
 
+    def alive(self):
+        return self.proc.poll() is None
+
     def stop(self, timeout=30):
         mem = self.mem()
         if self.proc.poll() is None:
@@ -366,11 +369,13 @@ class Watcher:
             self.carry = buf[-keep:] if keep else b""
         return self.count
 
-    def wait_for(self, n, timeout, interval=0.01):
+    def wait_for(self, n, timeout, interval=0.01, alive=None):
         """Time when the count reached n (None on timeout), and time of the first event."""
         deadline = time.time() + timeout
         first = None
         while time.time() < deadline:
+            if alive is not None and not alive():
+                raise RuntimeError("the forwarder exited while %d of %d events were delivered" % (self.count, n))
             c = self.poll()
             now = time.time()
             if c > 0 and first is None:
@@ -734,24 +739,24 @@ BEGIN EXECUTE q; RETURN extract(epoch FROM clock_timestamp() - t0) * 1000; END $
         extra = list(extra or [])
         if receiver:
             rport = free_port()
-            recv_out = os.path.join(self.work, name + ".out")
+            recv_out = os.path.join(self.work, name + ".recv")
             if os.path.exists(recv_out):
                 os.unlink(recv_out)
             recv = subprocess.Popen([sys.executable, os.path.abspath(__file__), "receiver", str(rport), recv_out])
             time.sleep(0.5)
             extra += ["--url", "http://127.0.0.1:%d/hook" % rport]
         fw = Forwarder(cl, self.work, name, "b_e2e", adapter=adapter, env=env, extra=extra)
-        watch = Watcher(os.path.join(self.work, name + ".out"),
-                        b'"source":"' if receiver else b"\n")
+        out_path = recv_out if receiver else fw.out
+        watch = Watcher(out_path, b'"source":"' if receiver else b"\n")
         t_start = time.time()
-        t_done, t_first = watch.wait_for(produced, timeout=600)
+        t_done, t_first = watch.wait_for(produced, timeout=max(60, produced / 500), alive=fw.alive)
         mem = fw.stop()
         watch.poll()
         watch.close()
         if recv:
             recv.terminate()
             recv.wait()
-        events = parse_events(fw.out)
+        events = parse_events(out_path)
         res = {"events": produced, "write_s": rnd(write_s, 2), "load": loadavg(),
                "rss_mb_end": rnd(mem.get("VmRSS")), "rss_mb_peak": rnd(mem.get("VmHWM"))}
         if t_done:
@@ -814,7 +819,7 @@ BEGIN EXECUTE q; RETURN extract(epoch FROM clock_timestamp() - t0) * 1000; END $
         t0 = time.time()
         xid = cl.val("BEGIN; %s SELECT pg_current_xact_id(); COMMIT;" % INSERT_N_SQL.format(t="b_e2e", n=n))
         t_client_commit = time.time()
-        t_done, t_first = watch.wait_for(n, timeout=600)
+        t_done, t_first = watch.wait_for(n, timeout=max(60, n / 500), alive=fw.alive)
         mem = fw.stop()
         watch.close()
         ct = commit_times(cl, {int(xid)})[int(xid)] / 1e6
@@ -857,7 +862,7 @@ BEGIN EXECUTE q; RETURN extract(epoch FROM clock_timestamp() - t0) * 1000; END $
         pbr = pgbench_result(pb)
         delivered_at_end = watch.poll()
         produced = self.produced_since(base)
-        t_done, _ = watch.wait_for(produced, timeout=300)
+        t_done, _ = watch.wait_for(produced, timeout=300, alive=fw.alive)
         mem = fw.stop()
         watch.close()
         res = {"target_events_per_s": tx_rate * rows_per_tx, "rows_per_tx": rows_per_tx,
@@ -894,7 +899,7 @@ BEGIN EXECUTE q; RETURN extract(epoch FROM clock_timestamp() - t0) * 1000; END $
                 pbr = cl.pgbench(script, 4, secs=P["lat_secs"], rate=tx_rate, name=name)
                 produced = int(cl.val("SELECT count(*) FROM b_lat")) - before
                 watch = Watcher(fw.out)
-                watch.wait_for(produced, timeout=60)
+                watch.wait_for(produced, timeout=60, alive=fw.alive)
                 watch.close()
                 fw.stop()
                 events = parse_events(fw.out)
@@ -1051,7 +1056,7 @@ BEGIN EXECUTE q; RETURN extract(epoch FROM clock_timestamp() - t0) * 1000; END $
         pgbench_result(pb)
         produced = int(cl.val("SELECT count(*) FROM b_fail"))
         watch = Watcher(fw.out)
-        watch.wait_for(produced, timeout=120)
+        watch.wait_for(produced, timeout=120, alive=fw.alive)
         watch.close()
         fw.stop()
         events = parse_events(fw.out)

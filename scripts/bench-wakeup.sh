@@ -8,6 +8,8 @@
 #   trigger+notify capture trigger plus pg_notify in every transaction (what is avoided)
 #   wal            the table subscribed with mode => 'wal' (the worker decodes the WAL)
 # Needs the extension installed (make install) and runs Postgres as the postgres OS user.
+# ROUNDS (default 2) alternations of trigger / trigger+wake; on a shared machine use short
+# runs and many rounds (SECONDS_PER_RUN=5 ROUNDS=8) and read the medians.
 set -euo pipefail
 
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
@@ -82,7 +84,10 @@ run() {
         -c "$CLIENTS" -j "$CLIENTS" -T "$SECONDS_PER_RUN" -f "$DIR/insert.sql" postgres 2>/dev/null |
         awk '/^tps = / {print int($3)}')
     printf '%-16s %8s tps\n' "$name" "$tps"
+    RESULTS[$name]="${RESULTS[$name]:-} $tps"
 }
+declare -A RESULTS
+median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2))}'; }
 
 echo "pgbench -M prepared, single-row INSERT, $CLIENTS clients, ${SECONDS_PER_RUN}s each"
 run plain
@@ -95,6 +100,7 @@ for round in $(seq "${ROUNDS:-2}"); do
     "${PSQL[@]}" -c "SELECT pgpipe.subscribe('bench')" >/dev/null
     run "trigger+wake"
 done
+echo "median of ${ROUNDS:-2} rounds: trigger $(median "${RESULTS[trigger]}") tps, trigger+wake $(median "${RESULTS[trigger+wake]}") tps"
 "${PSQL[@]}" -c "SELECT notifies_sent FROM pgpipe.status()" -At | sed 's/^/  worker NOTIFYs sent so far: /'
 "${PSQL[@]}" -c "CREATE TRIGGER zz_notify AFTER INSERT ON bench FOR EACH STATEMENT EXECUTE FUNCTION public.notify_each()"
 run trigger+notify

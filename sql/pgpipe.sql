@@ -203,6 +203,11 @@ BEGIN
 
     -- Writers wait while capture switches over (see above).
     EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', "table");
+    IF mode = 'trigger' AND EXISTS (SELECT 1 FROM pgpipe.subscription s WHERE s.relid = "table" AND s.mode = 'wal') THEN
+        -- Leaving WAL mode: let the worker queue the table's last WAL changes first, so
+        -- the trigger's events come after them.
+        PERFORM pgpipe.wait_for_wal_capture();
+    END IF;
     PERFORM pgpipe.drop_capture_triggers("table");
     IF mode = 'wal' THEN
         IF replica_identity_full THEN
@@ -861,6 +866,30 @@ BEGIN
                                 pgpipe.publication_name());
     END IF;
     PERFORM pgpipe.ensure_slot();
+END $$;
+
+-- Waits until the worker has read the slot up to the current WAL position (everything
+-- committed before this call is in the queue). Gives up after `timeout` with a WARNING
+-- (returns false): e.g. when the worker is not running.
+CREATE FUNCTION pgpipe.wait_for_wal_capture(timeout interval DEFAULT '10s') RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    target pg_lsn := pg_current_wal_lsn();
+    deadline timestamptz := clock_timestamp() + timeout;
+BEGIN
+    LOOP
+        IF EXISTS (SELECT 1 FROM pg_replication_slots r
+                   WHERE r.slot_name = pgpipe.slot_name() AND r.confirmed_flush_lsn >= target) THEN
+            RETURN true;
+        END IF;
+        IF clock_timestamp() > deadline THEN
+            RAISE WARNING 'pgpipe: the worker has not read the WAL up to % within %; WAL events of the last changes may come after newer events',
+                target, timeout
+                USING HINT = 'Check SELECT * FROM pgpipe.status().';
+            RETURN false;
+        END IF;
+        PERFORM pg_sleep(0.01);
+    END LOOP;
 END $$;
 
 -- Adds a table to pgpipe's publication (if not there yet).

@@ -173,30 +173,38 @@ mod tests {
 
     #[pg_test]
     fn without_preloading_there_is_no_worker_and_wakeups_are_no_ops() {
-        assert_eq!(Spi::get_one::<bool>("SELECT pgpipe.mark_wakeup()").unwrap(), Some(false));
-        let state = Spi::get_two::<String, String>(
-            "SELECT worker_state, detail FROM pgpipe.status()",
-        )
-        .unwrap();
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT pgpipe.mark_wakeup()").unwrap(),
+            Some(false)
+        );
+        let state =
+            Spi::get_two::<String, String>("SELECT worker_state, detail FROM pgpipe.status()")
+                .unwrap();
         assert_eq!(state.0.as_deref(), Some("not_loaded"));
         assert!(state.1.unwrap().contains("shared_preload_libraries"));
         // Capture still works.
         setup_orders();
-        Spi::run("SELECT pgpipe.subscribe('orders'); INSERT INTO orders VALUES (1, 'new', 1, NULL)")
-            .unwrap();
+        Spi::run(
+            "SELECT pgpipe.subscribe('orders'); INSERT INTO orders VALUES (1, 'new', 1, NULL)",
+        )
+        .unwrap();
         assert_eq!(
             Spi::get_one::<i64>("SELECT count(*) FROM pgpipe.events").unwrap(),
             Some(1)
         );
     }
 
-    #[pg_test(error = "table public.no_key has no primary key or replica identity, so its changes cannot be captured from the WAL")]
+    #[pg_test(
+        error = "table public.no_key has no primary key or replica identity, so its changes cannot be captured from the WAL"
+    )]
     fn wal_mode_refuses_a_table_without_key() {
         Spi::run("CREATE TABLE public.no_key (v text)").unwrap();
         Spi::run("SELECT pgpipe.subscribe('no_key', mode => 'wal')").unwrap();
     }
 
-    #[pg_test(error = "mode 'wal' needs the pgpipe background worker, which runs only when pgpipe is preloaded")]
+    #[pg_test(
+        error = "mode 'wal' needs the pgpipe background worker, which runs only when pgpipe is preloaded"
+    )]
     fn wal_mode_needs_the_worker() {
         setup_orders();
         Spi::run("SELECT pgpipe.subscribe('orders', mode => 'wal')").unwrap();
@@ -218,7 +226,9 @@ mod tests {
         );
     }
 
-    #[pg_test(error = "replication slot pgpipe is healthy; recreating it would lose the changes it holds")]
+    #[pg_test(
+        error = "replication slot pgpipe is healthy; recreating it would lose the changes it holds"
+    )]
     fn recreate_slot_refuses_to_replace_a_healthy_slot() {
         // A physical slot under the name stands in for a healthy one (creating it needs
         // no clean transaction).

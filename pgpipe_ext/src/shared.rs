@@ -12,7 +12,7 @@
 
 use std::cell::Cell;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic, PgLwLock};
@@ -22,6 +22,8 @@ pub const STATUS_TEXT_LEN: usize = 256;
 
 /// Index of the worker's `PGPROC` in `ProcGlobal->allProcs`, or -1 when it is not running.
 static WORKER_PROCNO: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"pgpipe.worker_procno") };
+/// Database the worker serves (its NOTIFY reaches listeners of that database only).
+static WORKER_DATABASE: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"pgpipe.worker_database") };
 /// A committed transaction queued events and the worker has not yet sent its NOTIFY.
 static WAKEUP_PENDING: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pgpipe.wakeup_pending") };
 /// What the worker is doing, for `pgpipe.status()`.
@@ -167,6 +169,7 @@ fn text_into(buf: &mut [u8; STATUS_TEXT_LEN], value: &str) {
 /// Requests the shared memory. `_PG_init`, while preloading only.
 pub fn init() {
     pg_shmem_init!(WORKER_PROCNO = AtomicI32::new(-1));
+    pg_shmem_init!(WORKER_DATABASE = AtomicU32::new(0));
     pg_shmem_init!(WAKEUP_PENDING = AtomicBool::new(false));
     pg_shmem_init!(WORKER_STATUS = WorkerStatus::EMPTY);
     SHMEM_READY.store(true, Ordering::Relaxed);
@@ -181,6 +184,11 @@ pub fn available() -> bool {
 pub fn register_worker() {
     // SAFETY: MyProc and ProcGlobal are set up for a connected background worker.
     let procno = unsafe { pg_sys::MyProc.offset_from((*pg_sys::ProcGlobal).allProcs) };
+    // SAFETY: set once the worker is connected to its database.
+    let database = unsafe { pg_sys::MyDatabaseId };
+    WORKER_DATABASE
+        .get()
+        .store(database.to_u32(), Ordering::Release);
     WORKER_PROCNO
         .get()
         .store(i32::try_from(procno).unwrap_or(-1), Ordering::Release);
@@ -233,26 +241,32 @@ thread_local! {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
-    match event {
-        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
-            if PENDING_IN_XACT.replace(false) {
-                wake_worker();
-            }
-        }
-        pg_sys::XactEvent::XACT_EVENT_ABORT
-        | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
-        | pg_sys::XactEvent::XACT_EVENT_PREPARE => PENDING_IN_XACT.set(false),
-        _ => {}
+    use pg_sys::XactEvent::*;
+    let committed = matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT);
+    let ended = committed
+        || matches!(
+            event,
+            XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE
+        );
+    if ended && PENDING_IN_XACT.replace(false) && committed {
+        wake_worker();
     }
 }
 
 /// Flags the current transaction as having queued events: when it commits, the background
 /// worker is woken and sends one coalesced `NOTIFY pgpipe_wakeup`. Called by the capture
 /// triggers and `pgpipe.emit`; cheap (no lock, no syscall). Returns whether a worker can
-/// be woken (false when pgpipe is not preloaded).
+/// be woken: false when pgpipe is not preloaded, or when the worker serves another
+/// database (NOTIFY does not cross databases; the forwarder then polls).
 #[pg_extern(volatile, parallel_restricted)]
 pub fn mark_wakeup() -> bool {
     if !available() {
+        return false;
+    }
+    // SAFETY: a plain read of the backend's database.
+    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let served = WORKER_DATABASE.get().load(Ordering::Acquire);
+    if served != 0 && served != database {
         return false;
     }
     if !PENDING_IN_XACT.get() {

@@ -121,7 +121,8 @@ pub struct DetectorConfig {
     pub slot: String,
     /// `wal`: capture every table (a `FOR ALL TABLES` publication) instead of a named one.
     pub all_tables: bool,
-    /// `wal`: longest time between standby status updates (confirmed LSN reports).
+    /// `wal`: longest time between standby status updates (confirmed LSN reports);
+    /// `listen_notify`: how often the idle LISTEN connection is probed.
     #[serde(with = "humantime_serde")]
     pub status_interval: Duration,
     /// Consumer name in `pgpipe.consumers` (queue detector); empty derives it from the channels.
@@ -243,6 +244,12 @@ pub struct ExecConfig {
     /// Longest restart delay.
     #[serde(with = "humantime_serde")]
     pub backoff_cap: Duration,
+    /// A line counts as handled once the command read it and kept running this long; lines
+    /// read more recently are written again to the next command if it dies.
+    #[serde(with = "humantime_serde")]
+    pub read_grace: Duration,
+    /// Commands that may die while a line is in hand before that line is dead-lettered.
+    pub max_attempts: u32,
 }
 
 /// pg_table adapter settings (`pg_table.*`).
@@ -377,6 +384,8 @@ impl Default for ExecConfig {
             command: String::new(),
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(30),
+            read_grace: Duration::from_millis(500),
+            max_attempts: 5,
         }
     }
 }

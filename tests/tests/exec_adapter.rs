@@ -68,3 +68,128 @@ async fn a_crashed_command_is_restarted_and_gets_the_failed_event_again() {
     assert!(log.contains("command exited"), "{log}");
     assert!(log.contains("exec"), "{log}");
 }
+
+fn row_ids(path: &std::path::Path) -> Vec<i64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["payload"]["row"]["id"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_command_that_reads_ahead_and_exits_loses_nothing() {
+    let db = test_db("exec_read_ahead").await;
+    db.execute("CREATE TABLE t (id int PRIMARY KEY); SELECT pgpipe.subscribe('t');")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    // awk reads a whole buffer from the pipe, handles 3 lines and exits: the lines it read
+    // but never handled must reach the next command.
+    let command = format!(
+        "awk '{{ print; fflush() }} NR == 3 {{ exit }}' >> {}",
+        out.display()
+    );
+    let url = db.url();
+    let fwd = Forwarder::spawn(
+        &[
+            "listen",
+            "--db",
+            &url,
+            "-c",
+            "t",
+            "-a",
+            "exec",
+            "--exec-command",
+            &command,
+        ],
+        &[
+            ("PGPIPE_EXEC_BACKOFF_BASE", "50ms"),
+            ("PGPIPE_EXEC_BACKOFF_CAP", "100ms"),
+        ],
+    );
+    db.execute("INSERT INTO t SELECT generate_series(1, 12)")
+        .await;
+    let done = wait_until(WAIT, async || {
+        let mut ids = row_ids(&out);
+        ids.sort();
+        ids.dedup();
+        ids.len() == 12
+    })
+    .await;
+    let ids = row_ids(&out);
+    assert!(
+        done,
+        "every event handled by some command: {ids:?}\n{}",
+        fwd.stderr_text()
+    );
+    let mut first_seen = Vec::new();
+    for id in &ids {
+        if !first_seen.contains(id) {
+            first_seen.push(*id);
+        }
+    }
+    assert_eq!(
+        first_seen,
+        (1..=12).collect::<Vec<_>>(),
+        "in order, repeats allowed: {ids:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_line_that_kills_every_command_is_dead_lettered() {
+    let db = test_db("exec_poison").await;
+    db.execute("CREATE TABLE t (id int PRIMARY KEY); SELECT pgpipe.subscribe('t');")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let command = format!(
+        "while read -r l; do case \"$l\" in *'\"row\":{{\"id\":4}}'*) exit 9;; esac; \
+         echo \"$l\" >> {}; done",
+        out.display()
+    );
+    let url = db.url();
+    let fwd = Forwarder::spawn(
+        &[
+            "listen",
+            "--db",
+            &url,
+            "-c",
+            "t",
+            "-a",
+            "exec",
+            "--exec-command",
+            &command,
+        ],
+        &[
+            ("PGPIPE_EXEC_BACKOFF_BASE", "50ms"),
+            ("PGPIPE_EXEC_BACKOFF_CAP", "100ms"),
+            ("PGPIPE_EXEC_MAX_ATTEMPTS", "3"),
+        ],
+    );
+    db.execute("INSERT INTO t SELECT generate_series(1, 6)")
+        .await;
+    let done = wait_until(WAIT, async || row_ids(&out).contains(&6)).await;
+    assert!(done, "{:?}\n{}", row_ids(&out), fwd.stderr_text());
+    let mut ids = row_ids(&out);
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        ids,
+        [1, 2, 3, 5, 6],
+        "all but the poison line (repeats allowed)"
+    );
+    let letter = db
+        .query_one(
+            "SELECT adapter, attempts, event->'payload'->'row'->>'id' FROM pgpipe.dead_letters",
+            &[],
+        )
+        .await;
+    assert_eq!(letter.get::<_, String>(0), "exec");
+    assert_eq!(letter.get::<_, i32>(1), 3);
+    assert_eq!(letter.get::<_, String>(2), "4");
+}

@@ -181,3 +181,45 @@ async fn a_slow_webhook_holds_the_file_back_by_at_most_the_in_flight_window() {
     );
     fwd.kill9();
 }
+
+#[tokio::test]
+async fn interval_fsync_acknowledges_and_a_clean_stop_repeats_nothing() {
+    let db = test_db("file_fsync_interval").await;
+    db.execute("CREATE TABLE t (id int PRIMARY KEY); SELECT pgpipe.subscribe('t');")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.jsonl");
+    let url = db.url();
+    let args = [
+        "listen",
+        "--db",
+        &url,
+        "-c",
+        "t",
+        "-a",
+        "file",
+        "--file-path",
+        path.to_str().unwrap(),
+    ];
+    let env = [
+        ("PGPIPE_FILE_FSYNC", "interval"),
+        ("PGPIPE_FILE_FSYNC_INTERVAL", "200ms"),
+    ];
+    let fwd = Forwarder::spawn(&args, &env);
+    db.execute("INSERT INTO t SELECT generate_series(1, 100)")
+        .await;
+    assert!(wait_until(WAIT, async || lines(&path).len() == 100).await);
+    fwd.sigterm();
+    assert!(fwd.wait_exit(WAIT).await.success(), "{}", fwd.stderr_text());
+    // Everything was acknowledged after its fsync: a restart repeats nothing.
+    let again = Forwarder::spawn(&args, &env);
+    db.execute("INSERT INTO t VALUES (101)").await;
+    assert!(wait_until(WAIT, async || lines(&path).len() >= 101).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        row_ids(&lines(&path)),
+        (1..=101).collect::<Vec<_>>(),
+        "{}",
+        again.stderr_text()
+    );
+}

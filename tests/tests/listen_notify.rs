@@ -3,11 +3,12 @@
 //! trigger `pgpipe init --detector listen_notify` prints delivers row changes (large rows
 //! as a flagged key reference instead of failing the writer), arbitrary NOTIFY payloads
 //! follow the payload rule, and after its connection is killed (`pg_terminate_backend`)
-//! the forwarder reconnects and listens again.
+//! the forwarder reports itself down on `/healthz`, reconnects and listens again.
 
 use std::process::Command;
 use std::time::Duration;
 
+use pgpipe_tests::http::{http_addr, http_get};
 use pgpipe_tests::{wait_until, Forwarder, TempPg};
 use serde_json::{json, Value};
 
@@ -146,6 +147,8 @@ async fn reconnects_after_its_backend_is_terminated() {
             "listen_notify",
             "-c",
             "jobs",
+            "--metrics-addr",
+            "127.0.0.1:0",
         ],
         &[
             ("PGPIPE_DETECTOR_BACKOFF_BASE", "100ms"),
@@ -153,18 +156,56 @@ async fn reconnects_after_its_backend_is_terminated() {
         ],
     );
     fwd.wait_for_stderr("listening", WAIT).await;
+    let addr = http_addr(&fwd, "metrics").await;
+    assert!(
+        wait_until(WAIT, async || http_get(addr, "/healthz").await.status
+            == 200)
+        .await
+    );
     db.execute("NOTIFY jobs, 'one'").await;
     fwd.wait_for_events(1, WAIT).await;
 
-    let killed = db
+    // Keep it out while we look: the database refuses connections, then its backend dies.
+    let (admin, connection) =
+        tokio_postgres::connect(&db.cluster().url("postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("connect to the postgres database");
+    tokio::spawn(connection);
+    let name = db.name().replace('"', "\"\"");
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false"
+        ))
+        .await
+        .unwrap();
+    let killed = admin
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-             WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
-            &[],
+             WHERE datname = $1 AND query ILIKE 'LISTEN%'",
+            &[&db.name()],
         )
         .await
+        .unwrap()
         .get::<_, i64>(0);
     assert_eq!(killed, 1, "the forwarder's LISTEN connection");
+    let down = wait_until(WAIT, async || {
+        let r = http_get(addr, "/healthz").await;
+        r.status == 503
+            && serde_json::from_str::<Value>(&r.body)
+                .is_ok_and(|b| b["components"]["detector"] == "down")
+    })
+    .await;
+    assert!(
+        down,
+        "health is down while disconnected:\n{}",
+        fwd.stderr_text()
+    );
+    assert!(fwd.stderr_text().contains("LISTEN connection lost"));
+
+    admin
+        .batch_execute(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true"))
+        .await
+        .unwrap();
     let relistened = wait_until(WAIT, async || {
         fwd.stderr_text().matches("listening").count() >= 2
     })
@@ -174,7 +215,11 @@ async fn reconnects_after_its_backend_is_terminated() {
         "re-LISTEN after the kill:\n{}",
         fwd.stderr_text()
     );
-    assert!(fwd.stderr_text().contains("LISTEN connection lost"));
+    assert!(
+        wait_until(WAIT, async || http_get(addr, "/healthz").await.status
+            == 200)
+        .await
+    );
 
     db.execute("NOTIFY jobs, 'two'").await;
     let events = fwd.wait_for_events(2, WAIT).await;

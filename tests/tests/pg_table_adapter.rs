@@ -93,3 +93,74 @@ async fn rows_arrive_and_a_constraint_violation_is_dead_lettered() {
     .await;
     assert!(done, "29 rows after the reconnect: {}", fwd.stderr_text());
 }
+
+#[tokio::test]
+async fn events_go_to_a_table_in_another_database() {
+    let db = test_db("pg_table_source").await;
+    let target = test_db("pg_table_target").await;
+    db.execute("CREATE TABLE t (id int PRIMARY KEY); SELECT pgpipe.subscribe('t');")
+        .await;
+    target
+        .execute(
+            "CREATE SCHEMA audit; CREATE TABLE audit.events (id uuid PRIMARY KEY, channel text, \
+             operation text, payload jsonb, source text, created_at timestamptz)",
+        )
+        .await;
+    let url = db.url();
+    let target_url = target.url();
+    let fwd = Forwarder::spawn(
+        &[
+            "listen",
+            "--db",
+            &url,
+            "-c",
+            "t",
+            "-a",
+            "pg_table",
+            "--pg-table-url",
+            &target_url,
+            "--pg-table-name",
+            "audit.events",
+        ],
+        &[],
+    );
+    db.execute("INSERT INTO t SELECT generate_series(1, 50)")
+        .await;
+    let done = wait_until(WAIT, async || {
+        target
+            .query_one("SELECT count(*) FROM audit.events", &[])
+            .await
+            .get::<_, i64>(0)
+            == 50
+    })
+    .await;
+    assert!(done, "{}", fwd.stderr_text());
+    // Redelivery is harmless: the same rows again change nothing.
+    fwd.kill9();
+    let again = Forwarder::spawn(
+        &[
+            "listen",
+            "--db",
+            &url,
+            "-c",
+            "t",
+            "-a",
+            "pg_table",
+            "--pg-table-url",
+            &target_url,
+            "--pg-table-name",
+            "audit.events",
+        ],
+        &[],
+    );
+    db.execute("INSERT INTO t VALUES (51)").await;
+    let done = wait_until(WAIT, async || {
+        target
+            .query_one("SELECT count(*) FROM audit.events", &[])
+            .await
+            .get::<_, i64>(0)
+            == 51
+    })
+    .await;
+    assert!(done, "{}", again.stderr_text());
+}

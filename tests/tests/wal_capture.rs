@@ -170,10 +170,18 @@ async fn wal_mode_refuses_what_it_cannot_capture() {
         .unwrap_err();
     let db_err = err.as_db_error().expect("a server error");
     assert_eq!(db_err.code().code(), "55000", "{}", describe(&err));
-    assert!(db_err.message().contains("no primary key or replica identity"));
-    assert!(db_err.hint().unwrap_or("").contains("replica_identity_full => true"));
+    assert!(db_err
+        .message()
+        .contains("no primary key or replica identity"));
+    assert!(db_err
+        .hint()
+        .unwrap_or("")
+        .contains("replica_identity_full => true"));
     let subscribed: i64 = client
-        .query_one("SELECT count(*) FROM pgpipe.subscription WHERE relid = 'no_key'::regclass", &[])
+        .query_one(
+            "SELECT count(*) FROM pgpipe.subscription WHERE relid = 'no_key'::regclass",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -181,7 +189,9 @@ async fn wal_mode_refuses_what_it_cannot_capture() {
 
     // The explicit opt-in sets REPLICA IDENTITY FULL.
     client
-        .batch_execute("SELECT pgpipe.subscribe('no_key', mode => 'wal', replica_identity_full => true)")
+        .batch_execute(
+            "SELECT pgpipe.subscribe('no_key', mode => 'wal', replica_identity_full => true)",
+        )
         .await
         .unwrap();
     let full: bool = client
@@ -205,6 +215,10 @@ async fn wal_mode_refuses_what_it_cannot_capture() {
         .unwrap_err();
     let db_err = err.as_db_error().expect("a server error");
     assert_eq!(db_err.code().code(), "55000");
-    assert!(db_err.message().contains("serves database"), "{}", describe(&err));
+    assert!(
+        db_err.message().contains("serves database"),
+        "{}",
+        describe(&err)
+    );
     assert!(db_err.hint().unwrap_or("").contains("pgpipe.database"));
 }

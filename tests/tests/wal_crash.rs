@@ -56,7 +56,9 @@ async fn run_writers(pg: &TempPg, next: &mut [i32], transactions: i32) {
     for w in 0..WRITERS {
         let client = connect(pg).await;
         let start = next[w as usize];
-        tasks.push(tokio::spawn(async move { write(&client, w, start, transactions).await }));
+        tasks.push(tokio::spawn(async move {
+            write(&client, w, start, transactions).await
+        }));
     }
     for (w, task) in tasks.into_iter().enumerate() {
         next[w] = task.await.unwrap();
@@ -81,14 +83,19 @@ async fn changes_are_queued_exactly_once_across_worker_kill_and_crash() {
         .await
         .unwrap();
     client
-        .batch_execute("SELECT pgpipe.subscribe('items', operations => ARRAY['INSERT'], mode => 'wal')")
+        .batch_execute(
+            "SELECT pgpipe.subscribe('items', operations => ARRAY['INSERT'], mode => 'wal')",
+        )
         .await
         .unwrap_or_else(|e| panic!("subscribe: {}", describe(&e)));
 
     let mut next = vec![0i32; WRITERS as usize];
     let queued = async |client: &Client| -> i64 {
         client
-            .query_one("SELECT count(*) FROM pgpipe.events WHERE channel = 'items'", &[])
+            .query_one(
+                "SELECT count(*) FROM pgpipe.events WHERE channel = 'items'",
+                &[],
+            )
             .await
             .map(|r| r.get(0))
             .unwrap_or(-1)
@@ -105,7 +112,10 @@ async fn changes_are_queued_exactly_once_across_worker_kill_and_crash() {
         .batch_execute("ALTER SYSTEM SET pgpipe.batch_size = 100000")
         .await
         .unwrap();
-    client.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    client
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let slot_lsn = async |client: &Client| -> String {
         client
@@ -118,12 +128,18 @@ async fn changes_are_queued_exactly_once_across_worker_kill_and_crash() {
     run_writers(&pg, &mut next, 30).await;
     let written = i64::from(next.iter().sum::<i32>());
     assert!(
-        wait_until(Duration::from_secs(20), async || queued(&client).await >= written).await,
+        wait_until(Duration::from_secs(20), async || queued(&client).await
+            >= written)
+        .await,
         "queued {} of {written} while the slot is held",
         queued(&client).await
     );
     tokio::time::sleep(Duration::from_millis(500)).await; // many more re-reads
-    assert_eq!(queued(&client).await, written, "re-reading the slot queued duplicates");
+    assert_eq!(
+        queued(&client).await,
+        written,
+        "re-reading the slot queued duplicates"
+    );
     assert_eq!(slot_lsn(&client).await, held_at, "the slot was held");
     client
         .batch_execute("ALTER SYSTEM RESET pgpipe.debug_no_advance")
@@ -133,7 +149,10 @@ async fn changes_are_queued_exactly_once_across_worker_kill_and_crash() {
         .batch_execute("ALTER SYSTEM RESET pgpipe.batch_size")
         .await
         .unwrap();
-    client.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    client
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
 
     run_writers(&pg, &mut next, 60).await;
 
@@ -174,7 +193,12 @@ async fn changes_are_queued_exactly_once_across_worker_kill_and_crash() {
         committed.entry(row.get(0)).or_default().push(row.get(1));
     }
     let mut next: Vec<i32> = (0..WRITERS)
-        .map(|w| committed.get(&w).and_then(|s| s.last().copied()).map_or(0, |s| s + 1))
+        .map(|w| {
+            committed
+                .get(&w)
+                .and_then(|s| s.last().copied())
+                .map_or(0, |s| s + 1)
+        })
         .collect();
     run_writers(&pg, &mut next, 40).await;
 
@@ -185,7 +209,10 @@ async fn changes_are_queued_exactly_once_across_worker_kill_and_crash() {
         .get(0);
     let count = async || -> i64 {
         client
-            .query_one("SELECT count(*) FROM pgpipe.events WHERE channel = 'items'", &[])
+            .query_one(
+                "SELECT count(*) FROM pgpipe.events WHERE channel = 'items'",
+                &[],
+            )
             .await
             .map(|r| r.get(0))
             .unwrap_or(-1)
@@ -193,7 +220,12 @@ async fn changes_are_queued_exactly_once_across_worker_kill_and_crash() {
     let done = wait_until(Duration::from_secs(60), async || count().await >= expected).await;
     // Give a duplicate a chance to show up.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(done, "queued {} of {expected} changes\n{}", count().await, pg.log_contents());
+    assert!(
+        done,
+        "queued {} of {expected} changes\n{}",
+        count().await,
+        pg.log_contents()
+    );
 
     let rows = client
         .query(
@@ -211,9 +243,15 @@ async fn changes_are_queued_exactly_once_across_worker_kill_and_crash() {
         ids.push(row.get::<_, i64>(2));
     }
     for (w, seqs) in &per_writer {
-        assert!(seqs.iter().all(|&s| s >= 0), "writer {w}: a rolled-back row was queued");
+        assert!(
+            seqs.iter().all(|&s| s >= 0),
+            "writer {w}: a rolled-back row was queued"
+        );
         let in_order: Vec<i32> = (0..seqs.len() as i32).collect();
-        assert_eq!(seqs, &in_order, "writer {w}: every row once, in commit order");
+        assert_eq!(
+            seqs, &in_order,
+            "writer {w}: every row once, in commit order"
+        );
     }
     let mut unique = ids.clone();
     unique.sort_unstable();

@@ -1,6 +1,7 @@
 //! Journey: a busy table is switched from trigger capture to WAL capture and back while
 //! writers keep inserting; every committed row is queued exactly once, by one mode or the
-//! other.
+//! other, and each writer's rows stay in commit order in the queue (leaving WAL mode
+//! waits for the worker to queue the table's last WAL changes).
 //!
 //! Failure that matters: the switch happening between a writer's insert and its commit
 //! (the table lock `subscribe` takes makes the switch wait for it, so the row is captured
@@ -43,7 +44,10 @@ async fn switching_modes_under_writes_loses_and_duplicates_nothing() {
         .unwrap();
     // Create the slot up front (a transaction of its own), so the switches below only
     // move the table between the trigger and the publication.
-    admin.batch_execute("SELECT pgpipe.ensure_slot()").await.unwrap();
+    admin
+        .batch_execute("SELECT pgpipe.ensure_slot()")
+        .await
+        .unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
@@ -90,7 +94,10 @@ async fn switching_modes_under_writes_loses_and_duplicates_nothing() {
 
     let queued = async || -> i64 {
         admin
-            .query_one("SELECT count(*) FROM pgpipe.events WHERE channel = 'sw'", &[])
+            .query_one(
+                "SELECT count(*) FROM pgpipe.events WHERE channel = 'sw'",
+                &[],
+            )
             .await
             .unwrap()
             .get(0)
@@ -103,7 +110,7 @@ async fn switching_modes_under_writes_loses_and_duplicates_nothing() {
     let rows = admin
         .query(
             "SELECT (payload->'row'->>'writer')::int, (payload->'row'->>'seq')::int, source
-             FROM pgpipe.events WHERE channel = 'sw'",
+             FROM pgpipe.events WHERE channel = 'sw' ORDER BY id",
             &[],
         )
         .await
@@ -115,12 +122,22 @@ async fn switching_modes_under_writes_loses_and_duplicates_nothing() {
         *sources.entry(row.get(2)).or_default() += 1;
     }
     for (w, n) in &written {
-        let mut seqs = seen.remove(w).unwrap_or_default();
-        seqs.sort_unstable();
-        assert_eq!(seqs, (0..*n).collect::<Vec<_>>(), "writer {w}: each row exactly once");
+        let seqs = seen.remove(w).unwrap_or_default();
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            (0..*n).collect::<Vec<_>>(),
+            "writer {w}: each row exactly once"
+        );
+        assert_eq!(
+            seqs, sorted,
+            "writer {w}: rows in commit order across the switches"
+        );
     }
     assert!(
-        sources.get("trigger").is_some_and(|&n| n > 0) && sources.get("wal").is_some_and(|&n| n > 0),
+        sources.get("trigger").is_some_and(|&n| n > 0)
+            && sources.get("wal").is_some_and(|&n| n > 0),
         "both modes captured rows: {sources:?} after {switches:?}"
     );
 }

@@ -67,13 +67,14 @@ async fn typed_changes_from_a_database_without_the_extension() {
     db.execute(
         r#"CREATE TYPE mood AS ENUM ('sad', 'happy');
            CREATE DOMAIN posint AS int CHECK (VALUE > 0);
+           CREATE TYPE pair AS (a int, b text, c numeric[], d jsonb);
            CREATE TABLE typed (
                id int PRIMARY KEY, i2 smallint, i8 bigint, num numeric(12,2), f4 real,
                f8 double precision, fbig double precision, ftiny double precision,
                fnan double precision, finf real, b bool, j json, jb jsonb, ts timestamp,
                tstz timestamptz, d date, t text, u uuid, o oid, ia int[], ta text[],
                tsa timestamptz[], iv interval, e mood, dom posint, doms posint[],
-               boxes box[], nul text);
+               boxes box[], nul text, pr pair, prs pair[]);
            CREATE PUBLICATION pub FOR TABLE typed;"#,
     )
     .await;
@@ -87,7 +88,8 @@ async fn typed_changes_from_a_database_without_the_extension() {
                '2026-11-27 02:14:52.123456', '2026-11-27 02:14:52.123456+00', '2026-11-27',
                'it''s "quoted"', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 42,
                '{{1,2},{3,NULL}}', '{"a b","{x}",NULL,"NULL"}', '{"2026-11-27 00:00:00+00"}',
-               '1 day 02:03:04', 'happy', 5, '{1,2}', '{(1,2),(3,4);(5,6),(7,8)}', NULL)"#,
+               '1 day 02:03:04', 'happy', 5, '{1,2}', '{(1,2),(3,4);(5,6),(7,8)}', NULL,
+               ROW(1, 'x, "y"', '{1.50,NULL}', '{"k": 1}'), ARRAY[ROW(2, '', NULL, NULL)::pair])"#,
     )
     .await;
     let inserted = to_jsonb(&db, "typed", 1).await;
@@ -118,7 +120,8 @@ async fn typed_changes_from_a_database_without_the_extension() {
     );
 
     // Exactly what to_jsonb gives: numbers as numeric prints them (1e300 in full, 10.50
-    // with its zero), NaN/Infinity and oid as strings, ISO timestamps, nested arrays.
+    // with its zero), NaN/Infinity and oid as strings, ISO timestamps, nested arrays,
+    // composites as objects.
     let insert = &events[0]["payload"];
     assert_eq!(insert["op"], "INSERT");
     assert_eq!(insert["schema"], "public");

@@ -2,7 +2,9 @@
 //! forwarder is killed with `kill -9` while rows are being written and started again;
 //! Postgres itself is restarted (immediate shutdown) under the forwarder. Every committed
 //! row reaches the durable file adapter at least once, and a change delivered twice
-//! carries the same event id both times.
+//! carries the same event id both times. A slot Postgres invalidated (WAL over
+//! `max_slot_wal_keep_size`) is reported, not silently recreated. A second forwarder on
+//! the same slot waits as a standby and takes over.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -182,4 +184,71 @@ async fn postgres_restart_under_the_forwarder_loses_nothing() {
     );
     fwd.sigterm();
     assert!(fwd.wait_exit(WAIT).await.success());
+}
+
+#[tokio::test]
+async fn a_slot_invalidated_by_max_slot_wal_keep_size_is_reported() {
+    let pg = TempPg::start_dedicated(PgOptions::new().conf("max_slot_wal_keep_size = 1MB")).await;
+    let db = pg.database_without_extension("wal_slot_lost").await;
+    db.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pub FOR TABLE t")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("events.jsonl");
+    let fwd = spawn(&db, "s_lost", &file);
+    fwd.wait_for_stderr("replicating", WAIT).await;
+    fwd.sigterm();
+    assert!(fwd.wait_exit(WAIT).await.success());
+
+    // While the forwarder is away, more WAL than the cap is written and checkpointed.
+    for i in 0..4 {
+        db.execute(&format!(
+            "INSERT INTO t VALUES ({i}, 'x'); SELECT pg_switch_wal();"
+        ))
+        .await;
+    }
+    db.execute("CHECKPOINT").await;
+    let status: Option<String> = db
+        .query_one(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 's_lost'",
+            &[],
+        )
+        .await
+        .get(0);
+    assert_eq!(status.as_deref(), Some("lost"));
+
+    let fwd = spawn(&db, "s_lost", &file);
+    assert_eq!(fwd.wait_exit(WAIT).await.code(), Some(1));
+    let stderr = fwd.stderr_text();
+    assert!(
+        stderr.contains("was invalidated") && stderr.contains("pg_drop_replication_slot('s_lost')"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn a_second_forwarder_on_the_slot_stands_by_and_takes_over() {
+    let db = TempPg::shared()
+        .database_without_extension("wal_standby")
+        .await;
+    db.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pub FOR TABLE t")
+        .await;
+    let slot = format!("s_{}", db.name());
+    let dir = tempfile::tempdir().unwrap();
+    let (file_a, file_b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+    let active = spawn(&db, &slot, &file_a);
+    active.wait_for_stderr("replicating", WAIT).await;
+    let standby = spawn(&db, &slot, &file_b);
+    standby.wait_for_stderr("standing by", WAIT).await;
+
+    db.execute("INSERT INTO t VALUES (1, 'x')").await;
+    assert!(wait_until(WAIT, async || lines(&file_a).len() == 1).await);
+    active.kill9();
+    db.execute("INSERT INTO t VALUES (2, 'x')").await;
+    let took_over = wait_until(WAIT, async || ids_by_row(&lines(&file_b)).contains_key(&2)).await;
+    assert!(took_over, "{}", standby.stderr_text());
+
+    standby.sigterm();
+    assert!(standby.wait_exit(WAIT).await.success());
+    db.query("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await;
 }

@@ -228,6 +228,16 @@ async fn an_unreachable_endpoint_is_named_and_dead_lettered_after_the_retries() 
     );
     assert!(error.contains("gave up after 2 attempts"), "{error}");
     assert_eq!(row.get::<_, i32>(1), 2);
+
+    let (code, out, _) = pgpipe(&["dlq", "list", "--db", &url, "--json"], &[]);
+    assert_eq!(code, 0);
+    let letter: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    assert_eq!(letter["adapter"], "webhook");
+    assert_eq!(letter["event"]["payload"]["row"]["id"], 1);
+    let (_, out, _) = pgpipe(&["dlq", "purge", "--db", &url, "--older-than", "1h"], &[]);
+    assert_eq!(out, "purged 0 dead letter(s)\n");
+    let (_, out, _) = pgpipe(&["dlq", "purge", "--db", &url, "--adapter", "webhook"], &[]);
+    assert_eq!(out, "purged 1 dead letter(s)\n");
 }
 
 #[tokio::test]
@@ -284,4 +294,84 @@ async fn several_webhooks_from_the_config_file_each_deliver_everything() {
         .await;
     assert_eq!(adapters.len(), 1);
     assert_eq!(adapters[0].get::<_, String>(0), "webhook:gone");
+}
+
+#[tokio::test]
+async fn a_hanging_endpoint_times_out_and_is_dead_lettered() {
+    let db = test_db("webhook_hanging").await;
+    db.execute("CREATE TABLE t (id int PRIMARY KEY); SELECT pgpipe.subscribe('t');")
+        .await;
+    let receiver =
+        HttpReceiver::start(|_, _| Reply::status(200).delayed(Duration::from_secs(30))).await;
+    let hook = receiver.url("/hang");
+    let url = db.url();
+    let _fwd = Forwarder::spawn(
+        &[
+            "listen",
+            "--db",
+            &url,
+            "-c",
+            "t",
+            "-a",
+            "webhook",
+            "-u",
+            &hook,
+            "--retries",
+            "2",
+        ],
+        &[
+            ("PGPIPE_WEBHOOK_TIMEOUT", "300ms"),
+            ("PGPIPE_WEBHOOK_BACKOFF_BASE", "50ms"),
+            ("PGPIPE_WEBHOOK_BACKOFF_CAP", "100ms"),
+        ],
+    );
+    db.execute("INSERT INTO t VALUES (1)").await;
+    let letters = wait_until(WAIT, async || {
+        db.query_one("SELECT count(*) FROM pgpipe.dead_letters", &[])
+            .await
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    assert!(letters, "dead-lettered after two timeouts");
+    let error: String = db
+        .query_one("SELECT error FROM pgpipe.dead_letters", &[])
+        .await
+        .get(0);
+    assert!(error.contains("no answer within 300ms"), "{error}");
+    assert_eq!(receiver.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn without_the_extension_a_rejected_event_is_held_not_dropped() {
+    let db = pgpipe_tests::TempPg::shared()
+        .database_without_extension("webhook_no_ext")
+        .await;
+    let receiver = HttpReceiver::start(|_, _| Reply::status(400)).await;
+    let hook = receiver.url("/in");
+    let url = db.url();
+    let fwd = Forwarder::spawn(
+        &[
+            "listen", "--db", &url, "-c", "plain", "-a", "webhook", "-u", &hook,
+        ],
+        &[
+            ("PGPIPE_WEBHOOK_BACKOFF_CAP", "100ms"),
+            ("PGPIPE_WEBHOOK_BACKOFF_BASE", "50ms"),
+        ],
+    );
+    fwd.wait_for_stderr("detector chosen automatically", WAIT)
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    db.execute("SELECT pg_notify('plain', '{\"op\": \"PING\"}')")
+        .await;
+    let log = fwd
+        .wait_for_stderr("pgpipe.dead_letters does not exist", WAIT)
+        .await;
+    assert!(log.contains("CREATE EXTENSION pgpipe"), "{log}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.requests().len(), 1, "a 400 is not retried");
+    assert!(
+        fwd.try_exit_status().is_none(),
+        "the forwarder keeps running"
+    );
 }

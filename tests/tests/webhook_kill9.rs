@@ -64,7 +64,10 @@ async fn every_event_arrives_across_kill_9_and_a_flaky_endpoint() {
     let kills = 4;
     for round in 0..kills {
         let fwd = Forwarder::spawn(&args, &env);
-        tokio::time::sleep(Duration::from_millis(300 + 150 * round)).await;
+        tokio::time::sleep(Duration::from_millis(
+            200 + 100 * round + u64::from(fastrand_u8()),
+        ))
+        .await;
         fwd.kill9();
         fwd.wait_exit(Duration::from_secs(10)).await;
     }

@@ -68,6 +68,7 @@ pub extern "C-unwind" fn pgpipe_worker_main(_arg: pg_sys::Datum) {
         next_poll: Instant::now(),
         next_rotate: Instant::now(),
         more: false,
+        warned_leftover_slot: false,
     };
     worker.run(&database);
     // Exit code 1: Postgres restarts the worker after the restart interval (exit code 0
@@ -84,6 +85,8 @@ struct Worker {
     next_rotate: Instant,
     /// The last read stopped at the batch size: read again without waiting.
     more: bool,
+    /// Logged that a slot outlived the extension.
+    warned_leftover_slot: bool,
 }
 
 impl Worker {
@@ -175,7 +178,21 @@ impl Worker {
             }
         };
         match outcome {
-            ReadOutcome::NoExtension => self.set_state(WorkerState::WaitingForExtension, None),
+            ReadOutcome::NoExtension(leftover) => {
+                self.set_state(WorkerState::WaitingForExtension, None);
+                match leftover {
+                    Some(slot) if !self.warned_leftover_slot => {
+                        warning!(
+                            "pgpipe worker: replication slot \"{slot}\" remains from a dropped pgpipe \
+                             extension and holds WAL; drop it with \
+                             SELECT pg_drop_replication_slot('{slot}')"
+                        );
+                        self.warned_leftover_slot = true;
+                    }
+                    Some(_) => {}
+                    None => self.warned_leftover_slot = false,
+                }
+            }
             ReadOutcome::NoSlot => self.set_state(WorkerState::Idle, None),
             ReadOutcome::SlotMissing => self.set_state(WorkerState::SlotMissing, None),
             ReadOutcome::SlotInvalidated => self.set_state(WorkerState::SlotInvalidated, None),

@@ -104,7 +104,7 @@ pub enum Message {
         relations: Vec<u32>,
     },
     /// A logical decoding message (`pg_logical_emit_message`), with `messages` on.
-    LogicalMessage {
+    Logical {
         transactional: bool,
         lsn: Lsn,
         prefix: String,
@@ -327,7 +327,7 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
             let prefix = r.string("message prefix")?;
             let len = r.u32("message length")?;
             let content = r.take(len as usize, "message content")?.to_vec();
-            Message::LogicalMessage {
+            Message::Logical {
                 transactional,
                 lsn,
                 prefix,
@@ -557,7 +557,7 @@ mod tests {
         msg.extend_from_slice(b"{}");
         assert_eq!(
             decode(&msg).unwrap(),
-            Message::LogicalMessage {
+            Message::Logical {
                 transactional: true,
                 lsn: 99,
                 prefix: "pgpipe".into(),

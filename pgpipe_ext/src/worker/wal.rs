@@ -36,8 +36,9 @@ const MAX_CACHED_PLANS: usize = 512;
 
 /// What a read cycle found.
 pub enum ReadOutcome {
-    /// `CREATE EXTENSION pgpipe` has not run in this database.
-    NoExtension,
+    /// `CREATE EXTENSION pgpipe` has not run in this database; `Some(slot)` when pgpipe's
+    /// slot is still there (left over by DROP EXTENSION) and holds WAL.
+    NoExtension(Option<String>),
     /// No slot and no record of one: nothing is subscribed with `mode => 'wal'`.
     NoSlot,
     /// pgpipe created a slot (there is progress for it) but it is gone.
@@ -113,10 +114,19 @@ impl WalCapture {
             )
             .map(|t| !t.is_empty())
             .unwrap_or_else(|e| error!("pgpipe worker: look up the extension: {e}"));
-        if !has_extension {
-            return ReadOutcome::NoExtension;
-        }
         let slot = guc::slot_name();
+        if !has_extension {
+            let leftover = client
+                .select(
+                    "SELECT 1 FROM pg_catalog.pg_replication_slots \
+                     WHERE slot_name = $1 AND database = pg_catalog.current_database()",
+                    None,
+                    &[slot.as_str().into()],
+                )
+                .map(|t| !t.is_empty())
+                .unwrap_or(false);
+            return ReadOutcome::NoExtension(leftover.then_some(slot));
+        }
         let publication = guc::publication();
 
         let (slot_row, progress) = slot_and_progress(client, &slot);
@@ -283,9 +293,7 @@ impl WalCapture {
                             events += writer.write(client, &mut targets, &mut change_cx, change);
                         }
                     }
-                    Message::Origin { .. }
-                    | Message::Type { .. }
-                    | Message::LogicalMessage { .. } => {}
+                    Message::Origin { .. } | Message::Type { .. } | Message::Logical { .. } => {}
                 }
             }
         }

@@ -107,6 +107,7 @@ pub fn build_one(config: &Config, name: &str) -> Result<Box<dyn Adapter>, Error>
         "exec" => Ok(Box::new(exec::Exec::new(
             "exec",
             &config.exec,
+            &config.database_url,
             config.shutdown_timeout / 2,
         ))),
         "pg_table" => Ok(Box::new(pg_table::PgTable::new(

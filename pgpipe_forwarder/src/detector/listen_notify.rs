@@ -44,6 +44,9 @@ pub struct ListenNotifyDetector {
     channels: Vec<String>,
     max_in_flight: u64,
     backoff: Backoff,
+    /// How often an idle connection is probed (a silently dead one would lose
+    /// notifications unnoticed).
+    probe_interval: Duration,
     /// Whether a connection ever succeeded: failing to reach the database at start-up
     /// exits (the supervisor restarts), later losses are retried.
     reached: bool,
@@ -58,6 +61,7 @@ impl ListenNotifyDetector {
             channels: config.channels.clone(),
             max_in_flight: d.max_in_flight as u64,
             backoff: Backoff::new(d.backoff_base, d.backoff_cap),
+            probe_interval: d.status_interval,
             reached: false,
         }
     }
@@ -113,9 +117,21 @@ impl ListenNotifyDetector {
         tracing::info!(component = "detector", detector = SOURCE, channels = ?self.channels,
             "listening (at-most-once: notifications sent while disconnected are lost)");
 
+        let mut probe = tokio::time::interval(self.probe_interval);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        probe.tick().await;
         loop {
             let room = tracker.in_flight() < self.max_in_flight;
             tokio::select! {
+                _ = probe.tick() => {
+                    let alive = tokio::time::timeout(self.probe_interval, client.simple_query("SELECT 1")).await;
+                    if !matches!(alive, Ok(Ok(_))) {
+                        return Err(Error::DetectorDisconnected {
+                            detector: SOURCE.into(),
+                            reason: "the connection stopped answering".into(),
+                        });
+                    }
+                }
                 _ = cancel.cancelled() => {
                     tracing::info!(component = "detector", detector = SOURCE, "stopping");
                     return Ok(());
@@ -142,7 +158,6 @@ impl ListenNotifyDetector {
                     }
                 },
             }
-            // Keep the connection's liveness visible even without traffic.
             if client.is_closed() {
                 return Err(Error::DetectorDisconnected {
                     detector: SOURCE.into(),

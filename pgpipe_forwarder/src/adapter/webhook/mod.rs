@@ -32,6 +32,9 @@ use sign::Signer;
 /// Shortest wait between two attempts (the original's floor).
 const BACKOFF_FLOOR: Duration = Duration::from_millis(100);
 
+/// Most 307/308 redirects followed for one request.
+const MAX_REDIRECTS: usize = 5;
+
 /// Most bytes of an error answer's body quoted in the error message.
 const BODY_EXCERPT: usize = 200;
 
@@ -87,7 +90,18 @@ impl Webhook {
             "" => None,
             key => Some(Signer::new(key)?),
         };
+        // Only redirects that keep the method and body (307, 308) are followed; a 301/302/303
+        // would turn the POST into a GET, so it is reported (and dead-lettered) instead.
+        let redirects = reqwest::redirect::Policy::custom(|attempt| {
+            let keeps_body = matches!(attempt.status().as_u16(), 307 | 308);
+            if keeps_body && attempt.previous().len() < MAX_REDIRECTS {
+                attempt.follow()
+            } else {
+                attempt.stop()
+            }
+        });
         let client = reqwest::Client::builder()
+            .redirect(redirects)
             .timeout(config.timeout)
             .user_agent(concat!("pgpipe/", env!("CARGO_PKG_VERSION")))
             .build()

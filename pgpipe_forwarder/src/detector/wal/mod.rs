@@ -3,8 +3,8 @@
 //!
 //! - Publication: `--publication NAME` must exist; with `--all-tables` it is created
 //!   `FOR ALL TABLES` when missing (default name `pgpipe_all_tables`).
-//! - Slot: a persistent logical slot (`--slot`, default `pgpipe_<publication>`), created
-//!   when missing. Replication resumes from its confirmed LSN.
+//! - Slot: a persistent logical slot (`--slot`, default `pgpipe_<publication>`, or the
+//!   publication's name when it already starts with `pgpipe_`), created when missing. Replication resumes from its confirmed LSN.
 //! - Delivery is at least once: the slot's confirmed LSN is a commit's end LSN, reported
 //!   (standby status update) only after every durable adapter finished every event of
 //!   that transaction and of all before it. A restart replays from there; replayed events
@@ -134,6 +134,7 @@ impl WalDetector {
             tracker: AckTracker::new(io.durable_adapters),
             released: 0,
         };
+        let mut standing_by = false;
         loop {
             let result = self.session(&mut io, &mut progress, &cancel).await;
             match result {
@@ -143,11 +144,25 @@ impl WalDetector {
                 }
                 Err(e) if !self.reached => return Err(e),
                 Err(e) => {
-                    io.health.down(format!("replication stream down: {e}"));
-                    let delay = self.backoff.next_delay();
-                    tracing::error!(component = "detector", detector = NAME, slot = %self.slot,
-                        error = %e, retry_in = ?delay,
-                        "replication stream down; reconnecting (changes wait in the slot)");
+                    // Another forwarder streams from the slot: wait as its standby, quietly.
+                    let standby = e.to_string().contains("is active for PID");
+                    let delay = if standby {
+                        if !standing_by {
+                            tracing::info!(component = "detector", detector = NAME, slot = %self.slot,
+                                "another forwarder holds this slot; standing by");
+                        }
+                        io.health
+                            .down(format!("standby: slot {} is in use", self.slot));
+                        self.backoff.ceiling(0)
+                    } else {
+                        io.health.down(format!("replication stream down: {e}"));
+                        let delay = self.backoff.next_delay();
+                        tracing::error!(component = "detector", detector = NAME, slot = %self.slot,
+                            error = %e, retry_in = ?delay,
+                            "replication stream down; reconnecting (changes wait in the slot)");
+                        delay
+                    };
+                    standing_by = standby;
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(delay) => {}
@@ -334,7 +349,8 @@ impl WalDetector {
         let row = client
             .query_opt(
                 "SELECT plugin::text, database::text, confirmed_flush_lsn::text, \
-                        current_database()::text FROM pg_replication_slots WHERE slot_name = $1",
+                        current_database()::text, wal_status::text \
+                 FROM pg_replication_slots WHERE slot_name = $1",
                 &[&self.slot],
             )
             .await
@@ -344,6 +360,16 @@ impl WalDetector {
             let database: Option<String> = row.get(1);
             let confirmed: Option<String> = row.get(2);
             let current: String = row.get(3);
+            let wal_status: Option<String> = row.get(4);
+            if wal_status.as_deref() == Some("lost") {
+                return Err(Error::Config(format!(
+                    "replication slot {0:?} was invalidated (it fell behind by more than \
+                     max_slot_wal_keep_size): the changes since its last confirmed position are \
+                     gone. Resynchronise the receivers, drop the slot \
+                     (SELECT pg_drop_replication_slot('{0}')) and start again to capture from now",
+                    self.slot
+                )));
+            }
             if plugin.as_deref() != Some("pgoutput")
                 || database.as_deref() != Some(current.as_str())
             {
@@ -525,7 +551,8 @@ fn publish(io: &DetectorIo, progress: &mut Progress, safe: u64, event: Event) ->
 }
 
 /// How values of type `oid` convert; user types are looked up once (domains convert as
-/// their base type, arrays element by element, everything else as text).
+/// their base type, arrays element by element, composites attribute by attribute,
+/// everything else as text).
 async fn kind_of(client: &Client, cache: &mut HashMap<u32, Kind>, oid: u32) -> Result<Kind, Error> {
     if let Some(kind) = value::builtin_kind(oid) {
         return Ok(kind);
@@ -566,6 +593,23 @@ fn lookup_kind<'a>(client: &'a Client, oid: u32, depth: u32) -> BoxFuture<'a, Re
         if typtype == "d" && base != 0 {
             return lookup_kind(client, base, depth + 1).await;
         }
+        if typtype == "c" {
+            let rows = client
+                .query(
+                    "SELECT a.attname::text, a.atttypid FROM pg_type t \
+                     JOIN pg_attribute a ON a.attrelid = t.typrelid \
+                     WHERE t.oid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+                    &[&oid],
+                )
+                .await
+                .map_err(Error::pg(format!("look up the attributes of type {oid}")))?;
+            let mut attributes = Vec::with_capacity(rows.len());
+            for row in rows {
+                let kind = lookup_kind(client, row.get(1), depth + 1).await?;
+                attributes.push((row.get::<_, String>(0), kind));
+            }
+            return Ok(Kind::Composite(attributes));
+        }
         if category == "A" && element != 0 {
             let element_kind = lookup_kind(client, element, depth + 1).await?;
             return Ok(Kind::Array(
@@ -597,9 +641,15 @@ pub fn parse_lsn(text: &str) -> Option<u64> {
     Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
-/// `pgpipe_<publication>`: lower case, `[a-z0-9_]`, at most 63 bytes.
+/// `pgpipe_<publication>` (the publication's name itself when it starts with `pgpipe_`):
+/// lower case, `[a-z0-9_]`, at most 63 bytes.
 pub fn default_slot(publication: &str) -> String {
-    let mut name: String = format!("pgpipe_{publication}")
+    let base = if publication.to_ascii_lowercase().starts_with("pgpipe_") {
+        publication.to_string()
+    } else {
+        format!("pgpipe_{publication}")
+    };
+    let mut name: String = base
         .chars()
         .map(|c| {
             let c = c.to_ascii_lowercase();
@@ -627,7 +677,8 @@ mod tests {
         assert_eq!(parse_lsn("0/16B3748"), Some(0x16B_3748));
         assert_eq!(parse_lsn("1/0"), Some(1 << 32));
         assert_eq!(parse_lsn("x"), None);
-        assert_eq!(default_slot("pgpipe_orders"), "pgpipe_pgpipe_orders");
+        assert_eq!(default_slot("pgpipe_orders"), "pgpipe_orders");
+        assert_eq!(default_slot("orders"), "pgpipe_orders");
         assert_eq!(default_slot("Shop-Pub"), "pgpipe_shop_pub");
         assert_eq!(default_slot(&"p".repeat(100)).len(), 63);
     }

@@ -10,8 +10,10 @@
 //! - `timestamp`/`timestamptz` → ISO 8601 with a `T` (`2026-11-27T02:14:52.123456+00:00`),
 //!   `date` as printed (`2026-11-27`);
 //! - arrays of any of these → JSON arrays (nested for multi-dimensional arrays);
-//! - everything else (text, uuid, `oid`, money, intervals, composites, ranges, ...) → the
-//!   value's text as a JSON string. Domains convert as their base type.
+//! - composite types → JSON objects of their attributes, each converted by these rules;
+//! - everything else (text, uuid, `oid`, money, intervals, enums, ranges, ...) → the
+//!   value's text as a JSON string. Domains convert as their base type. (Types with their
+//!   own cast to json, such as hstore, are the exception: they stay strings here.)
 //!
 //! The walsender must print values with `DateStyle=ISO` (the detector sets it).
 
@@ -34,6 +36,8 @@ pub enum Kind {
     Text,
     /// An array of elements of a kind, with the element type's delimiter.
     Array(Box<Kind>, u8),
+    /// A composite (row) type: a JSON object of its attributes.
+    Composite(Vec<(String, Kind)>),
 }
 
 /// The kind of a built-in type, or `None` when the type must be looked up (user types,
@@ -145,6 +149,68 @@ pub fn to_json(kind: &Kind, text: &str) -> Value {
             Some(tree) => array_to_json(&tree, element),
             None => Value::String(text.to_string()),
         },
+        Kind::Composite(attributes) => match parse_record(text) {
+            Some(fields) if fields.len() == attributes.len() => Value::Object(
+                attributes
+                    .iter()
+                    .zip(fields)
+                    .map(|((name, kind), field)| {
+                        let value = match field {
+                            Some(text) => to_json(kind, &text),
+                            None => Value::Null,
+                        };
+                        (name.clone(), value)
+                    })
+                    .collect(),
+            ),
+            _ => Value::String(text.to_string()),
+        },
+    }
+}
+
+/// Parses a composite value's text (`(1,"a b",,"x""y")`): fields in order, `None` for an
+/// empty unquoted field (NULL; `""` is the empty string). `None` if the text is not a
+/// record literal.
+pub fn parse_record(text: &str) -> Option<Vec<Option<String>>> {
+    let inner = text.strip_prefix('(')?.strip_suffix(')')?;
+    let b = inner.as_bytes();
+    let mut fields = Vec::new();
+    let mut pos = 0;
+    loop {
+        let mut out = Vec::new();
+        let mut quoted = false;
+        let mut had_quotes = false;
+        while let Some(&c) = b.get(pos) {
+            match c {
+                b',' if !quoted => break,
+                b'"' if quoted && b.get(pos + 1) == Some(&b'"') => {
+                    out.push(b'"');
+                    pos += 2;
+                }
+                b'"' => {
+                    quoted = !quoted;
+                    had_quotes = true;
+                    pos += 1;
+                }
+                b'\\' => {
+                    out.push(*b.get(pos + 1)?);
+                    pos += 2;
+                }
+                c => {
+                    out.push(c);
+                    pos += 1;
+                }
+            }
+        }
+        if quoted {
+            return None;
+        }
+        let field = String::from_utf8(out).ok()?;
+        fields.push((had_quotes || !field.is_empty()).then_some(field));
+        if pos >= b.len() {
+            return Some(fields);
+        }
+        pos += 1; // the comma
     }
 }
 
@@ -538,6 +604,34 @@ mod tests {
         assert_eq!(
             to_json(&stamps, r#"{"2020-01-01 10:00:00+00"}"#),
             json!(["2020-01-01T10:00:00+00:00"])
+        );
+        let pair = Kind::Composite(vec![
+            ("a".into(), Kind::Number),
+            ("b".into(), Kind::Text),
+            ("c".into(), Kind::Array(Box::new(Kind::Number), b',')),
+            ("d".into(), Kind::Json),
+        ]);
+        assert_eq!(
+            text_of(&to_json(&pair, r#"(1,"x y","{1.50,2}","{""k"": 1}")"#)),
+            r#"{"a":1,"b":"x y","c":[1.50,2],"d":{"k":1}}"#
+        );
+        assert_eq!(
+            to_json(&pair, r#"(,"",,)"#),
+            json!({"a": null, "b": "", "c": null, "d": null})
+        );
+        assert_eq!(
+            to_json(&pair, r#"(2,"a""b\\c,(d)",,)"#),
+            json!({"a": 2, "b": "a\"b\\c,(d)", "c": null, "d": null})
+        );
+        assert_eq!(
+            to_json(&pair, "(1,2)"),
+            json!("(1,2)"),
+            "wrong arity stays text"
+        );
+        let pairs = Kind::Array(Box::new(pair), b',');
+        assert_eq!(
+            to_json(&pairs, r#"{"(1,q,,)"}"#),
+            json!([{"a": 1, "b": "q", "c": null, "d": null}])
         );
         let floats = Kind::Array(Box::new(Kind::Number), b',');
         assert_eq!(to_json(&floats, "{NaN,1e+3}"), json!(["NaN", 1000]));
