@@ -228,6 +228,24 @@ class Cluster:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def proc_cpu_s(pid):
+    """utime + stime of a process, seconds."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def perf_lines(data, args, limit, pct_limit=1):
+    r = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
+                        "--percent-limit", str(pct_limit)] + args, capture_output=True, text=True)
+    return [l.rstrip() for l in r.stdout.splitlines()
+            if l.strip() and not l.startswith("#") and "%" in l
+            and not l.strip().startswith(("-", "|"))][:limit]
+
+
 def pgbench_result(proc):
     out, err = proc.communicate()
     if proc.returncode != 0:
@@ -440,7 +458,7 @@ def commit_times(cl, xids):
     if not xids:
         return {}
     xs = ",".join(str(x) for x in sorted(xids))
-    out = cl.psql("SELECT x, (extract(epoch FROM pg_xact_commit_timestamp((x % 4294967296)::text::xid)) "
+    out = cl.psql("SELECT x, (extract(epoch FROM pg_xact_commit_timestamp((x %% 4294967296)::text::xid)) "
                   "* 1000000)::bigint FROM unnest('{%s}'::bigint[]) x" % xs)
     res = {}
     for line in out.splitlines():
@@ -525,6 +543,11 @@ class Bench:
         cl.psql("CREATE TRIGGER bench_capture AFTER INSERT OR UPDATE OR DELETE ON b_1idx "
                 "FOR EACH ROW EXECUTE FUNCTION bench.capture_row_1idx('b_1idx');")
         self.res["capture_row_source"] = self.capture_fn
+        cl.psql("""
+CREATE FUNCTION bench.elapsed_ms(q text) RETURNS float8 LANGUAGE plpgsql AS $$
+DECLARE t0 timestamptz := clock_timestamp();
+BEGIN EXECUTE q; RETURN extract(epoch FROM clock_timestamp() - t0) * 1000; END $$;
+""")
 
     def reset_queue(self):
         self.cl.psql("TRUNCATE pgpipe.events, bench.events_1idx; DELETE FROM pgpipe.consumers;")
@@ -627,11 +650,6 @@ class Bench:
     def phase_breakdown(self):
         cl = self.cl
         n = P["breakdown_rows"]
-        cl.psql("""
-CREATE OR REPLACE FUNCTION bench.elapsed_ms(q text) RETURNS float8 LANGUAGE plpgsql AS $$
-DECLARE t0 timestamptz := clock_timestamp();
-BEGIN EXECUTE q; RETURN extract(epoch FROM clock_timestamp() - t0) * 1000; END $$;
-""")
         for t in ("k_plain", "k_trig", "k_nosp", "k_1idx"):
             cl.psql("CREATE TABLE IF NOT EXISTS %s (LIKE b_plain INCLUDING ALL);" % t)
         cl.psql("SELECT pgpipe.subscribe('k_trig');")
@@ -722,16 +740,16 @@ BEGIN EXECUTE q; RETURN extract(epoch FROM clock_timestamp() - t0) * 1000; END $
         rows, vs = self.cl.val("SELECT count(*), coalesce(sum(v), 0) FROM b_e2e").split("\t")
         return int(rows), int(vs)
 
-    def run_prefill(self, label, adapter, env=None, extra=None, receiver=False):
+    def run_prefill(self, label, adapter, env=None, extra=None, receiver=False, n=None, profile=False):
         cl = self.cl
-        n = P["prefill"]
+        n = n or P["prefill"]
         self.reset_queue()
         cl.psql("CHECKPOINT;")
         name = "pf_" + label
         cl.psql("SELECT pgpipe.register_consumer('%s', ARRAY['b_e2e'], start => 'now');" % name)
         base = self.e2e_base()
         t0 = time.time()
-        cl.pgbench(INSERT_N_SQL.format(t="b_e2e", n=1000), 2, transactions=n // 2000, name="prefill")
+        cl.pgbench(INSERT_N_SQL.format(t="b_e2e", n=1000), 2, transactions=max(1, n // 2000), name="prefill")
         write_s = time.time() - t0
         produced = self.produced_since(base)
         recv = None
@@ -745,11 +763,21 @@ BEGIN EXECUTE q; RETURN extract(epoch FROM clock_timestamp() - t0) * 1000; END $
             recv = subprocess.Popen([sys.executable, os.path.abspath(__file__), "receiver", str(rport), recv_out])
             time.sleep(0.5)
             extra += ["--url", "http://127.0.0.1:%d/hook" % rport]
+        perf = None
+        perf_data = os.path.join(self.work, name + ".perf.data")
+        if profile and shutil.which("perf"):
+            perf = subprocess.Popen(["perf", "record", "-F", "499", "-a", "-g", "-o", perf_data],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
         fw = Forwarder(cl, self.work, name, "b_e2e", adapter=adapter, env=env, extra=extra)
         out_path = recv_out if receiver else fw.out
         watch = Watcher(out_path, b'"source":"' if receiver else b"\n")
         t_start = time.time()
         t_done, t_first = watch.wait_for(produced, timeout=max(60, produced / 500), alive=fw.alive)
+        cpu = proc_cpu_s(fw.proc.pid)
+        if perf:
+            perf.send_signal(signal.SIGINT)
+            perf.wait()
         mem = fw.stop()
         watch.poll()
         watch.close()
@@ -765,6 +793,13 @@ BEGIN EXECUTE q; RETURN extract(epoch FROM clock_timestamp() - t0) * 1000; END $
             res["events_per_s"] = rnd(produced / max(t_done - t_first, 1e-6), 0)
         else:
             res["timeout"] = True
+        res["forwarder_cpu_s"] = rnd(cpu, 2)
+        if t_done:
+            res["forwarder_cpu_us_per_event"] = rnd(cpu * 1e6 / produced, 1)
+        if perf:
+            res["perf_by_process"] = perf_lines(perf_data, ["--sort", "comm"], 10)
+            res["perf_forwarder_top"] = perf_lines(perf_data, ["--comm", "pgpipe", "--sort", "dso,symbol", "-g", "none"], 20, 0.5)
+            res["perf_postgres_top"] = perf_lines(perf_data, ["--comm", "postgres", "--sort", "dso,symbol", "-g", "none"], 20, 0.5)
         res["check"] = check_events(events, produced)
         return res
 
@@ -780,14 +815,16 @@ BEGIN EXECUTE q; RETURN extract(epoch FROM clock_timestamp() - t0) * 1000; END $
         res["rss_idle_mb"] = rnd(fw.mem().get("VmRSS"))
         fw.stop()
         # Pre-filled queue, drained by each adapter (the forwarder's own cost).
-        configs = [("stdout_sink", "stdout", {}, [], False),
-                   ("file_fsync_always", "file", {}, [], False),
-                   ("file_fsync_never", "file", {"PGPIPE_FILE_FSYNC": "never"}, [], False),
-                   ("webhook_single", "webhook", {}, [], True),
-                   ("webhook_batch100", "webhook", {"PGPIPE_WEBHOOK_BATCH_SIZE": "100"}, [], True)]
-        for label, adapter, env, extra, receiver in configs:
+        small = min(P["prefill"], 20000)
+        configs = [("stdout_sink", "stdout", {}, [], False, None, False),
+                   ("file_fsync_always", "file", {}, [], False, None, True),
+                   ("file_fsync_never", "file", {"PGPIPE_FILE_FSYNC": "never"}, [], False, None, False),
+                   ("file_batch5000", "file", {}, ["--batch-size", "5000", "--max-in-flight", "50000"], False, None, False),
+                   ("webhook_single", "webhook", {}, [], True, small, False),
+                   ("webhook_batch100", "webhook", {"PGPIPE_WEBHOOK_BATCH_SIZE": "100"}, [], True, None, False)]
+        for label, adapter, env, extra, receiver, n, profile in configs:
             try:
-                r = self.run_prefill(label, adapter, env, extra, receiver)
+                r = self.run_prefill(label, adapter, env, extra, receiver, n, profile)
             except Exception as e:  # noqa: BLE001
                 r = {"error": str(e)[:500]}
             res["prefill"][label] = r
@@ -1041,14 +1078,20 @@ BEGIN EXECUTE q; RETURN extract(epoch FROM clock_timestamp() - t0) * 1000; END $
         total = warm + hold + after
         t0 = time.time()
         pb = cl.pgbench_async(INSERT_SQL.format(t="b_fail"), 4, total, rate=1000, name="fail")
-        time.sleep(warm)
+        time.sleep(warm - 1)
+        read_q = "SELECT bench.elapsed_ms('SELECT count(*) FROM pgpipe.read(''fail'')')"
+        read_before = [float(cl.val(read_q)) for _ in range(5)]
+        time.sleep(1)
         holder = subprocess.Popen(cl.psql_cmd() + ["-f", "-"], stdin=subprocess.PIPE, text=True,
                                   stdout=subprocess.PIPE)
         holder.stdin.write("BEGIN; INSERT INTO b_fail (v, name, amount) VALUES (0, 'held', 1); SELECT pg_current_xact_id();\n")
         holder.stdin.flush()
         held_xid = int(holder.stdout.readline().strip())
         t_hold = time.time()
-        time.sleep(hold)
+        time.sleep(max(0, hold - 2))
+        read_end = [float(cl.val(read_q)) for _ in range(5)]
+        rows_since_hold = int(cl.val("SELECT count(*) FROM pgpipe.events WHERE xid >= '%d'::xid8" % held_xid))
+        time.sleep(max(0, t_hold + hold - time.time()))
         holder.stdin.write("COMMIT;\n")
         holder.stdin.close()
         holder.wait()
@@ -1081,6 +1124,9 @@ BEGIN EXECUTE q; RETURN extract(epoch FROM clock_timestamp() - t0) * 1000; END $
         res = {"hold_s": hold, "rate": 1000, "produced": produced, "load": loadavg(),
                "latency_by_window": {k: lat_stats(v) for k, v in windows.items()},
                "held_event_delivered": bool(held),
+               "read_ms_before_hold": rnd(med(read_before), 2),
+               "read_ms_end_of_hold": rnd(med(read_end), 2),
+               "queue_rows_since_held_xid_at_end_of_hold": rows_since_hold,
                "check": check_events(events, produced),
                "delivered_cumulative_by_second": sorted(per_sec.items())}
         # Read cost during the hold: how long one pgpipe.read takes with the old xmin.
@@ -1271,17 +1317,29 @@ def render_md(r, prev):
         L.append("")
         L.append("Pre-filled queue of %s events (1,000-row transactions) written with the forwarder stopped, then drained; rate = events / (last − first delivery). Load before/after: %s / %s." % (r["params"]["prefill"], e2e.get("load_before"), e2e.get("load_after")))
         L.append("")
-        L.append("| adapter | events/s | drain from start s | RSS peak MB | delivered = produced | dups | order violations |")
-        L.append("|---|---|---|---|---|---|---|")
+        L.append("| adapter | events | events/s | drain from start s | forwarder CPU µs/event | RSS peak MB | delivered = produced | dups | order violations |")
+        L.append("|---|---|---|---|---|---|---|---|---|")
         for label, x in e2e["prefill"].items():
             if "error" in x:
-                L.append("| %s | failed: %s | | | | | |" % (label, x["error"][:150].replace("|", "/").replace("\n", " ")))
+                L.append("| %s | failed: %s | | | | | | | |" % (label, x["error"][:150].replace("|", "/").replace("\n", " ")))
                 continue
             c = x.get("check", {})
-            L.append("| %s | %s | %s | %s | %s (%s/%s) | %s | %s |" % (
-                label, fmt(x.get("events_per_s")), fmt(x.get("drain_s_from_start")), fmt(x.get("rss_mb_peak")),
+            L.append("| %s | %s | %s | %s | %s | %s | %s (%s/%s) | %s | %s |" % (
+                label, fmt(x.get("events")), fmt(x.get("events_per_s")), fmt(x.get("drain_s_from_start")),
+                fmt(x.get("forwarder_cpu_us_per_event")), fmt(x.get("rss_mb_peak")),
                 "yes" if c.get("ok") else "**no**", c.get("unique"), c.get("produced"), c.get("duplicates"), c.get("order_violations")))
         L.append("")
+        pbp = get(e2e, "prefill", "file_fsync_always", "perf_by_process")
+        if pbp:
+            L.append("Where the CPU goes while the file adapter drains (perf, system-wide, by process; then the top symbols of the forwarder and of Postgres):")
+            L.append("```")
+            L.extend(pbp)
+            L.append("")
+            L.extend(get(e2e, "prefill", "file_fsync_always", "perf_forwarder_top") or [])
+            L.append("")
+            L.extend(get(e2e, "prefill", "file_fsync_always", "perf_postgres_top") or [])
+            L.append("```")
+            L.append("")
         fr = get(e2e, "prefill", "file_fsync_always", "events_per_s")
         targets.append(("≥ 50,000 events/s through the file adapter (pre-filled drain, fsync always)", fr, (fr or 0) >= 50000))
         b = e2e.get("burst", {})
@@ -1359,6 +1417,9 @@ def render_md(r, prev):
         L.append("|---|---|---|---|---|")
         for k, x in fl["latency_by_window"].items():
             L.append("| %s | %s | %s | %s | %s |" % (k, x.get("n"), x.get("p50_ms"), x.get("p99_ms"), x.get("max_ms")))
+        L.append("")
+        L.append("One `pgpipe.read` (an empty or small batch, as the forwarder polls it): %s ms before the hold, %s ms at its end, when the scan from the held xid covers %s queue rows." % (
+            fl.get("read_ms_before_hold"), fl.get("read_ms_end_of_hold"), fmt(fl.get("queue_rows_since_held_xid_at_end_of_hold"))))
         L.append("")
         L.append("Held transaction's event delivered: %s; correct: %s (dups %s, order violations %s)." % (
             fl.get("held_event_delivered"), get(fl, "check", "ok"), get(fl, "check", "duplicates"), get(fl, "check", "order_violations")))

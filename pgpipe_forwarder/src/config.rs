@@ -52,7 +52,7 @@ pub const ENV_PREFIX: &str = "PGPIPE_";
 pub const MAX_CHANNEL_LEN: usize = 63;
 
 /// Keys whose value is a free-form string map, merged as a whole and not settable from env.
-const MAP_KEYS: &[&str] = &["webhook.headers", "webhooks"];
+const MAP_KEYS: &[&str] = &["webhook.headers", "webhooks", "files", "execs", "pg_tables"];
 
 /// Integer keys that also accept a size with a unit (`"100MiB"`).
 const SIZE_KEYS: &[&str] = &["file.max_size"];
@@ -102,6 +102,15 @@ pub struct Config {
     /// More webhook adapters (config file only): each entry is a `webhook` section plus a
     /// `name`, and runs as adapter `webhook:<name>` besides those in `adapters`.
     pub webhooks: Vec<WebhookConfig>,
+    /// More file adapters (config file only): `file` sections plus a `name`, run as
+    /// adapter `file:<name>`.
+    pub files: Vec<FileConfig>,
+    /// More exec adapters (config file only): `exec` sections plus a `name`, run as
+    /// adapter `exec:<name>`.
+    pub execs: Vec<ExecConfig>,
+    /// More pg_table adapters (config file only): `pg_table` sections plus a `name`, run
+    /// as adapter `pg_table:<name>`.
+    pub pg_tables: Vec<PgTableConfig>,
 }
 
 /// Detector settings (`detector.*`).
@@ -230,6 +239,8 @@ pub struct FileConfig {
     /// Longest retry delay after a failed write.
     #[serde(with = "humantime_serde")]
     pub backoff_cap: Duration,
+    /// Name of a `files` entry (the adapter is `file:<name>`); unused in `file`.
+    pub name: String,
 }
 
 /// Exec adapter settings (`exec.*`).
@@ -250,6 +261,8 @@ pub struct ExecConfig {
     pub read_grace: Duration,
     /// Commands that may die while a line is in hand before that line is dead-lettered.
     pub max_attempts: u32,
+    /// Name of an `execs` entry (the adapter is `exec:<name>`); unused in `exec`.
+    pub name: String,
 }
 
 /// pg_table adapter settings (`pg_table.*`).
@@ -268,6 +281,8 @@ pub struct PgTableConfig {
     /// Longest reconnect delay.
     #[serde(with = "humantime_serde")]
     pub backoff_cap: Duration,
+    /// Name of a `pg_tables` entry (the adapter is `pg_table:<name>`); unused in `pg_table`.
+    pub name: String,
 }
 
 /// WebSocket adapter settings (`websocket.*`).
@@ -301,6 +316,9 @@ impl Default for Config {
             pg_table: PgTableConfig::default(),
             websocket: WebsocketConfig::default(),
             webhooks: Vec::new(),
+            files: Vec::new(),
+            execs: Vec::new(),
+            pg_tables: Vec::new(),
         }
     }
 }
@@ -374,6 +392,7 @@ impl Default for FileConfig {
             fsync_interval: Duration::from_secs(1),
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(30),
+            name: String::new(),
         }
     }
 }
@@ -386,6 +405,7 @@ impl Default for ExecConfig {
             backoff_cap: Duration::from_secs(30),
             read_grace: Duration::from_millis(500),
             max_attempts: 5,
+            name: String::new(),
         }
     }
 }
@@ -398,6 +418,7 @@ impl Default for PgTableConfig {
             batch_size: 500,
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(30),
+            name: String::new(),
         }
     }
 }
@@ -422,6 +443,9 @@ impl Config {
         c.database_url = redact_url(&c.database_url);
         c.webhook = c.webhook.redacted();
         c.webhooks = c.webhooks.iter().map(WebhookConfig::redacted).collect();
+        for p in &mut c.pg_tables {
+            p.url = redact_url(&p.url);
+        }
         c.pg_table.url = redact_url(&c.pg_table.url);
         if !c.sse.auth_token.is_empty() {
             c.sse.auth_token = REDACTED.into();
@@ -469,6 +493,9 @@ impl fmt::Debug for Config {
             .field("pg_table", &self.pg_table)
             .field("websocket", &self.websocket)
             .field("webhooks", &self.webhooks)
+            .field("files", &self.files)
+            .field("execs", &self.execs)
+            .field("pg_tables", &self.pg_tables)
             .finish()
     }
 }
@@ -516,6 +543,7 @@ impl fmt::Debug for PgTableConfig {
             .field("url", &redact_url(&self.url))
             .field("table", &self.table)
             .field("batch_size", &self.batch_size)
+            .field("name", &self.name)
             .field("backoff_base", &self.backoff_base)
             .field("backoff_cap", &self.backoff_cap)
             .finish()
@@ -834,9 +862,11 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
-    /// An entry of `webhooks` that cannot be used.
-    #[error("webhooks[{index}]: {message}")]
-    ListedWebhook {
+    /// An entry of `webhooks`, `files`, `execs` or `pg_tables` that cannot be used.
+    #[error("{list}[{index}]: {message}")]
+    ListedAdapter {
+        /// The list's key.
+        list: &'static str,
         /// Position in the list (0-based).
         index: usize,
         /// What is wrong.
@@ -1314,6 +1344,7 @@ impl Config {
         for (index, hook) in self.webhooks.iter().enumerate() {
             check_listed_webhook(index, hook, &self.webhooks[..index])?;
         }
+        self.check_listed_others()?;
         if self.has_adapter("file") && self.file.path.as_os_str().is_empty() {
             return Err(ConfigError::FileWithoutPath);
         }
@@ -1395,28 +1426,120 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Checks the `files`, `execs` and `pg_tables` entries.
+    fn check_listed_others(&self) -> Result<(), ConfigError> {
+        let bad = |list: &'static str, index: usize, message: &str| ConfigError::ListedAdapter {
+            list,
+            index,
+            message: message.to_owned(),
+        };
+        for (i, f) in self.files.iter().enumerate() {
+            check_entry_name(
+                "files",
+                i,
+                &f.name,
+                self.files[..i].iter().map(|x| x.name.as_str()),
+            )?;
+            if f.path.as_os_str().is_empty() {
+                return Err(bad("files", i, "needs a path"));
+            }
+            if f.max_size == 0 || f.max_files == 0 {
+                return Err(bad("files", i, "max_size and max_files must be at least 1"));
+            }
+            one_of("files[].fsync", &f.fsync, FSYNC_POLICIES)?;
+            if f.backoff_base > f.backoff_cap {
+                return Err(bad("files", i, "backoff_base must not exceed backoff_cap"));
+            }
+        }
+        for (i, e) in self.execs.iter().enumerate() {
+            check_entry_name(
+                "execs",
+                i,
+                &e.name,
+                self.execs[..i].iter().map(|x| x.name.as_str()),
+            )?;
+            if e.command.trim().is_empty() {
+                return Err(bad("execs", i, "needs a command"));
+            }
+            if e.backoff_base > e.backoff_cap {
+                return Err(bad("execs", i, "backoff_base must not exceed backoff_cap"));
+            }
+        }
+        for (i, p) in self.pg_tables.iter().enumerate() {
+            check_entry_name(
+                "pg_tables",
+                i,
+                &p.name,
+                self.pg_tables[..i].iter().map(|x| x.name.as_str()),
+            )?;
+            if !p.url.is_empty() {
+                check_conninfo("pg_tables[].url", &p.url)?;
+            }
+            if p.table.trim().is_empty() || p.batch_size == 0 {
+                return Err(bad(
+                    "pg_tables",
+                    i,
+                    "needs a table and a batch_size of at least 1",
+                ));
+            }
+            if p.backoff_base > p.backoff_cap {
+                return Err(bad(
+                    "pg_tables",
+                    i,
+                    "backoff_base must not exceed backoff_cap",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks the `name` of entry `index` of list `list`: present, portable, not used before.
+fn check_entry_name<'a>(
+    list: &'static str,
+    index: usize,
+    name: &str,
+    mut earlier: impl Iterator<Item = &'a str>,
+) -> Result<(), ConfigError> {
+    let bad = |message: String| ConfigError::ListedAdapter {
+        list,
+        index,
+        message,
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= MAX_CHANNEL_LEN
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !name_ok {
+        return Err(bad(format!(
+            "name {name:?}: give each entry a name of letters, digits, '_' and '-'"
+        )));
+    }
+    if earlier.any(|n| n == name) {
+        return Err(bad(format!("name {name:?} is used twice")));
+    }
+    Ok(())
+}
+
 /// Checks entry `index` of `webhooks` (`earlier` are the entries before it).
 fn check_listed_webhook(
     index: usize,
     hook: &WebhookConfig,
     earlier: &[WebhookConfig],
 ) -> Result<(), ConfigError> {
-    let bad = |message: String| ConfigError::ListedWebhook { index, message };
-    let name_ok = !hook.name.is_empty()
-        && hook.name.len() <= MAX_CHANNEL_LEN
-        && hook
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if !name_ok {
-        return Err(bad(format!(
-            "name {:?}: give each entry a name of letters, digits, '_' and '-'",
-            hook.name
-        )));
-    }
-    if earlier.iter().any(|h| h.name == hook.name) {
-        return Err(bad(format!("name {:?} is used twice", hook.name)));
-    }
+    let bad = |message: String| ConfigError::ListedAdapter {
+        list: "webhooks",
+        index,
+        message,
+    };
+    check_entry_name(
+        "webhooks",
+        index,
+        &hook.name,
+        earlier.iter().map(|h| h.name.as_str()),
+    )?;
     let lower = hook.url.trim().to_ascii_lowercase();
     let host = lower
         .strip_prefix("http://")
@@ -1970,6 +2093,20 @@ websocket:
                 .starts_with("webhooks[1]: name \"billing\" is used twice"),
             "{e}"
         );
+        let more = format!(
+            "{text}files:\n  - name: copy\n    path: /tmp/x.jsonl\n    max_size: 1MiB\n\
+             execs:\n  - name: cat\n    command: cat\npg_tables:\n  - name: audit\n    \
+             table: audit.events\n"
+        );
+        let c = load(&Config::default(), Some(&file(&more)), &no_env, &[]).expect("loads");
+        assert_eq!(c.files[0].max_size, 1 << 20);
+        assert_eq!(
+            (c.execs[0].name.as_str(), c.pg_tables[0].batch_size),
+            ("cat", 500)
+        );
+        let no_path = more.replace("    path: /tmp/x.jsonl\n", "");
+        let e = load(&Config::default(), Some(&file(&no_path)), &no_env, &[]).unwrap_err();
+        assert_eq!(e.to_string(), "files[0]: needs a path");
         let typo = text.replace("max_retries: 2", "retries: 2");
         let e = load(&Config::default(), Some(&file(&typo)), &no_env, &[]).unwrap_err();
         assert!(e.to_string().contains("retries"), "{e}");

@@ -241,7 +241,7 @@ async fn an_unreachable_endpoint_is_named_and_dead_lettered_after_the_retries() 
 }
 
 #[tokio::test]
-async fn several_webhooks_from_the_config_file_each_deliver_everything() {
+async fn several_adapters_of_a_kind_from_the_config_file_each_deliver_everything() {
     let db = test_db("webhook_listed").await;
     db.execute("CREATE TABLE t (id int PRIMARY KEY); SELECT pgpipe.subscribe('t');")
         .await;
@@ -255,10 +255,12 @@ async fn several_webhooks_from_the_config_file_each_deliver_everything() {
         format!(
             "channels: [t]\nadapters: [webhook]\nwebhook:\n  url: {}\n\
              webhooks:\n  - name: bulk\n    url: {}\n    batch_size: 50\n\
-             \x20 - name: gone\n    url: {}\n",
+             \x20 - name: gone\n    url: {}\n\
+             files:\n  - name: copy\n    path: {}\n",
             main.url("/main"),
             batched.url("/bulk"),
-            refusing.url("/gone")
+            refusing.url("/gone"),
+            dir.path().join("copy.jsonl").display()
         ),
     )
     .unwrap();
@@ -294,6 +296,12 @@ async fn several_webhooks_from_the_config_file_each_deliver_everything() {
         .await;
     assert_eq!(adapters.len(), 1);
     assert_eq!(adapters[0].get::<_, String>(0), "webhook:gone");
+    let copied = std::fs::read_to_string(dir.path().join("copy.jsonl")).unwrap();
+    assert_eq!(
+        copied.lines().count(),
+        10,
+        "the listed file adapter got every event"
+    );
 }
 
 #[tokio::test]

@@ -25,6 +25,9 @@ use crate::guc;
 use crate::shared::{self, WorkerState, WORKER_STATUS};
 use wal::{ReadOutcome, WalCapture};
 
+/// How often the worker looks for a slot while there is none (or no extension).
+const IDLE_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Channel of the coalesced wake-up notification (the forwarder LISTENs on it).
 pub const WAKEUP_CHANNEL: &str = "pgpipe_wakeup";
 
@@ -69,6 +72,7 @@ pub extern "C-unwind" fn pgpipe_worker_main(_arg: pg_sys::Datum) {
         next_rotate: Instant::now(),
         more: false,
         warned_leftover_slot: false,
+        notify_plan: None,
     };
     worker.run(&database);
     // Exit code 1: Postgres restarts the worker after the restart interval (exit code 0
@@ -87,6 +91,8 @@ struct Worker {
     more: bool,
     /// Logged that a slot outlived the extension.
     warned_leftover_slot: bool,
+    /// `SELECT pg_notify('pgpipe_wakeup', '')`, prepared once.
+    notify_plan: Option<pgrx::spi::OwnedPreparedStatement>,
 }
 
 impl Worker {
@@ -122,8 +128,16 @@ impl Worker {
                 self.notify();
             }
             if self.more || now >= self.next_poll {
-                self.next_poll = now + guc::poll_interval();
                 self.poll_wal();
+                // Without a slot there is nothing to decode; a new WAL subscription
+                // creates the slot first, so looking once a second loses nothing.
+                let interval = match self.state {
+                    WorkerState::Idle | WorkerState::WaitingForExtension => {
+                        guc::poll_interval().max(IDLE_POLL_INTERVAL)
+                    }
+                    _ => guc::poll_interval(),
+                };
+                self.next_poll = now + interval;
             }
             if let Some(interval) = guc::rotate_interval() {
                 if now >= self.next_rotate && self.state != WorkerState::WaitingForExtension {
@@ -144,11 +158,32 @@ impl Worker {
 
     fn notify(&mut self) {
         self.last_notify = Some(Instant::now());
-        let result = in_transaction(|| {
-            Spi::run(&format!(
-                "SET LOCAL synchronous_commit = off; SELECT pg_catalog.pg_notify('{WAKEUP_CHANNEL}', '')"
-            ))
-        });
+        let plan = &mut self.notify_plan;
+        // The NOTIFY transaction need not wait for its commit record to reach disk: it
+        // carries no data. (Restored right after: event transactions commit durably.)
+        // SAFETY: a plain int setting of this process, read at commit.
+        let durable = unsafe { pg_sys::synchronous_commit };
+        unsafe {
+            pg_sys::synchronous_commit = pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_OFF as i32
+        };
+        let result = in_transaction(AssertUnwindSafe(|| {
+            Spi::connect(|client| {
+                if plan.is_none() {
+                    *plan = Some(
+                        client
+                            .prepare(
+                                &*format!("SELECT pg_catalog.pg_notify('{WAKEUP_CHANNEL}', '')"),
+                                &[],
+                            )?
+                            .keep(),
+                    );
+                }
+                let plan = plan.as_ref().expect("prepared above");
+                client.select(plan, None, &[]).map(|_| ())
+            })
+        }));
+        // SAFETY: as above.
+        unsafe { pg_sys::synchronous_commit = durable };
         match result {
             Ok(Ok(())) => WORKER_STATUS.exclusive().notifies_sent += 1,
             Ok(Err(e)) => warning!("pgpipe worker: send the wake-up NOTIFY: {e}"),

@@ -48,17 +48,30 @@ pub trait Adapter: Send {
     fn set_health(&mut self, _health: crate::health::Component) {}
 }
 
-/// Prefix of the adapters built from the `webhooks` list: `webhook:<name>`.
-pub const LISTED_WEBHOOK_PREFIX: &str = "webhook:";
-
-/// The adapters to run: those in `config.adapters`, then `webhook:<name>` per `webhooks`
-/// entry.
+/// The adapters to run: those in `config.adapters`, then `<kind>:<name>` per entry of the
+/// `webhooks`, `files`, `execs` and `pg_tables` lists.
 pub fn names(config: &Config) -> Vec<String> {
-    let listed = config
-        .webhooks
-        .iter()
-        .map(|w| format!("{LISTED_WEBHOOK_PREFIX}{}", w.name));
-    config.adapters.iter().cloned().chain(listed).collect()
+    let listed = |kind: &str, names: Vec<&str>| -> Vec<String> {
+        names.iter().map(|n| format!("{kind}:{n}")).collect()
+    };
+    let mut all = config.adapters.clone();
+    all.extend(listed(
+        "webhook",
+        config.webhooks.iter().map(|w| w.name.as_str()).collect(),
+    ));
+    all.extend(listed(
+        "file",
+        config.files.iter().map(|f| f.name.as_str()).collect(),
+    ));
+    all.extend(listed(
+        "exec",
+        config.execs.iter().map(|e| e.name.as_str()).collect(),
+    ));
+    all.extend(listed(
+        "pg_table",
+        config.pg_tables.iter().map(|p| p.name.as_str()).collect(),
+    ));
+    all
 }
 
 /// Builds the adapters [`names`] lists.
@@ -84,17 +97,44 @@ pub fn build_with_hubs(config: &Config, hubs: &live::Hubs) -> Result<Vec<Box<dyn
 
 /// Builds one adapter by name, as configured in `config` (also used by `pgpipe dlq replay`).
 pub fn build_one(config: &Config, name: &str) -> Result<Box<dyn Adapter>, Error> {
-    if let Some(listed) = name.strip_prefix(LISTED_WEBHOOK_PREFIX) {
-        let Some(hook) = config.webhooks.iter().find(|w| w.name == listed) else {
-            return Err(Error::Config(format!(
-                "adapter {name:?}: no webhooks entry is named {listed:?}"
-            )));
+    if let Some((kind, listed)) = name.split_once(':') {
+        let missing = |list: &str| {
+            Error::Config(format!(
+                "adapter {name:?}: no {list} entry is named {listed:?}"
+            ))
         };
-        return Ok(Box::new(webhook::Webhook::new(
-            name,
-            hook,
-            &config.database_url,
-        )?));
+        let db = &config.database_url;
+        return match kind {
+            "webhook" => {
+                let c = config.webhooks.iter().find(|c| c.name == listed);
+                let c = c.ok_or_else(|| missing("webhooks"))?;
+                Ok(Box::new(webhook::Webhook::new(name, c, db)?))
+            }
+            "file" => {
+                let c = config.files.iter().find(|c| c.name == listed);
+                let c = c.ok_or_else(|| missing("files"))?;
+                Ok(Box::new(file::FileAdapter::new(
+                    name,
+                    c,
+                    c.backoff_base,
+                    c.backoff_cap,
+                )?))
+            }
+            "exec" => {
+                let c = config.execs.iter().find(|c| c.name == listed);
+                let c = c.ok_or_else(|| missing("execs"))?;
+                let grace = config.shutdown_timeout / 2;
+                Ok(Box::new(exec::Exec::new(name, c, db, grace)))
+            }
+            "pg_table" => {
+                let c = config.pg_tables.iter().find(|c| c.name == listed);
+                let c = c.ok_or_else(|| missing("pg_tables"))?;
+                Ok(Box::new(pg_table::PgTable::new(name, c, db)))
+            }
+            _ => Err(Error::Config(format!(
+                "adapter {name:?}: unknown kind {kind:?} (webhook, file, exec or pg_table)"
+            ))),
+        };
     }
     match name {
         "stdout" => Ok(Box::new(stdout::Stdout::new(tokio::io::stdout()))),
