@@ -163,7 +163,8 @@ impl QueueDetector {
         let mut poll = tokio::time::interval(self.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Retention runs on the lease holder's connection; zero turns it off.
-        let mut rotate = tokio::time::interval(self.retention_interval.max(Duration::from_millis(1)));
+        let mut rotate =
+            tokio::time::interval(self.retention_interval.max(Duration::from_millis(1)));
         rotate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut want_read = true;
         let mut shutdown_deadline: Option<tokio::time::Instant> = None;
