@@ -6,7 +6,7 @@ PG_TEST_USER ?= postgres
 PGRX_TEST_DATA ?= /tmp/pgpipe-pgrx-test-data
 INSTALL_FLAGS ?=
 
-.PHONY: setup install build test test-unit test-pg test-scenarios lint demo bench clean
+.PHONY: setup install build test test-unit test-pg test-scenarios lint demo bench clean docker-build docker-up
 
 setup:
 	scripts/setup.sh
@@ -44,6 +44,15 @@ demo: install build
 bench: install
 	cargo build --release -p pgpipe_forwarder
 	scripts/bench.sh
+
+## Images: Postgres $(PG_MAJOR) with pgpipe preloaded, and the forwarder (needs Docker).
+docker-build:
+	docker build -f Dockerfile.postgres --build-arg PG_MAJOR=$(PG_MAJOR) -t pgpipe-postgres .
+	docker build -f Dockerfile.postgres --build-arg PG_MAJOR=$(PG_MAJOR) --target forwarder -t pgpipe .
+
+## Postgres + forwarder (webhook, SSE, WebSocket) with docker compose.
+docker-up:
+	docker compose up --build
 
 clean:
 	cargo clean

@@ -151,7 +151,7 @@ class Cluster:
             "max_connections": "300",
             "shared_buffers": "512MB",
             "max_wal_size": "8GB",
-            "min_wal_size": "1GB",
+            "min_wal_size": "2GB",
             "checkpoint_timeout": "30min",
             "max_replication_slots": "10",
             "max_wal_senders": "10",
@@ -514,6 +514,13 @@ class Bench:
     def setup(self):
         cl = self.cl
         cl.start()
+        # A fresh cluster creates (and zero-fills) a new 16 MB WAL segment every 16 MB of
+        # WAL; a cluster in service recycles old ones. Generate ~1.5 GB of WAL once so that
+        # the measurements see recycled segments (min_wal_size keeps them).
+        t = time.time()
+        cl.psql("CREATE TABLE warm AS SELECT g, repeat('x', 700) AS pad FROM generate_series(1, %d) g; "
+                "DROP TABLE warm; CHECKPOINT; CHECKPOINT;" % env_int("BENCH_WARM_ROWS", 2000000))
+        log("WAL warm-up %.1fs" % (time.time() - t))
         cl.psql("CREATE EXTENSION pgpipe; CREATE SCHEMA bench;")
         # Partitions ahead exist as they would under a running forwarder.
         cl.psql("SELECT * FROM pgpipe.rotate();")
@@ -547,6 +554,21 @@ class Bench:
 CREATE FUNCTION bench.elapsed_ms(q text) RETURNS float8 LANGUAGE plpgsql AS $$
 DECLARE t0 timestamptz := clock_timestamp();
 BEGIN EXECUTE q; RETURN extract(epoch FROM clock_timestamp() - t0) * 1000; END $$;
+-- What pgbench's backends are doing, sampled every dt seconds: their wait events, 'CPU'
+-- when running, Client:ClientRead while waiting for pgbench.
+CREATE FUNCTION bench.sample_waits(n int, dt float8) RETURNS TABLE (w text, samples bigint)
+LANGUAGE plpgsql AS $$
+BEGIN
+    CREATE TEMP TABLE IF NOT EXISTS _w (w text);
+    TRUNCATE _w;
+    FOR i IN 1..n LOOP
+        PERFORM pg_stat_clear_snapshot();
+        INSERT INTO _w SELECT coalesce(a.wait_event_type || ':' || a.wait_event, 'CPU')
+        FROM pg_stat_activity a WHERE a.application_name = 'pgbench' AND a.backend_type = 'client backend';
+        PERFORM pg_sleep(dt);
+    END LOOP;
+    RETURN QUERY SELECT _w.w, count(*) FROM _w GROUP BY 1 ORDER BY 2 DESC;
+END $$;
 """)
 
     def reset_queue(self):
@@ -650,52 +672,87 @@ BEGIN EXECUTE q; RETURN extract(epoch FROM clock_timestamp() - t0) * 1000; END $
     def phase_breakdown(self):
         cl = self.cl
         n = P["breakdown_rows"]
-        for t in ("k_plain", "k_trig", "k_nosp", "k_1idx"):
+        cl.psql("""
+CREATE OR REPLACE FUNCTION bench.trg_empty() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RETURN NULL; END $$;
+CREATE OR REPLACE FUNCTION bench.trg_empty_sd() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN RETURN NULL; END $$;
+CREATE OR REPLACE FUNCTION bench.trg_queue_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO pgpipe.events (id, channel, operation, payload, source)
+    VALUES (pgpipe.uuid_generate_v7(), TG_ARGV[0], TG_OP, '{}'::jsonb, 'trigger');
+    RETURN NULL;
+END $$;
+""")
+        trig = {"k_plain": None, "k_trig": "pgpipe", "k_nosp": "bench.capture_row_nosp",
+                "k_1idx": "bench.capture_row_1idx", "k_empty": "bench.trg_empty",
+                "k_emptysd": "bench.trg_empty_sd", "k_qonly": "bench.trg_queue_only"}
+        for t, fn in trig.items():
             cl.psql("CREATE TABLE IF NOT EXISTS %s (LIKE b_plain INCLUDING ALL);" % t)
-        cl.psql("SELECT pgpipe.subscribe('k_trig');")
-        cl.psql("DROP TRIGGER IF EXISTS bench_capture ON k_nosp; DROP TRIGGER IF EXISTS bench_capture ON k_1idx;"
-                "CREATE TRIGGER bench_capture AFTER INSERT OR UPDATE OR DELETE ON k_nosp "
-                "FOR EACH ROW EXECUTE FUNCTION bench.capture_row_nosp('k_nosp');"
-                "CREATE TRIGGER bench_capture AFTER INSERT OR UPDATE OR DELETE ON k_1idx "
-                "FOR EACH ROW EXECUTE FUNCTION bench.capture_row_1idx('k_1idx');")
-        ins = "INSERT INTO %s (v, name, amount) SELECT 0, ''new-customer'', 12.50 FROM generate_series(1, " + str(n) + ")"
+            if fn == "pgpipe":
+                cl.psql("SELECT pgpipe.subscribe('%s');" % t)
+            elif fn:
+                cl.psql("CREATE TRIGGER bench_capture AFTER INSERT OR UPDATE OR DELETE ON %s "
+                        "FOR EACH ROW EXECUTE FUNCTION %s('%s');" % (t, fn, t))
+        tables = ", ".join(trig)
+        ins = ("INSERT INTO %s (v, name, amount) SELECT 0, ''new-customer'', 12.50 FROM generate_series(1, "
+               + str(n) + ")")
+        upd = "UPDATE %s SET v = v + 1"
+        fill = ("SET session_replication_role = replica; INSERT INTO %s (v, name, amount) "
+                "SELECT 0, 'new-customer', 12.50 FROM generate_series(1, " + str(n) + "); VACUUM %s;")
         has_wakeup = cl.val("SELECT count(*) FROM pg_proc WHERE proname = 'mark_wakeup' "
                             "AND pronamespace = 'pgpipe'::regnamespace") != "0"
+        # (name, timed statement, table to pre-fill for it)
         items = [
-            ("insert, no trigger", ins % "k_plain"),
-            ("insert, pgpipe trigger (a)", ins % "k_trig"),
-            ("insert, trigger without SET search_path (b)", ins % "k_nosp"),
-            ("insert, trigger into 1-index queue (c)", ins % "k_1idx"),
-            ("uuid_generate_v7()", "SELECT count(pgpipe.uuid_generate_v7()) FROM generate_series(1, %d)" % n),
-            ("gen_random_uuid() (v4, for scale)", "SELECT count(gen_random_uuid()) FROM generate_series(1, %d)" % n),
+            ("insert, no trigger", ins % "k_plain", None),
+            ("insert, empty plpgsql trigger", ins % "k_empty", None),
+            ("insert, empty plpgsql trigger, SECURITY DEFINER + SET search_path", ins % "k_emptysd", None),
+            ("insert, trigger: queue INSERT only ('{}' payload)", ins % "k_qonly", None),
+            ("insert, pgpipe trigger (a)", ins % "k_trig", None),
+            ("insert, trigger without SET search_path (b)", ins % "k_nosp", None),
+            ("insert, trigger into 1-index queue (c)", ins % "k_1idx", None),
+            ("update, no trigger", upd % "k_plain", "k_plain"),
+            ("update, pgpipe trigger (a)", upd % "k_trig", "k_trig"),
+            ("update, trigger without SET search_path (b)", upd % "k_nosp", "k_nosp"),
+            ("uuid_generate_v7()", "SELECT count(pgpipe.uuid_generate_v7()) FROM generate_series(1, %d)" % n, None),
+            ("gen_random_uuid() (v4, for scale)", "SELECT count(gen_random_uuid()) FROM generate_series(1, %d)" % n, None),
             ("to_jsonb(row) + jsonb_build_object envelope",
              "SELECT count(jsonb_build_object(''op'', ''INSERT'', ''schema'', ''public'', ''table'', ''k'', "
-             "''row'', to_jsonb(t), ''old'', NULL::jsonb)) FROM (SELECT * FROM b_plain LIMIT %d) t" % n),
+             "''row'', to_jsonb(t), ''old'', NULL::jsonb)) FROM (SELECT * FROM b_plain LIMIT %d) t" % n, None),
             ("queue INSERT set-based (no trigger)",
              "INSERT INTO pgpipe.events (id, channel, operation, payload, source) "
              "SELECT pgpipe.uuid_generate_v7(), ''k'', ''INSERT'', ''{\"row\": {\"id\": 1}}''::jsonb, ''trigger'' "
-             "FROM generate_series(1, %d)" % n),
+             "FROM generate_series(1, %d)" % n, None),
             ("queue INSERT set-based into 1-index queue",
              "INSERT INTO bench.events_1idx (id, channel, operation, payload, source) "
              "SELECT pgpipe.uuid_generate_v7(), ''k'', ''INSERT'', ''{\"row\": {\"id\": 1}}''::jsonb, ''trigger'' "
-             "FROM generate_series(1, %d)" % n),
+             "FROM generate_series(1, %d)" % n, None),
         ]
         if has_wakeup:
-            items.append(("pgpipe.mark_wakeup()", "SELECT count(pgpipe.mark_wakeup()) FROM generate_series(1, %d)" % n))
-        times = {name: [] for name, _ in items}
+            items.append(("pgpipe.mark_wakeup()", "SELECT count(pgpipe.mark_wakeup()) FROM generate_series(1, %d)" % n, None))
+        times = {name: [] for name, _, _ in items}
         for r in range(3):
-            for name, q in (items if r % 2 == 0 else list(reversed(items))):
+            for name, q, prefill in (items if r % 2 == 0 else list(reversed(items))):
                 self.reset_queue()
-                cl.psql("TRUNCATE k_plain, k_trig, k_nosp, k_1idx; CHECKPOINT;")
+                cl.psql("TRUNCATE %s;" % tables)
+                if prefill:
+                    cl.psql(fill % (prefill, prefill))
+                cl.psql("CHECKPOINT;")
                 ms = float(cl.val("SELECT bench.elapsed_ms('%s')" % q))
                 times[name].append(ms)
         res = {"rows": n, "load": loadavg(), "us_per_row": {}}
-        for name, _ in items:
+        for name, _, _ in items:
             res["us_per_row"][name] = rnd(med(times[name]) * 1000.0 / n, 2)
-        base = res["us_per_row"]["insert, no trigger"]
-        res["trigger_overhead_us_per_row"] = {
-            k: rnd(res["us_per_row"][k] - base, 2) for k in res["us_per_row"] if k.startswith("insert, ") and k != "insert, no trigger"}
+        over = {}
+        for k, v in res["us_per_row"].items():
+            for op in ("insert", "update"):
+                base = res["us_per_row"].get("%s, no trigger" % op)
+                if k.startswith(op + ", ") and k != "%s, no trigger" % op and base is not None:
+                    over[k] = rnd(v - base, 2)
+        res["trigger_overhead_us_per_row"] = over
         self.reset_queue()
+        cl.psql("TRUNCATE %s;" % tables)
         self.res["phases"]["breakdown"] = res
 
     # ---- 1c. perf profile of the backends during the trigger INSERT workload -------
@@ -712,7 +769,7 @@ BEGIN EXECUTE q; RETURN extract(epoch FROM clock_timestamp() - t0) * 1000; END $
             subprocess.run(["perf", "record", "-F", "499", "-a", "-g", "-o", data, "--", "sleep",
                             str(P["perf_secs"])], capture_output=True)
             pgbench_result(pb)
-            rep = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
+            rep = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--comm", "postgres",
                                   "--sort", "dso", "--percent-limit", "1"], capture_output=True, text=True)
             dsos = [l.strip() for l in rep.stdout.splitlines() if l.strip() and not l.startswith("#") and "%" in l and not l.strip().startswith("-") and not l.strip().startswith("|")]
             rep2 = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "-g", "none",
@@ -720,6 +777,19 @@ BEGIN EXECUTE q; RETURN extract(epoch FROM clock_timestamp() - t0) * 1000; END $
                                   capture_output=True, text=True)
             syms = [l.strip() for l in rep2.stdout.splitlines() if l.strip() and not l.startswith("#") and "%" in l][:30]
             out[label] = {"by_dso": dsos[:15], "postgres_top_symbols": syms}
+        waits = {}
+        for label, table, op in (("plain insert", "b_plain", "insert"), ("trigger insert", "b_trig", "insert"),
+                                 ("plain update", "b_plain", "update"), ("trigger update", "b_trig", "update")):
+            self.between_cells()
+            script = (INSERT_SQL if op == "insert" else UPDATE_SQL).format(t=table)
+            pb = self.cl.pgbench_async(script, 8, P["perf_secs"] + 2, name="waits")
+            time.sleep(1)
+            rows = self.cl.psql("SELECT * FROM bench.sample_waits(%d, 0.01)" % (P["perf_secs"] * 50))
+            r = pgbench_result(pb)
+            hist = [line.split("\t") for line in rows.splitlines() if line]
+            total = sum(int(c) for _, c in hist) or 1
+            waits[label] = {"tps": r["tps"], "share": [(w, rnd(100.0 * int(c) / total, 1)) for w, c in hist[:8]]}
+        out["waits_8_clients"] = waits
         out["load"] = loadavg()
         self.res["phases"]["perf"] = out
 
@@ -798,7 +868,7 @@ BEGIN EXECUTE q; RETURN extract(epoch FROM clock_timestamp() - t0) * 1000; END $
             res["forwarder_cpu_us_per_event"] = rnd(cpu * 1e6 / produced, 1)
         if perf:
             res["perf_by_process"] = perf_lines(perf_data, ["--sort", "comm"], 10)
-            res["perf_forwarder_top"] = perf_lines(perf_data, ["--comm", "pgpipe", "--sort", "dso,symbol", "-g", "none"], 20, 0.5)
+            res["perf_forwarder_top"] = perf_lines(perf_data, ["--comm", "pgpipe,tokio-rt-worker", "--sort", "dso,symbol", "-g", "none"], 20, 0.5)
             res["perf_postgres_top"] = perf_lines(perf_data, ["--comm", "postgres", "--sort", "dso,symbol", "-g", "none"], 20, 0.5)
         res["check"] = check_events(events, produced)
         return res
@@ -1301,10 +1371,18 @@ def render_md(r, prev):
         L.append("#### 1c. perf (system-wide, 8 clients INSERT, %ss)" % r["params"]["perf_secs"])
         L.append("")
         for label in ("plain", "trigger"):
-            L.append("%s, by DSO:" % label)
+            L.append("%s, postgres processes by DSO:" % label)
             L.append("```")
             L.extend(pf[label]["by_dso"][:10])
             L.append("```")
+        if pf.get("waits_8_clients"):
+            L.append("What the 8 pgbench backends were doing (pg_stat_activity sampled every 10 ms; % of samples; Client:ClientRead = waiting for pgbench, CPU = running):")
+            L.append("")
+            L.append("| workload | tps | top wait events |")
+            L.append("|---|---|---|")
+            for label, x in pf["waits_8_clients"].items():
+                L.append("| %s | %s | %s |" % (label, fmt(x["tps"]), ", ".join("%s %s%%" % (w, p) for w, p in x["share"])))
+            L.append("")
         L.append("trigger, top postgres symbols:")
         L.append("```")
         L.extend(pf["trigger"]["postgres_top_symbols"][:25])

@@ -92,16 +92,43 @@ median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{a[NR]=$1} END {print (
 echo "pgbench -M prepared, single-row INSERT, $CLIENTS clients, ${SECONDS_PER_RUN}s each"
 run plain
 # Before and after alternate, so load from elsewhere on the machine hits both alike.
-for round in $(seq "${ROUNDS:-2}"); do
+before() {
     "${PSQL[@]}" -c "SELECT pgpipe.unsubscribe('bench')" >/dev/null
     "${PSQL[@]}" -c "CREATE TRIGGER cap AFTER INSERT OR UPDATE OR DELETE ON bench FOR EACH ROW EXECUTE FUNCTION public.capture_row_nowake('bench')"
     run "trigger"
     "${PSQL[@]}" -c "DROP TRIGGER cap ON bench"
+}
+after() {
     "${PSQL[@]}" -c "SELECT pgpipe.subscribe('bench')" >/dev/null
     run "trigger+wake"
+    "${PSQL[@]}" -c "SELECT pgpipe.unsubscribe('bench')" >/dev/null
+}
+WORKER_PID=$("${PSQL[@]}" -At -c "SELECT worker_pid FROM pgpipe.status()")
+cpu_ms() { awk -v hz="$(getconf CLK_TCK)" '{print int(($14 + $15) * 1000 / hz)}' "/proc/$WORKER_PID/stat"; }
+CPU0=$(cpu_ms)
+for round in $(seq "${ROUNDS:-2}"); do
+    # Which one goes first alternates too.
+    if ((round % 2)); then before; after; else after; before; fi
 done
+"${PSQL[@]}" -c "SELECT pgpipe.subscribe('bench')" >/dev/null
 echo "median of ${ROUNDS:-2} rounds: trigger $(median "${RESULTS[trigger]}") tps, trigger+wake $(median "${RESULTS[trigger+wake]}") tps"
-"${PSQL[@]}" -c "SELECT notifies_sent FROM pgpipe.status()" -At | sed 's/^/  worker NOTIFYs sent so far: /'
+NOTIFIES=$("${PSQL[@]}" -At -c "SELECT notifies_sent FROM pgpipe.status()")
+echo "  worker: $NOTIFIES NOTIFYs, $(( $(cpu_ms) - CPU0 )) ms CPU during the trigger runs"
+"${PSQL[@]}" -At 2>&1 <<'SQL' | sed 's/^NOTICE:  /  /'
+DO $$
+DECLARE
+    w boolean;
+    t0 timestamptz; t1 timestamptz; t2 timestamptz;
+BEGIN
+    t0 := clock_timestamp();
+    FOR i IN 1..1000000 LOOP w := true; END LOOP;
+    t1 := clock_timestamp();
+    FOR i IN 1..1000000 LOOP w := pgpipe.mark_wakeup(); END LOOP;
+    t2 := clock_timestamp();
+    RAISE NOTICE 'writer side: pgpipe.mark_wakeup() costs % ns per call (plpgsql assignment)',
+        round(extract(epoch FROM (t2 - t1) - (t1 - t0)) * 1000);
+END $$;
+SQL
 "${PSQL[@]}" -c "CREATE TRIGGER zz_notify AFTER INSERT ON bench FOR EACH STATEMENT EXECUTE FUNCTION public.notify_each()"
 run trigger+notify
 "${PSQL[@]}" -c "DROP TRIGGER zz_notify ON bench"

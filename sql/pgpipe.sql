@@ -203,9 +203,10 @@ BEGIN
 
     -- Writers wait while capture switches over (see above).
     EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', "table");
-    IF mode = 'trigger' AND EXISTS (SELECT 1 FROM pgpipe.subscription s WHERE s.relid = "table" AND s.mode = 'wal') THEN
-        -- Leaving WAL mode: let the worker queue the table's last WAL changes first, so
-        -- the trigger's events come after them.
+    IF EXISTS (SELECT 1 FROM pgpipe.subscription s WHERE s.relid = "table" AND s.mode = 'wal') THEN
+        -- Changing a WAL-mode subscription: let the worker queue the table's last WAL
+        -- changes under the old channel and operations first (and, when leaving WAL
+        -- mode, before the trigger's events).
         PERFORM pgpipe.wait_for_wal_capture();
     END IF;
     PERFORM pgpipe.drop_capture_triggers("table");
@@ -247,6 +248,10 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege';
     END IF;
     EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', "table");
+    IF EXISTS (SELECT 1 FROM pgpipe.subscription s WHERE s.relid = "table" AND s.mode = 'wal') THEN
+        -- The table's last WAL changes are queued under its channel first.
+        PERFORM pgpipe.wait_for_wal_capture();
+    END IF;
     PERFORM pgpipe.drop_capture_triggers("table");
     PERFORM pgpipe.unpublish("table");
     DELETE FROM pgpipe.subscription WHERE relid = "table";
@@ -278,6 +283,10 @@ DECLARE
 BEGIN
     IF operation IS NULL OR btrim(operation) = '' THEN
         RAISE EXCEPTION 'operation must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF coalesce(nullif(current_setting('pgpipe.emit_mode', true), ''), 'queue') <> 'queue' THEN
+        -- Through the WAL, in commit order with WAL-mode captures (see "WAL capture").
+        RETURN pgpipe.emit_wal(pgpipe.check_channel(channel), coalesce(payload, 'null'::jsonb), operation);
     END IF;
     INSERT INTO pgpipe.events (id, channel, operation, payload, source)
     VALUES (new_id, pgpipe.check_channel(channel), operation, coalesce(payload, 'null'::jsonb), 'emit');
@@ -890,6 +899,32 @@ BEGIN
         END IF;
         PERFORM pg_sleep(0.01);
     END LOOP;
+END $$;
+
+-- pgpipe.emit() under SET pgpipe.emit_mode = 'wal': the event travels as a transactional
+-- logical decoding message (prefix 'pgpipe') and the worker queues it in commit order
+-- with the WAL-mode changes of the same and other transactions. The worker mints its id
+-- then (ids must follow commit order within the worker's batches), so emit returns NULL.
+CREATE FUNCTION pgpipe.emit_wal(channel text, payload jsonb, operation text) RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    mode text := coalesce(nullif(current_setting('pgpipe.emit_mode', true), ''), 'queue');
+BEGIN
+    IF mode <> 'wal' THEN
+        RAISE EXCEPTION 'unknown pgpipe.emit_mode %', quote_literal(mode)
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'pgpipe.emit_mode is ''queue'' (default) or ''wal''.';
+    END IF;
+    -- Without the slot nobody would ever read the message: refuse rather than lose it.
+    IF NOT EXISTS (SELECT 1 FROM pg_replication_slots r
+                   WHERE r.slot_name = pgpipe.slot_name() AND r.database = current_database()
+                     AND r.wal_status IS DISTINCT FROM 'lost') THEN
+        RAISE EXCEPTION 'pgpipe.emit_mode = ''wal'' needs pgpipe''s replication slot in this database'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Subscribe a table with mode => ''wal'' (or SELECT pgpipe.ensure_slot()) in this database first, or SET pgpipe.emit_mode = ''queue''.';
+    END IF;
+    PERFORM pg_logical_emit_message(true, 'pgpipe',
+        jsonb_build_object('channel', channel, 'operation', operation, 'payload', payload)::text);
+    RETURN NULL;
 END $$;
 
 -- Adds a table to pgpipe's publication (if not there yet).

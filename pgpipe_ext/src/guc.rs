@@ -31,6 +31,10 @@ pub static PUBLICATION: GucSetting<Option<CString>> =
 pub static NOTIFY_MIN_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(20);
 /// How often the worker runs `pgpipe.rotate()` (queue retention); 0 turns it off.
 pub static ROTATE_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+/// How `pgpipe.emit()` queues: `queue` (directly) or `wal` (a logical decoding message
+/// the worker turns into the event, in commit order with WAL-mode captures).
+pub static EMIT_MODE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"queue"));
 /// Testing only: the worker writes events but never advances its slot, as if it crashed
 /// after every commit; shows that re-reading the slot does not duplicate events.
 pub static DEBUG_NO_ADVANCE: GucSetting<bool> = GucSetting::<bool>::new(false);
@@ -115,6 +119,15 @@ pub fn register() {
         &PARTITION_XIDS,
         1000,
         i32::MAX,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pgpipe.emit_mode",
+        c"How pgpipe.emit() queues events: 'queue' (directly) or 'wal'.",
+        c"'wal' sends them through the WAL as logical decoding messages, so the worker \
+          queues them in commit order with the changes of WAL-mode tables.",
+        &EMIT_MODE,
         GucContext::Userset,
         GucFlags::default(),
     );

@@ -1,7 +1,7 @@
 //! Health: every part of the pipeline (detector, bus, each adapter) reports whether it is
 //! up through a cheap clonable [`Component`] handle; `/healthz` shows them all and answers
 //! 503 when any is down, `/readyz` answers 200 once the pipeline is running and its
-//! detector is connected.
+//! detector is connected (a hot standby is healthy but not ready).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,6 +15,9 @@ pub enum Status {
     Up,
     /// Not working, and why.
     Down(String),
+    /// Healthy but deliberately idle: a hot standby waiting for another forwarder's
+    /// consumer lease. Counts as up for `/healthz`, not ready for `/readyz`.
+    Standby(String),
 }
 
 #[derive(Debug, Default)]
@@ -68,7 +71,7 @@ impl Health {
         self.lock()
             .components
             .values()
-            .all(|s| matches!(s, Status::Up))
+            .all(|s| !matches!(s, Status::Down(_)))
     }
 
     /// Whether the pipeline runs and its detector is up.
@@ -91,6 +94,9 @@ impl Health {
                 Status::Down(reason) => {
                     components.insert(name.clone(), json!("down"));
                     errors.insert(name.clone(), json!(reason));
+                }
+                Status::Standby(_) => {
+                    components.insert(name.clone(), json!("standby"));
                 }
             }
         }
@@ -119,6 +125,9 @@ impl Component {
                 Status::Down(reason) => {
                     tracing::warn!(component = "health", part = %self.name, reason = %reason, "down")
                 }
+                Status::Standby(reason) => {
+                    tracing::info!(component = "health", part = %self.name, reason = %reason, "standby")
+                }
             }
         }
     }
@@ -131,6 +140,11 @@ impl Component {
     /// The component does not work, because of `reason`.
     pub fn down(&self, reason: impl Into<String>) {
         self.set(Status::Down(reason.into()));
+    }
+
+    /// The component is healthy but waits (a hot standby), because of `reason`.
+    pub fn standby(&self, reason: impl Into<String>) {
+        self.set(Status::Standby(reason.into()));
     }
 
     /// The component's name.
@@ -156,6 +170,10 @@ mod tests {
             health.report(),
             json!({"status": "up", "components": {"bus": "up", "detector": "up"}})
         );
+        detector.standby("another forwarder holds the consumer");
+        assert!(health.healthy() && !health.ready());
+        assert_eq!(health.report()["components"]["detector"], "standby");
+        detector.up();
         bus.clone().down("closed");
         assert!(!health.healthy());
         assert_eq!(health.report()["components"]["bus"], "down");

@@ -298,4 +298,19 @@ mod tests {
         }
         assert!(text.contains("pgpipe_events_delivered_total{adapter=\"stdout\"} 0"));
     }
+
+    #[test]
+    fn the_readme_documents_every_metric_with_its_help() {
+        let readme = include_str!("../../README.md");
+        for (name, help) in METRICS {
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{name}")))
+                .unwrap_or_else(|| panic!("README has no row for {name}"));
+            assert!(
+                row.ends_with(&format!("| {help} |")),
+                "README row of {name}: {row}"
+            );
+        }
+    }
 }

@@ -16,9 +16,9 @@ use crate::adapter::{self, Adapter};
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::detector::{self, Detector, DetectorIo};
-use crate::server::{self, HttpSettings, HttpState};
 use crate::error::Error;
 use crate::health::{Health, Status};
+use crate::server::{self, HttpSettings, HttpState};
 
 /// A detector wired to adapters through the bus.
 pub struct Pipeline {
@@ -202,7 +202,10 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Error>
             .await
             .is_err()
         {
-            tracing::warn!(component = "server", "HTTP connections did not close in time");
+            tracing::warn!(
+                component = "server",
+                "HTTP connections did not close in time"
+            );
         }
     }
     result

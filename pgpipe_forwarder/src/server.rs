@@ -543,4 +543,13 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"abcd"));
         assert_eq!(percent_decode("a%2Fb+c%zz"), b"a/b c%zz");
     }
+
+    #[test]
+    fn the_token_is_never_in_debug_output() {
+        let mut config = Config::default();
+        config.sse.auth_token = "hunter2-token".into();
+        assert!(!format!("{config:?}").contains("hunter2"));
+        assert!(!format!("{:?}", config.redacted()).contains("hunter2"));
+        assert_eq!(config.redacted().sse.auth_token, "***");
+    }
 }

@@ -76,11 +76,24 @@ pub async fn http_request(
         .write_all(request.as_bytes())
         .await
         .expect("send request");
+    // Read to the end of the body: Content-Length, the last chunk, or end of stream
+    // (some servers keep the connection open despite `Connection: close`).
     let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+    let read = async {
+        let mut buf = vec![0; 16384];
+        loop {
+            if response_complete(&raw) {
+                return;
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
         .await
-        .unwrap_or_else(|_| panic!("{method} {path}: no complete response in 10s"))
-        .expect("read response");
+        .unwrap_or_else(|_| panic!("{method} {path}: no complete response in 10s"));
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
@@ -106,6 +119,26 @@ pub async fn http_request(
         headers,
         body,
     }
+}
+
+/// Whether `raw` holds a whole response (by Content-Length or a final chunk).
+fn response_complete(raw: &[u8]) -> bool {
+    let Some(head_end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_ascii_lowercase();
+    let body = &raw[head_end + 4..];
+    if let Some(len) = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        return body.len() >= len;
+    }
+    if head.contains("transfer-encoding: chunked") {
+        return body.ends_with(b"0\r\n\r\n");
+    }
+    false
 }
 
 /// `GET path`.

@@ -101,6 +101,30 @@ async fn metrics_parse_and_health_follows_postgres() {
     }
     assert_eq!(http_get(addr, "/readyz").await.status, 200);
 
+    // A second forwarder for the same consumer is a hot standby: healthy, not ready.
+    let standby = Forwarder::spawn(
+        &[
+            "listen",
+            "--db",
+            &url,
+            "-c",
+            "t",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let standby_addr = http_addr(&standby, "metrics").await;
+    assert!(
+        wait_until(WAIT, async || health(standby_addr).await.1["components"]
+            ["detector"]
+            == "standby")
+        .await
+    );
+    assert_eq!(health(standby_addr).await.0, 200);
+    assert_eq!(http_get(standby_addr, "/readyz").await.status, 503);
+    drop(standby);
+
     db.execute("INSERT INTO t SELECT generate_series(1, 5)")
         .await;
     fwd.wait_for_events(5, WAIT).await;

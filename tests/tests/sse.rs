@@ -147,6 +147,14 @@ async fn frames_heartbeats_and_an_exact_resume() {
         .unwrap()
         .to_ascii_lowercase()
         .contains("last-event-id"));
+
+    // SIGTERM with clients connected: their streams end and the forwarder exits 0.
+    fwd.sigterm();
+    assert!(fwd.wait_exit(WAIT).await.success(), "{}", fwd.stderr_text());
+    assert!(
+        one.next_frame(Duration::from_secs(5)).await.is_none(),
+        "stream ended"
+    );
 }
 
 #[tokio::test]
@@ -255,4 +263,40 @@ async fn a_stalled_client_does_not_delay_the_others() {
     assert!(dropped_counted, "drops of the stalled client are counted");
     assert_eq!(http_get(addr, "/healthz").await.status, 200);
     drop(stalled);
+}
+
+#[tokio::test]
+async fn idle_connections_close_and_streams_with_heartbeats_stay() {
+    use tokio::io::AsyncReadExt;
+    let db = subscribed_table("sse_idle").await;
+    let fwd = start(
+        &db,
+        &[
+            ("PGPIPE_SSE_IDLE_TIMEOUT", "1s"),
+            ("PGPIPE_SSE_READ_TIMEOUT", "10s"),
+            ("PGPIPE_SSE_HEARTBEAT_INTERVAL", "300ms"),
+        ],
+    );
+    let addr = http_addr(&fwd, "http").await;
+    let mut stream = SseClient::connect(addr, "/events", &[]).await;
+    // Connected, sends nothing: closed after sse.idle_timeout.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf))
+        .await
+        .expect("the idle connection is closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The stream outlived it on heartbeats and still delivers.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    db.execute("INSERT INTO t VALUES (1, 'still here')").await;
+    let got = stream.events(1, WAIT).await;
+    assert_eq!(got[0].json()["payload"]["row"]["v"], "still here");
 }

@@ -222,3 +222,77 @@ async fn wal_mode_refuses_what_it_cannot_capture() {
     );
     assert!(db_err.hint().unwrap_or("").contains("pgpipe.database"));
 }
+
+#[tokio::test]
+async fn emit_through_the_wal_keeps_commit_order_with_wal_captures() {
+    let client = worker_db().await;
+    client
+        .batch_execute("CREATE TABLE acct (id int PRIMARY KEY, balance numeric)")
+        .await
+        .unwrap();
+    client
+        .batch_execute("SELECT pgpipe.subscribe('acct', mode => 'wal')")
+        .await
+        .unwrap();
+    client
+        .batch_execute("SET pgpipe.emit_mode = 'wal'")
+        .await
+        .unwrap();
+    let tx = client.simple_query("BEGIN").await;
+    assert!(tx.is_ok());
+    client
+        .batch_execute("INSERT INTO acct VALUES (1, 10.50)")
+        .await
+        .unwrap();
+    let id: Option<uuid::Uuid> = client
+        .query_one(
+            "SELECT pgpipe.emit('acct', '{\"note\": 1.50}', 'OPENED')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(id, None, "the worker mints the id");
+    client
+        .batch_execute("UPDATE acct SET balance = 20 WHERE id = 1; COMMIT;")
+        .await
+        .unwrap();
+
+    let arrived = wait_until(Duration::from_secs(20), async || {
+        events(&client, "acct").await.len() == 3
+    })
+    .await;
+    let got = events(&client, "acct").await;
+    assert!(arrived, "acct events: {got:#?}");
+    let ops: Vec<&str> = got.iter().map(|(op, _)| op.as_str()).collect();
+    assert_eq!(
+        ops,
+        ["INSERT", "OPENED", "UPDATE"],
+        "statement order within the transaction"
+    );
+    assert_eq!(
+        got[1].1.to_string(),
+        r#"{"note":1.50}"#,
+        "payload as emitted, digits kept"
+    );
+    let row = client
+        .query_one(
+            "SELECT source, lsn IS NOT NULL FROM pgpipe.events WHERE channel = 'acct' AND operation = 'OPENED'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "emit");
+    assert!(row.get::<_, bool>(1));
+
+    // Where no slot would ever read the message, emit refuses instead of losing it.
+    let other = test_db("wal_emit_other").await;
+    let err = other
+        .client()
+        .await
+        .batch_execute("SET pgpipe.emit_mode = 'wal'; SELECT pgpipe.emit('x', '{}')")
+        .await
+        .unwrap_err();
+    let db_err = err.as_db_error().expect("a server error");
+    assert_eq!(db_err.code().code(), "55000", "{}", describe(&err));
+}

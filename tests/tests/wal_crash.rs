@@ -200,7 +200,20 @@ async fn changes_are_queued_exactly_once_across_worker_kill_and_crash() {
                 .map_or(0, |s| s + 1)
         })
         .collect();
+    // A source transaction far larger than pgpipe.batch_size, while others commit.
+    let big = {
+        let client = connect(&pg).await;
+        tokio::spawn(async move {
+            client
+                .batch_execute(
+                    "INSERT INTO items (writer, seq, note) SELECT 99, g, 'big' FROM generate_series(0, 4999) g",
+                )
+                .await
+                .unwrap();
+        })
+    };
     run_writers(&pg, &mut next, 40).await;
+    big.await.unwrap();
 
     let expected: i64 = client
         .query_one("SELECT count(*) FROM items", &[])

@@ -127,9 +127,24 @@ async fn events_arrive_as_text_frames_and_silent_clients_are_dropped() {
         3
     );
     // /ws/other saw pings only.
-    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(300), other.next()).await {
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Some(msg)) = tokio::time::timeout_at(until, other.next()).await {
         assert!(matches!(msg, Ok(Message::Ping(_))), "{msg:?}");
     }
+
+    // SIGTERM: clients get a close frame and the forwarder exits 0.
+    fwd.sigterm();
+    assert!(fwd.wait_exit(WAIT).await.success(), "{}", fwd.stderr_text());
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match all.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection is closed");
 }
 
 #[tokio::test]

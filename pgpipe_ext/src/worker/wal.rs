@@ -29,6 +29,9 @@ use super::pgoutput::{self, format_lsn, parse_lsn, Lsn, Message, OldTuple, Relat
 use super::raise;
 use crate::guc;
 
+/// Prefix of the logical decoding messages `pgpipe.emit()` sends under
+/// `pgpipe.emit_mode = 'wal'`.
+const EMIT_PREFIX: &str = "pgpipe";
 /// Rows fetched from the peek cursor at a time.
 const FETCH_SIZE: i64 = 256;
 /// Prepared INSERT statements kept (one per table shape); the cache is cleared beyond.
@@ -179,7 +182,7 @@ impl WalCapture {
         let mut cursor = client.open_cursor(
             "SELECT lsn::text, data FROM pg_catalog.pg_logical_slot_peek_binary_changes(\
                 $1, $2::pg_lsn, $3, 'proto_version', '1', \
-                'publication_names', pg_catalog.quote_ident($4))",
+                'publication_names', pg_catalog.quote_ident($4), 'messages', 'true')",
             &[
                 slot.as_str().into(),
                 format_lsn(upto).into(),
@@ -293,6 +296,17 @@ impl WalCapture {
                             events += writer.write(client, &mut targets, &mut change_cx, change);
                         }
                     }
+                    Message::Logical {
+                        transactional: true,
+                        ref prefix,
+                        ref content,
+                        ..
+                    } if prefix == EMIT_PREFIX => {
+                        // Transactional messages come inside their transaction.
+                        if xact.as_ref().is_some_and(|x| !x.skip) {
+                            events += writer.write_emitted(client, lsn, content);
+                        }
+                    }
                     Message::Origin { .. } | Message::Type { .. } | Message::Logical { .. } => {}
                 }
             }
@@ -346,6 +360,40 @@ fn next_change<'r>(
 }
 
 impl Writer {
+    /// Queues an event sent by `pgpipe.emit()` as a logical decoding message. A message
+    /// that is not one (someone else's, with our prefix) is logged and skipped rather
+    /// than stopping capture.
+    fn write_emitted(&mut self, client: &mut SpiClient<'_>, lsn: &str, content: &[u8]) -> u64 {
+        let valid = serde_json::from_slice::<serde_json::Value>(content)
+            .ok()
+            .filter(|m| m["channel"].is_string() && m["operation"].is_string());
+        let (Some(_), Ok(text)) = (valid, std::str::from_utf8(content)) else {
+            warning!("pgpipe worker: skipped a logical decoding message with prefix \"{EMIT_PREFIX}\" at LSN {lsn} that pgpipe.emit() did not send");
+            return 0;
+        };
+        let sql = "INSERT INTO pgpipe.events (id, channel, operation, payload, source, lsn) \
+                   SELECT pgpipe.uuid_generate_v7(), m->>'channel', m->>'operation', \
+                          coalesce(m->'payload', 'null'::pg_catalog.jsonb), 'emit', \
+                          $2::pg_catalog.pg_lsn \
+                   FROM (SELECT $1::pg_catalog.jsonb AS m) message";
+        let types = vec![pg_sys::TEXTOID.to_u32(), pg_sys::TEXTOID.to_u32()];
+        let key = (sql.to_string(), types);
+        if !self.plans.contains_key(&key) {
+            let plan = client
+                .prepare_mut(
+                    sql,
+                    &[PgOid::from(pg_sys::TEXTOID), PgOid::from(pg_sys::TEXTOID)],
+                )
+                .unwrap_or_else(|e| error!("pgpipe worker: prepare the emitted-event insert: {e}"))
+                .keep();
+            self.plans.insert(key.clone(), plan);
+        }
+        client
+            .update(&self.plans[&key], None, &[text.into(), lsn.into()])
+            .unwrap_or_else(|e| error!("pgpipe worker: insert an emitted event: {e}"));
+        1
+    }
+
     /// Inserts one event (unless its subscription leaves the operation out). Returns the
     /// number of events written (0 or 1).
     fn write(

@@ -20,6 +20,7 @@ mod config;
 mod dlq;
 mod init;
 mod listen;
+mod status;
 mod version;
 
 /// What the top-level help says before the command list.
@@ -199,6 +200,8 @@ commands! {
     Config(config::ConfigArgs),
     /// Print pgpipe's version
     Version(version::VersionArgs),
+    /// Show consumers, positions, lag, subscriptions, dead letters and the worker's state
+    Status(status::StatusArgs),
     /// List, replay or purge dead letters (events adapters gave up on)
     Dlq(dlq::DlqArgs),
 }

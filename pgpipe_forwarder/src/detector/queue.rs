@@ -138,7 +138,7 @@ impl QueueDetector {
     ) -> Result<(), Error> {
         let (client, mut notifications) = db::connect(&self.url).await?;
         self.check_extension(&client).await?;
-        if !self.claim(&client, cancel).await? {
+        if !self.claim(&client, &io.health, cancel).await? {
             return Ok(());
         }
         let channels: Option<Vec<String>> = Some(self.channels.clone());
@@ -249,7 +249,12 @@ impl QueueDetector {
 
     /// Takes the consumer's lease, waiting as a standby while another forwarder holds it.
     /// Returns false when shutdown came first.
-    async fn claim(&self, client: &Client, cancel: &CancellationToken) -> Result<bool, Error> {
+    async fn claim(
+        &self,
+        client: &Client,
+        health: &crate::health::Component,
+        cancel: &CancellationToken,
+    ) -> Result<bool, Error> {
         let mut announced = false;
         loop {
             let claimed: bool = client
@@ -264,6 +269,10 @@ impl QueueDetector {
                 tracing::info!(component = "detector", detector = "queue", consumer = %self.consumer,
                     "another forwarder holds this consumer; standing by");
                 announced = true;
+                health.standby(format!(
+                    "another forwarder holds consumer {}",
+                    self.consumer
+                ));
             }
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(false),
