@@ -23,7 +23,7 @@ build:
 test: test-unit test-pg test-scenarios
 
 test-unit:
-	cargo test -p pgpipe_forwarder
+	cargo test -p pgpipe_pgoutput -p pgpipe_forwarder
 
 test-pg: setup
 	mkdir -p $(PGRX_TEST_DATA) && chown $(PG_TEST_USER) $(PGRX_TEST_DATA)

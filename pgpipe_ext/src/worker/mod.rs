@@ -9,7 +9,7 @@
 //! [`guc::WORKER_RESTART_INTERVAL`] after it exits (SIGTERM from
 //! `pg_terminate_backend`, a FATAL error, or a change of `pgpipe.database`).
 
-pub mod pgoutput;
+pub use pgpipe_pgoutput as pgoutput;
 pub mod wal;
 
 use std::panic::AssertUnwindSafe;

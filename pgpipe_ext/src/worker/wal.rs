@@ -25,7 +25,14 @@ use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use pgrx::{datum::DatumWithOid, PgMemoryContexts, PgOid};
 
-use super::pgoutput::{self, format_lsn, parse_lsn, Lsn, Message, OldTuple, Relation, Value};
+use super::pgoutput::{
+    self, format_lsn, parse_lsn, Datum as Value, Message, OldKind, Relation, Tuple,
+};
+
+/// A log sequence number.
+type Lsn = u64;
+/// The old image of an UPDATE or DELETE: key columns only, or the full row.
+type OldTuple = (OldKind, Tuple);
 use super::raise;
 use crate::guc;
 
@@ -215,13 +222,17 @@ impl WalCapture {
             }
             for (lsn, data) in &chunk {
                 rows += 1;
-                let message = pgoutput::decode(data).unwrap_or_else(|e| {
+                let decoded = pgoutput::decode(data).unwrap_or_else(|e| {
                     raise(
                         PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
                         format!("pgpipe worker: at LSN {lsn}: {e}"),
                         None,
                     )
                 });
+                // Message kinds protocol version 1 never sends.
+                let Some(message) = decoded else {
+                    continue;
+                };
                 match message {
                     Message::Begin { final_lsn, .. } => {
                         xact = Some(SourceXact {
@@ -235,8 +246,8 @@ impl WalCapture {
                         last_end = Some(end_lsn);
                     }
                     Message::Relation(relation) => {
-                        targets.remove(&relation.oid);
-                        relations.insert(relation.oid, relation);
+                        targets.remove(&relation.id);
+                        relations.insert(relation.id, relation);
                     }
                     Message::Insert { relation, ref new } => {
                         let Some(rel) = next_change(relations, &xact, relation) else {
@@ -296,7 +307,7 @@ impl WalCapture {
                             events += writer.write(client, &mut targets, &mut change_cx, change);
                         }
                     }
-                    Message::Logical {
+                    Message::Message {
                         transactional: true,
                         ref prefix,
                         ref content,
@@ -307,7 +318,7 @@ impl WalCapture {
                             events += writer.write_emitted(client, lsn, content);
                         }
                     }
-                    Message::Origin { .. } | Message::Type { .. } | Message::Logical { .. } => {}
+                    Message::Origin { .. } | Message::Type { .. } | Message::Message { .. } => {}
                 }
             }
         }
@@ -405,8 +416,8 @@ impl Writer {
     ) -> u64 {
         let rel = change.relation;
         let target = targets
-            .entry(rel.oid)
-            .or_insert_with(|| lookup_target(client, rel.oid));
+            .entry(rel.id)
+            .or_insert_with(|| lookup_target(client, rel.id));
         let default_target;
         let target = match target {
             Some(t) => &*t,
@@ -639,12 +650,12 @@ fn default_channel(rel: &Relation) -> String {
 /// image (the others are NULL in it, which would be a lie).
 fn old_image<'a>(rel: &Relation, old: &'a OldTuple) -> Vec<(usize, &'a Value)> {
     match old {
-        OldTuple::Full(t) => t
+        (OldKind::Full, t) => t
             .iter()
             .enumerate()
             .filter(|(_, v)| **v != Value::UnchangedToast)
             .collect(),
-        OldTuple::Key(t) => t
+        (OldKind::Key, t) => t
             .iter()
             .enumerate()
             .filter(|(i, _)| rel.columns.get(*i).is_some_and(|c| c.key))
@@ -659,7 +670,7 @@ fn update_change<'a>(
     new: &'a [Value],
 ) -> Change<'a> {
     let full_old = match old {
-        Some(OldTuple::Full(t)) => Some(t),
+        Some((OldKind::Full, t)) => Some(t),
         _ => None,
     };
     let mut unchanged_toast = Vec::new();
@@ -770,7 +781,7 @@ mod tests {
 
     fn rel() -> Relation {
         Relation {
-            oid: 1,
+            id: 1,
             namespace: "public".into(),
             name: "t".into(),
             replica_identity: b'd',
@@ -806,11 +817,14 @@ mod tests {
     #[test]
     fn update_with_full_old_image_fills_unchanged_toast() {
         let rel = rel();
-        let old = OldTuple::Full(vec![
-            Value::Text("1".into()),
-            Value::Text("big".into()),
-            Value::Null,
-        ]);
+        let old = (
+            OldKind::Full,
+            vec![
+                Value::Text("1".into()),
+                Value::Text("big".into()),
+                Value::Null,
+            ],
+        );
         let new = vec![
             Value::Text("1".into()),
             Value::UnchangedToast,
@@ -826,7 +840,10 @@ mod tests {
     #[test]
     fn key_image_keeps_only_key_columns() {
         let rel = rel();
-        let old = OldTuple::Key(vec![Value::Text("7".into()), Value::Null, Value::Null]);
+        let old = (
+            OldKind::Key,
+            vec![Value::Text("7".into()), Value::Null, Value::Null],
+        );
         let image = old_image(&rel, &old);
         assert_eq!(image, vec![(0, &Value::Text("7".into()))]);
     }

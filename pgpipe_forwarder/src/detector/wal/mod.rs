@@ -20,7 +20,8 @@
 //! publication and the slot, and looks up user-defined types.
 
 pub mod changes;
-pub mod pgoutput;
+pub use pgpipe_pgoutput as pgoutput;
+pub use pgpipe_pgoutput::parse_lsn;
 pub mod value;
 
 use std::collections::HashMap;
@@ -633,12 +634,6 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
-}
-
-/// `X/Y` (hex halves) as a number.
-pub fn parse_lsn(text: &str) -> Option<u64> {
-    let (hi, lo) = text.split_once('/')?;
-    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
 /// `pgpipe_<publication>` (the publication's name itself when it starts with `pgpipe_`):

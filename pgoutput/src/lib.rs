@@ -1,6 +1,7 @@
 //! Decoding of pgoutput's logical replication messages (protocol version 1), as carried in
 //! XLogData: Begin, Commit, Relation, Type, Origin, Insert, Update, Delete, Truncate.
-//! Pure: bytes in, [`Message`] out.
+//! Pure: bytes in, [`Message`] out. Used by the extension's background worker (which
+//! reads its slot through SQL) and by the forwarder's `wal` detector (replication protocol).
 //!
 //! Reference: the PostgreSQL manual, "Logical Replication Message Formats".
 
@@ -356,7 +357,28 @@ pub fn decode(data: &[u8]) -> Result<Option<Message>, DecodeError> {
         }
         _ => return Ok(None),
     };
+    if r.pos != data.len() {
+        // A framing error: the message was longer than its kind allows.
+        return Err(DecodeError(format!(
+            "{} trailing bytes after message {:?}",
+            data.len() - r.pos,
+            tag as char
+        )));
+    }
     Ok(Some(msg))
+}
+
+/// Parses Postgres' `X/Y` text form of an LSN.
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.trim().split_once('/')?;
+    let hi = u32::from_str_radix(hi, 16).ok()?;
+    let lo = u32::from_str_radix(lo, 16).ok()?;
+    Some((u64::from(hi) << 32) | u64::from(lo))
+}
+
+/// Formats an LSN as Postgres does (`16/B374D848`).
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
 
 /// Encoders for tests (of this module and of the change builder).
@@ -589,5 +611,246 @@ mod tests {
         bad.extend_from_slice(&2i32.to_be_bytes());
         bad.extend_from_slice(&[0xff, 0xfe]);
         assert!(decode(&bad).is_err(), "invalid UTF-8");
+    }
+}
+
+#[cfg(test)]
+/// Messages written byte by byte from the manual, independent of `encode`.
+mod byte_layout {
+    use super::*;
+
+    /// Builds messages the way pgoutput writes them.
+    #[derive(Default)]
+    struct W(Vec<u8>);
+
+    impl W {
+        fn u8(mut self, v: u8) -> Self {
+            self.0.push(v);
+            self
+        }
+        fn i16(mut self, v: i16) -> Self {
+            self.0.extend_from_slice(&v.to_be_bytes());
+            self
+        }
+        fn i32(mut self, v: i32) -> Self {
+            self.0.extend_from_slice(&v.to_be_bytes());
+            self
+        }
+        fn u32(mut self, v: u32) -> Self {
+            self.0.extend_from_slice(&v.to_be_bytes());
+            self
+        }
+        fn u64(mut self, v: u64) -> Self {
+            self.0.extend_from_slice(&v.to_be_bytes());
+            self
+        }
+        fn s(mut self, v: &str) -> Self {
+            self.0.extend_from_slice(v.as_bytes());
+            self.0.push(0);
+            self
+        }
+        fn text(self, v: &str) -> Self {
+            let mut w = self.u8(b't').i32(v.len() as i32);
+            w.0.extend_from_slice(v.as_bytes());
+            w
+        }
+    }
+
+    #[test]
+    fn begin_and_commit() {
+        let begin = W::default().u8(b'B').u64(0x1_0000_0010).u64(42).u32(777).0;
+        assert_eq!(
+            decode(&begin).unwrap().unwrap(),
+            Message::Begin {
+                final_lsn: 0x1_0000_0010,
+                commit_time: 42,
+                xid: 777
+            }
+        );
+        let commit = W::default().u8(b'C').u8(0).u64(10).u64(20).u64(42).0;
+        assert_eq!(
+            decode(&commit).unwrap().unwrap(),
+            Message::Commit {
+                flags: 0,
+                commit_lsn: 10,
+                end_lsn: 20,
+                commit_time: 42
+            }
+        );
+    }
+
+    #[test]
+    fn relation_with_key_column() {
+        let msg = W::default()
+            .u8(b'R')
+            .u32(16384)
+            .s("public")
+            .s("orders")
+            .u8(b'f')
+            .i16(2)
+            .u8(1)
+            .s("id")
+            .u32(23)
+            .i32(-1)
+            .u8(0)
+            .s("note")
+            .u32(1043)
+            .i32(14)
+            .0;
+        let Message::Relation(rel) = decode(&msg).unwrap().unwrap() else {
+            panic!("not a relation")
+        };
+        assert_eq!(rel.id, 16384);
+        assert_eq!(
+            (rel.namespace.as_str(), rel.name.as_str()),
+            ("public", "orders")
+        );
+        assert_eq!(rel.replica_identity, b'f');
+        assert!(rel.columns[0].key && !rel.columns[1].key);
+        assert_eq!(rel.columns[1].type_modifier, 14);
+    }
+
+    #[test]
+    fn insert_with_null_and_text() {
+        let msg = W::default()
+            .u8(b'I')
+            .u32(5)
+            .u8(b'N')
+            .i16(3)
+            .text("1")
+            .u8(b'n')
+            .text("héllo")
+            .0;
+        assert_eq!(
+            decode(&msg).unwrap().unwrap(),
+            Message::Insert {
+                relation: 5,
+                new: vec![
+                    Datum::Text("1".into()),
+                    Datum::Null,
+                    Datum::Text("héllo".into())
+                ]
+            }
+        );
+    }
+
+    #[test]
+    fn update_with_and_without_old_tuple() {
+        let plain = W::default()
+            .u8(b'U')
+            .u32(5)
+            .u8(b'N')
+            .i16(2)
+            .text("1")
+            .u8(b'u')
+            .0;
+        assert_eq!(
+            decode(&plain).unwrap().unwrap(),
+            Message::Update {
+                relation: 5,
+                old: None,
+                new: vec![Datum::Text("1".into()), Datum::UnchangedToast]
+            }
+        );
+        let full = W::default()
+            .u8(b'U')
+            .u32(5)
+            .u8(b'O')
+            .i16(1)
+            .text("old")
+            .u8(b'N')
+            .i16(1)
+            .text("new")
+            .0;
+        assert_eq!(
+            decode(&full).unwrap().unwrap(),
+            Message::Update {
+                relation: 5,
+                old: Some((OldKind::Full, vec![Datum::Text("old".into())])),
+                new: vec![Datum::Text("new".into())]
+            }
+        );
+        let key = W::default()
+            .u8(b'U')
+            .u32(5)
+            .u8(b'K')
+            .i16(1)
+            .text("7")
+            .u8(b'N')
+            .i16(1)
+            .text("8")
+            .0;
+        assert!(matches!(
+            decode(&key).unwrap().unwrap(),
+            Message::Update {
+                old: Some((OldKind::Key, _)),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn delete_and_truncate() {
+        let delete = W::default().u8(b'D').u32(9).u8(b'K').i16(1).text("3").0;
+        assert_eq!(
+            decode(&delete).unwrap().unwrap(),
+            Message::Delete {
+                relation: 9,
+                old: (OldKind::Key, vec![Datum::Text("3".into())])
+            }
+        );
+        let truncate = W::default().u8(b'T').u32(2).u8(1).u32(9).u32(10).0;
+        assert_eq!(
+            decode(&truncate).unwrap().unwrap(),
+            Message::Truncate {
+                options: 1,
+                relations: vec![9, 10]
+            }
+        );
+    }
+
+    #[test]
+    fn logical_message() {
+        let mut msg = W::default().u8(b'M').u8(1).u64(99).s("pgpipe").u32(2).0;
+        msg.extend_from_slice(b"{}");
+        assert_eq!(
+            decode(&msg).unwrap().unwrap(),
+            Message::Message {
+                transactional: true,
+                lsn: 99,
+                prefix: "pgpipe".into(),
+                content: b"{}".to_vec()
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_truncated_unknown_and_trailing_input() {
+        assert!(decode(&[]).is_err());
+        assert_eq!(decode(b"Z").unwrap(), None, "unknown kinds are skipped");
+        let short = W::default().u8(b'B').u64(1).0;
+        assert!(decode(&short)
+            .unwrap_err()
+            .to_string()
+            .contains("begin time"));
+        let long = W::default().u8(b'B').u64(1).u64(2).u32(3).u8(0).0;
+        assert!(decode(&long).unwrap_err().to_string().contains("trailing"));
+        let bad_len = W::default()
+            .u8(b'I')
+            .u32(1)
+            .u8(b'N')
+            .i16(1)
+            .u8(b't')
+            .i32(10)
+            .0;
+        assert!(decode(&bad_len).is_err());
+    }
+
+    #[test]
+    fn lsn_text_round_trip() {
+        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+        assert_eq!(format_lsn(0), "0/0");
+        assert_eq!(parse_lsn("nope"), None);
     }
 }
