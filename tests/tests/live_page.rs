@@ -141,7 +141,8 @@ impl Browser {
 async fn the_live_page_shows_a_change_written_after_it_loaded() {
     let db = test_db("live_page").await;
     db.execute(
-        "CREATE TABLE orders (id int PRIMARY KEY, status text); SELECT pgpipe.subscribe('orders');",
+        "CREATE TABLE orders (id int PRIMARY KEY, status text); SELECT pgpipe.subscribe('orders'); \
+         SELECT pgpipe.rotate();",
     )
     .await;
     let url = db.url();

@@ -12,8 +12,13 @@ const WAIT: Duration = Duration::from_secs(20);
 
 async fn subscribed_table(hint: &str) -> TestDb {
     let db = test_db(hint).await;
-    db.execute("CREATE TABLE t (id int PRIMARY KEY, v text); SELECT pgpipe.subscribe('t');")
-        .await;
+    // Partitions first: rows that land in the default partition are removed by the
+    // forwarder's first retention run once acknowledged, and replay reads the queue.
+    db.execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); SELECT pgpipe.subscribe('t'); \
+         SELECT pgpipe.rotate();",
+    )
+    .await;
     db
 }
 
