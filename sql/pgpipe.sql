@@ -74,28 +74,31 @@ END $$;
 --------------------------------------------------------------------------------
 
 -- Row trigger: TG_ARGV[0] is the channel. No NOTIFY here: NOTIFY takes a global lock at
--- commit and would serialize writers. pgpipe.mark_wakeup() (an assignment, so plpgsql
--- evaluates it as a cheap simple expression) asks for the background worker's coalesced
--- NOTIFY once this transaction commits.
+-- commit and would serialize writers; consumers are woken another way (see README).
+--
+-- This is the hot path, so it has no `SET search_path` clause (the save/restore around
+-- every call costs writers measurably, see BENCHMARKS.md). It still runs as the definer,
+-- so the caller's search_path must not be able to reach it: every function and operator
+-- below is schema-qualified.
 CREATE FUNCTION pgpipe.capture_row() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER AS $$
 DECLARE
     new_row jsonb;
     old_row jsonb;
     woken boolean;
 BEGIN
-    IF TG_OP = 'DELETE' THEN
-        new_row := to_jsonb(OLD);
-    ELSIF TG_OP = 'UPDATE' THEN
-        new_row := to_jsonb(NEW);
-        old_row := to_jsonb(OLD);
+    IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+        new_row := pg_catalog.to_jsonb(OLD);
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+        new_row := pg_catalog.to_jsonb(NEW);
+        old_row := pg_catalog.to_jsonb(OLD);
     ELSE
-        new_row := to_jsonb(NEW);
+        new_row := pg_catalog.to_jsonb(NEW);
     END IF;
     INSERT INTO pgpipe.events (id, channel, operation, payload, source)
     VALUES (pgpipe.uuid_generate_v7(), TG_ARGV[0], TG_OP,
-            jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
-                               'row', new_row, 'old', old_row),
+            pg_catalog.jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
+                                          'row', new_row, 'old', old_row),
             'trigger');
     woken := pgpipe.mark_wakeup();
     RETURN NULL;

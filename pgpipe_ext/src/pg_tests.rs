@@ -251,4 +251,26 @@ mod tests {
         }
         Spi::run("SET pgpipe.partition_xids = 1000").unwrap();
     }
+
+    /// The capture trigger runs as its definer without pinning search_path (it is the
+    /// hot path): a writer's own operators and functions must not be reachable from it.
+    #[pg_test]
+    fn capture_ignores_the_writers_search_path() {
+        setup_orders();
+        Spi::run("SELECT pgpipe.subscribe('orders')").unwrap();
+        Spi::run(
+            "CREATE SCHEMA evil;
+             CREATE FUNCTION evil.hijack(text, text) RETURNS boolean LANGUAGE plpgsql AS
+                 $$ BEGIN RAISE EXCEPTION 'hijacked'; END $$;
+             CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.hijack);
+             CREATE FUNCTION evil.to_jsonb(anyelement) RETURNS jsonb LANGUAGE plpgsql AS
+                 $$ BEGIN RAISE EXCEPTION 'hijacked'; END $$;
+             SET LOCAL search_path = evil, pg_catalog, public;",
+        )
+        .unwrap();
+        Spi::run("INSERT INTO orders VALUES (1, 'new', 1, NULL)").unwrap();
+        Spi::run("UPDATE orders SET status = 'paid'").unwrap();
+        let captured = Spi::get_one::<i64>("SELECT count(*) FROM pgpipe.events").unwrap();
+        assert_eq!(captured, Some(2));
+    }
 }
