@@ -204,7 +204,14 @@ impl QueueDetector {
             };
             match wake {
                 Wake::Read => want_read = true,
-                Wake::Rotate => self.rotate(&client).await?,
+                Wake::Rotate => {
+                    // Retention failing must not stop delivery; a broken connection
+                    // shows up on the next read anyway.
+                    if let Err(e) = self.rotate(&client).await {
+                        tracing::warn!(component = "detector", detector = "queue", error = %e,
+                            "queue retention failed; will try again");
+                    }
+                }
                 Wake::Acks => {
                     while let Ok((adapter, seq)) = io.acks.try_recv() {
                         progress.tracker.finished(adapter, seq);
