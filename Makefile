@@ -41,6 +41,8 @@ lint:
 demo: install build
 	scripts/demo.sh
 
+# Benchmarks measure the release build of the extension too.
+bench: INSTALL_FLAGS += --release
 bench: install
 	cargo build --release -p pgpipe_forwarder
 	scripts/bench.sh

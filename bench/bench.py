@@ -47,7 +47,7 @@ def env_list(name, default):
 # Parameters (environment). Defaults keep `make bench` around 15 minutes on 2 cores.
 P = {
     "phases": env_list("BENCH_PHASES",
-                       "capture,breakdown,perf,e2e,latency,decoding,fanout,failure"),
+                       "capture,breakdown,perf,e2e,latency,fanout,failure,capture_wal,decoding"),
     "capture_secs": env_int("BENCH_CAPTURE_SECS", 5),
     "rounds": env_int("BENCH_ROUNDS", 3),
     "clients": [int(c) for c in env_list("BENCH_CLIENTS", "1,8,32")],
@@ -64,7 +64,7 @@ P = {
     # pgpipe.notify_min_interval set to this (empty: none).
     "lat_notify": os.environ.get("BENCH_LAT_NOTIFY", "5ms"),
     "decode_rows": env_int("BENCH_DECODE_ROWS", 100000),
-    "fanout_clients": [int(c) for c in env_list("BENCH_FANOUT_CLIENTS", "10,100")],
+    "fanout_clients": [int(c) for c in env_list("BENCH_FANOUT_CLIENTS", "10,100,250,500")],
     "fanout_secs": env_int("BENCH_FANOUT_SECS", 10),
     "hold_secs": env_int("BENCH_HOLD_SECS", 60),
     "perf_secs": env_int("BENCH_PERF_SECS", 5),
@@ -192,7 +192,7 @@ class Cluster:
         return self.psql(sql).split("\n")[-1]
 
     def pgbench(self, script_text, clients, secs=None, transactions=None, rate=None, name="s",
-                extra=None):
+                extra=None, env=None):
         path = os.path.join(self.dir, "pgbench_%s.sql" % name)
         with open(path, "w") as f:
             f.write(script_text)
@@ -206,13 +206,21 @@ class Cluster:
             cmd += ["-R", str(rate)]
         cmd += extra or []
         cmd.append(self.db)
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        busy0, _ = cpu_times()
+        e = None
+        if env:
+            e = dict(os.environ)
+            e.update(env)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=e)
+        busy1, _ = cpu_times()
         if r.returncode != 0:
             raise RuntimeError("pgbench failed: %s" % (r.stderr[-2000:] + r.stdout[-2000:]))
         m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", r.stdout)
         out = {"tps": float(m.group(1)) if m else None}
         m = re.search(r"number of transactions actually processed: (\d+)", r.stdout)
         out["tx"] = int(m.group(1)) if m else None
+        if out["tx"]:
+            out["cpu_us_per_tx"] = (busy1 - busy0) * 1e6 / out["tx"]
         m = re.search(r"rate limit schedule lag: avg ([\d.]+) \(max ([\d.]+)\) ms", r.stdout)
         if m:
             out["sched_lag_avg_ms"], out["sched_lag_max_ms"] = float(m.group(1)), float(m.group(2))
@@ -229,6 +237,16 @@ class Cluster:
             cmd += ["-R", str(rate)]
         cmd.append(self.db)
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def cpu_times():
+    """Machine-wide (busy, idle + iowait) CPU seconds from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = v[3] + v[4]
+    busy = sum(v[:8]) - idle
+    return busy / hz, idle / hz
 
 
 def proc_cpu_s(pid):
@@ -537,6 +555,9 @@ class Bench:
         self.res = {"params": P, "phases": {}}
         self.wal_ok = None
         self.wal_error = None
+        self.has_xip = False
+        self.cpu_raw = {}
+        self.wal_raw = {}
 
     # ---- setup -------------------------------------------------------------------
     def setup(self):
@@ -570,6 +591,7 @@ class Bench:
         body_1idx = self.capture_fn.replace("INSERT INTO pgpipe.events", "INSERT INTO bench.events_1idx")
         cl.psql("CREATE FUNCTION bench.capture_row_1idx() RETURNS trigger LANGUAGE plpgsql "
                 "SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$%s$body$;" % body_1idx)
+        self.has_xip = self.make_read_xip()
         for t in ("b_plain", "b_trig", "b_nosp", "b_1idx", "b_wal"):
             cl.psql(TABLE_DDL.format(t=t, n=100000))
         cl.psql("SELECT pgpipe.subscribe('b_trig');")
@@ -641,8 +663,12 @@ END $$;
     # ---- 1. capture cost --------------------------------------------------------
     def cell(self, table, op, clients, secs):
         script = (INSERT_SQL if op == "insert" else UPDATE_SQL).format(t=table)
+        lsn0 = self.cl.val("SELECT pg_current_wal_lsn()")
         r = self.cl.pgbench(script, clients, secs=secs, name="%s_%s" % (table, op))
-        return r["tps"]
+        wal = float(self.cl.val("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '%s')" % lsn0))
+        if r.get("tx"):
+            self.wal_raw.setdefault(op, {}).setdefault(str(clients), {}).setdefault(table, []).append(wal / r["tx"])
+        return r["tps"], r.get("cpu_us_per_tx")
 
     def capture_rounds(self, variants, plan, rounds, secs):
         """plan: list of (op, clients, [variant names]); A B A B rounds, the order of the
@@ -653,14 +679,14 @@ END $$;
                 order = names if r % 2 == 0 else list(reversed(names))
                 for v in order:
                     self.between_cells()
-                    tps = self.cell(variants[v], op, clients, secs)
+                    tps, cpu = self.cell(variants[v], op, clients, secs)
                     out.setdefault(op, {}).setdefault(str(clients), {}).setdefault(v, []).append(tps)
+                    self.cpu_raw.setdefault(op, {}).setdefault(str(clients), {}).setdefault(v, []).append(cpu)
                     log("capture round %d %s c=%d %-12s %8.0f tps  load %s" % (r + 1, op, clients, v, tps, loadavg()))
         return out
 
     def phase_capture(self):
-        variants = {"plain": "b_plain", "trigger": "b_trig", "trigger_nosp": "b_nosp",
-                    "trigger_1idx": "b_1idx", "plain_slot": "b_plain", "wal": "b_wal"}
+        variants = self.CAPTURE_VARIANTS
         plan = []
         for op in ("insert", "update"):
             for c in P["clients"]:
@@ -670,31 +696,52 @@ END $$;
                 plan.append((op, c, names))
         load_before = loadavg()
         raw = self.capture_rounds(variants, plan, P["rounds"], P["capture_secs"])
-        # WAL mode: once a slot exists every write is decoded, so it runs as a second
-        # block with its own interleaved plain baseline ("plain_slot").
-        wal_raw = {}
-        if self.try_wal():
-            plan2 = [(op, c, ["plain_slot", "wal"]) for op in ("insert", "update") for c in P["clients"]]
-            wal_raw = self.capture_rounds(variants, plan2, P["rounds"], P["capture_secs"])
-            self.wait_wal_caught_up()
-        res = {"load_before": load_before, "load_after": loadavg(), "raw_tps": raw,
-               "raw_tps_wal_block": wal_raw, "wal_available": self.wal_ok,
-               "wal_error": self.wal_error, "table": {}}
-        for src in (raw, wal_raw):
-            for op, by_c in src.items():
-                for c, by_v in by_c.items():
-                    cell = res["table"].setdefault(op, {}).setdefault(c, {})
-                    for v, vals in by_v.items():
-                        cell[v] = rnd(med(vals), 0)
-        for op, by_c in res["table"].items():
-            for c, cell in by_c.items():
+        res = {"load_before": load_before, "load_after": loadavg(), "raw_tps": raw, "table": {},
+               "cpu_us_per_tx": self.cpu_summary(), "wal_bytes_per_tx": self.wal_summary()}
+        self.summarize_capture(raw, res["table"])
+        self.res["phases"]["capture"] = res
+
+    CAPTURE_VARIANTS = {"plain": "b_plain", "trigger": "b_trig", "trigger_nosp": "b_nosp",
+                        "trigger_1idx": "b_1idx", "plain_slot": "b_plain", "wal": "b_wal"}
+
+    def phase_capture_wal(self):
+        """WAL mode. Once a logical slot exists every write in the cluster is decoded, so
+        this runs after the phases that must not pay for it, with its own interleaved
+        plain baseline ("plain_slot")."""
+        res = {"load_before": loadavg()}
+        if not self.try_wal():
+            res.update({"wal_available": False, "wal_error": self.wal_error})
+            self.res["phases"]["capture_wal"] = res
+            return
+        plan = [(op, c, ["plain_slot", "wal"]) for op in ("insert", "update") for c in P["clients"]]
+        raw = self.capture_rounds(self.CAPTURE_VARIANTS, plan, P["rounds"], P["capture_secs"])
+        self.wait_wal_caught_up()
+        res.update({"wal_available": True, "raw_tps": raw, "load_after": loadavg(), "table": {},
+                    "cpu_us_per_tx": self.cpu_summary(), "wal_bytes_per_tx": self.wal_summary()})
+        self.summarize_capture(raw, res["table"])
+        self.res["phases"]["capture_wal"] = res
+
+    def wal_summary(self):
+        """Median WAL bytes per transaction per cell (by table)."""
+        return {op: {c: {t: rnd(med(vals), 0) for t, vals in by_t.items()} for c, by_t in by_c.items()}
+                for op, by_c in self.wal_raw.items()}
+
+    def cpu_summary(self):
+        """Median machine-wide CPU µs per transaction (pgbench included) per cell."""
+        return {op: {c: {v: rnd(med(vals), 1) for v, vals in by_v.items()} for c, by_v in by_c.items()}
+                for op, by_c in self.cpu_raw.items()}
+
+    @staticmethod
+    def summarize_capture(raw, table):
+        for op, by_c in raw.items():
+            for c, by_v in by_c.items():
+                cell = table.setdefault(op, {}).setdefault(c, {})
+                for v, vals in by_v.items():
+                    cell[v] = rnd(med(vals), 0)
                 for v in list(cell):
                     base = cell.get("plain_slot") if v == "wal" else cell.get("plain")
                     if v not in ("plain", "plain_slot") and base:
                         cell[v + "_ratio"] = rnd(cell[v] / base, 3)
-                if cell.get("wal") and cell.get("plain"):
-                    cell["wal_ratio_vs_plain_noslot"] = rnd(cell["wal"] / cell["plain"], 3)
-        self.res["phases"]["capture"] = res
 
     # ---- 1b. where the trigger's time goes (single session, set-based) -----------
     def phase_breakdown(self):
@@ -706,6 +753,9 @@ BEGIN RETURN NULL; END $$;
 CREATE OR REPLACE FUNCTION bench.trg_empty_sd() RETURNS trigger LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN RETURN NULL; END $$;
+CREATE OR REPLACE FUNCTION bench.trg_empty_sd_only() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER AS $$
+BEGIN RETURN NULL; END $$;
 CREATE OR REPLACE FUNCTION bench.trg_queue_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO pgpipe.events (id, channel, operation, payload, source)
@@ -715,7 +765,8 @@ END $$;
 """)
         trig = {"k_plain": None, "k_trig": "pgpipe", "k_nosp": "bench.capture_row_nosp",
                 "k_1idx": "bench.capture_row_1idx", "k_empty": "bench.trg_empty",
-                "k_emptysd": "bench.trg_empty_sd", "k_qonly": "bench.trg_queue_only"}
+                "k_emptysd": "bench.trg_empty_sd", "k_emptysdo": "bench.trg_empty_sd_only",
+                "k_qonly": "bench.trg_queue_only"}
         for t, fn in trig.items():
             cl.psql("CREATE TABLE IF NOT EXISTS %s (LIKE b_plain INCLUDING ALL);" % t)
             if fn == "pgpipe":
@@ -735,6 +786,7 @@ END $$;
         items = [
             ("insert, no trigger", ins % "k_plain", None),
             ("insert, empty plpgsql trigger", ins % "k_empty", None),
+            ("insert, empty plpgsql trigger, SECURITY DEFINER only", ins % "k_emptysdo", None),
             ("insert, empty plpgsql trigger, SECURITY DEFINER + SET search_path", ins % "k_emptysd", None),
             ("insert, trigger: queue INSERT only ('{}' payload)", ins % "k_qonly", None),
             ("insert, pgpipe trigger (a)", ins % "k_trig", None),
@@ -769,7 +821,27 @@ END $$;
                 cl.psql("CHECKPOINT;")
                 ms = float(cl.val("SELECT bench.elapsed_ms('%s')" % q))
                 times[name].append(ms)
-        res = {"rows": n, "load": loadavg(), "us_per_row": {}}
+        # Per statement: a loop of single-row INSERT statements in one transaction (no
+        # per-transaction cost). Per transaction: pgbench, 1 client, synchronous_commit
+        # off (no fsync wait), µs per transaction = 1 / tps.
+        loop = ("DO $x$ BEGIN FOR i IN 1..%d LOOP INSERT INTO %%s (v, name, amount) "
+                "VALUES (0, ''new-customer'', 12.50); END LOOP; END $x$" % (n // 5))
+        per_stmt = {}
+        per_tx = {}
+        stmt_tables = [("no trigger", "k_plain"), ("pgpipe trigger (a)", "k_trig"),
+                       ("without SET search_path (b)", "k_nosp"), ("1-index queue (c)", "k_1idx")]
+        for r in range(2):
+            for label, t in (stmt_tables if r % 2 == 0 else list(reversed(stmt_tables))):
+                self.reset_queue()
+                cl.psql("TRUNCATE %s; CHECKPOINT;" % tables)
+                ms = float(cl.val("SELECT bench.elapsed_ms('%s')" % (loop % t)))
+                per_stmt.setdefault(label, []).append(ms * 1000.0 / (n // 5))
+                pb = cl.pgbench(INSERT_SQL.format(t=t), 1, secs=max(2, P["capture_secs"] - 1), name="tx_" + t,
+                                env={"PGOPTIONS": "-c synchronous_commit=off"})
+                per_tx.setdefault(label, []).append(1e6 / pb["tps"] if pb["tps"] else None)
+        res = {"rows": n, "load": loadavg(), "us_per_row": {},
+               "us_per_statement_loop": {k: rnd(med(v), 2) for k, v in per_stmt.items()},
+               "us_per_tx_1client_async": {k: rnd(med(v), 2) for k, v in per_tx.items()}}
         for name, _, _ in items:
             res["us_per_row"][name] = rnd(med(times[name]) * 1000.0 / n, 2)
         over = {}
@@ -964,7 +1036,22 @@ END $$;
             res["events_per_s"] = rnd(n / max(t_done - ct, 1e-6), 0)
         else:
             res["timeout"] = True
-        res["check"] = check_events(parse_events(fw.out), produced)
+        events = parse_events(fw.out)
+        res["check"] = check_events(events, produced)
+        # One page in the middle of the burst's batch, as the forwarder reads it, and the
+        # same with the proposed pgpipe.read (bench.read).
+        x = int(xid)
+        ids = sorted(e["id"] for e in events)
+        if len(ids) > 2:
+            pos = "%d:%d:/%d:%d:/%s" % (x, x, x + 1, x + 1, ids[len(ids) // 2])
+            q = "SELECT bench.elapsed_ms('SELECT count(*) FROM %s(''burst'', ''" + pos + "'', 1000)')"
+            res["page_ms_mid_batch"] = rnd(med([float(cl.val(q % "pgpipe.read")) for _ in range(5)]), 2)
+            if self.has_xip:
+                res["page_ms_mid_batch_fix"] = rnd(med([float(cl.val(q % "bench.read")) for _ in range(5)]), 2)
+                res["page_ms_mid_batch_paging_fix"] = rnd(med([float(cl.val(q % "benchp.read")) for _ in range(5)]), 2)
+                same = ("SELECT (SELECT md5(string_agg(position || id::text, ',' ORDER BY id)) FROM pgpipe.read('burst', '%s', 1000)) "
+                        "= (SELECT md5(string_agg(position || id::text, ',' ORDER BY id)) FROM benchp.read('burst', '%s', 1000))" % (pos, pos))
+                res["paging_fix_same_rows"] = cl.val(same)
         return res
 
     def run_sustained(self):
@@ -1008,6 +1095,43 @@ END $$;
                "load": loadavg(), "delivered_per_second": samples}
         res["check"] = check_events(parse_events(fw.out), produced)
         return res
+
+    # ---- 2b. the proposed pgpipe.read fixes, A/B on the pre-filled drain ----------------
+    def phase_readfix(self):
+        """Drains the pre-filled queue through stdout with pgpipe.read as shipped (A) and
+        with pgpipe.read replaced, in this throw-away database only, by a wrapper that pages
+        with bench/benchp.read (B): the long-transaction and the paging fixes."""
+        cl = self.cl
+        if not self.has_xip:
+            self.res["phases"]["readfix"] = {"status": "pgpipe.read changed; fix not applicable"}
+            return
+        self.e2e_table()
+        orig = cl.psql("SELECT pg_get_functiondef('pgpipe.read'::regproc)")
+        head, rest = orig.split("AS $function$", 1)
+        wrapper = head + """AS $function$
+BEGIN
+    IF split_part(coalesce(after, pgpipe.consumer_position(consumer)), '/', 3) <> '' THEN
+        RETURN QUERY SELECT * FROM benchp.read(consumer, after, max_events);
+    ELSE
+        RETURN QUERY SELECT * FROM bench.read(consumer, after, max_events);
+    END IF;
+END
+$function$
+"""
+        res = {"load_before": loadavg(), "runs": {}}
+        try:
+            for r in range(2):
+                for label in (("orig", "fixed") if r % 2 == 0 else ("fixed", "orig")):
+                    cl.psql(orig if label == "orig" else wrapper)
+                    x = self.run_prefill("%s_%d" % (label, r), "stdout")
+                    res["runs"].setdefault(label, []).append(x)
+                    log("readfix %s %s" % (label, json.dumps({k: x.get(k) for k in ("events_per_s", "drain_s_from_start")})))
+        finally:
+            cl.psql(orig)
+        res["events_per_s"] = {k: rnd(med([x.get("events_per_s") for x in v]), 0) for k, v in res["runs"].items()}
+        res["all_correct"] = all(x.get("check", {}).get("ok") for v in res["runs"].values() for x in v)
+        res["load_after"] = loadavg()
+        self.res["phases"]["readfix"] = res
 
     # ---- 3. latency commit -> delivery ----------------------------------------------
     def phase_latency(self):
@@ -1105,6 +1229,15 @@ END $$;
         locker.stdin.flush()
         time.sleep(0.5)
         cl.pgbench(INSERT_N_SQL.format(t="b_decw", n=10), 4, transactions=n // 40, name="decw")
+        pid = cl.val("SELECT worker_pid FROM pgpipe.status()")
+        perf = None
+        perf_data = os.path.join(self.work, "worker.perf.data")
+        if pid and shutil.which("perf"):
+            perf = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", pid, "-o", perf_data],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            PEERS.append(perf)
+            time.sleep(0.3)
+        cpu0 = proc_cpu_s(int(pid)) if pid else None
         t0 = time.time()
         locker.stdin.write("COMMIT;\n")
         locker.stdin.close()
@@ -1115,7 +1248,15 @@ END $$;
                 break
             time.sleep(0.1)
         dt = time.time() - t0
-        return {"wal_worker_events": c, "wal_worker_s": rnd(dt, 3), "wal_worker_rows_per_s": rnd(c / dt, 0)}
+        cpu1 = proc_cpu_s(int(pid)) if pid else None
+        out = {"wal_worker_events": c, "wal_worker_s": rnd(dt, 3), "wal_worker_rows_per_s": rnd(c / dt, 0)}
+        if cpu0 is not None and cpu1 is not None and c:
+            out["wal_worker_cpu_us_per_event"] = rnd((cpu1 - cpu0) * 1e6 / c, 1)
+        if perf:
+            perf.send_signal(signal.SIGINT)
+            perf.wait()
+            out["wal_worker_perf_top"] = perf_lines(perf_data, ["--sort", "dso,symbol", "-g", "none"], 25, 0.7)
+        return out
 
     # ---- 6. SSE fan-out ----------------------------------------------------------------
     def phase_fanout(self):
@@ -1190,9 +1331,15 @@ END $$;
         total = warm + hold + after
         t0 = time.time()
         pb = cl.pgbench_async(INSERT_SQL.format(t="b_fail"), 4, total, rate=1000, name="fail")
+        # The proposed fix of pgpipe.read (see BENCHMARKS.md), built from the installed
+        # function's text in the bench database only: "not visible in prev" is
+        # "xid >= xmax(prev) OR xid in xip(prev)", which an index can scan narrowly.
+        has_xip = self.has_xip
         time.sleep(warm - 1)
         read_q = "SELECT bench.elapsed_ms('SELECT count(*) FROM pgpipe.read(''fail'')')"
+        xip_q = "SELECT bench.elapsed_ms('SELECT count(*) FROM bench.read(''fail'')')"
         read_before = [float(cl.val(read_q)) for _ in range(5)]
+        xip_before = [float(cl.val(xip_q)) for _ in range(5)] if has_xip else []
         time.sleep(1)
         holder = subprocess.Popen(cl.psql_cmd() + ["-f", "-"], stdin=subprocess.PIPE, text=True,
                                   stdout=subprocess.PIPE)
@@ -1202,6 +1349,15 @@ END $$;
         t_hold = time.time()
         time.sleep(max(0, hold - 2))
         read_end = [float(cl.val(read_q)) for _ in range(5)]
+        xip_end = [float(cl.val(xip_q)) for _ in range(5)] if has_xip else []
+        same = None
+        if has_xip:
+            # Both read the same fixed position (prev of the consumer, one `cur` snapshot).
+            same = cl.val(
+                "WITH p AS (SELECT split_part(pgpipe.consumer_position('fail'), '/', 1) || '/' "
+                "|| pg_current_snapshot()::text || '/' AS pos) "
+                "SELECT (SELECT md5(string_agg(id::text, ',' ORDER BY id)) || count(*) FROM pgpipe.read('fail', p.pos, 1000000)) "
+                "IS NOT DISTINCT FROM (SELECT md5(string_agg(id::text, ',' ORDER BY id)) || count(*) FROM bench.read('fail', p.pos, 1000000)) FROM p")
         rows_since_hold = int(cl.val("SELECT count(*) FROM pgpipe.events WHERE xid >= '%d'::xid8" % held_xid))
         time.sleep(max(0, t_hold + hold - time.time()))
         holder.stdin.write("COMMIT;\n")
@@ -1238,12 +1394,42 @@ END $$;
                "held_event_delivered": bool(held),
                "read_ms_before_hold": rnd(med(read_before), 2),
                "read_ms_end_of_hold": rnd(med(read_end), 2),
+               "read_xip_ms_before_hold": rnd(med(xip_before), 2),
+               "read_xip_ms_end_of_hold": rnd(med(xip_end), 2),
+               "read_xip_same_rows": same,
                "queue_rows_since_held_xid_at_end_of_hold": rows_since_hold,
                "check": check_events(events, produced),
                "delivered_cumulative_by_second": sorted(per_sec.items())}
         # Read cost during the hold: how long one pgpipe.read takes with the old xmin.
         self.res["phases"]["failure"] = res
         log("failure %s" % json.dumps({k: v for k, v in res.items() if k != "delivered_cumulative_by_second"}))
+
+    def make_read_xip(self):
+        cl = self.cl
+        src = cl.psql("SELECT pg_get_functiondef('pgpipe.read'::regproc)")
+        old = ("WHERE e.xid >= pg_snapshot_xmin(pos.prev)\n"
+               "          AND e.xid < pg_snapshot_xmax(pos.cur)")
+        if old not in src:
+            log("pgpipe.read changed: the read_xip variant is not measured")
+            return False
+        # Not visible in prev <=> xid >= xmax(prev) OR xid in xip(prev): two narrow index
+        # scans (BitmapOr) instead of everything from xmin(prev), which a long transaction
+        # holds back. A custom plan per call: the generic one falls back to the wide range.
+        new = ("WHERE ((e.xid >= pg_snapshot_xmax(pos.prev) AND e.xid < pg_snapshot_xmax(pos.cur))\n"
+               "                 OR e.xid = ANY (ARRAY(SELECT pg_snapshot_xip(pos.prev))))")
+        orig = src
+        src = src.replace(old, new).replace("FUNCTION pgpipe.read(", "FUNCTION bench.read(", 1)
+        cl.psql(src)
+        cl.psql("ALTER FUNCTION bench.read(text, text, integer) SET plan_cache_mode = force_custom_plan;")
+        # The paging fix: pages after the first (last_id set) walk the (id, xid) primary key
+        # from last_id instead of the batch's whole xid range + a sort (the planner's row
+        # estimate for just-written xids is ~1, so it picks the range + sort).
+        cl.psql("CREATE SCHEMA IF NOT EXISTS benchp;")
+        cl.psql(orig.replace("FUNCTION pgpipe.read(", "FUNCTION benchp.read(", 1))
+        cl.psql("ALTER FUNCTION benchp.read(text, text, integer) SET enable_sort = off; "
+                "ALTER FUNCTION benchp.read(text, text, integer) SET enable_bitmapscan = off; "
+                "ALTER FUNCTION benchp.read(text, text, integer) SET plan_cache_mode = force_custom_plan;")
+        return True
 
     # ---- run -------------------------------------------------------------------------
     def machine(self):
@@ -1368,11 +1554,23 @@ def render_md(r, prev):
     L.append("")
     targets = []
 
-    cap = ph.get("capture", {})
+    cap = dict(ph.get("capture", {}))
+    capw = ph.get("capture_wal", {})
+    if cap.get("table") or capw.get("table"):
+        merged = json.loads(json.dumps(cap.get("table") or {}))
+        for op, by_c in (capw.get("table") or {}).items():
+            for c, cell in by_c.items():
+                m = merged.setdefault(op, {}).setdefault(c, {})
+                m.update(cell)
+                if m.get("wal") and m.get("plain"):
+                    m["wal_ratio_vs_plain_noslot"] = rnd(m["wal"] / m["plain"], 3)
+        cap["table"] = merged
+        cap["wal_available"] = capw.get("wal_available")
+        cap["wal_error"] = capw.get("wal_error") or ("capture_wal phase not run" if not capw else capw.get("error"))
     if cap.get("table"):
         L.append("#### 1. Capture cost on writers (pgbench -M prepared, tps, median of %s interleaved rounds of %ss; ratio to plain)" % (r["params"]["rounds"], r["params"]["capture_secs"]))
         L.append("")
-        L.append("load before/after: %s / %s. `trigger` = pgpipe.capture_row as shipped (a); `trigger_nosp` = the same body without SECURITY DEFINER/SET search_path (b); `trigger_1idx` = queue with PRIMARY KEY (xid, id) only (c). `wal` is measured in a second block against `plain_slot` (plain while the slot decodes), because a logical slot, once there, decodes every write." % (cap.get("load_before"), cap.get("load_after")))
+        L.append("load before/after: %s / %s (WAL block: %s / %s). `trigger` = pgpipe.capture_row as shipped (a); `trigger_nosp` = the same body without SECURITY DEFINER/SET search_path (b); `trigger_1idx` = queue with PRIMARY KEY (xid, id) only (c). `wal` is measured in a second block against `plain_slot` (plain while the slot decodes), because a logical slot, once there, decodes every write; it runs after the throughput and latency phases so that they do not pay for decoding." % (cap.get("load_before"), cap.get("load_after"), capw.get("load_before"), capw.get("load_after")))
         L.append("")
         L.append("| op | clients | plain | trigger (a) | ratio | no search_path (b) | ratio | 1-index queue (c) | ratio | plain with slot | wal | ratio |")
         L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -1387,6 +1585,26 @@ def render_md(r, prev):
         L.append("")
         if not cap.get("wal_available"):
             L.append("WAL mode: not yet (%s)." % cap.get("wal_error"))
+            L.append("")
+        cpu = json.loads(json.dumps(cap.get("cpu_us_per_tx") or {}))
+        for op, by_c in (capw.get("cpu_us_per_tx") or {}).items():
+            for c, cell in by_c.items():
+                cpu.setdefault(op, {}).setdefault(c, {}).update(cell)
+        if cpu:
+            L.append("Machine-wide CPU per transaction (µs, /proc/stat busy time ÷ transactions; pgbench, WAL writer and all included; median):")
+            L.append("")
+            L.append("| op | clients | plain | trigger (a) | (b) | (c) | plain with slot | wal |")
+            L.append("|---|---|---|---|---|---|---|---|")
+            for op in ("insert", "update"):
+                for c in sorted(cpu.get(op, {}), key=int):
+                    x = cpu[op][c]
+                    L.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (op, c, fmt(x.get("plain")), fmt(x.get("trigger")), fmt(x.get("trigger_nosp")), fmt(x.get("trigger_1idx")), fmt(x.get("plain_slot")), fmt(x.get("wal"))))
+            L.append("")
+        walb = (capw.get("wal_bytes_per_tx") or cap.get("wal_bytes_per_tx") or {})
+        if walb:
+            L.append("WAL bytes per transaction (pg_current_wal_lsn difference ÷ transactions, median; includes the WAL-mode worker's own queue writes once it runs): " + "; ".join(
+                "%s c=%s: %s" % (op, c, ", ".join("%s %s" % (t, fmt(b)) for t, b in sorted(by_t.items())))
+                for op, by_c in walb.items() for c, by_t in sorted(by_c.items(), key=lambda kv: int(kv[0]))))
             L.append("")
         for op in ("insert", "update"):
             tr = get(cap, "table", op, "8", "trigger_ratio")
@@ -1413,7 +1631,17 @@ def render_md(r, prev):
         L.append("|---|---|---|")
         for k, v in bd["us_per_row"].items():
             L.append("| %s | %s | %s |" % (k, v, fmt(bd["trigger_overhead_us_per_row"].get(k))))
-        L.append("")
+        if bd.get("us_per_statement_loop"):
+            L.append("The same trigger at three granularities (µs): per row in one set-based INSERT (above), per single-row INSERT statement in a loop inside one transaction, per single-row transaction (pgbench 1 client, `synchronous_commit=off`, 1/tps, client round trip included):")
+            L.append("")
+            L.append("| capture | per row (set-based) | per statement (loop) | per transaction (1 client, async commit) |")
+            L.append("|---|---|---|---|")
+            rows_map = {"no trigger": "insert, no trigger", "pgpipe trigger (a)": "insert, pgpipe trigger (a)",
+                        "without SET search_path (b)": "insert, trigger without SET search_path (b)",
+                        "1-index queue (c)": "insert, trigger into 1-index queue (c)"}
+            for k, rk in rows_map.items():
+                L.append("| %s | %s | %s | %s |" % (k, bd["us_per_row"].get(rk), bd["us_per_statement_loop"].get(k), bd["us_per_tx_1client_async"].get(k)))
+            L.append("")
     pf = ph.get("perf", {})
     if pf.get("trigger"):
         L.append("#### 1c. perf (system-wide, 8 clients INSERT, %ss)" % r["params"]["perf_secs"])
@@ -1470,9 +1698,10 @@ def render_md(r, prev):
         targets.append(("≥ 50,000 events/s through the file adapter (pre-filled drain, fsync always)", fr, (fr or 0) >= 50000))
         b = e2e.get("burst", {})
         if b and "error" not in b:
-            L.append("Burst: one transaction of %s rows (INSERT took %s s): first event %s s and all %s s after commit (%s events/s); correct: %s (dups %s)." % (
+            L.append("Burst: one transaction of %s rows (INSERT took %s s): first event %s s and all %s s after commit (%s events/s); correct: %s (dups %s). One 1,000-event page from the middle of that batch: pgpipe.read %s ms; with the long-transaction fix %s ms; with the paging fix (PK order from last_id: `enable_sort`/`enable_bitmapscan` off, custom plan) %s ms, same rows: %s." % (
                 b.get("rows"), b.get("insert_tx_s"), b.get("first_event_after_commit_s"), b.get("all_delivered_after_commit_s"),
-                fmt(b.get("events_per_s")), get(b, "check", "ok"), get(b, "check", "duplicates")))
+                fmt(b.get("events_per_s")), get(b, "check", "ok"), get(b, "check", "duplicates"),
+                b.get("page_ms_mid_batch"), b.get("page_ms_mid_batch_fix"), b.get("page_ms_mid_batch_paging_fix"), b.get("paging_fix_same_rows")))
         elif b:
             L.append("Burst failed: %s" % b.get("error"))
         L.append("")
@@ -1519,7 +1748,13 @@ def render_md(r, prev):
         L.append("")
         L.append("- pg_recvlogical + test_decoding: %s rows/s (%s s)" % (fmt(dec.get("pg_recvlogical_rows_per_s")), dec.get("pg_recvlogical_test_decoding_s")))
         if dec.get("wal_worker_rows_per_s"):
-            L.append("- pgpipe WAL-mode worker: %s rows/s (%s s)" % (fmt(dec.get("wal_worker_rows_per_s")), dec.get("wal_worker_s")))
+            L.append("- pgpipe WAL-mode worker: %s rows/s (%s s), %s µs of worker CPU per event" % (fmt(dec.get("wal_worker_rows_per_s")), dec.get("wal_worker_s"), dec.get("wal_worker_cpu_us_per_event")))
+            if dec.get("wal_worker_perf_top"):
+                L.append("")
+                L.append("Worker profile while it drains (perf -p <worker pid>):")
+                L.append("```")
+                L.extend(dec["wal_worker_perf_top"])
+                L.append("```")
         else:
             L.append("- pgpipe WAL-mode worker: %s" % (dec.get("wal_worker") or dec.get("wal_worker_error")))
         L.append("")
@@ -1546,8 +1781,9 @@ def render_md(r, prev):
         for k, x in fl["latency_by_window"].items():
             L.append("| %s | %s | %s | %s | %s |" % (k, x.get("n"), x.get("p50_ms"), x.get("p99_ms"), x.get("max_ms")))
         L.append("")
-        L.append("One `pgpipe.read` (an empty or small batch, as the forwarder polls it): %s ms before the hold, %s ms at its end, when the scan from the held xid covers %s queue rows." % (
-            fl.get("read_ms_before_hold"), fl.get("read_ms_end_of_hold"), fmt(fl.get("queue_rows_since_held_xid_at_end_of_hold"))))
+        L.append("One `pgpipe.read` (an empty or small batch, as the forwarder polls it): %s ms before the hold, %s ms at its end, when the scan from the held xid covers %s queue rows. The proposed fix (`bench.read`, a copy of pgpipe.read with `(xid >= xmax(prev) AND xid < xmax(cur)) OR xid = ANY(xip(prev))` instead of `xid >= xmin(prev) AND xid < xmax(cur)`, and `plan_cache_mode = force_custom_plan`): %s ms before, %s ms at the end; same rows as pgpipe.read: %s." % (
+            fl.get("read_ms_before_hold"), fl.get("read_ms_end_of_hold"), fmt(fl.get("queue_rows_since_held_xid_at_end_of_hold")),
+            fl.get("read_xip_ms_before_hold"), fl.get("read_xip_ms_end_of_hold"), fl.get("read_xip_same_rows")))
         L.append("")
         L.append("Held transaction's event delivered: %s; correct: %s (dups %s, order violations %s)." % (
             fl.get("held_event_delivered"), get(fl, "check", "ok"), get(fl, "check", "duplicates"), get(fl, "check", "order_violations")))

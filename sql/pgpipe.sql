@@ -75,13 +75,10 @@ END $$;
 
 -- Row trigger: TG_ARGV[0] is the channel. No NOTIFY here: NOTIFY takes a global lock at
 -- commit and would serialize writers; consumers are woken another way (see README).
---
--- This is the hot path, so it has no `SET search_path` clause (the save/restore around
--- every call costs writers measurably, see BENCHMARKS.md). It still runs as the definer,
--- so the caller's search_path must not be able to reach it: every function and operator
--- below is schema-qualified.
+-- Names are schema-qualified as well as search_path pinned: a writer's own operators
+-- must never run as the definer.
 CREATE FUNCTION pgpipe.capture_row() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     new_row jsonb;
     old_row jsonb;
@@ -418,6 +415,35 @@ BEGIN
     RETURN pgpipe.format_position(ROW(c.prev, c.cur, c.last_id));
 END $$;
 
+-- The first page of a batch: the events of the batch's transactions, by xid range.
+CREATE FUNCTION pgpipe.batch_first_page(prev pg_snapshot, cur pg_snapshot, chans text[], max_events integer)
+RETURNS SETOF pgpipe.events
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT e.* FROM pgpipe.events e
+    WHERE e.xid >= pg_snapshot_xmin(prev) AND e.xid < pg_snapshot_xmax(cur)
+      AND pg_visible_in_snapshot(e.xid, cur) AND NOT pg_visible_in_snapshot(e.xid, prev)
+      AND (chans IS NULL OR e.channel = ANY (chans))
+    ORDER BY e.id
+    LIMIT max_events
+$$;
+
+-- Later pages of a large batch walk the primary key from the last id. Left to itself the
+-- planner, expecting few rows for freshly written transactions, re-scans and re-sorts the
+-- whole batch for every page, which is quadratic in the batch (BENCHMARKS.md).
+CREATE FUNCTION pgpipe.batch_page_after(prev pg_snapshot, cur pg_snapshot, last_id uuid, chans text[], max_events integer)
+RETURNS SETOF pgpipe.events
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp SET enable_sort = off SET enable_bitmapscan = off
+SET plan_cache_mode = force_custom_plan AS $$
+    SELECT e.* FROM pgpipe.events e
+    WHERE e.id > last_id
+      AND e.xid >= pg_snapshot_xmin(prev) AND e.xid < pg_snapshot_xmax(cur)
+      AND pg_visible_in_snapshot(e.xid, cur) AND NOT pg_visible_in_snapshot(e.xid, prev)
+      AND (chans IS NULL OR e.channel = ANY (chans))
+    ORDER BY e.id
+    LIMIT max_events
+$$;
+
 -- Reads up to max_events events after a position (default: the consumer's acknowledged
 -- one). Every row carries the position just after it; ack the last row's position once
 -- its events are handled. When there is nothing to deliver, one row comes back with only
@@ -459,16 +485,11 @@ BEGIN
 
     RETURN QUERY
     WITH page AS (
-        SELECT e.*
-        FROM pgpipe.events e
-        WHERE e.xid >= pg_snapshot_xmin(pos.prev)
-          AND e.xid < pg_snapshot_xmax(pos.cur)
-          AND pg_visible_in_snapshot(e.xid, pos.cur)
-          AND NOT pg_visible_in_snapshot(e.xid, pos.prev)
-          AND (pos.last_id IS NULL OR e.id > pos.last_id)
-          AND (chans IS NULL OR e.channel = ANY (chans))
-        ORDER BY e.id
-        LIMIT max_events
+        SELECT * FROM pgpipe.batch_first_page(pos.prev, pos.cur, chans, max_events)
+        WHERE pos.last_id IS NULL
+        UNION ALL
+        SELECT * FROM pgpipe.batch_page_after(pos.prev, pos.cur, pos.last_id, chans, max_events)
+        WHERE pos.last_id IS NOT NULL
     ), numbered AS (
         SELECT p.*, row_number() OVER (ORDER BY p.id) AS n, count(*) OVER () AS total
         FROM page p

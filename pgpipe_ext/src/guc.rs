@@ -28,7 +28,7 @@ pub static SLOT_NAME: GucSetting<Option<CString>> =
 pub static PUBLICATION: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"pgpipe"));
 /// Minimum gap between two wake-up NOTIFYs sent by the worker.
-pub static NOTIFY_MIN_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(20);
+pub static NOTIFY_MIN_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(5);
 /// How often the worker runs `pgpipe.rotate()` (queue retention); 0 turns it off.
 pub static ROTATE_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 /// How `pgpipe.emit()` queues: `queue` (directly) or `wal` (a logical decoding message
