@@ -47,8 +47,8 @@ mod tls;
 use std::time::{Duration, Instant};
 
 pub use forwarder::Forwarder;
-pub use receiver::{HttpReceiver, Reply, Request};
 pub use pg::{describe, test_db, PgOptions, StopMode, TempPg, TestDb, DEFAULT_PG_BIN};
+pub use receiver::{HttpReceiver, Reply, Request};
 
 /// Polls `condition` every 50 ms until it returns true (then `true`) or `timeout` passes
 /// (then `false`). The condition is always evaluated at least once.

@@ -114,10 +114,15 @@ async fn kill_9_under_writes_loses_nothing_and_repeats_only_in_flight_events() {
     // writer's rows are the reference.
     let mut by_id: HashMap<String, Vec<&Value>> = HashMap::new();
     for event in &all {
-        by_id.entry(event["id"].as_str().unwrap().to_string()).or_default().push(event);
+        by_id
+            .entry(event["id"].as_str().unwrap().to_string())
+            .or_default()
+            .push(event);
     }
-    let rows: std::collections::BTreeSet<i64> =
-        all.iter().map(|e| e["payload"]["row"]["id"].as_i64().unwrap()).collect();
+    let rows: std::collections::BTreeSet<i64> = all
+        .iter()
+        .map(|e| e["payload"]["row"]["id"].as_i64().unwrap())
+        .collect();
     assert_eq!(rows, (0..300).collect(), "every committed row delivered");
     assert_eq!(by_id.len(), 300, "one id per committed row");
     let mut repeated = 0;
