@@ -4,9 +4,6 @@
 //! detector's flow control their channel cannot fill. Live adapters (sse, ws) get
 //! `bus.buffer_size` and lose events when they fall behind; the loss is counted.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use crate::error::Error;
@@ -18,7 +15,6 @@ struct Output {
     name: String,
     durable: bool,
     tx: mpsc::Sender<Delivery>,
-    dropped: Arc<AtomicU64>,
 }
 
 /// The fan-out. It owns every adapter channel; dropping it closes them.
@@ -45,7 +41,6 @@ impl Bus {
             name: name.to_string(),
             durable,
             tx,
-            dropped: Arc::default(),
         });
         rx
     }
@@ -60,7 +55,6 @@ impl Bus {
             match output.tx.try_send(delivery.clone()) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) if !output.durable => {
-                    output.dropped.fetch_add(1, Ordering::Relaxed);
                     crate::metrics::dropped(&output.name, 1);
                     tracing::debug!(component = "bus", adapter = %output.name, "live adapter behind: event dropped");
                 }
@@ -75,14 +69,5 @@ impl Bus {
             }
         }
         Ok(())
-    }
-
-    /// Events dropped so far per live adapter.
-    pub fn dropped(&self) -> Vec<(String, u64)> {
-        self.outputs
-            .iter()
-            .filter(|o| !o.durable)
-            .map(|o| (o.name.clone(), o.dropped.load(Ordering::Relaxed)))
-            .collect()
     }
 }

@@ -1,11 +1,14 @@
 //! stdout: one JSON line per event. Durable: an event is acknowledged once its line is
 //! written and flushed, so `pgpipe listen | consumer` loses nothing when either side stops.
 
+use std::time::Instant;
+
 use futures_util::future::BoxFuture;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::durable::{next_batch, Report};
 use super::Adapter;
 use crate::ack::Acker;
 use crate::error::Error;
@@ -41,31 +44,23 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Adapter for Stdout<W> {
         Box::pin(async move {
             let mut out = BufWriter::new(self.out);
             let mut line = Vec::with_capacity(1024);
-            crate::metrics::register_adapter("stdout");
-            let mut created = Vec::new();
-            while let Some(first) = input.recv().await {
-                // Write whatever is already queued, then flush and acknowledge once.
-                let started = std::time::Instant::now();
-                let mut last = first.seq;
-                created.clear();
-                created.push(first.event.created_at);
-                write_line(&mut out, &mut line, &first).await?;
-                while let Ok(next) = input.try_recv() {
-                    last = next.seq;
-                    created.push(next.event.created_at);
-                    write_line(&mut out, &mut line, &next).await?;
+            let report = Report::new("stdout");
+            // Write whatever is queued, then flush and acknowledge once.
+            while let Some(batch) = next_batch(&mut input, usize::MAX).await {
+                let started = Instant::now();
+                for delivery in &batch {
+                    if let Err(e) = write_line(&mut out, &mut line, delivery).await {
+                        report.failed(&e.to_string());
+                        return Err(e);
+                    }
                 }
                 if let Err(e) = out.flush().await {
-                    crate::metrics::delivery_error("stdout");
+                    report.failed(&e.to_string());
                     return Err(Error::io("write to stdout")(e));
                 }
-                crate::metrics::delivered("stdout", created.len() as u64);
-                crate::metrics::delivery_duration("stdout", started.elapsed());
-                for at in &created {
-                    crate::metrics::end_to_end(*at);
-                }
-                if let Some(acker) = &acker {
-                    acker.finished(last);
+                report.delivered(&batch, started);
+                if let (Some(acker), Some(last)) = (&acker, batch.last()) {
+                    acker.finished(last.seq);
                 }
             }
             Ok(())
