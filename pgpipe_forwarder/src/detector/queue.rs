@@ -32,6 +32,10 @@ const READ_SQL: &str = "SELECT position, id, channel, operation, payload, source
 /// Whether the pgpipe extension is installed in the database at `url`.
 pub async fn extension_installed(url: &str) -> Result<bool, Error> {
     let (client, _) = db::connect(url).await?;
+    has_extension(&client).await
+}
+
+async fn has_extension(client: &Client) -> Result<bool, Error> {
     let row = client
         .query_opt("SELECT 1 FROM pg_extension WHERE extname = 'pgpipe'", &[])
         .await
@@ -240,11 +244,7 @@ impl QueueDetector {
     }
 
     async fn check_extension(&self, client: &Client) -> Result<(), Error> {
-        let installed = client
-            .query_opt("SELECT 1 FROM pg_extension WHERE extname = 'pgpipe'", &[])
-            .await
-            .map_err(Error::pg("look for the pgpipe extension"))?;
-        if installed.is_none() {
+        if !has_extension(client).await? {
             return Err(Error::Extension(
                 "the pgpipe extension is not installed in this database: run CREATE EXTENSION pgpipe, \
                  or use --detector listen_notify"
