@@ -19,17 +19,53 @@ use pgrx::prelude::*;
 
 use super::raise;
 
+/// Most indexes a queue partition may have for the cached path (it has two).
+const MAX_INDEXES: usize = 8;
+
+/// The index set of the partition written last, kept across transactions: building an
+/// `IndexInfo` per row costs more than the insert into the index. Relations themselves
+/// are opened (and locked) again every time; only their descriptions are cached.
+#[derive(Clone, Copy)]
+struct IndexCache {
+    /// The partition (InvalidOid: nothing cached).
+    partition: pg_sys::Oid,
+    count: usize,
+    oids: [pg_sys::Oid; MAX_INDEXES],
+    /// In [`CACHE_CONTEXT`].
+    infos: [*mut pg_sys::IndexInfo; MAX_INDEXES],
+}
+
+const EMPTY_CACHE: IndexCache = IndexCache {
+    partition: pg_sys::InvalidOid,
+    count: 0,
+    oids: [pg_sys::InvalidOid; MAX_INDEXES],
+    infos: [std::ptr::null_mut(); MAX_INDEXES],
+};
+
 thread_local! {
     /// OID of `pgpipe.events`, looked up by schema and name (never via search_path);
     /// reset by a relcache invalidation of it (e.g. DROP EXTENSION).
     static EVENTS_OID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
     static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
+    static INDEX_CACHE: Cell<IndexCache> = const { Cell::new(EMPTY_CACHE) };
+    /// Memory of the cached `IndexInfo`s, reset when the cache is rebuilt.
+    static CACHE_CONTEXT: Cell<pg_sys::MemoryContext> = const { Cell::new(std::ptr::null_mut()) };
 }
 
+/// Forgets what an invalidation may have changed: the queue's OID, the cached partition's
+/// index set (the partition's entry changes when an index is added or dropped, an index's
+/// own when it changes).
 #[pg_guard]
 unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     if relid == pg_sys::InvalidOid || relid == EVENTS_OID.get() {
         EVENTS_OID.set(pg_sys::InvalidOid);
+    }
+    let cache = INDEX_CACHE.get();
+    if relid == pg_sys::InvalidOid
+        || relid == cache.partition
+        || cache.oids[..cache.count].contains(&relid)
+    {
+        INDEX_CACHE.set(EMPTY_CACHE);
     }
 }
 
@@ -256,6 +292,80 @@ pub unsafe fn insert_event(channel: &CStr, operation: &str, payload: pg_sys::Dat
     }
 }
 
+/// The partition's indexes, from the cache or described afresh.
+///
+/// # Safety
+/// `part` is open and locked (so its index set is current and cannot change under us).
+unsafe fn partition_indexes(part: pg_sys::Relation) -> IndexCache {
+    // SAFETY: reads of an open relation.
+    let part_oid = unsafe { (*part).rd_id };
+    let cached = INDEX_CACHE.get();
+    if cached.partition == part_oid {
+        return cached;
+    }
+    INDEX_CACHE.set(EMPTY_CACHE);
+    // SAFETY: a long-lived context under CacheMemoryContext, created once, reset on each
+    // rebuild; the relations are opened and locked as the executor does.
+    unsafe {
+        let mut cxt = CACHE_CONTEXT.get();
+        if cxt.is_null() {
+            cxt = pg_sys::AllocSetContextCreateInternal(
+                pg_sys::CacheMemoryContext,
+                c"pgpipe capture indexes".as_ptr(),
+                pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
+                pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+                pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
+            );
+            CACHE_CONTEXT.set(cxt);
+        } else {
+            pg_sys::MemoryContextReset(cxt);
+        }
+        let mut cache = EMPTY_CACHE;
+        cache.partition = part_oid;
+        let list = pg_sys::RelationGetIndexList(part);
+        let n = if list.is_null() {
+            0
+        } else {
+            (*list).length as usize
+        };
+        if n > MAX_INDEXES {
+            raise(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("pgpipe's capture maintains at most {MAX_INDEXES} indexes on a partition of pgpipe.events"),
+            );
+        }
+        for k in 0..n {
+            let index_oid = (*(*list).elements.add(k)).oid_value;
+            let index = pg_sys::index_open(index_oid, pg_sys::RowExclusiveLock as i32);
+            let old_cxt = pg_sys::MemoryContextSwitchTo(cxt);
+            let info = pg_sys::BuildIndexInfo(index);
+            pg_sys::MemoryContextSwitchTo(old_cxt);
+            if !(*info).ii_Expressions.is_null()
+                || !(*info).ii_Predicate.is_null()
+                || !(*info).ii_ExclusionOps.is_null()
+                || ((*info).ii_Unique && !(*(*index).rd_index).indimmediate)
+                || (0..(*info).ii_NumIndexAttrs as usize)
+                    .any(|a| (*info).ii_IndexAttrNumbers[a] <= 0)
+            {
+                let name = CStr::from_ptr((*(*index).rd_rel).relname.data.as_ptr());
+                raise(
+                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    format!(
+                        "index {} of pgpipe.events is not a plain column index, which the capture trigger does not maintain",
+                        name.to_string_lossy()
+                    ),
+                );
+            }
+            pg_sys::index_close(index, pg_sys::NoLock as i32);
+            cache.oids[k] = index_oid;
+            cache.infos[k] = info;
+            cache.count = k + 1;
+        }
+        INDEX_CACHE.set(cache);
+        cache
+    }
+}
+
 /// Adds the index entries of a freshly inserted heap tuple, as `ExecInsertIndexTuples`
 /// does for plain column indexes (the queue's: its primary key and the xid index).
 ///
@@ -268,62 +378,40 @@ unsafe fn insert_index_entries(
     values: &[pg_sys::Datum],
     nulls: &[bool],
 ) {
-    // SAFETY: see the contract; the index list is a copy in the current memory context.
+    // SAFETY: see the contract; the cached descriptions match the locked partition.
     unsafe {
-        let list = pg_sys::RelationGetIndexList(part);
-        if list.is_null() {
-            return;
-        }
-        for n in 0..(*list).length as usize {
-            let index_oid = (*(*list).elements.add(n)).oid_value;
-            let index = pg_sys::index_open(index_oid, pg_sys::RowExclusiveLock as i32);
-            let info = pg_sys::BuildIndexInfo(index);
+        let cache = partition_indexes(part);
+        for k in 0..cache.count {
+            let info = cache.infos[k];
+            let index = pg_sys::index_open(cache.oids[k], pg_sys::RowExclusiveLock as i32);
             // An index still being built concurrently gets its entries later.
-            if (*info).ii_ReadyForInserts {
-                if !(*info).ii_Expressions.is_null()
-                    || !(*info).ii_Predicate.is_null()
-                    || !(*info).ii_ExclusionOps.is_null()
-                    || ((*info).ii_Unique && !(*(*index).rd_index).indimmediate)
-                {
-                    let name = CStr::from_ptr((*(*index).rd_rel).relname.data.as_ptr());
-                    raise(
-                        PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                        format!(
-                            "index {} of pgpipe.events is not a plain column index, which the capture trigger does not maintain",
-                            name.to_string_lossy()
-                        ),
-                    );
-                }
-                let natts = (*info).ii_NumIndexAttrs as usize;
-                let mut ivalues = [pg_sys::Datum::from(0); pg_sys::INDEX_MAX_KEYS as usize];
-                let mut inulls = [false; pg_sys::INDEX_MAX_KEYS as usize];
-                for k in 0..natts {
-                    let attnum = (*info).ii_IndexAttrNumbers[k];
-                    if attnum <= 0 {
-                        raise(
-                            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                            "an index of pgpipe.events covers a system column".into(),
-                        );
-                    }
-                    ivalues[k] = values[attnum as usize - 1];
-                    inulls[k] = nulls[attnum as usize - 1];
-                }
-                let check = if (*info).ii_Unique {
-                    pg_sys::IndexUniqueCheck::UNIQUE_CHECK_YES
-                } else {
-                    pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO
-                };
-                pg_sys::index_insert(
-                    index,
-                    ivalues.as_mut_ptr(),
-                    inulls.as_mut_ptr(),
-                    &raw mut (*tuple).t_self,
-                    part,
-                    check,
-                    false,
-                    info,
-                );
+            if (*index).rd_index.is_null() || !(*(*index).rd_index).indisready {
+                pg_sys::index_close(index, pg_sys::NoLock as i32);
+                continue;
             }
+            let natts = (*info).ii_NumIndexAttrs as usize;
+            let mut ivalues = [pg_sys::Datum::from(0); pg_sys::INDEX_MAX_KEYS as usize];
+            let mut inulls = [false; pg_sys::INDEX_MAX_KEYS as usize];
+            for a in 0..natts {
+                let attnum = (*info).ii_IndexAttrNumbers[a] as usize;
+                ivalues[a] = values[attnum - 1];
+                inulls[a] = nulls[attnum - 1];
+            }
+            let check = if (*info).ii_Unique {
+                pg_sys::IndexUniqueCheck::UNIQUE_CHECK_YES
+            } else {
+                pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO
+            };
+            pg_sys::index_insert(
+                index,
+                ivalues.as_mut_ptr(),
+                inulls.as_mut_ptr(),
+                &raw mut (*tuple).t_self,
+                part,
+                check,
+                false,
+                info,
+            );
             pg_sys::index_close(index, pg_sys::NoLock as i32);
         }
     }
