@@ -233,7 +233,7 @@ async fn a_stalled_client_does_not_delay_the_others() {
     const ROWS: i32 = 4000;
     const PER_TX: i32 = 100;
     let started = std::time::Instant::now();
-    let url = db.url();
+    let url = db.admin_url();
     let writer = tokio::spawn(async move {
         let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await

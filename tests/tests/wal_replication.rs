@@ -43,7 +43,8 @@ async fn to_jsonb(db: &TestDb, table: &str, id: i32) -> Value {
 }
 
 fn spawn_wal(db: &TestDb, slot: &str, extra: &[&str]) -> Forwarder {
-    let url = db.url();
+    // Replication takes the REPLICATION attribute, which the queue's forwarder role lacks.
+    let url = db.admin_url();
     let mut args = vec![
         "listen",
         "--db",

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Notification};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -170,6 +171,7 @@ impl QueueDetector {
         let mut rotate =
             tokio::time::interval(self.retention_interval.max(Duration::from_millis(1)));
         rotate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retention = !self.retention_interval.is_zero();
         let mut want_read = true;
         let mut shutdown_deadline: Option<tokio::time::Instant> = None;
         loop {
@@ -204,16 +206,29 @@ impl QueueDetector {
                 }
                 n = notifications.recv() => wake_from(n)?,
                 _ = poll.tick() => Wake::Read,
-                _ = rotate.tick(), if !self.retention_interval.is_zero() => Wake::Rotate,
+                _ = rotate.tick(), if retention => Wake::Rotate,
             };
             match wake {
                 Wake::Read => want_read = true,
                 Wake::Rotate => {
                     // Retention failing must not stop delivery; a broken connection
                     // shows up on the next read anyway.
-                    if let Err(e) = self.rotate(&client).await {
-                        tracing::warn!(component = "detector", detector = "queue", error = %e,
-                            "queue retention failed; will try again");
+                    match self.rotate(&client).await {
+                        Ok(()) => {}
+                        Err(Error::Postgres { source, .. })
+                            if source.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) =>
+                        {
+                            // A least-privilege forwarder: retention is the admin's.
+                            retention = false;
+                            tracing::info!(component = "detector", detector = "queue",
+                                "queue retention is left to the background worker or a pgpipe_admin: \
+                                 this role may not run pgpipe.rotate() (GRANT pgpipe_admin to run it here, \
+                                 or set detector.retention_interval: 0)");
+                        }
+                        Err(e) => {
+                            tracing::warn!(component = "detector", detector = "queue", error = %e,
+                            "queue retention failed; will try again")
+                        }
                     }
                 }
                 Wake::Acks => {
@@ -264,11 +279,26 @@ impl QueueDetector {
     ) -> Result<bool, Error> {
         let mut announced = false;
         loop {
-            let claimed: bool = client
+            let claimed: bool = match client
                 .query_one("SELECT pgpipe.try_claim_consumer($1)", &[&self.consumer])
                 .await
-                .map_err(Error::pg(format!("claim consumer {}", self.consumer)))?
-                .get(0);
+            {
+                Ok(row) => row.get(0),
+                // A lease lives in the consumer's row: a new consumer is registered
+                // first (nobody can hold what does not exist yet).
+                Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => {
+                    let channels: Option<Vec<String>> = Some(self.channels.clone());
+                    client
+                        .execute(
+                            "SELECT pgpipe.register_consumer($1, $2)",
+                            &[&self.consumer, &channels],
+                        )
+                        .await
+                        .map_err(Error::pg(format!("register consumer {}", self.consumer)))?;
+                    continue;
+                }
+                Err(e) => return Err(Error::pg(format!("claim consumer {}", self.consumer))(e)),
+            };
             if claimed {
                 return Ok(true);
             }
