@@ -10,6 +10,8 @@
 //! `pg_terminate_backend`, a FATAL error, or a change of `pgpipe.database`).
 
 pub use pgpipe_pgoutput as pgoutput;
+mod convert;
+mod queue;
 pub mod wal;
 
 use std::panic::AssertUnwindSafe;
@@ -208,6 +210,7 @@ impl Worker {
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(message) => {
+                self.wal.reset();
                 self.set_state(WorkerState::Error, Some(&message));
                 return;
             }
