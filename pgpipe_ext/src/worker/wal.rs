@@ -34,7 +34,9 @@ use super::raise;
 use crate::guc;
 
 /// Prefix of the logical decoding messages `pgpipe.emit()` sends under
-/// `pgpipe.emit_mode = 'wal'`.
+/// `pgpipe.emit_mode = 'wal'`: `pgpipe:` and the key in `pgpipe.wal_message_key`, which
+/// only the extension's owner can read. Any role may call `pg_logical_emit_message()`;
+/// only messages with the key become events.
 const EMIT_PREFIX: &str = "pgpipe";
 /// Rows fetched from the peek cursor at a time.
 const FETCH_SIZE: i64 = 256;
@@ -72,6 +74,9 @@ pub struct Batch {
 #[derive(Default)]
 pub struct WalCapture {
     relations: HashMap<u32, Relation>,
+    /// The whole prefix of pgpipe's own messages (`pgpipe:<key>`), read once per
+    /// connection to the extension; None until read (or when there is no key).
+    message_prefix: Option<Option<String>>,
     writer: Writer,
 }
 
@@ -85,6 +90,7 @@ impl WalCapture {
     /// Forgets cached conversions after a failed read.
     pub fn reset(&mut self) {
         self.writer.reset_caches();
+        self.message_prefix = None;
     }
 
     /// Reads the slot once and writes the events, inside the caller's transaction.
@@ -112,6 +118,8 @@ impl WalCapture {
                 )
                 .map(|t| !t.is_empty())
                 .unwrap_or(false);
+            // A new extension brings a new key.
+            self.message_prefix = None;
             return ReadOutcome::NoExtension(leftover.then_some(slot));
         }
         let publication = guc::publication();
@@ -175,7 +183,15 @@ impl WalCapture {
             ],
         );
 
-        let WalCapture { relations, writer } = self;
+        if self.message_prefix.is_none() {
+            self.message_prefix = Some(read_message_prefix(client));
+        }
+        let WalCapture {
+            relations,
+            writer,
+            message_prefix,
+        } = self;
+        let message_prefix = message_prefix.as_ref().and_then(Option::as_deref);
         let mut rows: i64 = 0;
         let mut events: u64 = 0;
         let mut xact: Option<SourceXact> = None;
@@ -290,11 +306,26 @@ impl WalCapture {
                         }
                     }
                     Message::Message {
-                        transactional: true,
+                        transactional,
                         ref prefix,
                         ref content,
                         ..
-                    } if prefix == EMIT_PREFIX => {
+                    } if prefix.starts_with(EMIT_PREFIX) => {
+                        if Some(prefix.as_str()) != message_prefix || !transactional {
+                            // Never log the prefix: it may be close to the key.
+                            warning!(
+                                "pgpipe worker: skipped a logical decoding message at LSN {lsn} \
+                                 whose prefix starts with \"{EMIT_PREFIX}\" but is not the one \
+                                 pgpipe.emit_wal() uses{}; only pgpipe.emit() under \
+                                 pgpipe.emit_mode = 'wal' queues events through the WAL",
+                                if transactional {
+                                    ""
+                                } else {
+                                    " (or is not transactional)"
+                                }
+                            );
+                            continue;
+                        }
                         // Transactional messages come inside their transaction.
                         if xact.as_ref().is_some_and(|x| !x.skip) {
                             if let Some((channel, operation, text)) = emitted_event(lsn, content) {
@@ -454,12 +485,46 @@ fn emitted_event(lsn: &str, content: &[u8]) -> Option<(String, String, String)> 
         Some(event) => Some(event),
         None => {
             warning!(
-                "pgpipe worker: skipped a logical decoding message with prefix \"{EMIT_PREFIX}\" \
-                 at LSN {lsn} that pgpipe.emit() did not send"
+                "pgpipe worker: skipped a logical decoding message at LSN {lsn}: not an object \
+                 with a string channel and operation"
             );
             None
         }
     }
+}
+
+/// `pgpipe:` and the key of pgpipe's own messages; None without a key (then no message
+/// becomes an event).
+fn read_message_prefix(client: &SpiClient<'_>) -> Option<String> {
+    let exists = client
+        .select(
+            "SELECT pg_catalog.to_regclass('pgpipe.wal_message_key') IS NOT NULL",
+            None,
+            &[],
+        )
+        .ok()
+        .and_then(|t| t.first().get_one::<bool>().ok().flatten())
+        .unwrap_or(false);
+    let key = exists
+        .then(|| {
+            client
+                .select(
+                    "SELECT k.key FROM pgpipe.wal_message_key k LIMIT 1",
+                    None,
+                    &[],
+                )
+                .ok()
+                .and_then(|t| t.first().get_one::<String>().ok().flatten())
+        })
+        .flatten()
+        .filter(|key| !key.is_empty());
+    if key.is_none() {
+        warning!(
+            "pgpipe worker: pgpipe.wal_message_key holds no key: events emitted through the \
+             WAL (pgpipe.emit_mode = 'wal') are not queued"
+        );
+    }
+    key.map(|key| format!("{EMIT_PREFIX}:{key}"))
 }
 
 /// The rule of `pgpipe.check_channel`: `^[A-Za-z0-9_.:-]{1,63}$`.
