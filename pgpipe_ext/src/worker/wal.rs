@@ -68,6 +68,11 @@ pub struct Batch {
     pub advance_to: Option<Lsn>,
     /// End LSN of the last source transaction written.
     pub last_commit: Option<Lsn>,
+    /// The slot's restart LSN before this read: the peek decoded from there.
+    pub restart: Lsn,
+    /// Time spent fetching from the peek (decoding) and converting + inserting.
+    pub decode_time: std::time::Duration,
+    pub write_time: std::time::Duration,
 }
 
 /// The worker's WAL capture state, kept across cycles.
@@ -199,9 +204,12 @@ impl WalCapture {
         let mut last_commit: Option<Lsn> = None;
         let mut targets: HashMap<u32, Target> = HashMap::new();
         writer.begin();
+        let mut decode_time = std::time::Duration::ZERO;
+        let started = std::time::Instant::now();
         loop {
             // The cursor runs as the worker: never inside an owner's restricted context.
             writer.unrestrict();
+            let fetch_started = std::time::Instant::now();
             let chunk: Vec<(String, Vec<u8>)> = cursor
                 .fetch(FETCH_SIZE)
                 .unwrap_or_else(|e| error!("pgpipe worker: read the slot: {e}"))
@@ -212,6 +220,7 @@ impl WalCapture {
                     )
                 })
                 .collect();
+            decode_time += fetch_started.elapsed();
             if chunk.is_empty() {
                 break;
             }
@@ -365,6 +374,9 @@ impl WalCapture {
             confirmed,
             advance_to: target.filter(|&t| t > confirmed),
             last_commit,
+            restart: slot_row.restart,
+            decode_time,
+            write_time: started.elapsed().saturating_sub(decode_time),
         })
     }
 }
@@ -392,6 +404,8 @@ struct SlotRow {
     lost: bool,
     usable: bool,
     confirmed: Lsn,
+    /// Where decoding of the slot starts (every peek and advance decodes from here).
+    restart: Lsn,
 }
 
 fn slot_and_progress(client: &SpiClient<'_>, slot: &str) -> (Option<SlotRow>, Option<Lsn>) {
@@ -400,7 +414,8 @@ fn slot_and_progress(client: &SpiClient<'_>, slot: &str) -> (Option<SlotRow>, Op
             "SELECT coalesce(wal_status = 'lost', false), \
                     plugin = 'pgoutput' AND database = pg_catalog.current_database() \
                         AND slot_type = 'logical', \
-                    coalesce(confirmed_flush_lsn, '0/0')::text \
+                    coalesce(confirmed_flush_lsn, '0/0')::text, \
+                    coalesce(restart_lsn, '0/0')::text \
              FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
             None,
             &[slot.into()],
@@ -409,14 +424,19 @@ fn slot_and_progress(client: &SpiClient<'_>, slot: &str) -> (Option<SlotRow>, Op
     let slot_row = if slot_row.is_empty() {
         None
     } else {
-        let (lost, usable, confirmed) = slot_row
-            .first()
-            .get_three::<bool, bool, String>()
-            .unwrap_or_else(|e| error!("pgpipe worker: read the slot: {e}"));
+        let row = slot_row.first();
+        let read = |n| {
+            row.get::<String>(n)
+                .unwrap_or_else(|e| error!("pgpipe worker: read the slot: {e}"))
+        };
+        let lost = row.get::<bool>(1).ok().flatten();
+        let usable = row.get::<bool>(2).ok().flatten();
+        let (confirmed, restart) = (read(3), read(4));
         Some(SlotRow {
             lost: lost.unwrap_or(false),
             usable: usable.unwrap_or(false),
             confirmed: confirmed.as_deref().and_then(parse_lsn).unwrap_or(0),
+            restart: restart.as_deref().and_then(parse_lsn).unwrap_or(0),
         })
     };
     let progress = client
