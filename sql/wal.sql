@@ -187,8 +187,7 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'Subscribe a table with mode => ''wal'' (or SELECT pgpipe.ensure_slot()) in this database first, or SET pgpipe.emit_mode = ''queue''.';
     END IF;
-    -- TODO(worker): prefix 'pgpipe:' || key once the worker checks it (sql/wal.sql above).
-    PERFORM pg_logical_emit_message(true, 'pgpipe',
+    PERFORM pg_logical_emit_message(true, 'pgpipe:' || (SELECT k.key FROM pgpipe.wal_message_key k LIMIT 1),
         jsonb_build_object('channel', pgpipe.check_channel(channel), 'operation', operation, 'payload', payload)::text);
     RETURN NULL;
 END $$;
