@@ -298,6 +298,32 @@ FROM generate_series(1, {n}) g;
 VACUUM ANALYZE {t};
 """
 
+# pgpipe.capture_row() as it was before issue 11 (PL/pgSQL, SECURITY DEFINER + SET
+# search_path, SPI INSERT into the partitioned queue): the baseline the native trigger is
+# measured against in the same run, and the body of variants (b) and (c).
+PLPGSQL_CAPTURE_ROW = """
+DECLARE
+    new_row jsonb;
+    old_row jsonb;
+    woken boolean;
+BEGIN
+    IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+        new_row := pg_catalog.to_jsonb(OLD);
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+        new_row := pg_catalog.to_jsonb(NEW);
+        old_row := pg_catalog.to_jsonb(OLD);
+    ELSE
+        new_row := pg_catalog.to_jsonb(NEW);
+    END IF;
+    INSERT INTO pgpipe.events (id, channel, operation, payload, source)
+    VALUES (pgpipe.uuid_generate_v7(), TG_ARGV[0], TG_OP,
+            pg_catalog.jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
+                                          'row', new_row, 'old', old_row),
+            'trigger');
+    woken := pgpipe.mark_wakeup();
+    RETURN NULL;
+END
+"""
 INSERT_SQL = "INSERT INTO {t} (v, name, amount) VALUES (0, 'new-customer', 12.50);\n"
 UPDATE_SQL = "\\set k random(1, 100000)\nUPDATE {t} SET v = v + 1 WHERE id = :k;\n"
 INSERT_N_SQL = ("INSERT INTO {t} (v, name, amount) SELECT 0, 'new-customer', 12.50 "
@@ -573,7 +599,10 @@ class Bench:
         cl.psql("CREATE EXTENSION pgpipe; CREATE SCHEMA bench;")
         # Partitions ahead exist as they would under a running forwarder.
         cl.psql("SELECT * FROM pgpipe.rotate();")
-        self.capture_fn = cl.psql("SELECT prosrc FROM pg_proc WHERE oid = 'pgpipe.capture_row'::regproc")
+        # pgpipe.capture_row is native now; (p) is the PL/pgSQL trigger it replaced.
+        self.capture_fn = PLPGSQL_CAPTURE_ROW
+        cl.psql("CREATE FUNCTION bench.capture_row_plpgsql() RETURNS trigger LANGUAGE plpgsql "
+                "SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$%s$body$;" % self.capture_fn)
         # (b) the same trigger body without SECURITY DEFINER / SET search_path.
         cl.psql("CREATE FUNCTION bench.capture_row_nosp() RETURNS trigger LANGUAGE plpgsql AS $body$%s$body$;"
                 % self.capture_fn)
@@ -592,9 +621,11 @@ class Bench:
         cl.psql("CREATE FUNCTION bench.capture_row_1idx() RETURNS trigger LANGUAGE plpgsql "
                 "SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$%s$body$;" % body_1idx)
         self.has_xip = self.make_read_xip()
-        for t in ("b_plain", "b_trig", "b_nosp", "b_1idx", "b_wal"):
+        for t in ("b_plain", "b_trig", "b_plpg", "b_nosp", "b_1idx", "b_wal"):
             cl.psql(TABLE_DDL.format(t=t, n=100000))
         cl.psql("SELECT pgpipe.subscribe('b_trig');")
+        cl.psql("CREATE TRIGGER bench_capture AFTER INSERT OR UPDATE OR DELETE ON b_plpg "
+                "FOR EACH ROW EXECUTE FUNCTION bench.capture_row_plpgsql('b_plpg');")
         cl.psql("CREATE TRIGGER bench_capture AFTER INSERT OR UPDATE OR DELETE ON b_nosp "
                 "FOR EACH ROW EXECUTE FUNCTION bench.capture_row_nosp('b_nosp');")
         cl.psql("CREATE TRIGGER bench_capture AFTER INSERT OR UPDATE OR DELETE ON b_1idx "
@@ -628,7 +659,7 @@ END $$;
         if self.wal_ok:
             self.wait_wal_caught_up()
         self.reset_queue()
-        self.cl.psql("VACUUM b_plain, b_trig, b_nosp, b_1idx, b_wal; CHECKPOINT;")
+        self.cl.psql("VACUUM b_plain, b_trig, b_plpg, b_nosp, b_1idx, b_wal; CHECKPOINT;")
 
     def wait_wal_caught_up(self, timeout=120):
         deadline = time.time() + timeout
@@ -690,7 +721,7 @@ END $$;
         plan = []
         for op in ("insert", "update"):
             for c in P["clients"]:
-                names = ["plain", "trigger"]
+                names = ["plain", "trigger", "trigger_plpgsql"]
                 if c in P["variant_clients"]:
                     names += ["trigger_nosp", "trigger_1idx"]
                 plan.append((op, c, names))
@@ -701,7 +732,8 @@ END $$;
         self.summarize_capture(raw, res["table"])
         self.res["phases"]["capture"] = res
 
-    CAPTURE_VARIANTS = {"plain": "b_plain", "trigger": "b_trig", "trigger_nosp": "b_nosp",
+    CAPTURE_VARIANTS = {"plain": "b_plain", "trigger": "b_trig", "trigger_plpgsql": "b_plpg",
+                        "trigger_nosp": "b_nosp",
                         "trigger_1idx": "b_1idx", "plain_slot": "b_plain", "wal": "b_wal"}
 
     def phase_capture_wal(self):
@@ -763,7 +795,8 @@ BEGIN
     RETURN NULL;
 END $$;
 """)
-        trig = {"k_plain": None, "k_trig": "pgpipe", "k_nosp": "bench.capture_row_nosp",
+        trig = {"k_plain": None, "k_trig": "pgpipe", "k_plpg": "bench.capture_row_plpgsql",
+                "k_nosp": "bench.capture_row_nosp",
                 "k_1idx": "bench.capture_row_1idx", "k_empty": "bench.trg_empty",
                 "k_emptysd": "bench.trg_empty_sd", "k_emptysdo": "bench.trg_empty_sd_only",
                 "k_qonly": "bench.trg_queue_only"}
@@ -790,10 +823,12 @@ END $$;
             ("insert, empty plpgsql trigger, SECURITY DEFINER + SET search_path", ins % "k_emptysd", None),
             ("insert, trigger: queue INSERT only ('{}' payload)", ins % "k_qonly", None),
             ("insert, pgpipe trigger (a)", ins % "k_trig", None),
+            ("insert, PL/pgSQL trigger before issue 11 (p)", ins % "k_plpg", None),
             ("insert, trigger without SET search_path (b)", ins % "k_nosp", None),
             ("insert, trigger into 1-index queue (c)", ins % "k_1idx", None),
             ("update, no trigger", upd % "k_plain", "k_plain"),
             ("update, pgpipe trigger (a)", upd % "k_trig", "k_trig"),
+            ("update, PL/pgSQL trigger before issue 11 (p)", upd % "k_plpg", "k_plpg"),
             ("update, trigger without SET search_path (b)", upd % "k_nosp", "k_nosp"),
             ("uuid_generate_v7()", "SELECT count(pgpipe.uuid_generate_v7()) FROM generate_series(1, %d)" % n, None),
             ("gen_random_uuid() (v4, for scale)", "SELECT count(gen_random_uuid()) FROM generate_series(1, %d)" % n, None),
@@ -829,6 +864,7 @@ END $$;
         per_stmt = {}
         per_tx = {}
         stmt_tables = [("no trigger", "k_plain"), ("pgpipe trigger (a)", "k_trig"),
+                       ("PL/pgSQL trigger before issue 11 (p)", "k_plpg"),
                        ("without SET search_path (b)", "k_nosp"), ("1-index queue (c)", "k_1idx")]
         for r in range(2):
             for label, t in (stmt_tables if r % 2 == 0 else list(reversed(stmt_tables))):
@@ -1606,15 +1642,16 @@ def render_md(r, prev):
     if cap.get("table"):
         L.append("#### 1. Capture cost on writers (pgbench -M prepared, tps, median of %s interleaved rounds of %ss; ratio to plain)" % (r["params"]["rounds"], r["params"]["capture_secs"]))
         L.append("")
-        L.append("load before/after: %s / %s (WAL block: %s / %s). `trigger` = pgpipe.capture_row as shipped (a); `trigger_nosp` = the same body without SECURITY DEFINER/SET search_path (b); `trigger_1idx` = queue with PRIMARY KEY (xid, id) only (c). `wal` is measured in a second block against `plain_slot` (plain while the slot decodes), because a logical slot, once there, decodes every write; it runs after the throughput and latency phases so that they do not pay for decoding." % (cap.get("load_before"), cap.get("load_after"), capw.get("load_before"), capw.get("load_after")))
+        L.append("load before/after: %s / %s (WAL block: %s / %s). `trigger` = pgpipe.capture_row as shipped (a, native since issue 11); `trigger_plpgsql` = the PL/pgSQL trigger it replaced (p, SECURITY DEFINER + SET search_path, SPI INSERT); `trigger_nosp` = that PL/pgSQL body without SECURITY DEFINER/SET search_path (b); `trigger_1idx` = the PL/pgSQL body into a queue with PRIMARY KEY (xid, id) only (c). `wal` is measured in a second block against `plain_slot` (plain while the slot decodes), because a logical slot, once there, decodes every write; it runs after the throughput and latency phases so that they do not pay for decoding." % (cap.get("load_before"), cap.get("load_after"), capw.get("load_before"), capw.get("load_after")))
         L.append("")
-        L.append("| op | clients | plain | trigger (a) | ratio | no search_path (b) | ratio | 1-index queue (c) | ratio | plain with slot | wal | ratio |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        L.append("| op | clients | plain | trigger (a) | ratio | PL/pgSQL (p) | ratio | no search_path (b) | ratio | 1-index queue (c) | ratio | plain with slot | wal | ratio |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for op in ("insert", "update"):
             for c in sorted(cap["table"].get(op, {}), key=int):
                 x = cap["table"][op][c]
-                L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
                     op, c, fmt(x.get("plain")), fmt(x.get("trigger")), fmt(x.get("trigger_ratio")),
+                    fmt(x.get("trigger_plpgsql")), fmt(x.get("trigger_plpgsql_ratio")),
                     fmt(x.get("trigger_nosp")), fmt(x.get("trigger_nosp_ratio")),
                     fmt(x.get("trigger_1idx")), fmt(x.get("trigger_1idx_ratio")),
                     fmt(x.get("plain_slot")), fmt(x.get("wal")), fmt(x.get("wal_ratio"))))
@@ -1629,12 +1666,12 @@ def render_md(r, prev):
         if cpu:
             L.append("Machine-wide CPU per transaction (µs, /proc/stat busy time ÷ transactions; pgbench, WAL writer and all included; median):")
             L.append("")
-            L.append("| op | clients | plain | trigger (a) | (b) | (c) | plain with slot | wal |")
-            L.append("|---|---|---|---|---|---|---|---|")
+            L.append("| op | clients | plain | trigger (a) | (p) | (b) | (c) | plain with slot | wal |")
+            L.append("|---|---|---|---|---|---|---|---|---|")
             for op in ("insert", "update"):
                 for c in sorted(cpu.get(op, {}), key=int):
                     x = cpu[op][c]
-                    L.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (op, c, fmt(x.get("plain")), fmt(x.get("trigger")), fmt(x.get("trigger_nosp")), fmt(x.get("trigger_1idx")), fmt(x.get("plain_slot")), fmt(x.get("wal"))))
+                    L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (op, c, fmt(x.get("plain")), fmt(x.get("trigger")), fmt(x.get("trigger_plpgsql")), fmt(x.get("trigger_nosp")), fmt(x.get("trigger_1idx")), fmt(x.get("plain_slot")), fmt(x.get("wal"))))
             L.append("")
         walb = (capw.get("wal_bytes_per_tx") or cap.get("wal_bytes_per_tx") or {})
         if walb:

@@ -4,48 +4,18 @@
 -- Trigger capture
 --------------------------------------------------------------------------------
 
--- Row trigger: TG_ARGV[0] is the channel. No NOTIFY here: NOTIFY takes a global lock at
--- commit and would serialize writers; consumers are woken another way (see README).
--- Names are schema-qualified as well as search_path pinned: a writer's own operators
--- must never run as the definer.
+-- Row trigger: TG_ARGV[0] is the channel. Native (pgpipe_ext/src/capture/): it builds the
+-- payload with to_jsonb and writes the queue row straight into the partition of
+-- pgpipe.events, without SPI. It is deliberately NOT SECURITY DEFINER: casts and output
+-- functions of the captured columns run as the role that wrote the row, and writers need
+-- no privilege on pgpipe's tables. No NOTIFY here: NOTIFY takes a global lock at commit
+-- and would serialize writers; the committed transaction wakes the background worker.
 CREATE FUNCTION pgpipe.capture_row() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    new_row jsonb;
-    old_row jsonb;
-    woken boolean;
-BEGIN
-    IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
-        new_row := pg_catalog.to_jsonb(OLD);
-    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
-        new_row := pg_catalog.to_jsonb(NEW);
-        old_row := pg_catalog.to_jsonb(OLD);
-    ELSE
-        new_row := pg_catalog.to_jsonb(NEW);
-    END IF;
-    INSERT INTO pgpipe.events (id, channel, operation, payload, source)
-    VALUES (pgpipe.uuid_generate_v7(), TG_ARGV[0], TG_OP,
-            pg_catalog.jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
-                                          'row', new_row, 'old', old_row),
-            'trigger');
-    woken := pgpipe.mark_wakeup();
-    RETURN NULL;
-END $$;
+LANGUAGE c AS 'MODULE_PATHNAME', 'pgpipe_capture_row';
 
--- Statement trigger for TRUNCATE (row triggers do not fire for it).
+-- Statement trigger for TRUNCATE (row triggers do not fire for it); the same path.
 CREATE FUNCTION pgpipe.capture_truncate() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    woken boolean;
-BEGIN
-    INSERT INTO pgpipe.events (id, channel, operation, payload, source)
-    VALUES (pgpipe.uuid_generate_v7(), TG_ARGV[0], 'TRUNCATE',
-            jsonb_build_object('op', 'TRUNCATE', 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
-                               'row', NULL, 'old', NULL),
-            'trigger');
-    woken := pgpipe.mark_wakeup();
-    RETURN NULL;
-END $$;
+LANGUAGE c AS 'MODULE_PATHNAME', 'pgpipe_capture_truncate';
 
 --------------------------------------------------------------------------------
 -- Subscriptions

@@ -6,6 +6,7 @@
 
 use pgrx::prelude::*;
 
+mod capture;
 mod guc;
 mod shared;
 mod status;
