@@ -143,6 +143,10 @@ pub struct DetectorConfig {
     pub batch_size: u32,
     /// Most events delivered but not yet acknowledged by every durable adapter.
     pub max_in_flight: usize,
+    /// A full in-flight window with no acknowledgement for this long is logged as a
+    /// stuck adapter (a forgotten acknowledgement is loud, not a silent hang).
+    #[serde(with = "humantime_serde")]
+    pub ack_stall_warning: Duration,
     /// Queue detector: least time between acks that only move past empty batches.
     #[serde(with = "humantime_serde")]
     pub idle_ack_interval: Duration,
@@ -337,6 +341,7 @@ impl Default for DetectorConfig {
             poll_interval: Duration::from_millis(50),
             batch_size: 1000,
             max_in_flight: 10_000,
+            ack_stall_warning: Duration::from_secs(60),
             idle_ack_interval: Duration::from_secs(10),
             retention_interval: Duration::from_secs(60),
             backoff_base: Duration::from_secs(5),
@@ -1380,6 +1385,7 @@ impl Config {
         nonzero("file.fsync_interval", self.file.fsync_interval)?;
 
         nonzero("detector.poll_interval", d.poll_interval)?;
+        nonzero("detector.ack_stall_warning", d.ack_stall_warning)?;
         nonzero("detector.status_interval", d.status_interval)?;
         nonzero("webhook.timeout", self.webhook.timeout)?;
         nonzero("sse.heartbeat_interval", self.sse.heartbeat_interval)?;

@@ -215,14 +215,9 @@ async fn measure_queue_lag(state: &HttpState) {
             *slot = Some(crate::db::connect(&s.database_url).await?.0);
         }
         let client = slot.as_ref().expect("connected above");
-        let row = client
-            .query_opt(
-                "SELECT pending_events FROM pgpipe.consumer_lag WHERE name = $1",
-                &[&s.consumer],
-            )
+        crate::db::QueueClient::new(client)
+            .consumer_lag(&s.consumer)
             .await
-            .map_err(Error::pg("measure queue lag"))?;
-        Ok::<_, Error>(row.map_or(0, |r| r.get::<_, i64>(0)))
     };
     match tokio::time::timeout(s.read_timeout, work).await {
         Ok(Ok(lag)) => crate::metrics::queue_lag(lag),

@@ -106,7 +106,7 @@ impl PgTable {
                         rest = &rest[chunk.len()..];
                     }
                     Err(e) if is_bad_row(&e) && chunk.len() > 1 => {
-                        tracing::warn!(component = "pg_table", adapter = %self.name, error = %describe(&e),
+                        tracing::warn!(component = "pg_table", adapter = %self.name, error = %e,
                             rows = chunk.len(), "batch refused; inserting row by row to find the bad row");
                         one_by_one = true;
                     }
@@ -114,7 +114,7 @@ impl PgTable {
                         let event = &chunk[0].event;
                         if !self
                             .dead_letters
-                            .record(event, &describe(&e), 1, &cancel)
+                            .record(event, &e.to_string(), 1, &cancel)
                             .await
                         {
                             park(&mut input).await;
@@ -124,7 +124,7 @@ impl PgTable {
                         rest = &rest[1..];
                     }
                     Err(e)
-                        if sqlstate(&e) == Some(&SqlState::INVALID_COLUMN_REFERENCE)
+                        if e.sqlstate() == Some(SqlState::INVALID_COLUMN_REFERENCE.code())
                             && self.on_conflict =>
                     {
                         tracing::warn!(component = "pg_table", adapter = %self.name, table = %self.table,
@@ -133,10 +133,10 @@ impl PgTable {
                         self.on_conflict = false;
                     }
                     Err(e) => {
-                        self.report.failed(&describe(&e));
+                        self.report.failed(&e.to_string());
                         let delay = self.backoff.next_delay();
                         tracing::error!(component = "pg_table", adapter = %self.name, table = %self.table,
-                            error = %describe(&e), retry_in = ?delay, "insert failed; retrying the batch");
+                            error = %e, retry_in = ?delay, "insert failed; retrying the batch");
                         if client.as_ref().is_some_and(Client::is_closed) {
                             client = None;
                         }
@@ -203,39 +203,10 @@ pub fn quote_table(table: &str) -> String {
         .join(".")
 }
 
-/// The error with the server's message, SQLSTATE and detail (the driver's own text is
-/// only "db error").
-pub fn describe(e: &Error) -> String {
-    match e {
-        Error::Postgres { context, source } => match source.as_db_error() {
-            Some(db) => {
-                let mut text = format!(
-                    "{context}: {} (SQLSTATE {})",
-                    db.message(),
-                    db.code().code()
-                );
-                if let Some(detail) = db.detail() {
-                    text.push_str(": ");
-                    text.push_str(detail);
-                }
-                text
-            }
-            None => e.to_string(),
-        },
-        other => other.to_string(),
-    }
-}
-
-fn sqlstate(e: &Error) -> Option<&SqlState> {
-    match e {
-        Error::Postgres { source, .. } => source.code(),
-        _ => None,
-    }
-}
-
 /// A row the table refuses for good: integrity constraint (23) or data exception (22).
 fn is_bad_row(e: &Error) -> bool {
-    sqlstate(e).is_some_and(|c| c.code().starts_with("23") || c.code().starts_with("22"))
+    e.sqlstate()
+        .is_some_and(|c| c.starts_with("23") || c.starts_with("22"))
 }
 
 impl Adapter for PgTable {
