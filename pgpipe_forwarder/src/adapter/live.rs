@@ -226,7 +226,7 @@ impl Adapter for LiveAdapter {
     fn run(
         self: Box<Self>,
         mut input: mpsc::Receiver<Delivery>,
-        _acker: Option<Acker>,
+        _acker: Acker,
         _cancel: CancellationToken,
     ) -> BoxFuture<'static, Result<(), Error>> {
         Box::pin(async move {

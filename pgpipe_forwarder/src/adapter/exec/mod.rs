@@ -109,11 +109,11 @@ impl Exec {
     async fn run_loop(
         mut self,
         mut input: mpsc::Receiver<Delivery>,
-        acker: Option<Acker>,
+        acker: Acker,
         cancel: CancellationToken,
     ) -> Result<(), Error> {
         let ack = |seq: Option<u64>| {
-            if let (Some(acker), Some(seq)) = (&acker, seq) {
+            if let Some(seq) = seq {
                 acker.finished(seq);
             }
         };
@@ -379,7 +379,7 @@ impl Adapter for Exec {
     fn run(
         self: Box<Self>,
         input: mpsc::Receiver<Delivery>,
-        acker: Option<Acker>,
+        acker: Acker,
         cancel: CancellationToken,
     ) -> BoxFuture<'static, Result<(), Error>> {
         Box::pin(self.run_loop(input, acker, cancel))
