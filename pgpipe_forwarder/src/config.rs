@@ -1056,9 +1056,16 @@ fn parse_yaml(file: &ConfigFile) -> Result<Value, ConfigError> {
     if file.text.trim().is_empty() {
         return Ok(Value::Object(Map::new()));
     }
-    let value: Value = serde_yaml_ng::from_str(&file.text).map_err(|e| ConfigError::Yaml {
-        file: file.name.clone(),
-        message: format!("invalid YAML: {e}"),
+    // A pure-Rust YAML parser; its errors name the line and column.
+    let value: Value = serde_saphyr::from_str(&file.text).map_err(|e| {
+        // Its first line ("error: line L column C: what") says it all; the rest is a
+        // source snippet.
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or_default();
+        ConfigError::Yaml {
+            file: file.name.clone(),
+            message: format!("invalid YAML: {}", first.trim_start_matches("error: ")),
+        }
     })?;
     match value {
         Value::Null => Ok(Value::Object(Map::new())),
@@ -2009,6 +2016,14 @@ mod tests {
                 .starts_with("config file pgpipe.yaml: invalid YAML"),
             "{e}"
         );
+        let e = resolve(
+            &Config::default(),
+            Some(&file("channels: [a]\nadapters: [stdout\n")),
+            &no_env,
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("line 2"), "the line is named: {e}");
     }
 
     #[test]

@@ -27,8 +27,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -374,13 +373,13 @@ pub async fn serve(
             let service = TowerToHyperService::new(app.clone());
             let cancel = cancel.clone();
             connections.spawn(async move {
-                let mut builder = auto::Builder::new(TokioExecutor::new());
+                // HTTP/1.1 only (SSE and the WebSocket upgrade need nothing else).
+                let mut builder = hyper::server::conn::http1::Builder::new();
                 builder
-                    .http1()
                     .timer(TokioTimer::new())
                     .header_read_timeout(read_timeout);
                 let io = TokioIo::new(IdleIo::new(stream, idle_timeout));
-                let conn = builder.serve_connection_with_upgrades(io, service);
+                let conn = builder.serve_connection(io, service).with_upgrades();
                 tokio::pin!(conn);
                 tokio::select! {
                     result = conn.as_mut() => {

@@ -7,7 +7,6 @@
 //! so a crashing command loses nothing; it may see a line twice. Its stderr (and stdout)
 //! go to the log, `component=exec`.
 
-use std::os::fd::AsRawFd;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -164,7 +163,7 @@ impl Exec {
                 window.push_careful(seq, line);
                 loop {
                     ack(observe(&mut window, child));
-                    if matches!(unread_bytes(child.stdin.as_raw_fd()), Ok(0) | Err(_)) {
+                    if matches!(unread_bytes(&child.stdin), Ok(0) | Err(_)) {
                         break;
                     }
                     tokio::select! {
@@ -342,7 +341,7 @@ async fn write(stdin: &mut ChildStdin, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Acknowledgeable progress of the command: what it has read according to the pipe.
 fn observe(window: &mut Window, running: &Running) -> Option<u64> {
-    match unread_bytes(running.stdin.as_raw_fd()) {
+    match unread_bytes(&running.stdin) {
         Ok(unread) => window.observe(unread, std::time::Instant::now()),
         Err(e) => {
             tracing::debug!(component = "exec", error = %e, "cannot read the pipe's fill level");
