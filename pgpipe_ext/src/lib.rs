@@ -1,7 +1,8 @@
 //! pgpipe, the extension: captures row changes into `pgpipe.events`, a durable queue of
 //! UUIDv7-stamped events, and serves it to consumers through a snapshot-based SQL API.
 //!
-//! This file only wires modules together; the SQL objects live in `sql/pgpipe.sql`.
+//! This file only wires modules together; the SQL objects live in `sql/`, one file per
+//! concept.
 
 use pgrx::prelude::*;
 
@@ -13,17 +14,26 @@ mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
 
-// The tables, capture triggers and the consumer API are plain SQL: they need the UUIDv7
-// function, which is defined in Rust, so they come after it.
+// The SQL objects, one file per concept, in this order (each file may use what the
+// ones before it define). The tables need the UUIDv7 function, defined in Rust, so they
+// come after it.
 extension_sql_file!(
-    "../sql/pgpipe.sql",
-    name = "pgpipe_schema",
+    "../sql/queue.sql",
+    name = "queue",
     requires = [
         uuid7::uuid_generate_v7,
         shared::mark_wakeup,
         status::worker_status
     ]
 );
+extension_sql_file!("../sql/capture.sql", name = "capture", requires = ["queue"]);
+extension_sql_file!("../sql/outbox.sql", name = "outbox", requires = ["capture"]);
+extension_sql_file!("../sql/consumers.sql", name = "consumers", requires = ["outbox"]);
+extension_sql_file!("../sql/retention.sql", name = "retention", requires = ["consumers"]);
+extension_sql_file!("../sql/dead_letters.sql", name = "dead_letters", requires = ["retention"]);
+extension_sql_file!("../sql/replay.sql", name = "replay", requires = ["dead_letters"]);
+extension_sql_file!("../sql/wal.sql", name = "wal", requires = ["replay"]);
+extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 /// Registers the settings in every process that loads pgpipe; when loaded through
 /// `shared_preload_libraries`, also the shared memory and the background worker.

@@ -190,7 +190,7 @@ fn frame(event: &Event, named: bool) -> SseFrame {
     }
 }
 
-/// The events committed after `after` (see `pgpipe.events_after` in sql/pgpipe.sql).
+/// The events committed after `after` (see `pgpipe.events_after` in sql/replay.sql).
 async fn replay_from_queue(
     state: &HttpState,
     after: Uuid,

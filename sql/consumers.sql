@@ -1,0 +1,255 @@
+-- pgpipe: the consumer API (snapshot batches, positions, acks, lag).
+
+--------------------------------------------------------------------------------
+-- Consumer API
+--
+-- A consumer reads the queue in batches delimited by transaction snapshots (as PgQ
+-- does): a batch holds the events whose transactions are visible in snapshot `cur` but
+-- were not in `prev`, the snapshot that closed the previous batch. Commit order of
+-- concurrent transactions therefore cannot make a reader skip an event, which
+-- `WHERE id > last_id` alone would. Within a batch events come in id order; a large
+-- batch is paged by the last id returned.
+--
+-- A position is text: '<prev>/<cur>/<last id>' while paging inside a batch, and
+-- '<prev>//' once a batch is finished (the next read takes a new snapshot).
+--------------------------------------------------------------------------------
+
+CREATE TABLE pgpipe.consumers (
+    name        text        PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_.:,+-]{1,200}$'),
+    channels    text[],
+    prev        pg_snapshot NOT NULL,
+    cur         pg_snapshot,
+    last_id     uuid,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    acked_at    timestamptz
+);
+COMMENT ON COLUMN pgpipe.consumers.channels IS 'channels the consumer reads; NULL means all';
+
+CREATE TYPE pgpipe.read_position AS (prev pg_snapshot, cur pg_snapshot, last_id uuid);
+
+CREATE FUNCTION pgpipe.parse_position(pos text) RETURNS pgpipe.read_position
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    parts text[] := string_to_array(pos, '/');
+    result pgpipe.read_position;
+BEGIN
+    IF pos IS NULL OR cardinality(parts) <> 3 OR parts[1] = '' OR (parts[2] = '' AND parts[3] <> '') THEN
+        RAISE EXCEPTION 'invalid position %', coalesce(quote_literal(pos), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass a position returned by pgpipe.read().';
+    END IF;
+    BEGIN
+        result.prev := parts[1]::pg_snapshot;
+        result.cur := nullif(parts[2], '')::pg_snapshot;
+        result.last_id := nullif(parts[3], '')::uuid;
+    EXCEPTION WHEN data_exception THEN
+        RAISE EXCEPTION 'invalid position %', quote_literal(pos)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass a position returned by pgpipe.read().';
+    END;
+    RETURN result;
+END $$;
+
+CREATE FUNCTION pgpipe.format_position(p pgpipe.read_position) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT p.prev::text || '/' || coalesce(p.cur::text, '') || '/' || coalesce(p.last_id::text, '')
+$$;
+
+-- Registers a consumer, or updates the channels of an existing one (its position is kept).
+-- start => 'beginning' reads every event still in the queue; 'now' only later ones.
+-- Returns the consumer's position.
+CREATE FUNCTION pgpipe.register_consumer(name text, channels text[] DEFAULT NULL, start text DEFAULT 'beginning')
+RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c text;
+    existing pgpipe.consumers;
+BEGIN
+    IF name IS NULL OR name !~ '^[A-Za-z0-9_.:,+-]{1,200}$' THEN
+        RAISE EXCEPTION 'invalid consumer name %', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use 1 to 200 letters, digits, ''_'', ''.'', '':'', '','', ''+'' or ''-''.';
+    END IF;
+    IF channels IS NOT NULL THEN
+        FOREACH c IN ARRAY channels LOOP
+            PERFORM pgpipe.check_channel(c);
+        END LOOP;
+    END IF;
+    IF start NOT IN ('beginning', 'now') THEN
+        RAISE EXCEPTION 'invalid start %', coalesce(quote_literal(start), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'start is ''beginning'' or ''now''.';
+    END IF;
+    SELECT * INTO existing FROM pgpipe.consumers WHERE consumers.name = register_consumer.name FOR UPDATE;
+    IF FOUND THEN
+        UPDATE pgpipe.consumers SET channels = register_consumer.channels
+        WHERE consumers.name = register_consumer.name;
+        RETURN pgpipe.format_position(ROW(existing.prev, existing.cur, existing.last_id));
+    END IF;
+    INSERT INTO pgpipe.consumers (name, channels, prev)
+    VALUES (register_consumer.name, register_consumer.channels,
+            CASE WHEN start = 'now' THEN pg_current_snapshot() ELSE '1:1:'::pg_snapshot END)
+    RETURNING pgpipe.format_position(ROW(prev, cur, last_id)) INTO c;
+    RETURN c;
+END $$;
+
+CREATE FUNCTION pgpipe.drop_consumer(name text) RETURNS boolean
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH d AS (DELETE FROM pgpipe.consumers c WHERE c.name = drop_consumer.name RETURNING 1)
+    SELECT count(*) > 0 FROM d
+$$;
+
+-- Takes the consumer's lease for this session (a session advisory lock), so a second
+-- forwarder for the same consumer waits as a hot standby. Returns false when another
+-- session holds it.
+CREATE FUNCTION pgpipe.try_claim_consumer(name text) RETURNS boolean
+LANGUAGE sql AS $$
+    SELECT pg_try_advisory_lock(hashtextextended('pgpipe.consumer:' || name, 0))
+$$;
+
+-- The consumer's acknowledged position.
+CREATE FUNCTION pgpipe.consumer_position(name text) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c pgpipe.consumers;
+BEGIN
+    SELECT * INTO c FROM pgpipe.consumers WHERE consumers.name = consumer_position.name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'consumer % does not exist', quote_literal(name)
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Create it with pgpipe.register_consumer().';
+    END IF;
+    RETURN pgpipe.format_position(ROW(c.prev, c.cur, c.last_id));
+END $$;
+
+-- The first page of a batch: the events of the batch's transactions, by xid range.
+CREATE FUNCTION pgpipe.batch_first_page(prev pg_snapshot, cur pg_snapshot, chans text[], max_events integer)
+RETURNS SETOF pgpipe.events
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT e.* FROM pgpipe.events e
+    WHERE e.xid >= pg_snapshot_xmin(prev) AND e.xid < pg_snapshot_xmax(cur)
+      AND pg_visible_in_snapshot(e.xid, cur) AND NOT pg_visible_in_snapshot(e.xid, prev)
+      AND (chans IS NULL OR e.channel = ANY (chans))
+    ORDER BY e.id
+    LIMIT max_events
+$$;
+
+-- Later pages of a large batch walk the primary key from the last id. Left to itself the
+-- planner, expecting few rows for freshly written transactions, re-scans and re-sorts the
+-- whole batch for every page, which is quadratic in the batch (BENCHMARKS.md).
+CREATE FUNCTION pgpipe.batch_page_after(prev pg_snapshot, cur pg_snapshot, last_id uuid, chans text[], max_events integer)
+RETURNS SETOF pgpipe.events
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp SET enable_sort = off SET enable_bitmapscan = off
+SET plan_cache_mode = force_custom_plan AS $$
+    SELECT e.* FROM pgpipe.events e
+    WHERE e.id > last_id
+      AND e.xid >= pg_snapshot_xmin(prev) AND e.xid < pg_snapshot_xmax(cur)
+      AND pg_visible_in_snapshot(e.xid, cur) AND NOT pg_visible_in_snapshot(e.xid, prev)
+      AND (chans IS NULL OR e.channel = ANY (chans))
+    ORDER BY e.id
+    LIMIT max_events
+$$;
+
+-- Reads up to max_events events after a position (default: the consumer's acknowledged
+-- one). Every row carries the position just after it; ack the last row's position once
+-- its events are handled. When there is nothing to deliver, one row comes back with only
+-- a position (id IS NULL): acking it lets the consumer move on.
+CREATE FUNCTION pgpipe.read(consumer text, after text DEFAULT NULL, max_events integer DEFAULT 1000)
+RETURNS TABLE (
+    "position"  text,
+    id          uuid,
+    channel     text,
+    operation   text,
+    payload     jsonb,
+    source      text,
+    created_at  timestamptz,
+    xid         xid8,
+    lsn         pg_lsn
+)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    chans text[];
+    pos pgpipe.read_position;
+    rows_returned integer;
+BEGIN
+    IF max_events IS NULL OR max_events < 1 THEN
+        RAISE EXCEPTION 'max_events must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT c.channels INTO chans FROM pgpipe.consumers c WHERE c.name = read.consumer;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'consumer % does not exist', quote_literal(consumer)
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Create it with pgpipe.register_consumer().';
+    END IF;
+    pos := pgpipe.parse_position(coalesce(after, pgpipe.consumer_position(consumer)));
+    IF pos.cur IS NULL THEN
+        -- Start a new batch: everything committed from here on is visible to the query
+        -- below, which runs with a later statement snapshot.
+        pos.cur := pg_current_snapshot();
+        pos.last_id := NULL;
+    END IF;
+
+    RETURN QUERY
+    WITH page AS (
+        SELECT * FROM pgpipe.batch_first_page(pos.prev, pos.cur, chans, max_events)
+        WHERE pos.last_id IS NULL
+        UNION ALL
+        SELECT * FROM pgpipe.batch_page_after(pos.prev, pos.cur, pos.last_id, chans, max_events)
+        WHERE pos.last_id IS NOT NULL
+    ), numbered AS (
+        SELECT p.*, row_number() OVER (ORDER BY p.id) AS n, count(*) OVER () AS total
+        FROM page p
+    )
+    SELECT CASE WHEN nb.n = nb.total AND nb.total < max_events
+                THEN pos.cur::text || '//'
+                ELSE pos.prev::text || '/' || pos.cur::text || '/' || nb.id::text END,
+           nb.id, nb.channel, nb.operation, nb.payload, nb.source, nb.created_at, nb.xid, nb.lsn
+    FROM numbered nb
+    ORDER BY nb.id;
+    GET DIAGNOSTICS rows_returned = ROW_COUNT;
+
+    IF rows_returned = 0 THEN
+        -- The batch is finished: the next one starts after `cur`.
+        RETURN QUERY SELECT pos.cur::text || '//', NULL::uuid, NULL::text, NULL::text, NULL::jsonb,
+                            NULL::text, NULL::timestamptz, NULL::xid8, NULL::pg_lsn;
+    END IF;
+END $$;
+
+-- Records that everything up to `position` has been handled.
+CREATE FUNCTION pgpipe.ack(consumer text, "position" text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    pos pgpipe.read_position := pgpipe.parse_position("position");
+BEGIN
+    UPDATE pgpipe.consumers c
+    SET prev = pos.prev, cur = pos.cur, last_id = pos.last_id, acked_at = now()
+    WHERE c.name = ack.consumer;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'consumer % does not exist', quote_literal(consumer)
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Create it with pgpipe.register_consumer().';
+    END IF;
+END $$;
+
+-- Each consumer's acknowledged position and how many committed events it has not yet acked.
+CREATE VIEW pgpipe.consumer_lag AS
+SELECT c.name,
+       c.channels,
+       pgpipe.format_position(ROW(c.prev, c.cur, c.last_id)) AS "position",
+       c.acked_at,
+       pending.events AS pending_events,
+       pending.oldest AS oldest_pending_at
+FROM pgpipe.consumers c
+CROSS JOIN LATERAL (
+    SELECT count(*) AS events, min(e.created_at) AS oldest
+    FROM pgpipe.events e
+    WHERE e.xid >= pg_snapshot_xmin(c.prev)
+      AND NOT pg_visible_in_snapshot(e.xid, c.prev)
+      AND (c.cur IS NULL OR c.last_id IS NULL OR NOT pg_visible_in_snapshot(e.xid, c.cur) OR e.id > c.last_id)
+      AND (c.channels IS NULL OR e.channel = ANY (c.channels))
+) pending;
+
+CREATE FUNCTION pgpipe.lag(consumer text) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT pending_events FROM pgpipe.consumer_lag WHERE name = consumer
+$$;
