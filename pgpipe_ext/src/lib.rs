@@ -28,10 +28,26 @@ extension_sql_file!(
 );
 extension_sql_file!("../sql/capture.sql", name = "capture", requires = ["queue"]);
 extension_sql_file!("../sql/outbox.sql", name = "outbox", requires = ["capture"]);
-extension_sql_file!("../sql/consumers.sql", name = "consumers", requires = ["outbox"]);
-extension_sql_file!("../sql/retention.sql", name = "retention", requires = ["consumers"]);
-extension_sql_file!("../sql/dead_letters.sql", name = "dead_letters", requires = ["retention"]);
-extension_sql_file!("../sql/replay.sql", name = "replay", requires = ["dead_letters"]);
+extension_sql_file!(
+    "../sql/consumers.sql",
+    name = "consumers",
+    requires = ["outbox"]
+);
+extension_sql_file!(
+    "../sql/retention.sql",
+    name = "retention",
+    requires = ["consumers"]
+);
+extension_sql_file!(
+    "../sql/dead_letters.sql",
+    name = "dead_letters",
+    requires = ["retention"]
+);
+extension_sql_file!(
+    "../sql/replay.sql",
+    name = "replay",
+    requires = ["dead_letters"]
+);
 extension_sql_file!("../sql/wal.sql", name = "wal", requires = ["replay"]);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
