@@ -963,6 +963,7 @@ pub fn env_var_name(key: &str) -> String {
 }
 
 /// Every leaf key of the configuration with its environment variable, in tree order.
+#[cfg(test)]
 pub fn env_vars() -> Vec<(String, String)> {
     let Ok(tree) = serde_json::to_value(Config::default()) else {
         return Vec::new();

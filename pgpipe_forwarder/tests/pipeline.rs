@@ -8,11 +8,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures_util::future::BoxFuture;
-use pgpipe_forwarder::adapter::durable::{Durable, Failure, Policy, Sink};
-use pgpipe_forwarder::adapter::Adapter;
-use pgpipe_forwarder::detector::{sleep_until_opt, Detector, DetectorIo};
-use pgpipe_forwarder::event::Delivery;
-use pgpipe_forwarder::{Error, Event, Pipeline};
+use pgpipe_forwarder::{sleep_until_opt, Error, Event, Pipeline};
+use pgpipe_forwarder::{Adapter, Delivery, Detector, DetectorIo, Durable, Failure, Policy, Sink};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 

@@ -80,11 +80,6 @@ impl Hub {
         })
     }
 
-    /// The adapter name this hub counts under.
-    pub fn adapter(&self) -> &'static str {
-        self.adapter
-    }
-
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -162,11 +157,6 @@ impl Hub {
         let mut inner = self.lock();
         inner.closed = true;
         inner.clients.clear();
-    }
-
-    /// Connected clients.
-    pub fn clients(&self) -> usize {
-        self.lock().clients.len()
     }
 }
 

@@ -76,14 +76,6 @@ pub fn names(config: &Config) -> Vec<String> {
     all
 }
 
-/// Builds the adapters [`names`] lists.
-pub fn build(config: &Config) -> Result<Vec<Box<dyn Adapter>>, Error> {
-    names(config)
-        .iter()
-        .map(|name| build_one(config, name))
-        .collect()
-}
-
 /// Builds the adapters named in `config.adapters`, the live ones (sse, ws) feeding `hubs`.
 pub fn build_with_hubs(config: &Config, hubs: &live::Hubs) -> Result<Vec<Box<dyn Adapter>>, Error> {
     names(config)

@@ -4,7 +4,7 @@
 
 mod api;
 
-pub use api::{QueueClient, QueueRow};
+pub use api::QueueClient;
 
 use std::sync::Arc;
 
