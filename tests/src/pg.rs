@@ -174,6 +174,13 @@ impl TempPg {
         db
     }
 
+    /// A new connection to database `dbname` of this cluster (TLS on a TLS cluster); the
+    /// connection task is spawned on the current tokio runtime. Panics with the server
+    /// log's tail when it cannot connect.
+    pub async fn client(&self, dbname: &str) -> Client {
+        self.inner.client_or_panic(dbname).await
+    }
+
     /// `postgres://postgres@127.0.0.1:PORT/<dbname>`.
     pub fn url(&self, dbname: &str) -> String {
         self.inner.url(dbname)

@@ -28,20 +28,11 @@ async fn rows_arrive_and_a_constraint_violation_is_dead_lettered() {
         .await;
 
     let url = db.url();
-    let fwd = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "-c",
-            "t",
-            "-a",
-            "pg_table",
-            "--pg-table-name",
-            "copy",
-        ],
-        &[],
-    );
+    let fwd = Forwarder::listen(&url)
+        .channel("t")
+        .adapter("pg_table")
+        .flag("--pg-table-name", "copy")
+        .spawn();
     db.execute("INSERT INTO t SELECT generate_series(1, 20)")
         .await;
     db.execute("INSERT INTO t VALUES (21)").await;
@@ -116,22 +107,12 @@ async fn events_go_to_a_table_in_another_database() {
         .await;
     let url = db.url();
     let target_url = target.url();
-    let fwd = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "-c",
-            "t",
-            "-a",
-            "pg_table",
-            "--pg-table-url",
-            &target_url,
-            "--pg-table-name",
-            "audit.events",
-        ],
-        &[],
-    );
+    let fwd = Forwarder::listen(&url)
+        .channel("t")
+        .adapter("pg_table")
+        .flag("--pg-table-url", &target_url)
+        .flag("--pg-table-name", "audit.events")
+        .spawn();
     db.execute("INSERT INTO t SELECT generate_series(1, 50)")
         .await;
     let done = wait_until(WAIT, async || {
@@ -145,22 +126,12 @@ async fn events_go_to_a_table_in_another_database() {
     assert!(done, "{}", fwd.stderr_text());
     // Redelivery is harmless: the same rows again change nothing.
     fwd.kill9();
-    let again = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "-c",
-            "t",
-            "-a",
-            "pg_table",
-            "--pg-table-url",
-            &target_url,
-            "--pg-table-name",
-            "audit.events",
-        ],
-        &[],
-    );
+    let again = Forwarder::listen(&url)
+        .channel("t")
+        .adapter("pg_table")
+        .flag("--pg-table-url", &target_url)
+        .flag("--pg-table-name", "audit.events")
+        .spawn();
     db.execute("INSERT INTO t VALUES (51)").await;
     let done = wait_until(WAIT, async || {
         target
