@@ -1273,6 +1273,13 @@ $function$
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             PEERS.append(perf)
             time.sleep(0.3)
+        # The worker logs each read at debug1: where its peek started decoding (the slot's
+        # restart LSN), how far it got, and the time in peek, convert+insert and advance.
+        log_path = os.path.join(cl.dir, "postgres.log")
+        log_offset = os.path.getsize(log_path)
+        cl.psql("ALTER SYSTEM SET log_min_messages = debug1; SELECT pg_reload_conf();")
+        backlog_start = cl.val("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'pgpipe'")
+        backlog_end = cl.val("SELECT pg_current_wal_lsn()")
         cpu0 = proc_cpu_s(int(pid)) if pid else None
         t0 = time.time()
         locker.stdin.write("COMMIT;\n")
@@ -1285,7 +1292,9 @@ $function$
             time.sleep(0.1)
         dt = time.time() - t0
         cpu1 = proc_cpu_s(int(pid)) if pid else None
+        cl.psql("ALTER SYSTEM RESET log_min_messages; SELECT pg_reload_conf();")
         out = {"wal_worker_events": c, "wal_worker_s": rnd(dt, 3), "wal_worker_rows_per_s": rnd(c / dt, 0)}
+        out.update(self.worker_decode_accounting(log_path, log_offset, backlog_start, backlog_end))
         if cpu0 is not None and cpu1 is not None and c:
             out["wal_worker_cpu_us_per_event"] = rnd((cpu1 - cpu0) * 1e6 / c, 1)
         if perf:
@@ -1293,6 +1302,33 @@ $function$
             perf.wait()
             out["wal_worker_perf_top"] = perf_lines(perf_data, ["--sort", "dso,symbol", "-g", "none"], 25, 0.7)
         return out
+
+    @staticmethod
+    def worker_decode_accounting(log_path, offset, start, end):
+        """How much WAL the worker decoded for a backlog, from its debug1 lines: each peek
+        and each advance decodes from the slot's restart LSN to the end of the read."""
+        def lsn(text):
+            hi, lo = text.split("/")
+            return (int(hi, 16) << 32) | int(lo, 16)
+        pat = re.compile(r"pgpipe worker: read (\d+) events; decoded from (\S+) \(restart\) over (\S+) "
+                         r"\(confirmed\) to (\S+): peek ([\d.]+) ms, convert\+insert ([\d.]+) ms, advance ([\d.]+) ms")
+        with open(log_path, errors="replace") as f:
+            f.seek(offset)
+            reads = [m.groups() for m in pat.finditer(f.read())]
+        if not reads:
+            return {"wal_worker_reads": 0}
+        backlog = lsn(end) - lsn(start)
+        decoded = sum(lsn(to) - lsn(restart) for _, restart, _, to in (r[:4] for r in reads))
+        return {
+            "wal_worker_reads": len(reads),
+            "wal_worker_backlog_wal_bytes": backlog,
+            # Bytes each of the peek and the advance decoded, summed over reads, per byte of
+            # backlog: 1.0 would be "each WAL byte once per step".
+            "wal_worker_decoded_per_backlog_byte": rnd(decoded / backlog, 2) if backlog > 0 else None,
+            "wal_worker_peek_s": rnd(sum(float(r[4]) for r in reads) / 1e3, 3),
+            "wal_worker_write_s": rnd(sum(float(r[5]) for r in reads) / 1e3, 3),
+            "wal_worker_advance_s": rnd(sum(float(r[6]) for r in reads) / 1e3, 3),
+        }
 
     # ---- 6. SSE fan-out ----------------------------------------------------------------
     def phase_fanout(self):
@@ -1786,6 +1822,12 @@ def render_md(r, prev):
         L.append("- pg_recvlogical + test_decoding: %s rows/s (%s s)" % (fmt(dec.get("pg_recvlogical_rows_per_s")), dec.get("pg_recvlogical_test_decoding_s")))
         if dec.get("wal_worker_rows_per_s"):
             L.append("- pgpipe WAL-mode worker: %s rows/s (%s s), %s µs of worker CPU per event" % (fmt(dec.get("wal_worker_rows_per_s")), dec.get("wal_worker_s"), dec.get("wal_worker_cpu_us_per_event")))
+            if dec.get("pg_recvlogical_rows_per_s"):
+                L.append("- worker ÷ pg_recvlogical: %s (target ≥ 0.5)" % rnd(dec["wal_worker_rows_per_s"] / dec["pg_recvlogical_rows_per_s"], 3))
+            if dec.get("wal_worker_reads"):
+                L.append("- %s reads; each of peek and advance decoded %s bytes of WAL per byte of backlog (%s bytes); time in peek %s s, convert + insert %s s, advance %s s" % (
+                    dec["wal_worker_reads"], dec.get("wal_worker_decoded_per_backlog_byte"), fmt(dec.get("wal_worker_backlog_wal_bytes")),
+                    dec.get("wal_worker_peek_s"), dec.get("wal_worker_write_s"), dec.get("wal_worker_advance_s")))
             if dec.get("wal_worker_perf_top"):
                 L.append("")
                 L.append("Worker profile while it drains (perf -p <worker pid>):")

@@ -27,8 +27,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -215,14 +214,9 @@ async fn measure_queue_lag(state: &HttpState) {
             *slot = Some(crate::db::connect(&s.database_url).await?.0);
         }
         let client = slot.as_ref().expect("connected above");
-        let row = client
-            .query_opt(
-                "SELECT pending_events FROM pgpipe.consumer_lag WHERE name = $1",
-                &[&s.consumer],
-            )
+        crate::db::QueueClient::new(client)
+            .consumer_lag(&s.consumer)
             .await
-            .map_err(Error::pg("measure queue lag"))?;
-        Ok::<_, Error>(row.map_or(0, |r| r.get::<_, i64>(0)))
     };
     match tokio::time::timeout(s.read_timeout, work).await {
         Ok(Ok(lag)) => crate::metrics::queue_lag(lag),
@@ -379,13 +373,13 @@ pub async fn serve(
             let service = TowerToHyperService::new(app.clone());
             let cancel = cancel.clone();
             connections.spawn(async move {
-                let mut builder = auto::Builder::new(TokioExecutor::new());
+                // HTTP/1.1 only (SSE and the WebSocket upgrade need nothing else).
+                let mut builder = hyper::server::conn::http1::Builder::new();
                 builder
-                    .http1()
                     .timer(TokioTimer::new())
                     .header_read_timeout(read_timeout);
                 let io = TokioIo::new(IdleIo::new(stream, idle_timeout));
-                let conn = builder.serve_connection_with_upgrades(io, service);
+                let conn = builder.serve_connection(io, service).with_upgrades();
                 tokio::pin!(conn);
                 tokio::select! {
                     result = conn.as_mut() => {

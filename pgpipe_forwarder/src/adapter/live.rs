@@ -80,11 +80,6 @@ impl Hub {
         })
     }
 
-    /// The adapter name this hub counts under.
-    pub fn adapter(&self) -> &'static str {
-        self.adapter
-    }
-
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -163,11 +158,6 @@ impl Hub {
         inner.closed = true;
         inner.clients.clear();
     }
-
-    /// Connected clients.
-    pub fn clients(&self) -> usize {
-        self.lock().clients.len()
-    }
 }
 
 /// The hubs of the configured live adapters, shared by the adapters and the HTTP server.
@@ -226,7 +216,7 @@ impl Adapter for LiveAdapter {
     fn run(
         self: Box<Self>,
         mut input: mpsc::Receiver<Delivery>,
-        _acker: Option<Acker>,
+        _acker: Acker,
         _cancel: CancellationToken,
     ) -> BoxFuture<'static, Result<(), Error>> {
         Box::pin(async move {

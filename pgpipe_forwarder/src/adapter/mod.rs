@@ -23,8 +23,10 @@ pub mod ws;
 
 /// A destination for events.
 ///
-/// Durable adapters report every event they finished (delivered, or dead-lettered) to the
-/// [`Acker`], in order; live adapters get no acker and may drop events.
+/// Every adapter gets an [`Acker`]: durable adapters report every event they finished
+/// (delivered, or dead-lettered) to it, in order — most through the delivery driver
+/// ([`durable::Durable`]), which does it for them; live adapters get one whose
+/// acknowledgements count at once, and may drop events.
 pub trait Adapter: Send {
     /// Name used in logs, metrics and health.
     fn name(&self) -> &str;
@@ -38,7 +40,7 @@ pub trait Adapter: Send {
     fn run(
         self: Box<Self>,
         input: mpsc::Receiver<Delivery>,
-        acker: Option<Acker>,
+        acker: Acker,
         cancel: CancellationToken,
     ) -> BoxFuture<'static, Result<(), Error>>;
 
@@ -74,14 +76,6 @@ pub fn names(config: &Config) -> Vec<String> {
     all
 }
 
-/// Builds the adapters [`names`] lists.
-pub fn build(config: &Config) -> Result<Vec<Box<dyn Adapter>>, Error> {
-    names(config)
-        .iter()
-        .map(|name| build_one(config, name))
-        .collect()
-}
-
 /// Builds the adapters named in `config.adapters`, the live ones (sse, ws) feeding `hubs`.
 pub fn build_with_hubs(config: &Config, hubs: &live::Hubs) -> Result<Vec<Box<dyn Adapter>>, Error> {
     names(config)
@@ -108,17 +102,12 @@ pub fn build_one(config: &Config, name: &str) -> Result<Box<dyn Adapter>, Error>
             "webhook" => {
                 let c = config.webhooks.iter().find(|c| c.name == listed);
                 let c = c.ok_or_else(|| missing("webhooks"))?;
-                Ok(Box::new(webhook::Webhook::new(name, c, db)?))
+                Ok(Box::new(webhook::Webhook::adapter(name, c, db)?))
             }
             "file" => {
                 let c = config.files.iter().find(|c| c.name == listed);
                 let c = c.ok_or_else(|| missing("files"))?;
-                Ok(Box::new(file::FileAdapter::new(
-                    name,
-                    c,
-                    c.backoff_base,
-                    c.backoff_cap,
-                )?))
+                Ok(Box::new(file::FileAdapter::adapter(name, c)?))
             }
             "exec" => {
                 let c = config.execs.iter().find(|c| c.name == listed);
@@ -129,7 +118,7 @@ pub fn build_one(config: &Config, name: &str) -> Result<Box<dyn Adapter>, Error>
             "pg_table" => {
                 let c = config.pg_tables.iter().find(|c| c.name == listed);
                 let c = c.ok_or_else(|| missing("pg_tables"))?;
-                Ok(Box::new(pg_table::PgTable::new(name, c, db)))
+                Ok(Box::new(pg_table::PgTable::adapter(name, c, db)))
             }
             _ => Err(Error::Config(format!(
                 "adapter {name:?}: unknown kind {kind:?} (webhook, file, exec or pg_table)"
@@ -137,25 +126,20 @@ pub fn build_one(config: &Config, name: &str) -> Result<Box<dyn Adapter>, Error>
         };
     }
     match name {
-        "stdout" => Ok(Box::new(stdout::Stdout::new(tokio::io::stdout()))),
-        "file" => Ok(Box::new(file::FileAdapter::new(
-            "file",
-            &config.file,
-            config.file.backoff_base,
-            config.file.backoff_cap,
-        )?)),
+        "stdout" => Ok(Box::new(stdout::Stdout::adapter(tokio::io::stdout()))),
+        "file" => Ok(Box::new(file::FileAdapter::adapter("file", &config.file)?)),
         "exec" => Ok(Box::new(exec::Exec::new(
             "exec",
             &config.exec,
             &config.database_url,
             config.shutdown_timeout / 2,
         ))),
-        "pg_table" => Ok(Box::new(pg_table::PgTable::new(
+        "pg_table" => Ok(Box::new(pg_table::PgTable::adapter(
             "pg_table",
             &config.pg_table,
             &config.database_url,
         ))),
-        "webhook" => Ok(Box::new(webhook::Webhook::new(
+        "webhook" => Ok(Box::new(webhook::Webhook::adapter(
             "webhook",
             &config.webhook,
             &config.database_url,

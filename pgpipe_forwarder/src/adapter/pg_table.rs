@@ -13,170 +13,121 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
-use tokio::sync::mpsc;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::dead_letter::DeadLetters;
-use super::durable::{next_batch, park, sleep_or_cancel, Report};
-use super::Adapter;
-use crate::ack::Acker;
-use crate::backoff::Backoff;
+use super::durable::{Durable, Failure, Policy, Sink};
 use crate::config::{redact_url, PgTableConfig};
 use crate::db;
 use crate::error::Error;
 use crate::event::Delivery;
 
-/// The pg_table adapter.
+/// The pg_table sink (run by the delivery driver, see [`PgTable::adapter`]).
 pub struct PgTable {
     name: String,
     url: String,
     table: String,
-    batch_size: usize,
-    backoff: Backoff,
     on_conflict: bool,
-    dead_letters: DeadLetters,
-    report: Report,
+    client: Option<Client>,
 }
 
 impl PgTable {
-    /// A pg_table adapter named `name`; `database_url` is the source database (the target
-    /// when `config.url` is empty, and where dead letters go).
-    pub fn new(name: &str, config: &PgTableConfig, database_url: &str) -> PgTable {
+    /// The adapter named `name`; `database_url` is the source database (the target when
+    /// `config.url` is empty, and where dead letters go). Retries never give up: the
+    /// operator can fix a missing table or privilege, and nothing is dropped meanwhile.
+    pub fn adapter(name: &str, config: &PgTableConfig, database_url: &str) -> Durable<PgTable> {
         let url = if config.url.is_empty() {
             database_url
         } else {
             &config.url
         };
-        PgTable {
+        let sink = PgTable {
             name: name.to_string(),
             url: url.to_string(),
             table: quote_table(&config.table),
-            batch_size: config.batch_size.max(1),
-            backoff: Backoff::new(config.backoff_base, config.backoff_cap)
-                .with_floor(Duration::from_millis(100)),
             on_conflict: true,
-            report: Report::new(name),
-            dead_letters: DeadLetters::new(
-                database_url,
-                name,
-                config.backoff_base,
-                config.backoff_cap,
-            ),
-        }
-    }
-
-    async fn run_loop(
-        mut self,
-        mut input: mpsc::Receiver<Delivery>,
-        acker: Option<Acker>,
-        cancel: CancellationToken,
-    ) -> Result<(), Error> {
-        tracing::info!(component = "pg_table", adapter = %self.name, table = %self.table,
-            url = %redact_url(&self.url), "pg_table adapter started");
-        let ack = |seq: u64| {
-            if let Some(acker) = &acker {
-                acker.finished(seq);
-            }
+            client: None,
         };
-        let mut client: Option<Client> = None;
-        while let Some(batch) = next_batch(&mut input, self.batch_size).await {
-            let mut rest: &[Delivery] = &batch;
-            let mut one_by_one = false;
-            while !rest.is_empty() {
-                let chunk = if one_by_one { &rest[..1] } else { rest };
-                let started = std::time::Instant::now();
-                let result = match &client {
-                    Some(c) if !c.is_closed() => self.insert(c, chunk).await,
-                    _ => match db::connect(&self.url).await {
-                        Ok((c, _)) => {
-                            tracing::info!(component = "pg_table", adapter = %self.name, "connected");
-                            self.insert(client.insert(c), chunk).await
-                        }
-                        Err(e) => Err(e),
-                    },
-                };
-                match result {
-                    Ok(()) => {
-                        self.backoff.reset();
-                        self.report.delivered(chunk, started);
-                        ack(chunk[chunk.len() - 1].seq);
-                        rest = &rest[chunk.len()..];
-                    }
-                    Err(e) if is_bad_row(&e) && chunk.len() > 1 => {
-                        tracing::warn!(component = "pg_table", adapter = %self.name, error = %describe(&e),
-                            rows = chunk.len(), "batch refused; inserting row by row to find the bad row");
-                        one_by_one = true;
-                    }
-                    Err(e) if is_bad_row(&e) => {
-                        let event = &chunk[0].event;
-                        if !self
-                            .dead_letters
-                            .record(event, &describe(&e), 1, &cancel)
-                            .await
-                        {
-                            park(&mut input).await;
-                            return Ok(());
-                        }
-                        ack(chunk[0].seq);
-                        rest = &rest[1..];
-                    }
-                    Err(e)
-                        if sqlstate(&e) == Some(&SqlState::INVALID_COLUMN_REFERENCE)
-                            && self.on_conflict =>
-                    {
-                        tracing::warn!(component = "pg_table", adapter = %self.name, table = %self.table,
-                            "the table has no unique key on id: inserting without ON CONFLICT (id) \
-                             DO NOTHING, so redelivered events become duplicate rows");
-                        self.on_conflict = false;
-                    }
-                    Err(e) => {
-                        self.report.failed(&describe(&e));
-                        let delay = self.backoff.next_delay();
-                        tracing::error!(component = "pg_table", adapter = %self.name, table = %self.table,
-                            error = %describe(&e), retry_in = ?delay, "insert failed; retrying the batch");
-                        if client.as_ref().is_some_and(Client::is_closed) {
-                            client = None;
-                        }
-                        if !sleep_or_cancel(delay, &cancel).await {
-                            park(&mut input).await;
-                            return Ok(());
-                        }
-                    }
-                }
-            }
-        }
-        Ok(())
+        let policy = Policy::new(
+            config.batch_size,
+            config.backoff_base,
+            config.backoff_cap,
+            None,
+        );
+        let dead_letters =
+            DeadLetters::new(database_url, name, config.backoff_base, config.backoff_cap);
+        Durable::new(name, sink, policy, Some(dead_letters))
     }
 
-    async fn insert(&self, client: &Client, rows: &[Delivery]) -> Result<(), Error> {
-        let mut ids: Vec<Uuid> = Vec::with_capacity(rows.len());
-        let mut channels: Vec<&str> = Vec::with_capacity(rows.len());
-        let mut operations: Vec<&str> = Vec::with_capacity(rows.len());
-        let mut payloads: Vec<&serde_json::Value> = Vec::with_capacity(rows.len());
-        let mut sources: Vec<&str> = Vec::with_capacity(rows.len());
-        let mut created: Vec<DateTime<Utc>> = Vec::with_capacity(rows.len());
-        for d in rows {
-            let e = &*d.event;
-            ids.push(e.id);
-            channels.push(&e.channel);
-            operations.push(&e.operation);
-            payloads.push(&e.payload);
-            sources.push(&e.source);
-            created.push(e.created_at);
+    /// Inserts `rows` once, connecting first when needed.
+    async fn insert_batch(&mut self, rows: &[Delivery]) -> Result<(), Failure> {
+        loop {
+            let (table, on_conflict) = (&self.table, self.on_conflict);
+            let result = match &self.client {
+                Some(c) if !c.is_closed() => insert(c, table, on_conflict, rows).await,
+                _ => match db::connect(&self.url).await {
+                    Ok((c, _)) => {
+                        tracing::info!(component = "pg_table", adapter = %self.name, "connected");
+                        let c = self.client.insert(c);
+                        insert(c, table, on_conflict, rows).await
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            let Err(e) = result else { return Ok(()) };
+            if e.sqlstate() == Some(SqlState::INVALID_COLUMN_REFERENCE.code()) && self.on_conflict {
+                tracing::warn!(component = "pg_table", adapter = %self.name, table = %self.table,
+                    "the table has no unique key on id: inserting without ON CONFLICT (id) \
+                     DO NOTHING, so redelivered events become duplicate rows");
+                self.on_conflict = false;
+                continue;
+            }
+            if is_bad_row(&e) {
+                return Err(Failure::BadEvent {
+                    error: e.to_string(),
+                });
+            }
+            if self.client.as_ref().is_some_and(Client::is_closed) {
+                self.client = None;
+            }
+            return Err(Failure::retry(e.to_string()));
         }
-        let sql = insert_sql(&self.table, self.on_conflict);
-        client
-            .execute(
-                &sql,
-                &[&ids, &channels, &operations, &payloads, &sources, &created],
-            )
-            .await
-            .map_err(Error::pg(format!("insert into {}", self.table)))?;
-        Ok(())
     }
+}
+
+/// One INSERT of `rows` into `table`.
+async fn insert(
+    client: &Client,
+    table: &str,
+    on_conflict: bool,
+    rows: &[Delivery],
+) -> Result<(), Error> {
+    let mut ids: Vec<Uuid> = Vec::with_capacity(rows.len());
+    let mut channels: Vec<&str> = Vec::with_capacity(rows.len());
+    let mut operations: Vec<&str> = Vec::with_capacity(rows.len());
+    let mut payloads: Vec<&serde_json::Value> = Vec::with_capacity(rows.len());
+    let mut sources: Vec<&str> = Vec::with_capacity(rows.len());
+    let mut created: Vec<DateTime<Utc>> = Vec::with_capacity(rows.len());
+    for d in rows {
+        let e = &*d.event;
+        ids.push(e.id);
+        channels.push(&e.channel);
+        operations.push(&e.operation);
+        payloads.push(&e.payload);
+        sources.push(&e.source);
+        created.push(e.created_at);
+    }
+    let sql = insert_sql(table, on_conflict);
+    client
+        .execute(
+            &sql,
+            &[&ids, &channels, &operations, &payloads, &sources, &created],
+        )
+        .await
+        .map_err(Error::pg(format!("insert into {table}")))?;
+    Ok(())
 }
 
 /// The INSERT of a batch passed as six arrays.
@@ -203,61 +154,25 @@ pub fn quote_table(table: &str) -> String {
         .join(".")
 }
 
-/// The error with the server's message, SQLSTATE and detail (the driver's own text is
-/// only "db error").
-pub fn describe(e: &Error) -> String {
-    match e {
-        Error::Postgres { context, source } => match source.as_db_error() {
-            Some(db) => {
-                let mut text = format!(
-                    "{context}: {} (SQLSTATE {})",
-                    db.message(),
-                    db.code().code()
-                );
-                if let Some(detail) = db.detail() {
-                    text.push_str(": ");
-                    text.push_str(detail);
-                }
-                text
-            }
-            None => e.to_string(),
-        },
-        other => other.to_string(),
-    }
-}
-
-fn sqlstate(e: &Error) -> Option<&SqlState> {
-    match e {
-        Error::Postgres { source, .. } => source.code(),
-        _ => None,
-    }
-}
-
 /// A row the table refuses for good: integrity constraint (23) or data exception (22).
 fn is_bad_row(e: &Error) -> bool {
-    sqlstate(e).is_some_and(|c| c.code().starts_with("23") || c.code().starts_with("22"))
+    e.sqlstate()
+        .is_some_and(|c| c.starts_with("23") || c.starts_with("22"))
 }
 
-impl Adapter for PgTable {
-    fn name(&self) -> &str {
-        &self.name
+impl Sink for PgTable {
+    fn deliver<'a>(&'a mut self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), Failure>> {
+        Box::pin(self.insert_batch(batch))
     }
 
-    fn durable(&self) -> bool {
-        true
+    fn retrying(&mut self, error: &str, _attempt: u32, delay: Duration) {
+        tracing::error!(component = "pg_table", adapter = %self.name, table = %self.table,
+            error, retry_in = ?delay, "insert failed; retrying the batch");
     }
 
-    fn set_health(&mut self, health: crate::health::Component) {
-        self.report.set_health(health);
-    }
-
-    fn run(
-        self: Box<Self>,
-        input: mpsc::Receiver<Delivery>,
-        acker: Option<Acker>,
-        cancel: CancellationToken,
-    ) -> BoxFuture<'static, Result<(), Error>> {
-        Box::pin(self.run_loop(input, acker, cancel))
+    fn started(&self) {
+        tracing::info!(component = "pg_table", adapter = %self.name, table = %self.table,
+            url = %redact_url(&self.url), "pg_table adapter started");
     }
 }
 

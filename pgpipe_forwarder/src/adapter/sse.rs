@@ -32,8 +32,9 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::live::Missed;
+use crate::db::QueueClient;
 use crate::error::Error;
-use crate::event::{Event, Transaction};
+use crate::event::Event;
 use crate::metrics::{ClientGuard, ClientKind};
 use crate::server::HttpState;
 
@@ -47,9 +48,6 @@ pub struct EventsQuery {
     /// channel (the live page uses it).
     event_names: Option<String>,
 }
-
-const REPLAY_SQL: &str = "SELECT id, channel, operation, payload, source, created_at, xid::text \
-                          FROM pgpipe.events_after($1, $2, $3)";
 
 /// `GET /events`: every channel.
 pub async fn all_channels(
@@ -200,7 +198,7 @@ async fn replay_from_queue(
 ) -> Result<Vec<Arc<Event>>, Error> {
     let settings = &state.settings;
     if settings.database_url.is_empty() {
-        return Err(Error::Config("no database".into()));
+        return Err(Error::Config("no database to replay from".into()));
     }
     let channels: Option<Vec<String>> = match channel {
         Some(c) => Some(vec![c.to_owned()]),
@@ -210,17 +208,10 @@ async fn replay_from_queue(
     let work = async {
         let (client, _) = crate::db::connect(&settings.database_url).await?;
         let max = i32::try_from(settings.replay_max).unwrap_or(i32::MAX);
-        let rows = client
-            .query(REPLAY_SQL, &[&after, &channels, &max])
-            .await
-            .map_err(|e| match e.as_db_error() {
-                Some(db) => Error::Extension(db.message().to_owned()),
-                None => Error::Postgres {
-                    context: "replay events from the queue".into(),
-                    source: e,
-                },
-            })?;
-        if rows.len() >= settings.replay_max {
+        let events = QueueClient::new(&client)
+            .events_after(after, channels.as_deref(), max)
+            .await?;
+        if events.len() >= settings.replay_max {
             tracing::warn!(
                 component = "adapter",
                 adapter = "sse",
@@ -228,30 +219,13 @@ async fn replay_from_queue(
                 "replay truncated at sse.replay_max events"
             );
         }
-        rows.iter()
-            .map(|row| {
-                let xid: String = row.get(6);
-                Ok(Arc::new(Event {
-                    id: row.get(0),
-                    channel: row.get(1),
-                    operation: row.get(2),
-                    payload: row.get(3),
-                    source: row.get(4),
-                    created_at: row.get(5),
-                    transaction: xid.parse().ok().map(|xid| Transaction {
-                        xid,
-                        commit_time: None,
-                        seq: None,
-                    }),
-                }))
-            })
-            .collect()
+        Ok(events.into_iter().map(Arc::new).collect())
     };
     match tokio::time::timeout(settings.read_timeout, work).await {
         Ok(result) => result,
-        Err(_) => Err(Error::Config(format!(
-            "the queue did not answer within {:?}",
-            settings.read_timeout
-        ))),
+        Err(_) => Err(Error::Timeout {
+            context: "replay events from the queue".into(),
+            after: settings.read_timeout,
+        }),
     }
 }

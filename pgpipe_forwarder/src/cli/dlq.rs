@@ -363,9 +363,7 @@ async fn deliver(
         .expect("channel sized for every letter");
     }
     drop(tx);
-    let result = adapter
-        .run(rx, Some(Acker::new(0, ack_tx)), cancel.clone())
-        .await;
+    let result = adapter.run(rx, Acker::new(0, ack_tx), cancel.clone()).await;
     let mut finished = 0u64;
     while let Ok((_, seq)) = ack_rx.try_recv() {
         finished = finished.max(seq);

@@ -209,8 +209,7 @@ async fn gather(client: &Client) -> anyhow::Result<Value> {
 }
 
 fn db_message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map_or_else(|| e.to_string(), |db| db.message().to_owned())
+    crate::error::server_said(e).to_string()
 }
 
 /// Text of a JSON value in a table cell.

@@ -1,5 +1,10 @@
 //! Connecting to Postgres, with TLS when the URL asks for it (libpq's `sslmode` and
-//! `sslrootcert`, which tokio-postgres does not fully understand on its own).
+//! `sslrootcert`, which tokio-postgres does not fully understand on its own), and the typed
+//! client of the extension's SQL API ([`QueueClient`]).
+
+mod api;
+
+pub use api::QueueClient;
 
 use std::sync::Arc;
 

@@ -1,0 +1,206 @@
+//! Secrets: redacting `Debug` output and [`Config::redacted`].
+
+use super::*;
+
+impl Config {
+    /// A copy with every secret masked (URL passwords, signing key, header values), for logs.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        c.database_url = redact_url(&c.database_url);
+        c.webhook = c.webhook.redacted();
+        c.webhooks = c.webhooks.iter().map(WebhookConfig::redacted).collect();
+        for p in &mut c.pg_tables {
+            p.url = redact_url(&p.url);
+        }
+        c.pg_table.url = redact_url(&c.pg_table.url);
+        if !c.sse.auth_token.is_empty() {
+            c.sse.auth_token = REDACTED.into();
+        }
+        c
+    }
+
+    /// Whether `name` is among the configured adapters.
+    pub fn has_adapter(&self, name: &str) -> bool {
+        self.adapters.iter().any(|a| a == name)
+    }
+}
+
+impl WebhookConfig {
+    /// A copy with the signing key, header values and any URL password masked.
+    pub fn redacted(&self) -> WebhookConfig {
+        let mut w = self.clone();
+        w.url = redact_url(&w.url);
+        if !w.signing_key.is_empty() {
+            w.signing_key = REDACTED.into();
+        }
+        for value in w.headers.values_mut() {
+            *value = REDACTED.into();
+        }
+        w
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("channels", &self.channels)
+            .field("adapters", &self.adapters)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("log_level", &self.log_level)
+            .field("log_format", &self.log_format)
+            .field("detector", &self.detector)
+            .field("bus", &self.bus)
+            .field("webhook", &self.webhook)
+            .field("sse", &self.sse)
+            .field("file", &self.file)
+            .field("exec", &self.exec)
+            .field("pg_table", &self.pg_table)
+            .field("websocket", &self.websocket)
+            .field("webhooks", &self.webhooks)
+            .field("files", &self.files)
+            .field("execs", &self.execs)
+            .field("pg_tables", &self.pg_tables)
+            .finish()
+    }
+}
+
+impl fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let w = self.redacted();
+        f.debug_struct("WebhookConfig")
+            .field("url", &w.url)
+            .field("max_retries", &w.max_retries)
+            .field("signing_key", &w.signing_key)
+            .field("headers", &w.headers)
+            .field("timeout", &w.timeout)
+            .field("backoff_base", &w.backoff_base)
+            .field("backoff_cap", &w.backoff_cap)
+            .field("batch_size", &w.batch_size)
+            .field("name", &w.name)
+            .finish()
+    }
+}
+
+impl fmt::Debug for SseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let token = if self.auth_token.is_empty() {
+            ""
+        } else {
+            REDACTED
+        };
+        f.debug_struct("SseConfig")
+            .field("addr", &self.addr)
+            .field("cors_origins", &self.cors_origins)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("read_timeout", &self.read_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("auth_token", &token)
+            .field("replay_buffer", &self.replay_buffer)
+            .field("replay_max", &self.replay_max)
+            .finish()
+    }
+}
+
+impl fmt::Debug for PgTableConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgTableConfig")
+            .field("url", &redact_url(&self.url))
+            .field("table", &self.table)
+            .field("batch_size", &self.batch_size)
+            .field("name", &self.name)
+            .field("backoff_base", &self.backoff_base)
+            .field("backoff_cap", &self.backoff_cap)
+            .finish()
+    }
+}
+
+/// Masks the password of a Postgres URL (`postgres://u:***@h/db`, `?password=***`) or of a
+/// key/value connection string (`password=***`); other text is returned unchanged.
+pub fn redact_url(url: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let (scheme, rest) = url.split_at(scheme_end + 3);
+        // The userinfo ends at the last '@' (an unencoded '@' in a password is common enough).
+        let rest = match rest.rfind('@') {
+            Some(at) => {
+                let (userinfo, host) = rest.split_at(at);
+                match userinfo.find(':') {
+                    Some(colon) => format!("{}:{REDACTED}{host}", &userinfo[..colon]),
+                    None => rest.to_owned(),
+                }
+            }
+            None => rest.to_owned(),
+        };
+        let out = format!("{scheme}{rest}");
+        match out.find('?') {
+            Some(q) => {
+                let (head, query) = out.split_at(q + 1);
+                let query: Vec<String> = query
+                    .split('&')
+                    .map(|pair| match pair.split_once('=') {
+                        Some((k, _)) if k.eq_ignore_ascii_case("password") => {
+                            format!("{k}={REDACTED}")
+                        }
+                        _ => pair.to_owned(),
+                    })
+                    .collect();
+                format!("{head}{}", query.join("&"))
+            }
+            None => out,
+        }
+    } else {
+        redact_conninfo(url)
+    }
+}
+
+/// Masks `password=...` in a libpq key/value connection string (values may be quoted).
+fn redact_conninfo(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = find_password_key(rest) {
+        let (before, after) = rest.split_at(pos);
+        out.push_str(before);
+        let eq = after.find('=').map_or(after.len(), |i| i + 1);
+        out.push_str(&after[..eq]);
+        out.push_str(REDACTED);
+        let value = after[eq..].trim_start();
+        rest = skip_conninfo_value(value);
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Byte offset of a `password` key (at a word start, followed by optional spaces and `=`).
+fn find_password_key(s: &str) -> Option<usize> {
+    let lower = s.to_ascii_lowercase();
+    let mut from = 0;
+    while let Some(i) = lower[from..].find("password") {
+        let start = from + i;
+        let at_word_start = start == 0 || lower.as_bytes()[start - 1].is_ascii_whitespace();
+        let after = lower[start + "password".len()..].trim_start();
+        if at_word_start && after.starts_with('=') {
+            return Some(start);
+        }
+        from = start + 1;
+    }
+    None
+}
+
+/// The text after a conninfo value: a quoted value ends at its closing quote, else at space.
+fn skip_conninfo_value(value: &str) -> &str {
+    if let Some(quoted) = value.strip_prefix('\'') {
+        let mut escaped = false;
+        for (i, c) in quoted.char_indices() {
+            match c {
+                '\\' if !escaped => escaped = true,
+                '\'' if !escaped => return &quoted[i + 1..],
+                _ => escaped = false,
+            }
+        }
+        ""
+    } else {
+        let end = value.find(char::is_whitespace).unwrap_or(value.len());
+        &value[end..]
+    }
+}
