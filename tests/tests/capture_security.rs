@@ -1,4 +1,5 @@
-//! Journey: an untrusted login role that owns only its own schema captures its own table
+//! Journey: an untrusted login role that owns only its own schema (and may produce events:
+//! `pgpipe_producer`, which lets it subscribe tables it owns) captures its own table
 //! whose column type has a cast to json — the cast function runs while the row is turned
 //! into the event's payload. It runs as that role (the writer), never with pgpipe's or a
 //! superuser's rights, and the event is queued all the same.
@@ -46,7 +47,7 @@ async fn escalation_attempt(db: &TestDb, mode: &str) -> Vec<Seen> {
     // Roles are cluster-wide and the cluster is shared: one role per test database.
     let role = format!("attacker_{}", db.name());
     db.execute(&format!(
-        "CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEROLE;
+        "CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEROLE IN ROLE pgpipe_producer;
          CREATE SCHEMA {role} AUTHORIZATION {role};"
     ))
     .await;
