@@ -25,6 +25,36 @@ SECS = int(os.environ.get("PROBE_SECS", 5))
 ROUNDS = int(os.environ.get("PROBE_ROUNDS", 2))
 CLIENTS = [int(c) for c in os.environ.get("PROBE_CLIENTS", "8,32").split(",") if c]
 TABLES = {"plain": "b_plain", "native": "b_trig", "plpgsql": "b_plpg"}
+# Statement-level capture with transition tables (issue 11, point 4), set-based through
+# SPI: one INSERT ... SELECT per statement; UPDATE pairs old and new rows by position.
+STMT_TRIGGER = """
+CREATE FUNCTION bench.capture_stmt() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        INSERT INTO pgpipe.events (id, channel, operation, payload, source)
+        SELECT pgpipe.uuid_generate_v7(), TG_ARGV[0], TG_OP,
+               jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
+                                  'row', n.r, 'old', o.r), 'trigger'
+        FROM (SELECT row_number() OVER () AS i, to_jsonb(t) AS r FROM new_rows t) n
+        JOIN (SELECT row_number() OVER () AS i, to_jsonb(t) AS r FROM old_rows t) o USING (i)
+        ORDER BY n.i;
+    ELSE
+        INSERT INTO pgpipe.events (id, channel, operation, payload, source)
+        SELECT pgpipe.uuid_generate_v7(), TG_ARGV[0], TG_OP,
+               jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
+                                  'row', to_jsonb(t), 'old', NULL), 'trigger'
+        FROM new_rows t;
+    END IF;
+    PERFORM pgpipe.mark_wakeup();
+    RETURN NULL;
+END $$;
+CREATE TRIGGER bench_capture_i AFTER INSERT ON b_stmt REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION bench.capture_stmt('b_stmt');
+CREATE TRIGGER bench_capture_u AFTER UPDATE ON b_stmt REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION bench.capture_stmt('b_stmt');
+"""
+PHASES = os.environ.get("PROBE_PHASES", "wal,us,tps").split(",")
 
 
 def waldump_stats(cl, start, end):
@@ -54,15 +84,18 @@ def main():
         for t in TABLES.values():
             cl.psql(bench.TABLE_DDL.format(t=t, n=100000))
         cl.psql("SELECT pgpipe.subscribe('b_trig');")
+        cl.psql(bench.TABLE_DDL.format(t="b_stmt", n=100000))
+        cl.psql(STMT_TRIGGER)
         cl.psql("CREATE TRIGGER bench_capture AFTER INSERT OR UPDATE OR DELETE ON b_plpg "
                 "FOR EACH ROW EXECUTE FUNCTION bench.capture_row_plpgsql('b_plpg');")
 
         def reset():
-            cl.psql("TRUNCATE pgpipe.events; VACUUM b_plain, b_trig, b_plpg; CHECKPOINT;")
+            cl.psql("TRUNCATE pgpipe.events; VACUUM b_plain, b_trig, b_plpg, b_stmt; CHECKPOINT;")
 
         # 1. WAL per transaction by record type, single-row INSERT / UPDATE, 1 client.
         wal = {}
-        for op, script in (("insert", bench.INSERT_SQL), ("update", bench.UPDATE_SQL)):
+        for op, script in ((("insert", bench.INSERT_SQL), ("update", bench.UPDATE_SQL))
+                           if "wal" in PHASES else ()):
             for name, t in TABLES.items():
                 reset()
                 # Warm the pages so that few full-page images land in the window.
@@ -82,7 +115,7 @@ def main():
 
         # 2. µs per row: single-row INSERT statements in one transaction.
         us = {}
-        for r in range(2):
+        for r in range(2 if "us" in PHASES else 0):
             for name, t in (list(TABLES.items()) if r == 0 else list(reversed(list(TABLES.items())))):
                 reset()
                 t0 = cl.val("SELECT clock_timestamp()")
@@ -91,11 +124,59 @@ def main():
                 ms = float(cl.val("SELECT extract(epoch FROM clock_timestamp() - '%s'::timestamptz) * 1000" % t0))
                 us.setdefault(name, []).append(ms * 1000 / 20000)
         res["us_per_insert_statement"] = {k: round(min(v), 2) for k, v in us.items()}
+        res["queue_ddl"] = os.environ.get("PROBE_QUEUE_DDL")
         bench.log("µs per INSERT statement: %s" % res["us_per_insert_statement"])
+
+        # 2b. µs per transaction, 1 client, synchronous_commit off (no fsync wait).
+        per_tx = {}
+        for r in range(2 if "us" in PHASES else 0):
+            for op, script in (("insert", bench.INSERT_SQL), ("update", bench.UPDATE_SQL)):
+                for name, t in TABLES.items():
+                    reset()
+                    out = cl.pgbench(script.format(t=t), 1, secs=3, name="tx",
+                                     env={"PGOPTIONS": "-c synchronous_commit=off"})
+                    per_tx.setdefault(op, {}).setdefault(name, []).append(1e6 / out["tps"])
+        res["us_per_tx_1client_async"] = {op: {k: round(min(v), 2) for k, v in by.items()}
+                                          for op, by in per_tx.items()}
+        bench.log("µs per transaction: %s" % res["us_per_tx_1client_async"])
+
+        # 2c. Multi-row statements (100 rows): native row trigger vs statement-level
+        # capture with transition tables (set-based through SPI), µs per row.
+        multi = {}
+        stmts = {"insert": "INSERT INTO {t} (v, name, amount) SELECT 0, 'new-customer', 12.50 "
+                           "FROM generate_series(1, 100);\n",
+                 "update": "\\set k random(1, 99900)\nUPDATE {t} SET v = v + 1 WHERE id BETWEEN :k AND :k + 99;\n"}
+        for r in range(int(os.environ.get("PROBE_MULTI_ROUNDS", 2)) if "multi" in PHASES else 0):
+            for op, script in stmts.items():
+                for name, t in (("plain", "b_plain"), ("native_row", "b_trig"), ("plpgsql_row", "b_plpg"),
+                                ("plpgsql_statement_transition", "b_stmt")):
+                    reset()
+                    out = cl.pgbench(script.format(t=t), 1, secs=3, name="multi",
+                                     env={"PGOPTIONS": "-c synchronous_commit=off"})
+                    multi.setdefault(op, {}).setdefault(name, []).append(1e6 / out["tps"] / 100)
+        if "multi" in PHASES:
+            # Correctness of the statement-level variant: same row order as the row
+            # trigger, UPDATE old/new pairs on the same row.
+            reset()
+            cl.psql("UPDATE b_trig SET v = v + 1 WHERE id BETWEEN 1000 AND 1099;"
+                    "UPDATE b_stmt SET v = v + 1 WHERE id BETWEEN 1000 AND 1099;")
+            order = {}
+            for ch in ("b_trig", "b_stmt"):
+                order[ch] = cl.val("SELECT string_agg(payload->'row'->>'id', ',' ORDER BY id) || ' / ' || "
+                                   "bool_and(payload->'row'->'id' = payload->'old'->'id' AND "
+                                   "(payload->'row'->>'v')::int = (payload->'old'->>'v')::int + 1) "
+                                   "FROM pgpipe.events WHERE channel = '%s'" % ch)
+            res["statement_level_same_order_and_pairs"] = (order["b_trig"] == order["b_stmt"]
+                                                           and order["b_stmt"].endswith("/ true"))
+            if not res["statement_level_same_order_and_pairs"]:
+                res["statement_level_orders"] = order
+        res["us_per_row_100_row_statements"] = {op: {k: round(min(v), 2) for k, v in by.items()}
+                                                for op, by in multi.items()}
+        bench.log("µs per row, 100-row statements: %s" % res["us_per_row_100_row_statements"])
 
         # 3. tps, interleaved.
         tps = {}
-        for r in range(ROUNDS):
+        for r in range(ROUNDS if "tps" in PHASES else 0):
             for op, script in (("insert", bench.INSERT_SQL), ("update", bench.UPDATE_SQL)):
                 for c in CLIENTS:
                     names = list(TABLES) if r % 2 == 0 else list(reversed(list(TABLES)))

@@ -19,8 +19,10 @@ use pgrx::prelude::*;
 
 use super::raise;
 
-/// Most indexes a queue partition may have for the cached path (it has two).
+/// Most indexes a queue partition may have (it has two).
 const MAX_INDEXES: usize = 8;
+/// Most columns (live or dropped) a queue partition may have (it has eight).
+const MAX_COLUMNS: usize = 64;
 
 /// The index set of the partition written last, kept across transactions: building an
 /// `IndexInfo` per row costs more than the insert into the index. Relations themselves
@@ -246,8 +248,15 @@ pub unsafe fn insert_event(channel: &CStr, operation: &str, payload: pg_sys::Dat
         }
         let desc = (*part).rd_att;
         let natts = (*desc).natts as usize;
-        let mut values = vec![pg_sys::Datum::from(0); natts];
-        let mut nulls = vec![true; natts];
+        if natts > MAX_COLUMNS {
+            raise(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("pgpipe's capture writes at most {MAX_COLUMNS} columns of pgpipe.events"),
+            );
+        }
+        // On the stack: no allocation per row.
+        let mut values = [pg_sys::Datum::from(0); MAX_COLUMNS];
+        let mut nulls = [true; MAX_COLUMNS];
         for i in 0..natts {
             let att = &*(*desc).attrs.as_ptr().add(i);
             if att.attisdropped {
@@ -286,7 +295,7 @@ pub unsafe fn insert_event(channel: &CStr, operation: &str, payload: pg_sys::Dat
             0,
             std::ptr::null_mut(),
         );
-        insert_index_entries(part, tuple, &values, &nulls);
+        insert_index_entries(part, tuple, &values[..natts], &nulls[..natts]);
         pg_sys::table_close(part, pg_sys::NoLock as i32);
         pg_sys::table_close(parent, pg_sys::NoLock as i32);
     }
