@@ -7,36 +7,16 @@ impl Config {
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
         c.database_url = redact_url(&c.database_url);
-        c.webhook = c.webhook.redacted();
-        c.webhooks = c.webhooks.iter().map(WebhookConfig::redacted).collect();
-        for p in &mut c.pg_tables {
-            p.url = redact_url(&p.url);
-        }
-        c.pg_table.url = redact_url(&c.pg_table.url);
         if !c.sse.auth_token.is_empty() {
             c.sse.auth_token = REDACTED.into();
         }
+        crate::adapter::registry::redact(&mut c);
         c
     }
 
     /// Whether `name` is among the configured adapters.
     pub fn has_adapter(&self, name: &str) -> bool {
         self.adapters.iter().any(|a| a == name)
-    }
-}
-
-impl WebhookConfig {
-    /// A copy with the signing key, header values and any URL password masked.
-    pub fn redacted(&self) -> WebhookConfig {
-        let mut w = self.clone();
-        w.url = redact_url(&w.url);
-        if !w.signing_key.is_empty() {
-            w.signing_key = REDACTED.into();
-        }
-        for value in w.headers.values_mut() {
-            *value = REDACTED.into();
-        }
-        w
     }
 }
 
@@ -66,23 +46,6 @@ impl fmt::Debug for Config {
     }
 }
 
-impl fmt::Debug for WebhookConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let w = self.redacted();
-        f.debug_struct("WebhookConfig")
-            .field("url", &w.url)
-            .field("max_retries", &w.max_retries)
-            .field("signing_key", &w.signing_key)
-            .field("headers", &w.headers)
-            .field("timeout", &w.timeout)
-            .field("backoff_base", &w.backoff_base)
-            .field("backoff_cap", &w.backoff_cap)
-            .field("batch_size", &w.batch_size)
-            .field("name", &w.name)
-            .finish()
-    }
-}
-
 impl fmt::Debug for SseConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let token = if self.auth_token.is_empty() {
@@ -99,19 +62,6 @@ impl fmt::Debug for SseConfig {
             .field("auth_token", &token)
             .field("replay_buffer", &self.replay_buffer)
             .field("replay_max", &self.replay_max)
-            .finish()
-    }
-}
-
-impl fmt::Debug for PgTableConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PgTableConfig")
-            .field("url", &redact_url(&self.url))
-            .field("table", &self.table)
-            .field("batch_size", &self.batch_size)
-            .field("name", &self.name)
-            .field("backoff_base", &self.backoff_base)
-            .field("backoff_cap", &self.backoff_cap)
             .finish()
     }
 }

@@ -2,6 +2,7 @@
 
 use super::*;
 use serde_json::{json, Value};
+use std::path::PathBuf;
 
 const DB: &str = "postgres://app:s3cret@db.example/shop";
 

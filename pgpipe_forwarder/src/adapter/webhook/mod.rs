@@ -14,12 +14,15 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AF
 
 use super::dead_letter::DeadLetters;
 use super::durable::{Durable, Failure, Policy, Sink};
-use crate::config::{redact_url, WebhookConfig};
+use crate::config::redact_url;
 use crate::error::Error;
 use crate::event::Delivery;
 
+mod config;
 pub mod retry;
 pub mod sign;
+
+pub use config::{Flags, WebhookConfig, KIND};
 
 use retry::Attempt;
 use sign::Signer;

@@ -17,12 +17,16 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use super::dead_letter::DeadLetters;
-use super::durable::{Durable, Failure, Policy, Sink};
-use crate::config::{redact_url, PgTableConfig};
+use crate::adapter::dead_letter::DeadLetters;
+use crate::adapter::durable::{Durable, Failure, Policy, Sink};
+
+mod config;
+
+use crate::config::redact_url;
 use crate::db;
 use crate::error::Error;
 use crate::event::Delivery;
+pub use config::{Flags, PgTableConfig, KIND};
 
 /// The pg_table sink (run by the delivery driver, see [`PgTable::adapter`]).
 pub struct PgTable {

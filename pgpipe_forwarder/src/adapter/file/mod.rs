@@ -18,10 +18,13 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
-use super::durable::{Durable, Failure, Policy, Sink};
-use crate::config::FileConfig;
+use crate::adapter::durable::{Durable, Failure, Policy, Sink};
+
+mod config;
+
 use crate::error::Error;
 use crate::event::Delivery;
+pub use config::{FileConfig, Flags, KIND};
 
 /// Most events written per batch (one write, one fsync).
 const MAX_BATCH: usize = 1000;
