@@ -17,10 +17,8 @@ pub mod file;
 pub mod live;
 pub mod pg_table;
 pub mod registry;
-pub mod sse;
 pub mod stdout;
 pub mod webhook;
-pub mod ws;
 
 /// A destination for events.
 ///

@@ -13,6 +13,9 @@
 //!   with no traffic either way for `sse.idle_timeout` is closed (streams stay alive through
 //!   their heartbeats and pings).
 
+pub mod sse;
+pub mod ws;
+
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -43,7 +46,7 @@ use crate::error::Error;
 use crate::health::Health;
 
 /// The live page served at `GET /`.
-const LIVE_PAGE: &str = include_str!("../web/live.html");
+const LIVE_PAGE: &str = include_str!("../../web/live.html");
 
 /// What the handlers need from the configuration.
 #[derive(Debug, Clone)]
@@ -136,10 +139,10 @@ impl HttpState {
 /// All routes: streams, health, metrics and the live page.
 pub fn router(state: Arc<HttpState>) -> Router {
     let streams = Router::new()
-        .route("/events", get(crate::adapter::sse::all_channels))
-        .route("/events/{channel}", get(crate::adapter::sse::one_channel))
-        .route("/ws", get(crate::adapter::ws::all_channels))
-        .route("/ws/{channel}", get(crate::adapter::ws::one_channel))
+        .route("/events", get(sse::all_channels))
+        .route("/events/{channel}", get(sse::one_channel))
+        .route("/ws", get(ws::all_channels))
+        .route("/ws/{channel}", get(ws::one_channel))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/", get(live_page))
