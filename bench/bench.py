@@ -298,6 +298,32 @@ FROM generate_series(1, {n}) g;
 VACUUM ANALYZE {t};
 """
 
+# pgpipe.capture_row() as it was before issue 11 (PL/pgSQL, SECURITY DEFINER + SET
+# search_path, SPI INSERT into the partitioned queue): the baseline the native trigger is
+# measured against in the same run, and the body of variants (b) and (c).
+PLPGSQL_CAPTURE_ROW = """
+DECLARE
+    new_row jsonb;
+    old_row jsonb;
+    woken boolean;
+BEGIN
+    IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+        new_row := pg_catalog.to_jsonb(OLD);
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+        new_row := pg_catalog.to_jsonb(NEW);
+        old_row := pg_catalog.to_jsonb(OLD);
+    ELSE
+        new_row := pg_catalog.to_jsonb(NEW);
+    END IF;
+    INSERT INTO pgpipe.events (id, channel, operation, payload, source)
+    VALUES (pgpipe.uuid_generate_v7(), TG_ARGV[0], TG_OP,
+            pg_catalog.jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
+                                          'row', new_row, 'old', old_row),
+            'trigger');
+    woken := pgpipe.mark_wakeup();
+    RETURN NULL;
+END
+"""
 INSERT_SQL = "INSERT INTO {t} (v, name, amount) VALUES (0, 'new-customer', 12.50);\n"
 UPDATE_SQL = "\\set k random(1, 100000)\nUPDATE {t} SET v = v + 1 WHERE id = :k;\n"
 INSERT_N_SQL = ("INSERT INTO {t} (v, name, amount) SELECT 0, 'new-customer', 12.50 "
@@ -573,7 +599,10 @@ class Bench:
         cl.psql("CREATE EXTENSION pgpipe; CREATE SCHEMA bench;")
         # Partitions ahead exist as they would under a running forwarder.
         cl.psql("SELECT * FROM pgpipe.rotate();")
-        self.capture_fn = cl.psql("SELECT prosrc FROM pg_proc WHERE oid = 'pgpipe.capture_row'::regproc")
+        # pgpipe.capture_row is native now; (p) is the PL/pgSQL trigger it replaced.
+        self.capture_fn = PLPGSQL_CAPTURE_ROW
+        cl.psql("CREATE FUNCTION bench.capture_row_plpgsql() RETURNS trigger LANGUAGE plpgsql "
+                "SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$%s$body$;" % self.capture_fn)
         # (b) the same trigger body without SECURITY DEFINER / SET search_path.
         cl.psql("CREATE FUNCTION bench.capture_row_nosp() RETURNS trigger LANGUAGE plpgsql AS $body$%s$body$;"
                 % self.capture_fn)
@@ -592,9 +621,11 @@ class Bench:
         cl.psql("CREATE FUNCTION bench.capture_row_1idx() RETURNS trigger LANGUAGE plpgsql "
                 "SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$%s$body$;" % body_1idx)
         self.has_xip = self.make_read_xip()
-        for t in ("b_plain", "b_trig", "b_nosp", "b_1idx", "b_wal"):
+        for t in ("b_plain", "b_trig", "b_plpg", "b_nosp", "b_1idx", "b_wal"):
             cl.psql(TABLE_DDL.format(t=t, n=100000))
         cl.psql("SELECT pgpipe.subscribe('b_trig');")
+        cl.psql("CREATE TRIGGER bench_capture AFTER INSERT OR UPDATE OR DELETE ON b_plpg "
+                "FOR EACH ROW EXECUTE FUNCTION bench.capture_row_plpgsql('b_plpg');")
         cl.psql("CREATE TRIGGER bench_capture AFTER INSERT OR UPDATE OR DELETE ON b_nosp "
                 "FOR EACH ROW EXECUTE FUNCTION bench.capture_row_nosp('b_nosp');")
         cl.psql("CREATE TRIGGER bench_capture AFTER INSERT OR UPDATE OR DELETE ON b_1idx "
@@ -628,7 +659,7 @@ END $$;
         if self.wal_ok:
             self.wait_wal_caught_up()
         self.reset_queue()
-        self.cl.psql("VACUUM b_plain, b_trig, b_nosp, b_1idx, b_wal; CHECKPOINT;")
+        self.cl.psql("VACUUM b_plain, b_trig, b_plpg, b_nosp, b_1idx, b_wal; CHECKPOINT;")
 
     def wait_wal_caught_up(self, timeout=120):
         deadline = time.time() + timeout
@@ -690,7 +721,7 @@ END $$;
         plan = []
         for op in ("insert", "update"):
             for c in P["clients"]:
-                names = ["plain", "trigger"]
+                names = ["plain", "trigger", "trigger_plpgsql"]
                 if c in P["variant_clients"]:
                     names += ["trigger_nosp", "trigger_1idx"]
                 plan.append((op, c, names))
@@ -701,7 +732,8 @@ END $$;
         self.summarize_capture(raw, res["table"])
         self.res["phases"]["capture"] = res
 
-    CAPTURE_VARIANTS = {"plain": "b_plain", "trigger": "b_trig", "trigger_nosp": "b_nosp",
+    CAPTURE_VARIANTS = {"plain": "b_plain", "trigger": "b_trig", "trigger_plpgsql": "b_plpg",
+                        "trigger_nosp": "b_nosp",
                         "trigger_1idx": "b_1idx", "plain_slot": "b_plain", "wal": "b_wal"}
 
     def phase_capture_wal(self):
@@ -763,7 +795,8 @@ BEGIN
     RETURN NULL;
 END $$;
 """)
-        trig = {"k_plain": None, "k_trig": "pgpipe", "k_nosp": "bench.capture_row_nosp",
+        trig = {"k_plain": None, "k_trig": "pgpipe", "k_plpg": "bench.capture_row_plpgsql",
+                "k_nosp": "bench.capture_row_nosp",
                 "k_1idx": "bench.capture_row_1idx", "k_empty": "bench.trg_empty",
                 "k_emptysd": "bench.trg_empty_sd", "k_emptysdo": "bench.trg_empty_sd_only",
                 "k_qonly": "bench.trg_queue_only"}
@@ -790,10 +823,12 @@ END $$;
             ("insert, empty plpgsql trigger, SECURITY DEFINER + SET search_path", ins % "k_emptysd", None),
             ("insert, trigger: queue INSERT only ('{}' payload)", ins % "k_qonly", None),
             ("insert, pgpipe trigger (a)", ins % "k_trig", None),
+            ("insert, PL/pgSQL trigger before issue 11 (p)", ins % "k_plpg", None),
             ("insert, trigger without SET search_path (b)", ins % "k_nosp", None),
             ("insert, trigger into 1-index queue (c)", ins % "k_1idx", None),
             ("update, no trigger", upd % "k_plain", "k_plain"),
             ("update, pgpipe trigger (a)", upd % "k_trig", "k_trig"),
+            ("update, PL/pgSQL trigger before issue 11 (p)", upd % "k_plpg", "k_plpg"),
             ("update, trigger without SET search_path (b)", upd % "k_nosp", "k_nosp"),
             ("uuid_generate_v7()", "SELECT count(pgpipe.uuid_generate_v7()) FROM generate_series(1, %d)" % n, None),
             ("gen_random_uuid() (v4, for scale)", "SELECT count(gen_random_uuid()) FROM generate_series(1, %d)" % n, None),
@@ -829,6 +864,7 @@ END $$;
         per_stmt = {}
         per_tx = {}
         stmt_tables = [("no trigger", "k_plain"), ("pgpipe trigger (a)", "k_trig"),
+                       ("PL/pgSQL trigger before issue 11 (p)", "k_plpg"),
                        ("without SET search_path (b)", "k_nosp"), ("1-index queue (c)", "k_1idx")]
         for r in range(2):
             for label, t in (stmt_tables if r % 2 == 0 else list(reversed(stmt_tables))):
@@ -1237,6 +1273,13 @@ $function$
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             PEERS.append(perf)
             time.sleep(0.3)
+        # The worker logs each read at debug1: where its peek started decoding (the slot's
+        # restart LSN), how far it got, and the time in peek, convert+insert and advance.
+        log_path = os.path.join(cl.dir, "postgres.log")
+        log_offset = os.path.getsize(log_path)
+        cl.psql("ALTER SYSTEM SET log_min_messages = debug1; SELECT pg_reload_conf();")
+        backlog_start = cl.val("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'pgpipe'")
+        backlog_end = cl.val("SELECT pg_current_wal_lsn()")
         cpu0 = proc_cpu_s(int(pid)) if pid else None
         t0 = time.time()
         locker.stdin.write("COMMIT;\n")
@@ -1249,7 +1292,9 @@ $function$
             time.sleep(0.1)
         dt = time.time() - t0
         cpu1 = proc_cpu_s(int(pid)) if pid else None
+        cl.psql("ALTER SYSTEM RESET log_min_messages; SELECT pg_reload_conf();")
         out = {"wal_worker_events": c, "wal_worker_s": rnd(dt, 3), "wal_worker_rows_per_s": rnd(c / dt, 0)}
+        out.update(self.worker_decode_accounting(log_path, log_offset, backlog_start, backlog_end))
         if cpu0 is not None and cpu1 is not None and c:
             out["wal_worker_cpu_us_per_event"] = rnd((cpu1 - cpu0) * 1e6 / c, 1)
         if perf:
@@ -1257,6 +1302,33 @@ $function$
             perf.wait()
             out["wal_worker_perf_top"] = perf_lines(perf_data, ["--sort", "dso,symbol", "-g", "none"], 25, 0.7)
         return out
+
+    @staticmethod
+    def worker_decode_accounting(log_path, offset, start, end):
+        """How much WAL the worker decoded for a backlog, from its debug1 lines: each peek
+        and each advance decodes from the slot's restart LSN to the end of the read."""
+        def lsn(text):
+            hi, lo = text.split("/")
+            return (int(hi, 16) << 32) | int(lo, 16)
+        pat = re.compile(r"pgpipe worker: read (\d+) events; decoded from (\S+) \(restart\) over (\S+) "
+                         r"\(confirmed\) to (\S+): peek ([\d.]+) ms, convert\+insert ([\d.]+) ms, advance ([\d.]+) ms")
+        with open(log_path, errors="replace") as f:
+            f.seek(offset)
+            reads = [m.groups() for m in pat.finditer(f.read())]
+        if not reads:
+            return {"wal_worker_reads": 0}
+        backlog = lsn(end) - lsn(start)
+        decoded = sum(lsn(to) - lsn(restart) for _, restart, _, to in (r[:4] for r in reads))
+        return {
+            "wal_worker_reads": len(reads),
+            "wal_worker_backlog_wal_bytes": backlog,
+            # Bytes each of the peek and the advance decoded, summed over reads, per byte of
+            # backlog: 1.0 would be "each WAL byte once per step".
+            "wal_worker_decoded_per_backlog_byte": rnd(decoded / backlog, 2) if backlog > 0 else None,
+            "wal_worker_peek_s": rnd(sum(float(r[4]) for r in reads) / 1e3, 3),
+            "wal_worker_write_s": rnd(sum(float(r[5]) for r in reads) / 1e3, 3),
+            "wal_worker_advance_s": rnd(sum(float(r[6]) for r in reads) / 1e3, 3),
+        }
 
     # ---- 6. SSE fan-out ----------------------------------------------------------------
     def phase_fanout(self):
@@ -1570,15 +1642,16 @@ def render_md(r, prev):
     if cap.get("table"):
         L.append("#### 1. Capture cost on writers (pgbench -M prepared, tps, median of %s interleaved rounds of %ss; ratio to plain)" % (r["params"]["rounds"], r["params"]["capture_secs"]))
         L.append("")
-        L.append("load before/after: %s / %s (WAL block: %s / %s). `trigger` = pgpipe.capture_row as shipped (a); `trigger_nosp` = the same body without SECURITY DEFINER/SET search_path (b); `trigger_1idx` = queue with PRIMARY KEY (xid, id) only (c). `wal` is measured in a second block against `plain_slot` (plain while the slot decodes), because a logical slot, once there, decodes every write; it runs after the throughput and latency phases so that they do not pay for decoding." % (cap.get("load_before"), cap.get("load_after"), capw.get("load_before"), capw.get("load_after")))
+        L.append("load before/after: %s / %s (WAL block: %s / %s). `trigger` = pgpipe.capture_row as shipped (a, native since issue 11); `trigger_plpgsql` = the PL/pgSQL trigger it replaced (p, SECURITY DEFINER + SET search_path, SPI INSERT); `trigger_nosp` = that PL/pgSQL body without SECURITY DEFINER/SET search_path (b); `trigger_1idx` = the PL/pgSQL body into a queue with PRIMARY KEY (xid, id) only (c). `wal` is measured in a second block against `plain_slot` (plain while the slot decodes), because a logical slot, once there, decodes every write; it runs after the throughput and latency phases so that they do not pay for decoding." % (cap.get("load_before"), cap.get("load_after"), capw.get("load_before"), capw.get("load_after")))
         L.append("")
-        L.append("| op | clients | plain | trigger (a) | ratio | no search_path (b) | ratio | 1-index queue (c) | ratio | plain with slot | wal | ratio |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        L.append("| op | clients | plain | trigger (a) | ratio | PL/pgSQL (p) | ratio | no search_path (b) | ratio | 1-index queue (c) | ratio | plain with slot | wal | ratio |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for op in ("insert", "update"):
             for c in sorted(cap["table"].get(op, {}), key=int):
                 x = cap["table"][op][c]
-                L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
                     op, c, fmt(x.get("plain")), fmt(x.get("trigger")), fmt(x.get("trigger_ratio")),
+                    fmt(x.get("trigger_plpgsql")), fmt(x.get("trigger_plpgsql_ratio")),
                     fmt(x.get("trigger_nosp")), fmt(x.get("trigger_nosp_ratio")),
                     fmt(x.get("trigger_1idx")), fmt(x.get("trigger_1idx_ratio")),
                     fmt(x.get("plain_slot")), fmt(x.get("wal")), fmt(x.get("wal_ratio"))))
@@ -1593,12 +1666,12 @@ def render_md(r, prev):
         if cpu:
             L.append("Machine-wide CPU per transaction (µs, /proc/stat busy time ÷ transactions; pgbench, WAL writer and all included; median):")
             L.append("")
-            L.append("| op | clients | plain | trigger (a) | (b) | (c) | plain with slot | wal |")
-            L.append("|---|---|---|---|---|---|---|---|")
+            L.append("| op | clients | plain | trigger (a) | (p) | (b) | (c) | plain with slot | wal |")
+            L.append("|---|---|---|---|---|---|---|---|---|")
             for op in ("insert", "update"):
                 for c in sorted(cpu.get(op, {}), key=int):
                     x = cpu[op][c]
-                    L.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (op, c, fmt(x.get("plain")), fmt(x.get("trigger")), fmt(x.get("trigger_nosp")), fmt(x.get("trigger_1idx")), fmt(x.get("plain_slot")), fmt(x.get("wal"))))
+                    L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (op, c, fmt(x.get("plain")), fmt(x.get("trigger")), fmt(x.get("trigger_plpgsql")), fmt(x.get("trigger_nosp")), fmt(x.get("trigger_1idx")), fmt(x.get("plain_slot")), fmt(x.get("wal"))))
             L.append("")
         walb = (capw.get("wal_bytes_per_tx") or cap.get("wal_bytes_per_tx") or {})
         if walb:
@@ -1749,6 +1822,12 @@ def render_md(r, prev):
         L.append("- pg_recvlogical + test_decoding: %s rows/s (%s s)" % (fmt(dec.get("pg_recvlogical_rows_per_s")), dec.get("pg_recvlogical_test_decoding_s")))
         if dec.get("wal_worker_rows_per_s"):
             L.append("- pgpipe WAL-mode worker: %s rows/s (%s s), %s µs of worker CPU per event" % (fmt(dec.get("wal_worker_rows_per_s")), dec.get("wal_worker_s"), dec.get("wal_worker_cpu_us_per_event")))
+            if dec.get("pg_recvlogical_rows_per_s"):
+                L.append("- worker ÷ pg_recvlogical: %s (target ≥ 0.5)" % rnd(dec["wal_worker_rows_per_s"] / dec["pg_recvlogical_rows_per_s"], 3))
+            if dec.get("wal_worker_reads"):
+                L.append("- %s reads; each of peek and advance decoded %s bytes of WAL per byte of backlog (%s bytes); time in peek %s s, convert + insert %s s, advance %s s" % (
+                    dec["wal_worker_reads"], dec.get("wal_worker_decoded_per_backlog_byte"), fmt(dec.get("wal_worker_backlog_wal_bytes")),
+                    dec.get("wal_worker_peek_s"), dec.get("wal_worker_write_s"), dec.get("wal_worker_advance_s")))
             if dec.get("wal_worker_perf_top"):
                 L.append("")
                 L.append("Worker profile while it drains (perf -p <worker pid>):")

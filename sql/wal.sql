@@ -156,8 +156,18 @@ BEGIN
     END LOOP;
 END $$;
 
+-- The secret part of the prefix of pgpipe's logical decoding messages. Any role may call
+-- pg_logical_emit_message(), so the worker turns a message into an event only when its
+-- prefix is 'pgpipe:' || key; nobody but the extension's owner can read the key.
+CREATE TABLE pgpipe.wal_message_key (
+    key  text NOT NULL
+);
+INSERT INTO pgpipe.wal_message_key (key)
+SELECT md5(random()::text || clock_timestamp()::text) || md5(random()::text || pg_backend_pid()::text);
+REVOKE ALL ON pgpipe.wal_message_key FROM PUBLIC;
+
 -- pgpipe.emit() under SET pgpipe.emit_mode = 'wal': the event travels as a transactional
--- logical decoding message (prefix 'pgpipe') and the worker queues it in commit order
+-- logical decoding message (prefix 'pgpipe:<key>', see above) and the worker queues it in commit order
 -- with the WAL-mode changes of the same and other transactions. The worker mints its id
 -- then (ids must follow commit order within the worker's batches), so emit returns NULL.
 CREATE FUNCTION pgpipe.emit_wal(channel text, payload jsonb, operation text) RETURNS uuid
@@ -177,8 +187,8 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'Subscribe a table with mode => ''wal'' (or SELECT pgpipe.ensure_slot()) in this database first, or SET pgpipe.emit_mode = ''queue''.';
     END IF;
-    PERFORM pg_logical_emit_message(true, 'pgpipe',
-        jsonb_build_object('channel', channel, 'operation', operation, 'payload', payload)::text);
+    PERFORM pg_logical_emit_message(true, 'pgpipe:' || (SELECT k.key FROM pgpipe.wal_message_key k LIMIT 1),
+        jsonb_build_object('channel', pgpipe.check_channel(channel), 'operation', operation, 'payload', payload)::text);
     RETURN NULL;
 END $$;
 
@@ -249,6 +259,8 @@ REVOKE ALL ON FUNCTION pgpipe.recreate_slot(boolean), pgpipe.ensure_slot(),
 --     pg_replication_slots.wal_status (reserved, extended, unreserved).
 --   lag_bytes: WAL written since the slot's confirmed position.
 --   lag_seconds: time since the worker last reached the end of the WAL.
+--   stale_consumers: consumers (the caller's own; pgpipe_admin: all) that acknowledged
+--     nothing for pgpipe.consumer_stale_after and hold retention back.
 CREATE FUNCTION pgpipe.status()
 RETURNS TABLE (
     worker_state      text,
@@ -265,7 +277,8 @@ RETURNS TABLE (
     notifies_sent     bigint,
     worker_started_at timestamptz,
     last_error        text,
-    detail            text
+    detail            text,
+    stale_consumers   text[]
 )
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     WITH w AS (SELECT * FROM pgpipe.worker_status()),
@@ -295,6 +308,10 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 
              WHEN st.state = 'not_running' THEN 'the worker is not running (Postgres restarts it within seconds)'
              WHEN st.database IS DISTINCT FROM current_database() THEN format('the worker serves database %I, not this one', st.database)
              WHEN st.state = 'error' THEN 'the worker retries every pgpipe.poll_interval; see last_error and the server log'
-           END
+           END,
+           ARRAY(SELECT c.name FROM pgpipe.consumers c
+                 WHERE coalesce(c.acked_at, c.created_at) < now() - make_interval(secs => pgpipe.consumer_stale_after())
+                   AND (pg_has_role(session_user, c.owner, 'USAGE') OR pgpipe.is_admin())
+                 ORDER BY c.name)
     FROM st
 $$;

@@ -48,7 +48,9 @@ mod tls;
 use std::time::{Duration, Instant};
 
 pub use forwarder::{Forwarder, Listen};
-pub use pg::{describe, test_db, PgOptions, StopMode, TempPg, TestDb, DEFAULT_PG_BIN};
+pub use pg::{
+    describe, test_db, PgOptions, StopMode, TempPg, TestDb, DEFAULT_PG_BIN, FORWARDER_ROLE,
+};
 pub use receiver::{HttpReceiver, Reply, Request};
 
 /// Polls `condition` every 50 ms until it returns true (then `true`) or `timeout` passes

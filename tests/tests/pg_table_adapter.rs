@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use pgpipe_tests::{test_db, wait_until, Forwarder};
+use pgpipe_tests::{test_db, wait_until, Forwarder, FORWARDER_ROLE};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -22,6 +22,9 @@ async fn rows_arrive_and_a_constraint_violation_is_dead_lettered() {
     let ddl = String::from_utf8(out.stdout).unwrap();
     db.execute(&ddl).await;
     db.execute("ALTER TABLE copy ADD CONSTRAINT not_13 CHECK (payload->'row'->>'id' <> '13')")
+        .await;
+    // What the forwarder's role needs for the pg_table adapter (README).
+    db.execute(&format!("GRANT INSERT ON copy TO {FORWARDER_ROLE}"))
         .await;
 
     let url = db.url();
@@ -94,8 +97,13 @@ async fn events_go_to_a_table_in_another_database() {
     target
         .execute(
             "CREATE SCHEMA audit; CREATE TABLE audit.events (id uuid PRIMARY KEY, channel text, \
-             operation text, payload jsonb, source text, created_at timestamptz)",
+             operation text, payload jsonb, source text, created_at timestamptz);",
         )
+        .await;
+    target
+        .execute(&format!(
+            "GRANT USAGE ON SCHEMA audit TO {FORWARDER_ROLE}; GRANT INSERT ON audit.events TO {FORWARDER_ROLE};"
+        ))
         .await;
     let url = db.url();
     let target_url = target.url();

@@ -293,3 +293,74 @@ async fn emit_through_the_wal_keeps_commit_order_with_wal_captures() {
     let db_err = err.as_db_error().expect("a server error");
     assert_eq!(db_err.code().code(), "55000", "{}", describe(&err));
 }
+
+/// Any role may call `pg_logical_emit_message()`: only messages with pgpipe's secret key
+/// in the prefix (sent by `pgpipe.emit()` under `emit_mode = 'wal'`) become events, and
+/// even those only with a valid channel name. The rest are skipped with a WARNING that
+/// does not show the key.
+#[tokio::test]
+async fn forged_logical_messages_never_become_events() {
+    let client = worker_db().await;
+    client
+        .batch_execute(
+            "CREATE TABLE forged (id int PRIMARY KEY);
+             CREATE ROLE forger LOGIN;",
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("SELECT pgpipe.subscribe('forged', mode => 'wal')")
+        .await
+        .unwrap();
+    let key: String = client
+        .query_one("SELECT key FROM pgpipe.wal_message_key", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let forged = r#"{"channel": "forged", "operation": "FORGED", "payload": {}}"#;
+    client
+        .batch_execute(&format!(
+            "SET ROLE forger;
+             SELECT pg_logical_emit_message(true, 'pgpipe', '{forged}');
+             SELECT pg_logical_emit_message(true, 'pgpipe:guess', '{forged}');
+             SELECT pg_logical_emit_message(false, 'pgpipe:{key}', '{forged}');
+             RESET ROLE;
+             SELECT pg_logical_emit_message(true, 'pgpipe:{key}',
+                 '{{\"channel\": \"bad\\nname\", \"operation\": \"FORGED\", \"payload\": {{}}}}');
+             SELECT pg_logical_emit_message(true, 'pgpipe:{key}x', '{forged}');
+             SET pgpipe.emit_mode = 'wal';
+             SELECT pgpipe.emit('forged', '{{\"real\": true}}', 'REAL');
+             RESET pgpipe.emit_mode;
+             INSERT INTO forged VALUES (1);"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("emit: {}", describe(&e)));
+    let arrived = wait_until(Duration::from_secs(20), async || {
+        events(&client, "forged").await.len() >= 2
+    })
+    .await;
+    let got = events(&client, "forged").await;
+    assert!(arrived, "forged events: {got:#?}");
+    let ops: Vec<&str> = got.iter().map(|(op, _)| op.as_str()).collect();
+    assert_eq!(
+        ops,
+        ["REAL", "INSERT"],
+        "only pgpipe.emit's message and the change"
+    );
+    let bad: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pgpipe.events WHERE operation = 'FORGED'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(bad, 0);
+    let log = TempPg::shared().log_contents();
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("skipped a logical decoding message"))
+        .count();
+    assert!(warnings >= 5, "a WARNING per skipped message:\n{log}");
+    assert!(!log.contains(&key), "the key appears in the server log");
+}

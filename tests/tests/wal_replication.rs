@@ -43,7 +43,8 @@ async fn to_jsonb(db: &TestDb, table: &str, id: i32) -> Value {
 }
 
 fn spawn_wal(db: &TestDb, slot: &str, extra: &[&str]) -> Forwarder {
-    let listen = Forwarder::listen(&db.url())
+    // Replication takes the REPLICATION attribute, which the queue's forwarder role lacks.
+    let listen = Forwarder::listen(&db.admin_url())
         .detector("wal")
         .flag("--publication", "pub")
         .flag("--slot", slot)

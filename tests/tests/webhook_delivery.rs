@@ -137,7 +137,7 @@ async fn signed_ordered_retried_and_dead_lettered() {
     fwd.sigterm();
     assert!(fwd.wait_exit(WAIT).await.success(), "{}", fwd.stderr_text());
 
-    let (code, out, err) = pgpipe(&["dlq", "list", "--db", &url], &[]);
+    let (code, out, err) = pgpipe(&["dlq", "list", "--db", &db.admin_url()], &[]);
     assert_eq!(code, 0, "{err}");
     assert!(
         out.starts_with("ID") && out.contains("webhook") && out.contains("HTTP 400"),
@@ -147,7 +147,7 @@ async fn signed_ordered_retried_and_dead_lettered() {
     // The endpoint is fixed: replay delivers the dead letter and removes it.
     accept_all.store(true, Ordering::SeqCst);
     let (code, out, err) = pgpipe(
-        &["dlq", "replay", "--db", &url],
+        &["dlq", "replay", "--db", &db.admin_url()],
         &[
             ("PGPIPE_WEBHOOK_URL", &hook),
             ("PGPIPE_WEBHOOK_SIGNING_KEY", KEY),
@@ -158,7 +158,7 @@ async fn signed_ordered_retried_and_dead_lettered() {
     let last = receiver.requests().pop().unwrap();
     verify(&last);
     assert_eq!(last.json()["payload"]["row"]["id"], 4);
-    let (_, out, _) = pgpipe(&["dlq", "list", "--db", &url], &[]);
+    let (_, out, _) = pgpipe(&["dlq", "list", "--db", &db.admin_url()], &[]);
     assert_eq!(out, "no dead letters\n");
 }
 
@@ -208,14 +208,34 @@ async fn an_unreachable_endpoint_is_named_and_dead_lettered_after_the_retries() 
     assert!(error.contains("gave up after 2 attempts"), "{error}");
     assert_eq!(row.get::<_, i32>(1), 2);
 
-    let (code, out, _) = pgpipe(&["dlq", "list", "--db", &url, "--json"], &[]);
+    let (code, out, _) = pgpipe(&["dlq", "list", "--db", &db.admin_url(), "--json"], &[]);
     assert_eq!(code, 0);
     let letter: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
     assert_eq!(letter["adapter"], "webhook");
     assert_eq!(letter["event"]["payload"]["row"]["id"], 1);
-    let (_, out, _) = pgpipe(&["dlq", "purge", "--db", &url, "--older-than", "1h"], &[]);
+    let (_, out, _) = pgpipe(
+        &[
+            "dlq",
+            "purge",
+            "--db",
+            &db.admin_url(),
+            "--older-than",
+            "1h",
+        ],
+        &[],
+    );
     assert_eq!(out, "purged 0 dead letter(s)\n");
-    let (_, out, _) = pgpipe(&["dlq", "purge", "--db", &url, "--adapter", "webhook"], &[]);
+    let (_, out, _) = pgpipe(
+        &[
+            "dlq",
+            "purge",
+            "--db",
+            &db.admin_url(),
+            "--adapter",
+            "webhook",
+        ],
+        &[],
+    );
     assert_eq!(out, "purged 1 dead letter(s)\n");
 }
 

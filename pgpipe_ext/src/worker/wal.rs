@@ -13,17 +13,13 @@
 //! 2. After that commit, advance the slot (`pg_replication_slot_advance`). A crash between
 //!    1 and 2 only means the next peek returns transactions that step 1 then skips.
 //!
-//! Column values arrive as text (each type's output function); they are turned back into
-//! datums with each type's input function and converted to JSON by `to_jsonb` on a row
-//! of the same column names and types, which is what the trigger path does with
-//! `to_jsonb(NEW)`: both capture modes give the same payload.
+//! Column values arrive as text; [`convert`](super::convert) turns them into JSON as the
+//! table's owner, and [`queue`](super::queue) inserts the events in batches.
 
 use std::collections::HashMap;
-use std::ffi::CString;
 
 use pgrx::prelude::*;
-use pgrx::spi::{OwnedPreparedStatement, SpiClient};
-use pgrx::{datum::DatumWithOid, PgMemoryContexts, PgOid};
+use pgrx::spi::SpiClient;
 
 use super::pgoutput::{
     self, format_lsn, parse_lsn, Datum as Value, Message, OldKind, Relation, Tuple,
@@ -33,16 +29,17 @@ use super::pgoutput::{
 type Lsn = u64;
 /// The old image of an UPDATE or DELETE: key columns only, or the full row.
 type OldTuple = (OldKind, Tuple);
+use super::queue::{Change, Target, Writer};
 use super::raise;
 use crate::guc;
 
 /// Prefix of the logical decoding messages `pgpipe.emit()` sends under
-/// `pgpipe.emit_mode = 'wal'`.
+/// `pgpipe.emit_mode = 'wal'`: `pgpipe:` and the key in `pgpipe.wal_message_key`, which
+/// only the extension's owner can read. Any role may call `pg_logical_emit_message()`;
+/// only messages with the key become events.
 const EMIT_PREFIX: &str = "pgpipe";
 /// Rows fetched from the peek cursor at a time.
 const FETCH_SIZE: i64 = 256;
-/// Prepared INSERT statements kept (one per table shape); the cache is cleared beyond.
-const MAX_CACHED_PLANS: usize = 512;
 
 /// What a read cycle found.
 pub enum ReadOutcome {
@@ -71,26 +68,21 @@ pub struct Batch {
     pub advance_to: Option<Lsn>,
     /// End LSN of the last source transaction written.
     pub last_commit: Option<Lsn>,
+    /// The slot's restart LSN before this read: the peek decoded from there.
+    pub restart: Lsn,
+    /// Time spent fetching from the peek (decoding) and converting + inserting.
+    pub decode_time: std::time::Duration,
+    pub write_time: std::time::Duration,
 }
 
 /// The worker's WAL capture state, kept across cycles.
 #[derive(Default)]
 pub struct WalCapture {
     relations: HashMap<u32, Relation>,
+    /// The whole prefix of pgpipe's own messages (`pgpipe:<key>`), read once per
+    /// connection to the extension; None until read (or when there is no key).
+    message_prefix: Option<Option<String>>,
     writer: Writer,
-}
-
-/// Inserts events; caches prepared statements and type input functions.
-#[derive(Default)]
-struct Writer {
-    plans: HashMap<(String, Vec<u32>), OwnedPreparedStatement>,
-    type_input: HashMap<u32, (pg_sys::Oid, pg_sys::Oid)>,
-}
-
-/// A subscription as the worker needs it.
-struct Target {
-    channel: String,
-    operations: Vec<String>,
 }
 
 /// The source transaction being read.
@@ -99,17 +91,13 @@ struct SourceXact {
     skip: bool,
 }
 
-/// One event to insert.
-struct Change<'a> {
-    lsn: &'a str,
-    operation: &'static str,
-    relation: &'a Relation,
-    row: Option<Vec<(usize, &'a Value)>>,
-    old: Option<Vec<(usize, &'a Value)>>,
-    unchanged_toast: Vec<String>,
-}
-
 impl WalCapture {
+    /// Forgets cached conversions after a failed read.
+    pub fn reset(&mut self) {
+        self.writer.reset_caches();
+        self.message_prefix = None;
+    }
+
     /// Reads the slot once and writes the events, inside the caller's transaction.
     pub fn read(&mut self) -> ReadOutcome {
         Spi::connect_mut(|client| self.read_with(client))
@@ -135,6 +123,8 @@ impl WalCapture {
                 )
                 .map(|t| !t.is_empty())
                 .unwrap_or(false);
+            // A new extension brings a new key.
+            self.message_prefix = None;
             return ReadOutcome::NoExtension(leftover.then_some(slot));
         }
         let publication = guc::publication();
@@ -198,15 +188,28 @@ impl WalCapture {
             ],
         );
 
-        let WalCapture { relations, writer } = self;
+        if self.message_prefix.is_none() {
+            self.message_prefix = Some(read_message_prefix(client));
+        }
+        let WalCapture {
+            relations,
+            writer,
+            message_prefix,
+        } = self;
+        let message_prefix = message_prefix.as_ref().and_then(Option::as_deref);
         let mut rows: i64 = 0;
         let mut events: u64 = 0;
         let mut xact: Option<SourceXact> = None;
         let mut last_end: Option<Lsn> = None;
         let mut last_commit: Option<Lsn> = None;
-        let mut targets: HashMap<u32, Option<Target>> = HashMap::new();
-        let mut change_cx = PgMemoryContexts::new("pgpipe wal change");
+        let mut targets: HashMap<u32, Target> = HashMap::new();
+        writer.begin();
+        let mut decode_time = std::time::Duration::ZERO;
+        let started = std::time::Instant::now();
         loop {
+            // The cursor runs as the worker: never inside an owner's restricted context.
+            writer.unrestrict();
+            let fetch_started = std::time::Instant::now();
             let chunk: Vec<(String, Vec<u8>)> = cursor
                 .fetch(FETCH_SIZE)
                 .unwrap_or_else(|e| error!("pgpipe worker: read the slot: {e}"))
@@ -217,6 +220,7 @@ impl WalCapture {
                     )
                 })
                 .collect();
+            decode_time += fetch_started.elapsed();
             if chunk.is_empty() {
                 break;
             }
@@ -247,7 +251,10 @@ impl WalCapture {
                     }
                     Message::Relation(relation) => {
                         targets.remove(&relation.id);
-                        relations.insert(relation.id, relation);
+                        if relations.get(&relation.id) != Some(&relation) {
+                            writer.relation_changed(relation.id);
+                            relations.insert(relation.id, relation);
+                        }
                     }
                     Message::Insert { relation, ref new } => {
                         let Some(rel) = next_change(relations, &xact, relation) else {
@@ -261,7 +268,7 @@ impl WalCapture {
                             old: None,
                             unchanged_toast: Vec::new(),
                         };
-                        events += writer.write(client, &mut targets, &mut change_cx, change);
+                        events += writer.write(client, &mut targets, change);
                     }
                     Message::Update {
                         relation,
@@ -272,7 +279,7 @@ impl WalCapture {
                             continue;
                         };
                         let change = update_change(lsn, rel, old.as_ref(), new);
-                        events += writer.write(client, &mut targets, &mut change_cx, change);
+                        events += writer.write(client, &mut targets, change);
                     }
                     Message::Delete { relation, ref old } => {
                         let Some(rel) = next_change(relations, &xact, relation) else {
@@ -286,7 +293,7 @@ impl WalCapture {
                             old: None,
                             unchanged_toast: Vec::new(),
                         };
-                        events += writer.write(client, &mut targets, &mut change_cx, change);
+                        events += writer.write(client, &mut targets, change);
                     }
                     Message::Truncate {
                         relations: ref truncated,
@@ -304,18 +311,36 @@ impl WalCapture {
                                 old: None,
                                 unchanged_toast: Vec::new(),
                             };
-                            events += writer.write(client, &mut targets, &mut change_cx, change);
+                            events += writer.write(client, &mut targets, change);
                         }
                     }
                     Message::Message {
-                        transactional: true,
+                        transactional,
                         ref prefix,
                         ref content,
                         ..
-                    } if prefix == EMIT_PREFIX => {
+                    } if prefix.starts_with(EMIT_PREFIX) => {
+                        if Some(prefix.as_str()) != message_prefix || !transactional {
+                            // Never log the prefix: it may be close to the key.
+                            warning!(
+                                "pgpipe worker: skipped a logical decoding message at LSN {lsn} \
+                                 whose prefix starts with \"{EMIT_PREFIX}\" but is not the one \
+                                 pgpipe.emit_wal() uses{}; only pgpipe.emit() under \
+                                 pgpipe.emit_mode = 'wal' queues events through the WAL",
+                                if transactional {
+                                    ""
+                                } else {
+                                    " (or is not transactional)"
+                                }
+                            );
+                            continue;
+                        }
                         // Transactional messages come inside their transaction.
                         if xact.as_ref().is_some_and(|x| !x.skip) {
-                            events += writer.write_emitted(client, lsn, content);
+                            if let Some((channel, operation, text)) = emitted_event(lsn, content) {
+                                events +=
+                                    writer.write_emitted(client, lsn, channel, operation, text);
+                            }
                         }
                     }
                     Message::Origin { .. } | Message::Type { .. } | Message::Message { .. } => {}
@@ -323,6 +348,7 @@ impl WalCapture {
             }
         }
         drop(cursor);
+        writer.flush(client);
 
         if let Some(end) = last_commit {
             record_progress(client, &slot, progress, end);
@@ -348,6 +374,9 @@ impl WalCapture {
             confirmed,
             advance_to: target.filter(|&t| t > confirmed),
             last_commit,
+            restart: slot_row.restart,
+            decode_time,
+            write_time: started.elapsed().saturating_sub(decode_time),
         })
     }
 }
@@ -370,180 +399,13 @@ fn next_change<'r>(
     Some(rel)
 }
 
-impl Writer {
-    /// Queues an event sent by `pgpipe.emit()` as a logical decoding message. A message
-    /// that is not one (someone else's, with our prefix) is logged and skipped rather
-    /// than stopping capture.
-    fn write_emitted(&mut self, client: &mut SpiClient<'_>, lsn: &str, content: &[u8]) -> u64 {
-        let valid = serde_json::from_slice::<serde_json::Value>(content)
-            .ok()
-            .filter(|m| m["channel"].is_string() && m["operation"].is_string());
-        let (Some(_), Ok(text)) = (valid, std::str::from_utf8(content)) else {
-            warning!("pgpipe worker: skipped a logical decoding message with prefix \"{EMIT_PREFIX}\" at LSN {lsn} that pgpipe.emit() did not send");
-            return 0;
-        };
-        let sql = "INSERT INTO pgpipe.events (id, channel, operation, payload, source, lsn) \
-                   SELECT pgpipe.uuid_generate_v7(), m->>'channel', m->>'operation', \
-                          coalesce(m->'payload', 'null'::pg_catalog.jsonb), 'emit', \
-                          $2::pg_catalog.pg_lsn \
-                   FROM (SELECT $1::pg_catalog.jsonb AS m) message";
-        let types = vec![pg_sys::TEXTOID.to_u32(), pg_sys::TEXTOID.to_u32()];
-        let key = (sql.to_string(), types);
-        if !self.plans.contains_key(&key) {
-            let plan = client
-                .prepare_mut(
-                    sql,
-                    &[PgOid::from(pg_sys::TEXTOID), PgOid::from(pg_sys::TEXTOID)],
-                )
-                .unwrap_or_else(|e| error!("pgpipe worker: prepare the emitted-event insert: {e}"))
-                .keep();
-            self.plans.insert(key.clone(), plan);
-        }
-        client
-            .update(&self.plans[&key], None, &[text.into(), lsn.into()])
-            .unwrap_or_else(|e| error!("pgpipe worker: insert an emitted event: {e}"));
-        1
-    }
-
-    /// Inserts one event (unless its subscription leaves the operation out). Returns the
-    /// number of events written (0 or 1).
-    fn write(
-        &mut self,
-        client: &mut SpiClient<'_>,
-        targets: &mut HashMap<u32, Option<Target>>,
-        change_cx: &mut PgMemoryContexts,
-        change: Change<'_>,
-    ) -> u64 {
-        let rel = change.relation;
-        let target = targets
-            .entry(rel.id)
-            .or_insert_with(|| lookup_target(client, rel.id));
-        let default_target;
-        let target = match target {
-            Some(t) => &*t,
-            None => {
-                // Published but no longer subscribed (unsubscribed after the change):
-                // keep the change, on the default channel.
-                default_target = Target {
-                    channel: default_channel(rel),
-                    operations: Vec::new(),
-                };
-                &default_target
-            }
-        };
-        if !target.operations.is_empty()
-            && !target.operations.iter().any(|op| op == change.operation)
-        {
-            return 0;
-        }
-
-        let mut sql = String::from(
-            "INSERT INTO pgpipe.events (id, channel, operation, payload, source, lsn) \
-             VALUES (pgpipe.uuid_generate_v7(), $1, $2, pg_catalog.jsonb_build_object(\
-             'op', $2, 'schema', $3, 'table', $4, 'row', ",
-        );
-        let mut types: Vec<u32> = vec![
-            pg_sys::TEXTOID.to_u32(),
-            pg_sys::TEXTOID.to_u32(),
-            pg_sys::TEXTOID.to_u32(),
-            pg_sys::TEXTOID.to_u32(),
-            pg_sys::TEXTOID.to_u32(),
-        ];
-        let mut values: Vec<(usize, &Value)> = Vec::new();
-        image_sql(
-            &mut sql,
-            &mut types,
-            &mut values,
-            rel,
-            change.row.as_deref(),
-        );
-        sql.push_str(", 'old', ");
-        image_sql(
-            &mut sql,
-            &mut types,
-            &mut values,
-            rel,
-            change.old.as_deref(),
-        );
-        sql.push(')');
-        if !change.unchanged_toast.is_empty() {
-            types.push(pg_sys::TEXTARRAYOID.to_u32());
-            sql.push_str(&format!(
-                " || pg_catalog.jsonb_build_object('unchanged_toast', pg_catalog.to_jsonb(${}::text[]))",
-                types.len()
-            ));
-        }
-        sql.push_str(", 'wal', $5::pg_catalog.pg_lsn)");
-
-        let key = (sql, types);
-        if !self.plans.contains_key(&key) {
-            if self.plans.len() >= MAX_CACHED_PLANS {
-                self.plans.clear();
-            }
-            let oids: Vec<PgOid> = key
-                .1
-                .iter()
-                .map(|&t| PgOid::from(pg_sys::Oid::from(t)))
-                .collect();
-            let plan = client
-                .prepare_mut(key.0.as_str(), &oids)
-                .unwrap_or_else(|e| error!("pgpipe worker: prepare the event insert: {e}"))
-                .keep();
-            self.plans.insert(key.clone(), plan);
-        }
-        let plan = &self.plans[&key];
-
-        let namespace = if rel.namespace.is_empty() {
-            "pg_catalog"
-        } else {
-            rel.namespace.as_str()
-        };
-        let type_input = &mut self.type_input;
-        let mut args: Vec<DatumWithOid<'_>> = vec![
-            target.channel.as_str().into(),
-            change.operation.into(),
-            namespace.into(),
-            rel.name.as_str().into(),
-            change.lsn.into(),
-        ];
-        // SAFETY: the closure only builds datums, which stay in change_cx until its reset.
-        unsafe {
-            change_cx.switch_to(|_| {
-                for &(column, value) in &values {
-                    let type_oid = pg_sys::Oid::from(rel.columns[column].type_oid);
-                    args.push(match value {
-                        Value::Text(text) => {
-                            let datum = input_datum(type_input, type_oid, text);
-                            // SAFETY: the datum is of type `type_oid` and lives in change_cx
-                            // until the reset below, after the insert.
-                            DatumWithOid::new(datum, type_oid)
-                        }
-                        Value::Null | Value::UnchangedToast => DatumWithOid::null_oid(type_oid),
-                        Value::Binary(_) => error!("pgpipe worker: unexpected binary column value"),
-                    });
-                }
-            })
-        };
-        if !change.unchanged_toast.is_empty() {
-            args.push(change.unchanged_toast.clone().into());
-        }
-        let inserted = client
-            .update(plan, None, &args)
-            .unwrap_or_else(|e| error!("pgpipe worker: insert an event: {e}"))
-            .len();
-        drop(args);
-        // SAFETY: nothing refers to the datums any more.
-        unsafe { change_cx.reset() };
-        let _ = inserted;
-        1
-    }
-}
-
 /// The slot as `pg_replication_slots` shows it.
 struct SlotRow {
     lost: bool,
     usable: bool,
     confirmed: Lsn,
+    /// Where decoding of the slot starts (every peek and advance decodes from here).
+    restart: Lsn,
 }
 
 fn slot_and_progress(client: &SpiClient<'_>, slot: &str) -> (Option<SlotRow>, Option<Lsn>) {
@@ -552,7 +414,8 @@ fn slot_and_progress(client: &SpiClient<'_>, slot: &str) -> (Option<SlotRow>, Op
             "SELECT coalesce(wal_status = 'lost', false), \
                     plugin = 'pgoutput' AND database = pg_catalog.current_database() \
                         AND slot_type = 'logical', \
-                    coalesce(confirmed_flush_lsn, '0/0')::text \
+                    coalesce(confirmed_flush_lsn, '0/0')::text, \
+                    coalesce(restart_lsn, '0/0')::text \
              FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
             None,
             &[slot.into()],
@@ -561,14 +424,19 @@ fn slot_and_progress(client: &SpiClient<'_>, slot: &str) -> (Option<SlotRow>, Op
     let slot_row = if slot_row.is_empty() {
         None
     } else {
-        let (lost, usable, confirmed) = slot_row
-            .first()
-            .get_three::<bool, bool, String>()
-            .unwrap_or_else(|e| error!("pgpipe worker: read the slot: {e}"));
+        let row = slot_row.first();
+        let read = |n| {
+            row.get::<String>(n)
+                .unwrap_or_else(|e| error!("pgpipe worker: read the slot: {e}"))
+        };
+        let lost = row.get::<bool>(1).ok().flatten();
+        let usable = row.get::<bool>(2).ok().flatten();
+        let (confirmed, restart) = (read(3), read(4));
         Some(SlotRow {
             lost: lost.unwrap_or(false),
             usable: usable.unwrap_or(false),
             confirmed: confirmed.as_deref().and_then(parse_lsn).unwrap_or(0),
+            restart: restart.as_deref().and_then(parse_lsn).unwrap_or(0),
         })
     };
     let progress = client
@@ -616,34 +484,75 @@ fn record_progress(client: &mut SpiClient<'_>, slot: &str, previous: Lsn, lsn: L
     }
 }
 
-fn lookup_target(client: &SpiClient<'_>, relid: u32) -> Option<Target> {
-    let table = client
-        .select(
-            "SELECT channel, operations FROM pgpipe.subscription WHERE relid = $1",
-            None,
-            &[pg_sys::Oid::from(relid).into()],
-        )
-        .unwrap_or_else(|e| error!("pgpipe worker: look up the subscription: {e}"));
-    if table.is_empty() {
-        return None;
+/// The channel, operation and text of a message `pgpipe.emit()` sent, or None (logged)
+/// for a message with our prefix that is not one (someone else's): skipped rather than
+/// stopping capture.
+fn emitted_event(lsn: &str, content: &[u8]) -> Option<(String, String, String)> {
+    let parsed = std::str::from_utf8(content).ok().and_then(|text| {
+        let message = serde_json::from_str::<serde_json::Value>(text).ok()?;
+        let channel = message["channel"].as_str()?.to_string();
+        let operation = message["operation"].as_str()?.to_string();
+        Some((channel, operation, text.to_string()))
+    });
+    match parsed {
+        Some((channel, ..)) if !valid_channel(&channel) => {
+            warning!(
+                "pgpipe worker: skipped a logical decoding message at LSN {lsn}: invalid channel \
+                 name (1 to 63 letters, digits, '_', '.', ':' or '-')"
+            );
+            None
+        }
+        Some(event) => Some(event),
+        None => {
+            warning!(
+                "pgpipe worker: skipped a logical decoding message at LSN {lsn}: not an object \
+                 with a string channel and operation"
+            );
+            None
+        }
     }
-    let (channel, operations) = table
-        .first()
-        .get_two::<String, Vec<String>>()
-        .unwrap_or_else(|e| error!("pgpipe worker: read the subscription: {e}"));
-    Some(Target {
-        channel: channel.unwrap_or_default(),
-        operations: operations.unwrap_or_default(),
-    })
 }
 
-/// The channel `pgpipe.subscribe` picks by default.
-fn default_channel(rel: &Relation) -> String {
-    if rel.namespace == "public" {
-        rel.name.clone()
-    } else {
-        format!("{}.{}", rel.namespace, rel.name)
+/// `pgpipe:` and the key of pgpipe's own messages; None without a key (then no message
+/// becomes an event).
+fn read_message_prefix(client: &SpiClient<'_>) -> Option<String> {
+    let exists = client
+        .select(
+            "SELECT pg_catalog.to_regclass('pgpipe.wal_message_key') IS NOT NULL",
+            None,
+            &[],
+        )
+        .ok()
+        .and_then(|t| t.first().get_one::<bool>().ok().flatten())
+        .unwrap_or(false);
+    let key = exists
+        .then(|| {
+            client
+                .select(
+                    "SELECT k.key FROM pgpipe.wal_message_key k LIMIT 1",
+                    None,
+                    &[],
+                )
+                .ok()
+                .and_then(|t| t.first().get_one::<String>().ok().flatten())
+        })
+        .flatten()
+        .filter(|key| !key.is_empty());
+    if key.is_none() {
+        warning!(
+            "pgpipe worker: pgpipe.wal_message_key holds no key: events emitted through the \
+             WAL (pgpipe.emit_mode = 'wal') are not queued"
+        );
     }
+    key.map(|key| format!("{EMIT_PREFIX}:{key}"))
+}
+
+/// The rule of `pgpipe.check_channel`: `^[A-Za-z0-9_.:-]{1,63}$`.
+fn valid_channel(channel: &str) -> bool {
+    (1..=63).contains(&channel.len())
+        && channel
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
 }
 
 /// Column values of an old image: every column of a full image, the key columns of a key
@@ -711,54 +620,6 @@ fn update_change<'a>(
     }
 }
 
-/// Appends `(SELECT to_jsonb(r) FROM (SELECT $n AS "col", ...) r)` for an image, or NULL.
-fn image_sql<'a>(
-    sql: &mut String,
-    types: &mut Vec<u32>,
-    values: &mut Vec<(usize, &'a Value)>,
-    rel: &Relation,
-    image: Option<&[(usize, &'a Value)]>,
-) {
-    let Some(image) = image else {
-        sql.push_str("NULL::pg_catalog.jsonb");
-        return;
-    };
-    sql.push_str("(SELECT pg_catalog.to_jsonb(r) FROM (SELECT ");
-    for (n, &(column, value)) in image.iter().enumerate() {
-        let col = &rel.columns[column];
-        types.push(col.type_oid);
-        values.push((column, value));
-        if n > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(&format!(
-            "${} AS {}",
-            types.len(),
-            pgrx::spi::quote_identifier(&col.name)
-        ));
-    }
-    sql.push_str(") r)");
-}
-
-/// Turns a column's text back into a datum with its type's input function.
-fn input_datum(
-    cache: &mut HashMap<u32, (pg_sys::Oid, pg_sys::Oid)>,
-    type_oid: pg_sys::Oid,
-    text: &str,
-) -> pg_sys::Datum {
-    let (input, io_param) = *cache.entry(type_oid.to_u32()).or_insert_with(|| {
-        let mut input = pg_sys::Oid::INVALID;
-        let mut io_param = pg_sys::Oid::INVALID;
-        // SAFETY: out-parameters; errors out for an unknown type.
-        unsafe { pg_sys::getTypeInputInfo(type_oid, &mut input, &mut io_param) };
-        (input, io_param)
-    });
-    let text =
-        CString::new(text).unwrap_or_else(|_| error!("pgpipe worker: NUL in a column value"));
-    // SAFETY: `input` is the type's input function; the string is NUL-terminated.
-    unsafe { pg_sys::OidInputFunctionCall(input, text.as_ptr().cast_mut(), io_param, -1) }
-}
-
 /// Advances the slot to `lsn` (after the events up to it are committed).
 pub fn advance_slot(lsn: Lsn) {
     let slot = guc::slot_name();
@@ -778,6 +639,7 @@ pub fn advance_slot(lsn: Lsn) {
 mod tests {
     use super::*;
     use crate::worker::pgoutput::Column;
+    use crate::worker::queue::default_channel;
 
     fn rel() -> Relation {
         Relation {

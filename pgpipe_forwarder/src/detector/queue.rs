@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
+
 use tokio_postgres::{Client, Notification};
 use tokio_util::sync::CancellationToken;
 
@@ -25,6 +26,10 @@ use crate::health::Component;
 
 /// Detector name in logs and health.
 const NAME: &str = "queue";
+/// SQLSTATE of a refused privilege (a least-privilege role running pgpipe.rotate()).
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
+/// SQLSTATE of an unknown consumer (`pgpipe.try_claim_consumer` before it is registered).
+const UNDEFINED_OBJECT: &str = "42704";
 
 /// The channel the extension's background worker notifies after commits that queued events.
 pub const WAKEUP_CHANNEL: &str = "pgpipe_wakeup";
@@ -159,6 +164,7 @@ impl QueueDetector {
         let mut rotate =
             tokio::time::interval(self.retention_interval.max(Duration::from_millis(1)));
         rotate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retention = !self.retention_interval.is_zero();
         let mut want_read = true;
         let mut shutdown_deadline: Option<tokio::time::Instant> = None;
         loop {
@@ -188,16 +194,27 @@ impl QueueDetector {
                 }
                 n = notifications.recv() => wake_from(n)?,
                 _ = poll.tick() => Wake::Read,
-                _ = rotate.tick(), if !self.retention_interval.is_zero() => Wake::Rotate,
+                _ = rotate.tick(), if retention => Wake::Rotate,
             };
             match wake {
                 Wake::Read => want_read = true,
                 Wake::Rotate => {
                     // Retention failing must not stop delivery; a broken connection
                     // shows up on the next read anyway.
-                    if let Err(e) = queue.rotate().await {
-                        tracing::warn!(component = "detector", detector = NAME, error = %e,
-                            "queue retention failed; will try again");
+                    match queue.rotate().await {
+                        Ok(_) => {}
+                        Err(e) if e.sqlstate() == Some(INSUFFICIENT_PRIVILEGE) => {
+                            // A least-privilege forwarder: retention is the admin's.
+                            retention = false;
+                            tracing::info!(component = "detector", detector = NAME,
+                                "queue retention is left to the background worker or a pgpipe_admin: \
+                                 this role may not run pgpipe.rotate() (GRANT pgpipe_admin to run it here, \
+                                 or set detector.retention_interval: 0)");
+                        }
+                        Err(e) => {
+                            tracing::warn!(component = "detector", detector = NAME, error = %e,
+                            "queue retention failed; will try again")
+                        }
                     }
                 }
                 Wake::Acks => self.write_ack(&queue, progress, false).await?,
@@ -245,7 +262,17 @@ impl QueueDetector {
         let queue = QueueClient::new(client);
         let mut announced = false;
         loop {
-            if queue.try_claim(&self.consumer).await? {
+            let claimed = match queue.try_claim(&self.consumer).await {
+                Ok(claimed) => claimed,
+                // A lease lives in the consumer's row: a new consumer is registered
+                // first (nobody can hold what does not exist yet).
+                Err(e) if e.sqlstate() == Some(UNDEFINED_OBJECT) => {
+                    queue.register(&self.consumer, &self.channels).await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if claimed {
                 return Ok(true);
             }
             if !announced {

@@ -1,0 +1,293 @@
+//! Turning decoded column values into JSON, as the captured table's owner.
+//!
+//! pgoutput sends each value as its type's text output. The worker turns it back into a
+//! datum with the type's input function and the row into JSON with `to_jsonb` on a
+//! record of the same column names and types — the conversion `to_jsonb(NEW)` makes in
+//! trigger mode, so both modes give the same payload. Both steps may run code the
+//! table's owner wrote (a domain's CHECK, a cast to json, an I/O function), so they run
+//! as that owner inside a security-restricted operation ([`Restricted`]), the way
+//! autovacuum and REFRESH MATERIALIZED VIEW run index expressions: never with the
+//! worker's (superuser) rights.
+
+use std::collections::HashMap;
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use super::pgoutput::{Datum as Value, Relation};
+
+/// The search_path user code sees while the worker converts values (what Postgres 17's
+/// `RestrictSearchPath()` sets for maintenance commands).
+const SAFE_SEARCH_PATH: &CStr = c"pg_catalog, pg_temp";
+
+/// `to_jsonb(anyelement)` in pg_proc.
+const TO_JSONB_OID: u32 = 3787;
+
+/// A security-restricted operation as a given role: the current user is that role, the
+/// security context forbids what SECURITY DEFINER code must not do (SET ROLE, temporary
+/// objects, ...), and GUC changes (search_path pinned on entry) are undone on leaving.
+///
+/// Leave it with [`Restricted::leave`]. On an error the transaction's abort restores the
+/// user, the security context and the GUCs, as it does for REFRESH MATERIALIZED VIEW.
+pub struct Restricted {
+    role: pg_sys::Oid,
+    saved_user: pg_sys::Oid,
+    saved_context: i32,
+    nest_level: i32,
+}
+
+impl Restricted {
+    /// Becomes `role` (inside a transaction).
+    pub fn enter(role: pg_sys::Oid) -> Self {
+        let mut saved_user = pg_sys::Oid::INVALID;
+        let mut saved_context = 0;
+        // SAFETY: out-parameters; then the pattern of matview.c / vacuum.c: switch the
+        // user with the restricted flag added, open a GUC nest level and pin search_path
+        // in it. Inside a transaction (the caller's).
+        let nest_level = unsafe {
+            pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
+            pg_sys::SetUserIdAndSecContext(
+                role,
+                saved_context | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+            );
+            let nest_level = pg_sys::NewGUCNestLevel();
+            pg_sys::set_config_option(
+                c"search_path".as_ptr(),
+                SAFE_SEARCH_PATH.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+            nest_level
+        };
+        Self {
+            role,
+            saved_user,
+            saved_context,
+            nest_level,
+        }
+    }
+
+    /// The role converting.
+    pub fn role(&self) -> pg_sys::Oid {
+        self.role
+    }
+
+    /// Undoes the GUC changes made since [`Restricted::enter`] and becomes the worker again.
+    pub fn leave(self) {
+        // SAFETY: the nest level and the saved user come from `enter`, in this transaction.
+        unsafe {
+            pg_sys::AtEOXact_GUC(false, self.nest_level);
+            pg_sys::SetUserIdAndSecContext(self.saved_user, self.saved_context);
+        }
+    }
+}
+
+/// Which columns of a relation an image holds.
+type Shape = (u32, Vec<usize>);
+
+/// Converts images of rows to jsonb; caches the type input functions and one record
+/// descriptor per image shape. Everything it caches lives in its own long-lived memory
+/// context.
+pub struct Converter {
+    /// Child of TopMemoryContext, made on first use.
+    cx: Option<pgrx::PgMemoryContexts>,
+    /// Input function (in `cx`) and I/O parameter per type.
+    inputs: HashMap<u32, (*mut pg_sys::FmgrInfo, pg_sys::Oid)>,
+    /// A blessed record descriptor (in `cx`) per image shape.
+    shapes: HashMap<Shape, pg_sys::TupleDesc>,
+    /// `to_jsonb` with a call expression saying its argument is a record (it looks at
+    /// the expression to learn its argument's type).
+    to_jsonb: *mut pg_sys::FmgrInfo,
+    /// Reused buffer for NUL-terminated values.
+    text: Vec<u8>,
+}
+
+impl Default for Converter {
+    fn default() -> Self {
+        Self {
+            cx: None,
+            inputs: HashMap::new(),
+            shapes: HashMap::new(),
+            to_jsonb: std::ptr::null_mut(),
+            text: Vec::new(),
+        }
+    }
+}
+
+impl Converter {
+    /// The cache's memory context.
+    fn cx(&mut self) -> &mut pgrx::PgMemoryContexts {
+        self.cx.get_or_insert_with(|| {
+            // SAFETY: TopMemoryContext lives as long as the process.
+            unsafe {
+                pgrx::PgMemoryContexts::TopMemoryContext
+                    .switch_to(|_| pgrx::PgMemoryContexts::new("pgpipe wal converter"))
+            }
+        })
+    }
+
+    /// Forgets what depends on a relation's shape (a new Relation message changed it).
+    pub fn forget_relation(&mut self, relid: u32) {
+        self.shapes.retain(|(id, _), _| *id != relid);
+        if self.shapes.is_empty() && self.inputs.len() > 4096 {
+            self.reset();
+        }
+    }
+
+    /// Drops every cache (e.g. after a failed cycle: types may have changed).
+    pub fn reset(&mut self) {
+        self.inputs.clear();
+        self.shapes.clear();
+        self.to_jsonb = std::ptr::null_mut();
+        if let Some(cx) = self.cx.as_mut() {
+            // SAFETY: nothing refers to the context's memory any more (cleared above).
+            unsafe { cx.reset() };
+        }
+    }
+
+    /// The jsonb of an image (`to_jsonb` of a record of those columns), allocated in the
+    /// current memory context. Call it inside [`Restricted`] as the table's owner: it
+    /// runs the columns' input functions and their casts or output functions.
+    pub fn image_jsonb(&mut self, rel: &Relation, image: &[(usize, &Value)]) -> pg_sys::Datum {
+        let desc = self.shape(rel, image);
+        let mut values: Vec<pg_sys::Datum> = Vec::with_capacity(image.len());
+        let mut nulls: Vec<bool> = Vec::with_capacity(image.len());
+        for &(column, value) in image {
+            match value {
+                Value::Text(text) => {
+                    values.push(self.input(rel.columns[column].type_oid, text));
+                    nulls.push(false);
+                }
+                Value::Null | Value::UnchangedToast => {
+                    values.push(pg_sys::Datum::from(0usize));
+                    nulls.push(true);
+                }
+                Value::Binary(_) => error!("pgpipe worker: unexpected binary column value"),
+            }
+        }
+        let to_jsonb = self.jsonb_function();
+        // SAFETY: `desc` has one attribute per value, of the value's type; the tuple and
+        // the result are allocated in the current memory context.
+        unsafe {
+            let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+            let record = pg_sys::HeapTupleHeaderGetDatum((*tuple).t_data);
+            pg_sys::FunctionCall1Coll(to_jsonb, pg_sys::InvalidOid, record)
+        }
+    }
+
+    /// The jsonb of an image with every value as its text (a JSON string), converted by
+    /// no code but Postgres's jsonb input. For a table whose owner is unknown (dropped
+    /// since the change): nobody whose code could run is left to run it as.
+    pub fn text_image_jsonb(&mut self, rel: &Relation, image: &[(usize, &Value)]) -> pg_sys::Datum {
+        let object: serde_json::Map<String, serde_json::Value> = image
+            .iter()
+            .map(|&(column, value)| {
+                let value = match value {
+                    Value::Text(text) => serde_json::Value::String(text.clone()),
+                    _ => serde_json::Value::Null,
+                };
+                (rel.columns[column].name.clone(), value)
+            })
+            .collect();
+        let text = serde_json::Value::Object(object).to_string();
+        self.input(pg_sys::JSONBOID.to_u32(), &text)
+    }
+
+    /// A column's text back into a datum, with its type's input function.
+    fn input(&mut self, type_oid: u32, text: &str) -> pg_sys::Datum {
+        let (finfo, io_param) = match self.inputs.get(&type_oid) {
+            Some(&found) => found,
+            None => {
+                let mut input = pg_sys::Oid::INVALID;
+                let mut io_param = pg_sys::Oid::INVALID;
+                // SAFETY: out-parameters (errors out for an unknown type); the FmgrInfo
+                // is allocated in `cx`, which lives as long as the cache entry.
+                let cx = self.cx();
+                let finfo = unsafe {
+                    pg_sys::getTypeInputInfo(type_oid.into(), &mut input, &mut io_param);
+                    let finfo = cx.palloc0_struct::<pg_sys::FmgrInfo>();
+                    pg_sys::fmgr_info_cxt(input, finfo, cx.value());
+                    finfo
+                };
+                self.inputs.insert(type_oid, (finfo, io_param));
+                (finfo, io_param)
+            }
+        };
+        if text.as_bytes().contains(&0) {
+            error!("pgpipe worker: NUL in a column value");
+        }
+        self.text.clear();
+        self.text.extend_from_slice(text.as_bytes());
+        self.text.push(0);
+        // SAFETY: `finfo` is the type's input function; the buffer is NUL-terminated and
+        // outlives the call (input functions copy what they keep).
+        unsafe { pg_sys::InputFunctionCall(finfo, self.text.as_mut_ptr().cast(), io_param, -1) }
+    }
+
+    /// The record descriptor of an image shape, blessed (registered as an anonymous
+    /// record type, so `to_jsonb` can look it up from the tuple).
+    fn shape(&mut self, rel: &Relation, image: &[(usize, &Value)]) -> pg_sys::TupleDesc {
+        let key: Shape = (rel.id, image.iter().map(|&(c, _)| c).collect());
+        if let Some(&desc) = self.shapes.get(&key) {
+            return desc;
+        }
+        let natts = i32::try_from(image.len())
+            .unwrap_or_else(|_| error!("pgpipe worker: too many columns"));
+        // SAFETY: a template descriptor with one entry per column, filled from the type
+        // catalog (inside a transaction), in `cx`.
+        let cx = self.cx();
+        let desc = unsafe {
+            cx.switch_to(|_| {
+                let desc = pg_sys::CreateTemplateTupleDesc(natts);
+                for (n, &(column, _)) in image.iter().enumerate() {
+                    let col = &rel.columns[column];
+                    let name = std::ffi::CString::new(col.name.as_str())
+                        .unwrap_or_else(|_| error!("pgpipe worker: NUL in a column name"));
+                    pg_sys::TupleDescInitEntry(
+                        desc,
+                        (n + 1) as pg_sys::AttrNumber,
+                        name.as_ptr(),
+                        col.type_oid.into(),
+                        -1,
+                        0,
+                    );
+                }
+                pg_sys::BlessTupleDesc(desc)
+            })
+        };
+        self.shapes.insert(key, desc);
+        desc
+    }
+
+    fn jsonb_function(&mut self) -> *mut pg_sys::FmgrInfo {
+        if self.to_jsonb.is_null() {
+            // SAFETY: built in `cx`: the function's FmgrInfo and a call expression whose
+            // one argument is a (null) record constant.
+            let cx = self.cx();
+            self.to_jsonb = unsafe {
+                cx.switch_to(|cx| {
+                    let finfo = cx.palloc0_struct::<pg_sys::FmgrInfo>();
+                    pg_sys::fmgr_info_cxt(TO_JSONB_OID.into(), finfo, cx.value());
+                    let arg = pg_sys::makeNullConst(pg_sys::RECORDOID, -1, pg_sys::InvalidOid);
+                    let args = pg_sys::lappend(std::ptr::null_mut(), arg.cast());
+                    let call = pg_sys::makeFuncExpr(
+                        TO_JSONB_OID.into(),
+                        pg_sys::JSONBOID,
+                        args,
+                        pg_sys::InvalidOid,
+                        pg_sys::InvalidOid,
+                        pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
+                    );
+                    (*finfo).fn_expr = call.cast();
+                    finfo
+                })
+            };
+        }
+        self.to_jsonb
+    }
+}
