@@ -12,13 +12,27 @@ use crate::event::Delivery;
 
 pub mod dead_letter;
 pub mod durable;
-pub mod exec;
-pub mod file;
-pub mod live;
-pub mod pg_table;
 pub mod registry;
-pub mod stdout;
-pub mod webhook;
+
+/// Declares each adapter folder's module and lists its kinds in [`KINDS`].
+macro_rules! kinds {
+    ($($module:ident: $($kind:ident),+;)*) => {
+        $(pub mod $module;)*
+
+        /// Every adapter kind, in the order `--help` and the error texts list them.
+        pub const KINDS: &[&registry::Kind] = &[$($(&$module::$kind),+),*];
+    };
+}
+
+// The registry of adapter kinds: one line per adapter folder (see CONTRIBUTING.md).
+kinds! {
+    stdout: KIND;
+    webhook: KIND;
+    live: SSE, WS;
+    file: KIND;
+    exec: KIND;
+    pg_table: KIND;
+}
 
 /// A destination for events.
 ///

@@ -1,10 +1,11 @@
 //! The registry of adapter kinds: the one list that `--adapter`'s values, the config
 //! loader (single sections and `webhooks:`-style lists), validation, redaction, building
-//! and the error texts derive from. Adding an adapter is one folder plus one line in
-//! [`KINDS`] (see CONTRIBUTING.md).
+//! and the error texts derive from. Adding an adapter is one folder plus one line in the
+//! `kinds!` list of `adapter/mod.rs`, which declares the folder's module and puts its
+//! `KIND` in [`KINDS`] (see CONTRIBUTING.md).
 
 use super::live::Hubs;
-use super::Adapter;
+use super::{Adapter, KINDS};
 use crate::config::{Config, ConfigError};
 use crate::error::Error;
 
@@ -36,17 +37,6 @@ pub struct Build<'a> {
     /// The live adapters' hubs, when the HTTP server runs (`pgpipe listen`).
     pub hubs: Option<&'a Hubs>,
 }
-
-/// Every adapter kind, in the order `--help` and the error texts list them.
-pub const KINDS: &[&Kind] = &[
-    &super::stdout::KIND,
-    &super::webhook::KIND,
-    &super::live::SSE,
-    &super::live::WS,
-    &super::file::KIND,
-    &super::exec::KIND,
-    &super::pg_table::KIND,
-];
 
 /// The kind named `name`.
 pub fn kind(name: &str) -> Option<&'static Kind> {
