@@ -10,6 +10,7 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::Value;
 use tracing_subscriber::EnvFilter;
@@ -260,6 +261,40 @@ pub fn resolve_config(global: &GlobalArgs, flags: &[FlagOverride]) -> anyhow::Re
         &env,
         &all,
     )?)
+}
+
+/// The shared start of `status` and `dlq`: the configuration (`--db` overriding
+/// `database_url`), logging, a runtime, and one connection; then `work` on them.
+pub fn with_database<F, Fut>(
+    global: &GlobalArgs,
+    db: Option<&str>,
+    work: F,
+) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(Config, tokio_postgres::Client) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
+    let flags: Vec<FlagOverride> = db
+        .map(|db| FlagOverride {
+            key: "database_url",
+            flag: "--db",
+            value: serde_json::Value::from(db),
+        })
+        .into_iter()
+        .collect();
+    let config = resolve_config(global, &flags)?;
+    if config.database_url.trim().is_empty() {
+        anyhow::bail!("no database URL: pass --db or set database_url / PGPIPE_DATABASE_URL");
+    }
+    init_tracing(&config.log_level, &config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(async move {
+        let (client, _) = crate::db::connect(&config.database_url).await?;
+        work(config, client).await
+    })
 }
 
 /// Installs the global tracing subscriber: stderr, `text` or `json`, filtered at `level`
