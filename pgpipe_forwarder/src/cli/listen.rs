@@ -233,7 +233,7 @@ impl Run for ListenArgs {
             &flags,
         )?;
 
-        init_tracing(&config.log_level, &config.log_format);
+        init_tracing(config.log_level, config.log_format);
         match &file {
             Some(f) => tracing::info!(component = "cli", file = %f.name, "config file loaded"),
             None => tracing::info!(
@@ -424,7 +424,7 @@ mod tests {
         let c = config::load(&Config::default(), None, &no_env, &flags).expect("valid");
         assert_eq!(c.database_url, "postgres://u:p@h/db");
         assert_eq!(c.channels, ["orders", "payments", "users"]);
-        assert_eq!(c.detector.kind, "wal");
+        assert_eq!(c.detector.kind, crate::config::DetectorKind::Wal);
         assert_eq!(c.detector.consumer, "c1");
         assert_eq!(c.detector.poll_interval, Duration::from_millis(1500));
         assert_eq!((c.detector.batch_size, c.detector.max_in_flight), (7, 8));

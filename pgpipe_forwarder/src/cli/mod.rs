@@ -11,11 +11,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Config, ConfigFile, FlagOverride};
+use crate::config::{Config, ConfigFile, FlagOverride, LogFormat, LogLevel};
 
 mod config;
 mod dlq;
@@ -117,50 +117,6 @@ impl GlobalArgs {
             });
         }
         out
-    }
-}
-
-/// `--log-level` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogLevel {
-    /// Everything, including per-event detail.
-    Debug,
-    /// Startup, shutdown, connections and retries.
-    Info,
-    /// Problems pgpipe recovers from.
-    Warn,
-    /// Problems it does not.
-    Error,
-}
-
-impl LogLevel {
-    /// The name used in config files and filters.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LogLevel::Debug => "debug",
-            LogLevel::Info => "info",
-            LogLevel::Warn => "warn",
-            LogLevel::Error => "error",
-        }
-    }
-}
-
-/// `--log-format` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-impl LogFormat {
-    /// The name used in config files.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LogFormat::Text => "text",
-            LogFormat::Json => "json",
-        }
     }
 }
 
@@ -286,7 +242,7 @@ where
     if config.database_url.trim().is_empty() {
         anyhow::bail!("no database URL: pass --db or set database_url / PGPIPE_DATABASE_URL");
     }
-    init_tracing(&config.log_level, &config.log_format);
+    init_tracing(config.log_level, config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -297,14 +253,14 @@ where
     })
 }
 
-/// Installs the global tracing subscriber: stderr, `text` or `json`, filtered at `level`
-/// (a level name or any `EnvFilter` directive). Does nothing when one is already set.
-pub fn init_tracing(level: &str, format: &str) {
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+/// Installs the global tracing subscriber: stderr, `text` or `json`, filtered at `level`.
+/// Does nothing when one is already set.
+pub fn init_tracing(level: LogLevel, format: LogFormat) {
+    let filter = EnvFilter::try_new(level.as_str()).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let installed = if format == "json" {
+    let installed = if format == LogFormat::Json {
         builder.json().try_init()
     } else {
         builder

@@ -182,16 +182,6 @@ pub enum ConfigError {
         /// The name.
         name: String,
     },
-    /// A value outside its allowed set.
-    #[error("{key}: invalid value {value:?}: expected one of {}", .allowed.join(", "))]
-    NotOneOf {
-        /// Dotted key.
-        key: String,
-        /// The value.
-        value: String,
-        /// The allowed values.
-        allowed: &'static [&'static str],
-    },
     /// A count or size below its minimum.
     #[error("{key} must be at least {min}, got {value}")]
     TooSmall {

@@ -29,12 +29,6 @@ use serde::{Deserialize, Serialize};
 /// Detector names accepted in `detector.type` / `--detector` (empty picks one automatically).
 pub const DETECTORS: &[&str] = &["queue", "listen_notify", "wal"];
 
-/// Log levels accepted in `log_level` / `--log-level`.
-pub const LOG_LEVELS: &[&str] = &["debug", "info", "warn", "error"];
-
-/// Log formats accepted in `log_format` / `--log-format`.
-pub const LOG_FORMATS: &[&str] = &["text", "json"];
-
 /// Config file read when `--config` is not given (optional: absent means defaults).
 pub const DEFAULT_CONFIG_FILE: &str = "pgpipe.yaml";
 
@@ -71,9 +65,7 @@ pub use load::{load, override_with, process_env, resolve, ConfigFile, FlagOverri
 pub(crate) use parse::size_serde;
 pub use parse::{parse_listen_addr, parse_size};
 pub use secret::redact_url;
-pub use validate::{
-    at_least, check_backoff, check_conninfo, check_header, nonzero, one_of, valid_channel,
-};
+pub use validate::{at_least, check_backoff, check_conninfo, check_header, nonzero, valid_channel};
 
 // Each adapter's section lives in its folder; the tree names them here.
 pub use crate::adapter::exec::ExecConfig;
@@ -101,9 +93,9 @@ pub struct Config {
     /// Address of a standalone `/healthz` + `/metrics` server (`--metrics-addr`); empty: none.
     pub metrics_addr: String,
     /// Log level: debug, info, warn or error (`--log-level`).
-    pub log_level: String,
+    pub log_level: LogLevel,
     /// Log format on stderr: text or json (`--log-format`).
-    pub log_format: String,
+    pub log_format: LogFormat,
     /// Where events come from (`detector.*`).
     pub detector: DetectorConfig,
     /// Fan-out bus (`bus.*`).
@@ -140,7 +132,7 @@ pub struct Config {
 pub struct DetectorConfig {
     /// `queue`, `listen_notify` or `wal`; empty picks `queue` when the extension is installed.
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: DetectorKind,
     /// Publication the `wal` detector replicates (`--publication`).
     pub publication: String,
     /// `wal`: add `transaction {xid, commit_time, seq}` to every event (`--tx-metadata`).
@@ -235,8 +227,8 @@ impl Default for Config {
             adapters: vec!["stdout".into()],
             shutdown_timeout: Duration::from_secs(5),
             metrics_addr: String::new(),
-            log_level: "info".into(),
-            log_format: "text".into(),
+            log_level: LogLevel::Info,
+            log_format: LogFormat::Text,
             detector: DetectorConfig::default(),
             bus: BusConfig::default(),
             webhook: WebhookConfig::default(),
@@ -256,7 +248,7 @@ impl Default for Config {
 impl Default for DetectorConfig {
     fn default() -> Self {
         DetectorConfig {
-            kind: String::new(),
+            kind: DetectorKind::Auto,
             publication: String::new(),
             tx_metadata: false,
             tx_markers: false,
@@ -303,5 +295,106 @@ impl Default for WebsocketConfig {
             ping_interval: Duration::from_secs(15),
             pong_timeout: Duration::from_secs(45),
         }
+    }
+}
+
+/// `log_level` / `--log-level` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Everything, including per-event detail.
+    Debug,
+    /// Startup, shutdown, connections and retries.
+    Info,
+    /// Problems pgpipe recovers from.
+    Warn,
+    /// Problems it does not.
+    Error,
+}
+
+impl LogLevel {
+    /// The name used in config files and filters.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
+/// `log_format` / `--log-format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// The name used in config files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// `detector.type` / `--detector`: where events come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectorKind {
+    /// Empty in the config: `queue` when the extension is installed, else `listen_notify`.
+    #[default]
+    Auto,
+    /// The pgpipe queue through the extension's consumer API.
+    Queue,
+    /// Plain LISTEN/NOTIFY (the original's mode).
+    ListenNotify,
+    /// Logical replication (pgoutput) over the replication protocol.
+    Wal,
+}
+
+impl DetectorKind {
+    /// The name in config files and flags (empty for [`DetectorKind::Auto`]).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DetectorKind::Auto => "",
+            DetectorKind::Queue => "queue",
+            DetectorKind::ListenNotify => "listen_notify",
+            DetectorKind::Wal => "wal",
+        }
+    }
+}
+
+impl std::str::FromStr for DetectorKind {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        [
+            DetectorKind::Auto,
+            DetectorKind::Queue,
+            DetectorKind::ListenNotify,
+            DetectorKind::Wal,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+        .ok_or_else(|| ConfigError::UnknownDetector { name: s.to_owned() })
+    }
+}
+
+impl Serialize for DetectorKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for DetectorKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
     }
 }

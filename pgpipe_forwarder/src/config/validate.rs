@@ -5,22 +5,13 @@ use super::*;
 impl Config {
     /// Checks the settings fit together, failing fast with the first problem found.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        one_of("log_level", &self.log_level, LOG_LEVELS)?;
-        one_of("log_format", &self.log_format, LOG_FORMATS)?;
-
         if self.database_url.trim().is_empty() {
             return Err(ConfigError::NoDatabaseUrl);
         }
         check_conninfo("database_url", &self.database_url)?;
 
         let d = &self.detector;
-        let kind = d.kind.as_str();
-        if !kind.is_empty() && !DETECTORS.contains(&kind) {
-            return Err(ConfigError::UnknownDetector {
-                name: d.kind.clone(),
-            });
-        }
-        let wal = kind == "wal";
+        let wal = d.kind == DetectorKind::Wal;
         if wal {
             if d.publication.is_empty() && !d.all_tables {
                 return Err(ConfigError::WalWithoutPublication);
@@ -96,23 +87,6 @@ impl Config {
             })?;
         }
         Ok(())
-    }
-}
-
-/// `value` of `key` is one of `allowed`.
-pub fn one_of(
-    key: impl Into<String>,
-    value: &str,
-    allowed: &'static [&'static str],
-) -> Result<(), ConfigError> {
-    if allowed.contains(&value) {
-        Ok(())
-    } else {
-        Err(ConfigError::NotOneOf {
-            key: key.into(),
-            value: value.to_owned(),
-            allowed,
-        })
     }
 }
 

@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::adapter::live::Hub;
-use crate::config::{parse_listen_addr, Config};
+use crate::config::{parse_listen_addr, Config, DetectorKind};
 use crate::error::Error;
 use crate::health::Health;
 
@@ -78,7 +78,10 @@ pub struct HttpSettings {
 impl HttpSettings {
     /// The settings `config` gives.
     pub fn new(config: &Config) -> HttpSettings {
-        let queue = matches!(config.detector.kind.as_str(), "" | "queue");
+        let queue = matches!(
+            config.detector.kind,
+            DetectorKind::Auto | DetectorKind::Queue
+        );
         HttpSettings {
             heartbeat_interval: config.sse.heartbeat_interval,
             ping_interval: config.websocket.ping_interval,

@@ -32,8 +32,17 @@ pub const KIND: Kind = Kind {
     },
 };
 
-/// `file.fsync` values.
-pub const FSYNC_POLICIES: &[&str] = &["always", "interval", "never"];
+/// When the file adapter fsyncs (`file.fsync`: `always`, `interval` or `never`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// Before every acknowledgement.
+    Always,
+    /// At least every `fsync_interval`; acknowledgements wait for it.
+    Interval,
+    /// Never: the OS decides; acknowledged once written.
+    Never,
+}
 
 /// File adapter settings (`file.*`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,7 +56,7 @@ pub struct FileConfig {
     /// Rotated files kept: `path.1` … `path.N` (`--file-max-files`).
     pub max_files: u32,
     /// When to fsync: `always` (before each acknowledgement), `interval` or `never`.
-    pub fsync: String,
+    pub fsync: FsyncPolicy,
     /// With `fsync: interval`, the longest time between fsyncs (acks wait for them).
     #[serde(with = "humantime_serde")]
     pub fsync_interval: Duration,
@@ -67,7 +76,7 @@ impl Default for FileConfig {
             path: PathBuf::new(),
             max_size: 100 * 1024 * 1024,
             max_files: 5,
-            fsync: "always".into(),
+            fsync: FsyncPolicy::Always,
             fsync_interval: Duration::from_secs(1),
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(30),
@@ -84,7 +93,6 @@ impl FileConfig {
         }
         config::at_least(at.key("max_size"), self.max_size, 1)?;
         config::at_least(at.key("max_files"), u64::from(self.max_files), 1)?;
-        config::one_of(at.key("fsync"), &self.fsync, FSYNC_POLICIES)?;
         config::nonzero(at.key("fsync_interval"), self.fsync_interval)?;
         config::check_backoff(at.here(), self.backoff_base, self.backoff_cap)
     }
