@@ -439,7 +439,7 @@ mod tests {
         );
         assert_eq!(c.webhook.url, "https://hooks.example/in");
         assert_eq!(
-            (c.webhook.max_retries, c.webhook.signing_key.as_str()),
+            (c.webhook.max_retries, c.webhook.signing_key.expose()),
             (3, "k")
         );
         assert_eq!(c.file.path, std::path::PathBuf::from("/tmp/e.jsonl"));

@@ -64,7 +64,7 @@ pub use load::{env_var_name, env_vars};
 pub use load::{load, override_with, process_env, resolve, ConfigFile, FlagOverride};
 pub(crate) use parse::size_serde;
 pub use parse::{parse_listen_addr, parse_size};
-pub use secret::redact_url;
+pub use secret::{redact_url, Secret};
 pub use validate::{at_least, check_backoff, check_conninfo, check_header, nonzero, valid_channel};
 
 // Each adapter's section lives in its folder; the tree names them here.
@@ -183,7 +183,7 @@ pub struct BusConfig {
 }
 
 /// SSE adapter and HTTP server settings (`sse.*`).
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SseConfig {
     /// Listen address of the HTTP server (SSE, WS, /healthz, /metrics), e.g. `:8080`.
@@ -200,7 +200,7 @@ pub struct SseConfig {
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Bearer token required by `/events*` and `/ws*` (`--auth-token`); empty: none; a secret.
-    pub auth_token: String,
+    pub auth_token: Secret,
     /// Events kept in memory for `Last-Event-ID` replay (older ones come from the queue).
     pub replay_buffer: usize,
     /// Most events one `Last-Event-ID` replay from the queue sends.
@@ -282,7 +282,7 @@ impl Default for SseConfig {
             heartbeat_interval: Duration::from_secs(15),
             read_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(120),
-            auth_token: String::new(),
+            auth_token: Secret::default(),
             replay_buffer: 10_000,
             replay_max: 10_000,
         }

@@ -637,3 +637,19 @@ fn listen_addresses() {
     assert!(parse_listen_addr(":http").is_err());
     assert!(parse_listen_addr("host:80").is_err());
 }
+
+#[test]
+fn a_secret_cannot_be_printed() {
+    let key = Secret::from("hunter2");
+    assert_eq!(format!("{key:?}"), "***");
+    assert_eq!(format!("{:?}", Secret::default()), "\"\"");
+    assert_eq!(key.expose(), "hunter2");
+    let mut c = Config::default();
+    c.webhook.signing_key = key;
+    c.sse.auth_token = "t0ken".into();
+    let shown = format!("{c:?}");
+    assert!(
+        !shown.contains("hunter2") && !shown.contains("t0ken"),
+        "{shown}"
+    );
+}

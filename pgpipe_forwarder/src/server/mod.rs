@@ -64,7 +64,7 @@ pub struct HttpSettings {
     /// Allowed CORS origins (`*`: any).
     pub cors_origins: Vec<String>,
     /// Bearer token required by sse and ws; empty: none.
-    pub auth_token: String,
+    pub auth_token: crate::config::Secret,
     /// Database to replay missed SSE events from and measure queue lag in.
     pub database_url: String,
     /// Channels the forwarder reads (the replay filter of `/events`).
@@ -236,7 +236,7 @@ async fn measure_queue_lag(state: &HttpState) {
 
 /// Bearer-token check for the stream endpoints.
 async fn auth(State(state): State<Arc<HttpState>>, request: Request, next: Next) -> Response {
-    let expected = state.settings.auth_token.as_bytes();
+    let expected = state.settings.auth_token.expose().as_bytes();
     if expected.is_empty() {
         return next.run(request).await;
     }
@@ -550,6 +550,6 @@ mod tests {
         config.sse.auth_token = "hunter2-token".into();
         assert!(!format!("{config:?}").contains("hunter2"));
         assert!(!format!("{:?}", config.redacted()).contains("hunter2"));
-        assert_eq!(config.redacted().sse.auth_token, "***");
+        assert_eq!(config.redacted().sse.auth_token.expose(), "***");
     }
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::super::registry::{self, Build, Kind, Place};
 use crate::config::{self, ConfigError};
 
-use crate::config::redact_url;
+use crate::config::{redact_url, Secret};
 
 /// The webhook kind: the single `webhook` section and the `webhooks` list.
 pub const KIND: Kind = Kind {
@@ -53,7 +53,7 @@ pub struct WebhookConfig {
     /// Total delivery attempts per event, the first one included (`--retries`).
     pub max_retries: u32,
     /// HMAC-SHA256 signing key (`--signing-key`); empty: unsigned; a secret.
-    pub signing_key: String,
+    pub signing_key: Secret,
     /// Extra HTTP headers sent with every request (values are treated as secrets in logs).
     pub headers: BTreeMap<String, String>,
     /// Timeout of one delivery attempt.
@@ -76,7 +76,7 @@ impl Default for WebhookConfig {
         WebhookConfig {
             url: String::new(),
             max_retries: 5,
-            signing_key: String::new(),
+            signing_key: Secret::default(),
             headers: BTreeMap::new(),
             timeout: Duration::from_secs(10),
             backoff_base: Duration::from_secs(1),
@@ -92,9 +92,7 @@ impl WebhookConfig {
     pub fn redacted(&self) -> WebhookConfig {
         let mut w = self.clone();
         w.url = redact_url(&w.url);
-        if !w.signing_key.is_empty() {
-            w.signing_key = crate::config::REDACTED.into();
-        }
+        w.signing_key = w.signing_key.redacted();
         for value in w.headers.values_mut() {
             *value = crate::config::REDACTED.into();
         }

@@ -93,7 +93,7 @@ impl Webhook {
             value.set_sensitive(true);
             headers.insert(name_, value);
         }
-        let signer = match config.signing_key.as_str() {
+        let signer = match config.signing_key.expose() {
             "" => None,
             key => Some(Signer::new(key)?),
         };
