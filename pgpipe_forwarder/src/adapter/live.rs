@@ -201,6 +201,7 @@ pub const SSE: Kind = Kind {
     validate: registry::nothing_to_check,
     redact: registry::no_secrets,
     build: build_live,
+    init: None,
 };
 
 /// The ws kind: its settings are the HTTP server's (`websocket.*`).
@@ -211,6 +212,7 @@ pub const WS: Kind = Kind {
     validate: registry::nothing_to_check,
     redact: registry::no_secrets,
     build: build_live,
+    init: None,
 };
 
 /// A live adapter feeds the hub the HTTP server reads, so it exists only beside it.

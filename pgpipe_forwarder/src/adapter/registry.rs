@@ -25,6 +25,9 @@ pub struct Kind {
     /// Builds adapter `name` from the single section (`entry` is `None`) or from the
     /// list entry named `entry`.
     pub build: BuildFn,
+    /// What `pgpipe init --adapter <kind>` prints for the quoted, schema-qualified table
+    /// name it is given (the adapter's target table), for kinds that need one.
+    pub init: Option<fn(table: &str) -> String>,
 }
 
 /// Builds adapter `name` from the single section or the list entry `entry`.
@@ -46,6 +49,15 @@ pub fn kind(name: &str) -> Option<&'static Kind> {
 /// The adapter names `adapters` / `--adapter` accept.
 pub fn names() -> Vec<&'static str> {
     KINDS.iter().map(|k| k.name).collect()
+}
+
+/// The kinds `pgpipe init --adapter` prints SQL for.
+pub fn with_init() -> Vec<&'static str> {
+    KINDS
+        .iter()
+        .filter(|k| k.init.is_some())
+        .map(|k| k.name)
+        .collect()
 }
 
 /// The config keys of the lists of more adapters (`webhooks`, `files`, ...).

@@ -34,6 +34,7 @@ pub const KIND: Kind = Kind {
             c.shutdown_timeout / 2,
         )))
     },
+    init: None,
 };
 
 /// Exec adapter settings (`exec.*`).

@@ -30,6 +30,7 @@ pub const KIND: Kind = Kind {
         let section = registry::section(name, &c.file, "files", &c.files, entry, |f| &f.name)?;
         Ok(Box::new(super::FileAdapter::adapter(name, section)?))
     },
+    init: None,
 };
 
 /// When the file adapter fsyncs (`file.fsync`: `always`, `interval` or `never`).

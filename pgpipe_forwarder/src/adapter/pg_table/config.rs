@@ -44,6 +44,7 @@ pub const KIND: Kind = Kind {
             &c.database_url,
         )))
     },
+    init: Some(super::table_ddl),
 };
 
 /// pg_table adapter settings (`pg_table.*`).

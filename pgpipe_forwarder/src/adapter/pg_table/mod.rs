@@ -134,6 +134,21 @@ async fn insert(
     Ok(())
 }
 
+/// The table `pgpipe init --adapter pg_table` prints, for the quoted name `table`: the
+/// columns this adapter inserts, the event id as primary key (redeliveries are no-ops).
+pub fn table_ddl(table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} (\n    \
+         id         uuid        PRIMARY KEY,\n    \
+         channel    text        NOT NULL,\n    \
+         operation  text        NOT NULL,\n    \
+         payload    jsonb       NOT NULL,\n    \
+         source     text        NOT NULL,\n    \
+         created_at timestamptz NOT NULL\n);\n",
+        table
+    )
+}
+
 /// The INSERT of a batch passed as six arrays.
 fn insert_sql(table: &str, on_conflict: bool) -> String {
     format!(

@@ -42,6 +42,7 @@ pub const KIND: Kind = Kind {
             &c.database_url,
         )?))
     },
+    init: None,
 };
 
 /// Webhook adapter settings (`webhook.*`).
