@@ -78,16 +78,14 @@ impl ListenNotifyDetector {
             "connection",
         );
         loop {
-            match self
+            let ended = self
                 .session(&bus, &health, &mut window, &mut reconnect, &cancel)
-                .await
+                .await;
+            if !reconnect
+                .again(ended, &health, &mut window, &cancel)
+                .await?
             {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    if !reconnect.after(e, &health, &mut window, &cancel).await? {
-                        return Ok(());
-                    }
-                }
+                return Ok(());
             }
         }
     }

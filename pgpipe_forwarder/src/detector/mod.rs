@@ -105,9 +105,25 @@ impl Reconnect {
         self.backoff.ceiling(0)
     }
 
+    /// A session ended with `ended`: whether to connect again. A clean end (shutdown)
+    /// is `false`; a failure is [`Reconnect::after`].
+    pub async fn again<P>(
+        &mut self,
+        ended: Result<(), Error>,
+        health: &Component,
+        window: &mut InFlight<P>,
+        cancel: &CancellationToken,
+    ) -> Result<bool, Error> {
+        match ended {
+            Ok(()) => Ok(false),
+            Err(e) => self.after(e, health, window, cancel).await,
+        }
+    }
+
     /// A session failed with `error`: returns the error when it is fatal, else waits the
     /// backoff (taking acknowledgements meanwhile) and returns whether to go on (`false`
-    /// when shutdown started).
+    /// when shutdown started; in-flight events then stay unacknowledged and are read
+    /// again next time).
     pub async fn after<P>(
         &mut self,
         error: Error,

@@ -111,21 +111,14 @@ impl QueueDetector {
             format!("consumer {}", self.consumer),
         );
         loop {
-            match self
+            let ended = self
                 .session(&bus, &health, &mut progress, &mut reconnect, &cancel)
-                .await
+                .await;
+            if !reconnect
+                .again(ended, &health, &mut progress.window, &cancel)
+                .await?
             {
-                Ok(()) => return Ok(()),
-                // Shutting down while disconnected: in-flight events stay unacknowledged
-                // and are read again next time.
-                Err(e) => {
-                    if !reconnect
-                        .after(e, &health, &mut progress.window, &cancel)
-                        .await?
-                    {
-                        return Ok(());
-                    }
-                }
+                return Ok(());
             }
         }
     }
