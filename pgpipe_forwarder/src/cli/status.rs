@@ -90,7 +90,8 @@ async fn gather(client: &Client) -> anyhow::Result<Value> {
 
     let consumers = client
         .query(
-            "SELECT name, channels, position, acked_at, pending_events, oldest_pending_at \
+            "SELECT name, channels, position, acked_at, pending_events, oldest_pending_at, \
+             owner::text, holder, stale, holds_retention \
              FROM pgpipe.consumer_lag ORDER BY name",
             &[],
         )
@@ -105,6 +106,10 @@ async fn gather(client: &Client) -> anyhow::Result<Value> {
                 "acked_at": time(r.get(3)),
                 "pending_events": r.get::<_, i64>(4),
                 "oldest_pending_at": time(r.get(5)),
+                "owner": r.get::<_, Option<String>>(6),
+                "holder": r.get::<_, Option<String>>(7),
+                "stale": r.get::<_, Option<bool>>(8),
+                "holds_retention": r.get::<_, Option<bool>>(9),
             })
         })
         .collect::<Vec<_>>();
@@ -276,10 +281,31 @@ fn render(report: &Value) -> String {
             ("pending_events", "LAG (EVENTS)"),
             ("oldest_pending_at", "OLDEST PENDING"),
             ("acked_at", "LAST ACK"),
+            ("owner", "OWNER"),
+            ("holder", "HELD BY"),
             ("position", "POSITION"),
         ],
         &list("consumers"),
     );
+    // Never silence: a consumer nobody acknowledges for keeps every event from its
+    // position on (pgpipe.consumer_stale_after).
+    for c in list("consumers") {
+        if c["stale"] == Value::Bool(true) {
+            let _ = writeln!(
+                out,
+                "STALE: consumer {} has acknowledged nothing since {} and {}; run its forwarder again \
+                 or drop it: SELECT pgpipe.drop_consumer('{}');",
+                cell(&c["name"]),
+                cell(&c["acked_at"]),
+                if c["holds_retention"] == Value::Bool(true) {
+                    "holds queue retention back"
+                } else {
+                    "keeps its events in the queue"
+                },
+                cell(&c["name"]).replace('\'', "''"),
+            );
+        }
+    }
     table(
         &mut out,
         "Subscriptions",

@@ -143,6 +143,17 @@ impl<'a> QueueClient<'a> {
         Ok(row.map_or(0, |r| r.get(0)))
     }
 
+    /// The consumers `pgpipe.status()` calls stale (no ack for
+    /// `pgpipe.consumer_stale_after`): the role's own, or all for an admin.
+    pub async fn stale_consumers(&self) -> Result<Vec<String>, Error> {
+        let row = self
+            .client
+            .query_one("SELECT stale_consumers FROM pgpipe.status()", &[])
+            .await
+            .map_err(Error::pg("look for stale consumers"))?;
+        Ok(row.get::<_, Option<Vec<String>>>(0).unwrap_or_default())
+    }
+
     /// Records `event` as a dead letter of `adapter`; returns the dead letter's id.
     pub async fn dead_letter(
         &self,
