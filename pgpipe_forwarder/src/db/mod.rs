@@ -4,7 +4,7 @@
 
 mod api;
 
-pub use api::QueueClient;
+pub use api::{DeadLetter, DeadLetterFilter, QueueClient};
 
 use std::sync::Arc;
 

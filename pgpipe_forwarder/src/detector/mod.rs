@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::ack::InFlight;
 use crate::backoff::Backoff;
 use crate::bus::Bus;
-use crate::config::Config;
+use crate::config::{Config, DetectorKind};
 use crate::error::{Error, Fate};
 use crate::health::Component;
 
@@ -191,28 +191,25 @@ pub trait Detector: Send {
 /// Builds the configured detector; with no `detector.type` it picks `queue` when the
 /// pgpipe extension is installed in the database.
 pub async fn build(config: &Config) -> Result<Box<dyn Detector>, Error> {
-    let kind = match config.detector.kind.as_str() {
-        "" => {
+    let kind = match config.detector.kind {
+        DetectorKind::Auto => {
             let kind = if queue::extension_installed(&config.database_url).await? {
-                "queue"
+                DetectorKind::Queue
             } else {
-                "listen_notify"
+                DetectorKind::ListenNotify
             };
             tracing::info!(
                 component = "detector",
-                detector = kind,
+                detector = kind.as_str(),
                 "detector chosen automatically"
             );
             kind
         }
         kind => kind,
     };
-    match kind {
-        "queue" => Ok(Box::new(queue::QueueDetector::new(config))),
-        "listen_notify" => Ok(Box::new(listen_notify::ListenNotifyDetector::new(config))),
-        "wal" => Ok(Box::new(wal::WalDetector::new(config)?)),
-        other => Err(Error::Config(format!(
-            "unknown detector {other:?} (available: queue, listen_notify, wal)"
-        ))),
-    }
+    Ok(match kind {
+        DetectorKind::Queue | DetectorKind::Auto => Box::new(queue::QueueDetector::new(config)),
+        DetectorKind::ListenNotify => Box::new(listen_notify::ListenNotifyDetector::new(config)),
+        DetectorKind::Wal => Box::new(wal::WalDetector::new(config)?),
+    })
 }

@@ -14,12 +14,15 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AF
 
 use super::dead_letter::DeadLetters;
 use super::durable::{Durable, Failure, Policy, Sink};
-use crate::config::{redact_url, WebhookConfig};
+use crate::config::redact_url;
 use crate::error::Error;
 use crate::event::Delivery;
 
+mod config;
 pub mod retry;
 pub mod sign;
+
+pub use config::{Flags, WebhookConfig, KIND};
 
 use retry::Attempt;
 use sign::Signer;
@@ -90,7 +93,7 @@ impl Webhook {
             value.set_sensitive(true);
             headers.insert(name_, value);
         }
-        let signer = match config.signing_key.as_str() {
+        let signer = match config.signing_key.expose() {
             "" => None,
             key => Some(Signer::new(key)?),
         };

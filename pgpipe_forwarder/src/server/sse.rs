@@ -31,12 +31,12 @@ use futures_util::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::live::Missed;
+use super::HttpState;
+use crate::adapter::live::Missed;
 use crate::db::QueueClient;
 use crate::error::Error;
 use crate::event::Event;
 use crate::metrics::{ClientGuard, ClientKind};
-use crate::server::HttpState;
 
 /// Query parameters of `/events`.
 #[derive(Debug, Default, Deserialize)]

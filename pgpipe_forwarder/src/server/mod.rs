@@ -13,6 +13,9 @@
 //!   with no traffic either way for `sse.idle_timeout` is closed (streams stay alive through
 //!   their heartbeats and pings).
 
+pub mod sse;
+pub mod ws;
+
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -38,12 +41,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::adapter::live::Hub;
-use crate::config::{parse_listen_addr, Config};
+use crate::config::{parse_listen_addr, Config, DetectorKind};
 use crate::error::Error;
 use crate::health::Health;
 
 /// The live page served at `GET /`.
-const LIVE_PAGE: &str = include_str!("../web/live.html");
+const LIVE_PAGE: &str = include_str!("../../web/live.html");
 
 /// What the handlers need from the configuration.
 #[derive(Debug, Clone)]
@@ -61,7 +64,7 @@ pub struct HttpSettings {
     /// Allowed CORS origins (`*`: any).
     pub cors_origins: Vec<String>,
     /// Bearer token required by sse and ws; empty: none.
-    pub auth_token: String,
+    pub auth_token: crate::config::Secret,
     /// Database to replay missed SSE events from and measure queue lag in.
     pub database_url: String,
     /// Channels the forwarder reads (the replay filter of `/events`).
@@ -75,7 +78,10 @@ pub struct HttpSettings {
 impl HttpSettings {
     /// The settings `config` gives.
     pub fn new(config: &Config) -> HttpSettings {
-        let queue = matches!(config.detector.kind.as_str(), "" | "queue");
+        let queue = matches!(
+            config.detector.kind,
+            DetectorKind::Auto | DetectorKind::Queue
+        );
         HttpSettings {
             heartbeat_interval: config.sse.heartbeat_interval,
             ping_interval: config.websocket.ping_interval,
@@ -112,7 +118,7 @@ pub struct HttpState {
     /// Connection used to measure queue lag, kept between scrapes.
     lag_client: Mutex<Option<tokio_postgres::Client>>,
     /// The few connections SSE replays share (never one per resuming client).
-    pub replay: crate::adapter::sse::ReplayPool,
+    pub replay: crate::server::sse::ReplayPool,
 }
 
 impl HttpState {
@@ -131,7 +137,7 @@ impl HttpState {
             settings,
             cancel,
             lag_client: Mutex::new(None),
-            replay: crate::adapter::sse::ReplayPool::new(crate::adapter::sse::REPLAY_CONNECTIONS),
+            replay: crate::server::sse::ReplayPool::new(crate::server::sse::REPLAY_CONNECTIONS),
         })
     }
 
@@ -157,10 +163,10 @@ pub fn unknown_channel(channel: &str) -> Response {
 /// All routes: streams, health, metrics and the live page.
 pub fn router(state: Arc<HttpState>) -> Router {
     let streams = Router::new()
-        .route("/events", get(crate::adapter::sse::all_channels))
-        .route("/events/{channel}", get(crate::adapter::sse::one_channel))
-        .route("/ws", get(crate::adapter::ws::all_channels))
-        .route("/ws/{channel}", get(crate::adapter::ws::one_channel))
+        .route("/events", get(sse::all_channels))
+        .route("/events/{channel}", get(sse::one_channel))
+        .route("/ws", get(ws::all_channels))
+        .route("/ws/{channel}", get(ws::one_channel))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/", get(live_page))
@@ -283,7 +289,7 @@ async fn auth(State(state): State<Arc<HttpState>>, request: Request, next: Next)
 
 /// Whether `request` carries the token (always, when none is set).
 fn authorized(state: &HttpState, request: &Request) -> bool {
-    let expected = state.settings.auth_token.as_bytes();
+    let expected = state.settings.auth_token.expose().as_bytes();
     if expected.is_empty() {
         return true;
     }
@@ -606,6 +612,6 @@ mod tests {
         config.sse.auth_token = "hunter2-token".into();
         assert!(!format!("{config:?}").contains("hunter2"));
         assert!(!format!("{:?}", config.redacted()).contains("hunter2"));
-        assert_eq!(config.redacted().sse.auth_token, "***");
+        assert_eq!(config.redacted().sse.auth_token.expose(), "***");
     }
 }
