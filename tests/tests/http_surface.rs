@@ -194,3 +194,99 @@ async fn a_token_hides_error_texts_and_open_addresses_are_warned_about() {
         stranger.body
     );
 }
+
+/// A receiver that answers every POST with a 500 announcing a 1.5 GiB body and streams
+/// it until the forwarder hangs up; returns its address, the number of requests and the
+/// most body bytes one response got out.
+async fn flooding_receiver() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicU64::new(0));
+    let most_sent = Arc::new(AtomicU64::new(0));
+    let (r, m) = (requests.clone(), most_sent.clone());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let (r, m) = (r.clone(), m.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut request = Vec::new();
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                r.fetch_add(1, Ordering::SeqCst);
+                let head = "HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\n\
+                            content-length: 1610612736\r\n\r\n";
+                if socket.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = vec![b'x'; 64 * 1024];
+                let mut sent = 0u64;
+                while sent < 1_610_612_736 {
+                    if socket.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                    sent += chunk.len() as u64;
+                }
+                m.fetch_max(sent, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, requests, most_sent)
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[tokio::test]
+async fn a_receiver_cannot_fill_the_forwarders_memory_nor_learn_its_secrets() {
+    use std::sync::atomic::Ordering;
+    let db = orders_and_secrets("http_flood").await;
+    let (receiver, requests, most_sent) = flooding_receiver().await;
+    let fwd = Forwarder::listen(&db.url())
+        .channel("orders")
+        .adapter("webhook")
+        .flag("--url", format!("http://{receiver}/hook?api_key=hunter2"))
+        .flag("--metrics-addr", "127.0.0.1:0")
+        .env("PGPIPE_WEBHOOK_BACKOFF_BASE", "50ms")
+        .env("PGPIPE_WEBHOOK_BACKOFF_CAP", "100ms")
+        .spawn();
+    let metrics = http_addr(&fwd, "metrics").await;
+    db.execute("INSERT INTO orders VALUES (1)").await;
+    // It retries (so it stopped reading the first answer) and its memory stays small.
+    assert!(
+        wait_until(WAIT, async || requests.load(Ordering::SeqCst) >= 3).await,
+        "the forwarder retried the 500s"
+    );
+    let rss = rss_bytes(fwd.pid());
+    assert!(rss < 200 << 20, "the forwarder's RSS is {rss} bytes");
+    let sent = most_sent.load(Ordering::SeqCst);
+    assert!(
+        sent < 256 << 20,
+        "one answer got {sent} bytes out before the forwarder hung up"
+    );
+    // The URL's query never shows: not in health, not in the log.
+    let health = http_get(metrics, "/healthz").await;
+    assert!(!health.body.contains("hunter2"), "{}", health.body);
+    let log = fwd.stderr_text();
+    assert!(
+        log.contains("api_key=***"),
+        "the log names the URL, masked: {log}"
+    );
+    assert!(!log.contains("hunter2"), "{log}");
+}
