@@ -47,7 +47,9 @@ async fn escalation_attempt(db: &TestDb, mode: &str) -> Vec<Seen> {
     let role = format!("attacker_{}", db.name());
     db.execute(&format!(
         "CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEROLE;
-         CREATE SCHEMA {role} AUTHORIZATION {role};"
+         CREATE SCHEMA {role} AUTHORIZATION {role};
+         -- The most an untrusted role is given: capture of its own tables.
+         GRANT pgpipe_producer TO {role};"
     ))
     .await;
     let attacker = connect_as(db, &role).await;

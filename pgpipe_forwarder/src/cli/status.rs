@@ -80,6 +80,10 @@ async fn gather(client: &Client) -> anyhow::Result<Value> {
                 "acked_at": time(c.acked_at),
                 "pending_events": c.pending_events,
                 "oldest_pending_at": time(c.oldest_pending_at),
+                "owner": c.owner,
+                "holder": c.holder,
+                "stale": c.stale,
+                "holds_retention": c.holds_retention,
             })
         })
         .collect::<Vec<_>>();
@@ -217,10 +221,31 @@ fn render(report: &Value) -> String {
             ("pending_events", "LAG (EVENTS)"),
             ("oldest_pending_at", "OLDEST PENDING"),
             ("acked_at", "LAST ACK"),
+            ("owner", "OWNER"),
+            ("holder", "HELD BY"),
             ("position", "POSITION"),
         ],
         &list("consumers"),
     );
+    // Never silence: a consumer nobody acknowledges for keeps every event from its
+    // position on (pgpipe.consumer_stale_after).
+    for c in list("consumers") {
+        if c["stale"] == Value::Bool(true) {
+            let _ = writeln!(
+                out,
+                "STALE: consumer {} has acknowledged nothing since {} and {}; run its forwarder again \
+                 or drop it: SELECT pgpipe.drop_consumer('{}');",
+                cell(&c["name"]),
+                cell(&c["acked_at"]),
+                if c["holds_retention"] == Value::Bool(true) {
+                    "holds queue retention back"
+                } else {
+                    "keeps its events in the queue"
+                },
+                cell(&c["name"]).replace('\'', "''"),
+            );
+        }
+    }
     table(
         &mut out,
         "Subscriptions",

@@ -86,43 +86,67 @@ impl fmt::Debug for Config {
     }
 }
 
-/// Masks the password of a Postgres URL (`postgres://u:***@h/db`, `?password=***`) or of a
-/// key/value connection string (`password=***`); other text is returned unchanged.
+/// A URL as logs, health, metrics and dead letters may show it: the secrets a URL can
+/// carry are masked. Postgres URLs keep their user (`postgres://u:***@h/db`) and the query
+/// keys libpq documents as harmless (`sslmode`, `application_name`, ...); every other URL
+/// (webhooks: `https://***@h/hook?api_key=***`) loses its whole userinfo and every query
+/// value. A key/value connection string gets `password=***`.
 pub fn redact_url(url: &str) -> String {
-    if let Some(scheme_end) = url.find("://") {
-        let (scheme, rest) = url.split_at(scheme_end + 3);
-        // The userinfo ends at the last '@' (an unencoded '@' in a password is common enough).
-        let rest = match rest.rfind('@') {
-            Some(at) => {
-                let (userinfo, host) = rest.split_at(at);
-                match userinfo.find(':') {
-                    Some(colon) => format!("{}:{REDACTED}{host}", &userinfo[..colon]),
-                    None => rest.to_owned(),
-                }
+    let Some(scheme_end) = url.find("://") else {
+        return redact_conninfo(url);
+    };
+    let (scheme, rest) = url.split_at(scheme_end + 3);
+    let postgres = matches!(scheme, "postgres://" | "postgresql://");
+    let (rest, query) = match rest.split_once('?') {
+        Some((rest, query)) => (rest, Some(query)),
+        None => (rest, None),
+    };
+    // The userinfo ends at the last '@' of the authority (an unencoded '@' in a password
+    // is common enough); the authority ends at the first '/'.
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let authority = match authority.rfind('@') {
+        Some(at) => {
+            let (userinfo, host) = authority.split_at(at);
+            match (postgres, userinfo.find(':')) {
+                (true, Some(colon)) => format!("{}:{REDACTED}{host}", &userinfo[..colon]),
+                (true, None) => authority.to_owned(),
+                (false, _) => format!("{REDACTED}{host}"),
             }
-            None => rest.to_owned(),
-        };
-        let out = format!("{scheme}{rest}");
-        match out.find('?') {
-            Some(q) => {
-                let (head, query) = out.split_at(q + 1);
-                let query: Vec<String> = query
-                    .split('&')
-                    .map(|pair| match pair.split_once('=') {
-                        Some((k, _)) if k.eq_ignore_ascii_case("password") => {
-                            format!("{k}={REDACTED}")
-                        }
-                        _ => pair.to_owned(),
-                    })
-                    .collect();
-                format!("{head}{}", query.join("&"))
-            }
-            None => out,
         }
-    } else {
-        redact_conninfo(url)
+        None => authority.to_owned(),
+    };
+    let mut out = format!("{scheme}{authority}{path}");
+    if let Some(query) = query {
+        let shown: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, v)) if postgres && HARMLESS_POSTGRES_PARAMETERS.contains(&k) => {
+                    format!("{k}={v}")
+                }
+                Some((k, _)) => format!("{k}={REDACTED}"),
+                None => pair.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&shown.join("&"));
     }
+    out
 }
+
+/// Postgres URL parameters shown as they are by [`redact_url`].
+const HARMLESS_POSTGRES_PARAMETERS: &[&str] = &[
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "sslmode",
+    "sslrootcert",
+    "application_name",
+    "connect_timeout",
+    "target_session_attrs",
+];
 
 /// Masks `password=...` in a libpq key/value connection string (values may be quoted).
 fn redact_conninfo(s: &str) -> String {

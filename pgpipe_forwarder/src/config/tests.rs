@@ -607,6 +607,21 @@ fn redact_url_forms() {
         "host=h password =*** user=u"
     );
     assert_eq!(redact_url(""), "");
+    // Webhook URLs: the whole userinfo and every query value.
+    assert_eq!(
+        redact_url("https://user:pw@hooks.example/in?api_key=k1&x=2"),
+        "https://***@hooks.example/in?api_key=***&x=***"
+    );
+    assert_eq!(
+        redact_url("https://tok@hooks.example/a@b?t"),
+        "https://***@hooks.example/a@b?t"
+    );
+    assert_eq!(redact_url("http://h:8080/hook"), "http://h:8080/hook");
+    // Postgres: unknown parameters are masked too.
+    assert_eq!(
+        redact_url("postgres://u@h/db?sslpassword=x&sslmode=verify-full"),
+        "postgres://u@h/db?sslpassword=***&sslmode=verify-full"
+    );
 }
 
 #[test]

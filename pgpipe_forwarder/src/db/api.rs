@@ -67,6 +67,14 @@ pub struct ConsumerLag {
     pub pending_events: i64,
     /// The oldest of those.
     pub oldest_pending_at: Option<DateTime<Utc>>,
+    /// The role that registered it.
+    pub owner: Option<String>,
+    /// The session holding its lease (pid, application, client address).
+    pub holder: Option<String>,
+    /// No acknowledgement for `pgpipe.consumer_stale_after`.
+    pub stale: Option<bool>,
+    /// It keeps the oldest events in the queue.
+    pub holds_retention: Option<bool>,
 }
 
 /// One captured table (`pgpipe.subscriptions`).
@@ -235,6 +243,17 @@ impl<'a> QueueClient<'a> {
         Ok(row.map_or(0, |r| r.get(0)))
     }
 
+    /// The consumers `pgpipe.status()` calls stale (no ack for
+    /// `pgpipe.consumer_stale_after`): the role's own, or all for an admin.
+    pub async fn stale_consumers(&self) -> Result<Vec<String>, Error> {
+        let row = self
+            .client
+            .query_one("SELECT stale_consumers FROM pgpipe.status()", &[])
+            .await
+            .map_err(Error::pg("look for stale consumers"))?;
+        Ok(row.get::<_, Option<Vec<String>>>(0).unwrap_or_default())
+    }
+
     /// The installed extension's version, if it is installed.
     pub async fn extension_version(&self) -> Result<Option<String>, Error> {
         let row = self
@@ -269,7 +288,8 @@ impl<'a> QueueClient<'a> {
         let rows = self
             .client
             .query(
-                "SELECT name, channels, position, acked_at, pending_events, oldest_pending_at \
+                "SELECT name, channels, position, acked_at, pending_events, oldest_pending_at, \
+                 owner::text, holder, stale, holds_retention \
                  FROM pgpipe.consumer_lag ORDER BY name",
                 &[],
             )
@@ -284,6 +304,10 @@ impl<'a> QueueClient<'a> {
                 acked_at: r.get(3),
                 pending_events: r.get(4),
                 oldest_pending_at: r.get(5),
+                owner: r.get(6),
+                holder: r.get(7),
+                stale: r.get(8),
+                holds_retention: r.get(9),
             })
             .collect())
     }

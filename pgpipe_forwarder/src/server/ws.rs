@@ -32,6 +32,9 @@ pub async fn one_channel(
     Path(channel): Path<String>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if !state.serves_channel(&channel) {
+        return crate::server::unknown_channel(&channel);
+    }
     upgrade(state, Some(channel), ws)
 }
 
