@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Quick probe of the capture path (issue 11): WAL per event by record type (pg_waldump),
 µs per captured row, and a short interleaved pgbench run, for plain / native trigger /
-the PL/pgSQL trigger it replaced. Uses bench.py's cluster. Run as `make bench` does
+the PL/pgSQL trigger it replaced. Uses bench/cluster.py's cluster. Run as `make bench` does
 (under the extension lock, with the extension installed):
 
     flock /tmp/pgpipe-ext.lock python3 bench/capture_probe.py
@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench  # noqa: E402
+import cluster as bench  # noqa: E402  (the cluster module re-exports common)
 
 TX = int(os.environ.get("PROBE_TX", 2000))
 SECS = int(os.environ.get("PROBE_SECS", 5))

@@ -174,6 +174,11 @@ impl<P> InFlight<P> {
         self.max.saturating_sub(self.tracker.in_flight())
     }
 
+    /// The most events in flight at once (`max_in_flight`).
+    pub fn capacity(&self) -> u64 {
+        self.max
+    }
+
     /// Numbers the next event and remembers the position after it.
     pub fn push_event(&mut self, position_after: P) -> u64 {
         if self.room() == 1 {

@@ -179,10 +179,6 @@ fn sqlstate_in(message: &str) -> Option<String> {
 /// What the server said, for display: `message (SQLSTATE x): detail (hint: ...)`, or the
 /// driver's own text for errors that are not server answers (the driver prints only
 /// "db error" for those that are).
-pub fn server_said(e: &tokio_postgres::Error) -> impl fmt::Display + '_ {
-    ServerSaid(e)
-}
-
 struct ServerSaid<'a>(&'a tokio_postgres::Error);
 
 impl fmt::Display for ServerSaid<'_> {

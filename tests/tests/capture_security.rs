@@ -1,5 +1,4 @@
-//! Journey: an untrusted login role that owns only its own schema (and may produce events:
-//! `pgpipe_producer`, which lets it subscribe tables it owns) captures its own table
+//! Journey: an untrusted login role that owns only its own schema captures its own table
 //! whose column type has a cast to json — the cast function runs while the row is turned
 //! into the event's payload. It runs as that role (the writer), never with pgpipe's or a
 //! superuser's rights, and the event is queued all the same.
@@ -47,8 +46,10 @@ async fn escalation_attempt(db: &TestDb, mode: &str) -> Vec<Seen> {
     // Roles are cluster-wide and the cluster is shared: one role per test database.
     let role = format!("attacker_{}", db.name());
     db.execute(&format!(
-        "CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEROLE IN ROLE pgpipe_producer;
-         CREATE SCHEMA {role} AUTHORIZATION {role};"
+        "CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEROLE;
+         CREATE SCHEMA {role} AUTHORIZATION {role};
+         -- The most an untrusted role is given: capture of its own tables.
+         GRANT pgpipe_producer TO {role};"
     ))
     .await;
     let attacker = connect_as(db, &role).await;

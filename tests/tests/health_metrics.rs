@@ -19,6 +19,7 @@ const METRICS: &[&str] = &[
     "pgpipe_delivery_duration_seconds",
     "pgpipe_end_to_end_latency_seconds",
     "pgpipe_queue_lag_events",
+    "pgpipe_queue_stale_consumers",
     "pgpipe_dead_letters_total",
     "pgpipe_sse_clients_active",
     "pgpipe_ws_clients_active",

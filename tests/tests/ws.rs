@@ -55,8 +55,11 @@ async fn ws_clients_active(addr: std::net::SocketAddr) -> f64 {
 async fn events_arrive_as_text_frames_and_silent_clients_are_dropped() {
     let db = subscribed_table("ws_happy").await;
     let url = db.url();
+    // It reads `other` too (nothing is written there): /ws/{channel} serves only the
+    // channels the forwarder reads.
     let fwd = Forwarder::listen(&url)
         .channel("t")
+        .channel("other")
         .adapter("ws")
         .flag("--sse-addr", "127.0.0.1:0")
         .flag("--ws-ping-interval", "200ms")

@@ -267,7 +267,8 @@ impl<S: Sink> Durable<S> {
                 }
                 Err(failure) => failure,
             };
-            match failure {
+            // What is left is a verdict on the chunk: dead-letter it, then go on.
+            let verdict = match failure {
                 Failure::Fatal(e) => {
                     self.report.failed(&e.to_string());
                     return Err(e);
@@ -277,42 +278,37 @@ impl<S: Sink> Durable<S> {
                         events = chunk.len(), "batch refused; delivering one by one to find the bad event");
                     one_by_one = true;
                     attempt = 0;
+                    continue;
                 }
                 Failure::BadEvent { error } | Failure::Reject { error } => {
                     self.report.failed(&error);
-                    if !self
-                        .dead_letter(chunk, &error, attempt, acker, cancel)
-                        .await?
-                    {
-                        return Ok(Outcome::Shutdown);
-                    }
-                    rest = &rest[chunk.len()..];
-                    attempt = 0;
+                    error
                 }
                 Failure::Retry { error, retry_after } => {
                     self.report.failed(&error);
                     if self.policy.max_attempts.is_some_and(|max| attempt >= max) {
-                        let error = format!("{error} (gave up after {attempt} attempts)");
-                        if !self
-                            .dead_letter(chunk, &error, attempt, acker, cancel)
-                            .await?
-                        {
+                        format!("{error} (gave up after {attempt} attempts)")
+                    } else {
+                        let delay = match retry_after {
+                            Some(d) => d.max(BACKOFF_FLOOR),
+                            None => self.policy.backoff.next_delay(),
+                        };
+                        self.sink.retrying(&error, attempt, delay);
+                        if !sleep_or_cancel(delay, cancel).await {
                             return Ok(Outcome::Shutdown);
                         }
-                        rest = &rest[chunk.len()..];
-                        attempt = 0;
                         continue;
                     }
-                    let delay = match retry_after {
-                        Some(d) => d.max(BACKOFF_FLOOR),
-                        None => self.policy.backoff.next_delay(),
-                    };
-                    self.sink.retrying(&error, attempt, delay);
-                    if !sleep_or_cancel(delay, cancel).await {
-                        return Ok(Outcome::Shutdown);
-                    }
                 }
+            };
+            if !self
+                .dead_letter(chunk, &verdict, attempt, acker, cancel)
+                .await?
+            {
+                return Ok(Outcome::Shutdown);
             }
+            rest = &rest[chunk.len()..];
+            attempt = 0;
         }
         Ok(Outcome::Done)
     }

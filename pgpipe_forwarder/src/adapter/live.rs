@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::registry::{self, Build, Kind};
 use super::Adapter;
 use crate::ack::Acker;
 use crate::error::Error;
@@ -189,6 +190,38 @@ impl Hubs {
             "ws" => self.ws.clone(),
             _ => None,
         }
+    }
+}
+
+/// The sse kind: its settings are the HTTP server's (`sse.*`, checked with the config).
+pub const SSE: Kind = Kind {
+    name: "sse",
+    list: None,
+    entries: registry::no_entries,
+    validate: registry::nothing_to_check,
+    redact: registry::no_secrets,
+    build: build_live,
+    init: None,
+};
+
+/// The ws kind: its settings are the HTTP server's (`websocket.*`).
+pub const WS: Kind = Kind {
+    name: "ws",
+    list: None,
+    entries: registry::no_entries,
+    validate: registry::nothing_to_check,
+    redact: registry::no_secrets,
+    build: build_live,
+    init: None,
+};
+
+/// A live adapter feeds the hub the HTTP server reads, so it exists only beside it.
+fn build_live(b: &Build<'_>, name: &str, _: Option<&str>) -> Result<Box<dyn Adapter>, Error> {
+    match b.hubs.and_then(|hubs| hubs.get(name)) {
+        Some(hub) => Ok(Box::new(LiveAdapter::new(hub))),
+        None => Err(Error::Config(format!(
+            "adapter {name:?} serves HTTP clients and runs only in `pgpipe listen`"
+        ))),
     }
 }
 

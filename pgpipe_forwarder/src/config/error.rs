@@ -86,7 +86,7 @@ pub enum ConfigError {
     #[error("{key}: invalid connection string {url:?}: {message}")]
     InvalidDatabaseUrl {
         /// Dotted key.
-        key: &'static str,
+        key: String,
         /// The URL with its password masked.
         url: String,
         /// The parser's complaint.
@@ -108,10 +108,13 @@ pub enum ConfigError {
         name: String,
     },
     /// An empty adapter list.
-    #[error("no adapters: pass --adapter or set adapters (valid: {})", ADAPTERS.join(", "))]
+    #[error(
+        "no adapters: pass --adapter or set adapters (valid: {})",
+        adapter_names()
+    )]
     NoAdapters,
     /// An adapter name that does not exist.
-    #[error("unknown adapter {name:?}: valid adapters are {}", ADAPTERS.join(", "))]
+    #[error("unknown adapter {name:?}: valid adapters are {}", adapter_names())]
     UnknownAdapter {
         /// The name.
         name: String,
@@ -126,14 +129,18 @@ pub enum ConfigError {
     #[error("the webhook adapter needs a URL: pass --url or set webhook.url / PGPIPE_WEBHOOK_URL")]
     WebhookWithoutUrl,
     /// A webhook URL that is not http(s).
-    #[error("webhook.url {url:?} is not an http:// or https:// URL")]
+    #[error("{key} {url:?} is not an http:// or https:// URL")]
     InvalidWebhookUrl {
+        /// Dotted key (`webhook.url`, `webhooks[1].url`).
+        key: String,
         /// The URL with any password masked.
         url: String,
     },
     /// A webhook header that cannot be sent.
-    #[error("webhook.headers: invalid header {name:?}: {reason}")]
+    #[error("{key}: invalid header {name:?}: {reason}")]
     InvalidHeader {
+        /// Dotted key (`webhook.headers`, `webhooks[1].headers`).
+        key: String,
         /// Header name.
         name: String,
         /// What is wrong.
@@ -175,21 +182,11 @@ pub enum ConfigError {
         /// The name.
         name: String,
     },
-    /// A value outside its allowed set.
-    #[error("{key}: invalid value {value:?}: expected one of {}", .allowed.join(", "))]
-    NotOneOf {
-        /// Dotted key.
-        key: &'static str,
-        /// The value.
-        value: String,
-        /// The allowed values.
-        allowed: &'static [&'static str],
-    },
     /// A count or size below its minimum.
     #[error("{key} must be at least {min}, got {value}")]
     TooSmall {
         /// Dotted key.
-        key: &'static str,
+        key: String,
         /// Smallest allowed value.
         min: u64,
         /// The value.
@@ -199,13 +196,13 @@ pub enum ConfigError {
     #[error("{key} must be longer than 0")]
     ZeroDuration {
         /// Dotted key.
-        key: &'static str,
+        key: String,
     },
     /// A backoff whose base exceeds its cap.
     #[error("{section}.backoff_base ({base:?}) must not exceed {section}.backoff_cap ({cap:?})")]
     BackoffOrder {
         /// Section holding the pair.
-        section: &'static str,
+        section: String,
         /// The base.
         base: Duration,
         /// The cap.
@@ -242,4 +239,9 @@ fn place(section: &str) -> String {
     } else {
         format!("in section {section:?}")
     }
+}
+
+/// The registered adapter kinds, for messages.
+fn adapter_names() -> String {
+    crate::adapter::registry::names().join(", ")
 }

@@ -57,6 +57,22 @@ pub struct FlagOverride {
     pub value: Value,
 }
 
+/// Adds an override of `key` by `flag` when the flag was given (`value` is `Some`).
+pub fn override_with(
+    out: &mut Vec<FlagOverride>,
+    key: &'static str,
+    flag: &'static str,
+    value: Option<impl Into<Value>>,
+) {
+    if let Some(value) = value {
+        out.push(FlagOverride {
+            key,
+            flag,
+            value: value.into(),
+        });
+    }
+}
+
 /// The environment of the running process, for [`load`]'s `env` argument.
 pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
@@ -83,7 +99,7 @@ pub fn env_vars() -> Vec<(String, String)> {
     collect_leaves(&tree, "", &mut leaves);
     leaves
         .into_iter()
-        .filter(|(key, _)| !MAP_KEYS.contains(&key.as_str()))
+        .filter(|(key, _)| !is_map_key(key))
         .map(|(key, _)| {
             let var = env_var_name(&key);
             (key, var)
@@ -128,7 +144,7 @@ pub fn resolve(
     }
 
     for (key, default) in &leaves {
-        if MAP_KEYS.contains(&key.as_str()) {
+        if is_map_key(key) {
             continue;
         }
         let var = env_var_name(key);
@@ -225,7 +241,7 @@ fn merge_file(
             // `webhook:` with everything below commented out: keep the defaults.
             continue;
         }
-        let is_section = slot.is_object() && !MAP_KEYS.contains(&path.as_str());
+        let is_section = slot.is_object() && !is_map_key(&path);
         if is_section {
             match value {
                 Value::Object(map) => merge_file(slot, map, &path, origin, origins)?,
@@ -298,7 +314,7 @@ fn parse_bool(s: &str) -> Option<bool> {
 /// Every leaf of the default tree (free-form maps count as leaves) with its default value.
 fn collect_leaves(tree: &Value, prefix: &str, out: &mut Vec<(String, Value)>) {
     match tree {
-        Value::Object(map) if prefix.is_empty() || !MAP_KEYS.contains(&prefix) => {
+        Value::Object(map) if prefix.is_empty() || !is_map_key(prefix) => {
             for (key, value) in map {
                 collect_leaves(value, &join_key(prefix, key), out);
             }

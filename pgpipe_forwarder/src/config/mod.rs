@@ -17,29 +17,17 @@
 //! [`load`] is pure (the file text, the environment and the flags are arguments), so the
 //! precedence rules are unit-tested without touching the process environment.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Adapter names accepted in `adapters` / `--adapter`.
-pub const ADAPTERS: &[&str] = &["stdout", "webhook", "sse", "ws", "file", "exec", "pg_table"];
-
 /// Detector names accepted in `detector.type` / `--detector` (empty picks one automatically).
 pub const DETECTORS: &[&str] = &["queue", "listen_notify", "wal"];
-
-/// File adapter fsync policies accepted in `file.fsync`.
-pub const FSYNC_POLICIES: &[&str] = &["always", "interval", "never"];
-
-/// Log levels accepted in `log_level` / `--log-level`.
-pub const LOG_LEVELS: &[&str] = &["debug", "info", "warn", "error"];
-
-/// Log formats accepted in `log_format` / `--log-format`.
-pub const LOG_FORMATS: &[&str] = &["text", "json"];
 
 /// Config file read when `--config` is not given (optional: absent means defaults).
 pub const DEFAULT_CONFIG_FILE: &str = "pgpipe.yaml";
@@ -51,13 +39,16 @@ pub const ENV_PREFIX: &str = "PGPIPE_";
 pub const MAX_CHANNEL_LEN: usize = 63;
 
 /// Keys whose value is a free-form string map, merged as a whole and not settable from env.
-const MAP_KEYS: &[&str] = &["webhook.headers", "webhooks", "files", "execs", "pg_tables"];
+/// (`webhook.headers`, and every adapter kind's list, as the registry names them).
+fn is_map_key(key: &str) -> bool {
+    key == "webhook.headers" || crate::adapter::registry::lists().any(|list| list == key)
+}
 
 /// Integer keys that also accept a size with a unit (`"100MiB"`).
 const SIZE_KEYS: &[&str] = &["file.max_size"];
 
 /// What replaces a secret in `Debug` output and [`Config::redacted`].
-const REDACTED: &str = "***";
+pub(crate) const REDACTED: &str = "***";
 
 mod error;
 mod load;
@@ -70,11 +61,17 @@ mod validate;
 pub use error::{ConfigError, Origin};
 #[cfg(test)]
 pub use load::{env_var_name, env_vars};
-pub use load::{load, process_env, resolve, ConfigFile, FlagOverride};
-use parse::size_serde;
+pub use load::{load, override_with, process_env, resolve, ConfigFile, FlagOverride};
+pub(crate) use parse::size_serde;
 pub use parse::{parse_listen_addr, parse_size};
-pub use secret::redact_url;
-pub use validate::valid_channel;
+pub use secret::{redact_url, Secret};
+pub use validate::{at_least, check_backoff, check_conninfo, check_header, nonzero, valid_channel};
+
+// Each adapter's section lives in its folder; the tree names them here.
+pub use crate::adapter::exec::ExecConfig;
+pub use crate::adapter::file::FileConfig;
+pub use crate::adapter::pg_table::PgTableConfig;
+pub use crate::adapter::webhook::WebhookConfig;
 
 // ---------------------------------------------------------------------------------------
 // The configuration tree
@@ -96,9 +93,9 @@ pub struct Config {
     /// Address of a standalone `/healthz` + `/metrics` server (`--metrics-addr`); empty: none.
     pub metrics_addr: String,
     /// Log level: debug, info, warn or error (`--log-level`).
-    pub log_level: String,
+    pub log_level: LogLevel,
     /// Log format on stderr: text or json (`--log-format`).
-    pub log_format: String,
+    pub log_format: LogFormat,
     /// Where events come from (`detector.*`).
     pub detector: DetectorConfig,
     /// Fan-out bus (`bus.*`).
@@ -135,7 +132,7 @@ pub struct Config {
 pub struct DetectorConfig {
     /// `queue`, `listen_notify` or `wal`; empty picks `queue` when the extension is installed.
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: DetectorKind,
     /// Publication the `wal` detector replicates (`--publication`).
     pub publication: String,
     /// `wal`: add `transaction {xid, commit_time, seq}` to every event (`--tx-metadata`).
@@ -185,35 +182,8 @@ pub struct BusConfig {
     pub buffer_size: usize,
 }
 
-/// Webhook adapter settings (`webhook.*`).
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct WebhookConfig {
-    /// Endpoint events are POSTed to (`--url`); required with the webhook adapter.
-    pub url: String,
-    /// Total delivery attempts per event, the first one included (`--retries`).
-    pub max_retries: u32,
-    /// HMAC-SHA256 signing key (`--signing-key`); empty: unsigned; a secret.
-    pub signing_key: String,
-    /// Extra HTTP headers sent with every request (values are treated as secrets in logs).
-    pub headers: BTreeMap<String, String>,
-    /// Timeout of one delivery attempt.
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-    /// First retry delay (full jitter; a `Retry-After` answer takes precedence).
-    #[serde(with = "humantime_serde")]
-    pub backoff_base: Duration,
-    /// Longest retry delay.
-    #[serde(with = "humantime_serde")]
-    pub backoff_cap: Duration,
-    /// Events per POST: 1 sends each event as a JSON object, more send a JSON array.
-    pub batch_size: usize,
-    /// Name of a `webhooks` entry (the adapter is `webhook:<name>`); unused in `webhook`.
-    pub name: String,
-}
-
 /// SSE adapter and HTTP server settings (`sse.*`).
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SseConfig {
     /// Listen address of the HTTP server (SSE, WS, /healthz, /metrics), e.g. `:8080`.
@@ -230,79 +200,11 @@ pub struct SseConfig {
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Bearer token required by `/events*` and `/ws*` (`--auth-token`); empty: none; a secret.
-    pub auth_token: String,
+    pub auth_token: Secret,
     /// Events kept in memory for `Last-Event-ID` replay (older ones come from the queue).
     pub replay_buffer: usize,
     /// Most events one `Last-Event-ID` replay from the queue sends.
     pub replay_max: usize,
-}
-
-/// File adapter settings (`file.*`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FileConfig {
-    /// Path of the JSON-lines file (`--file-path`); required with the file adapter.
-    pub path: PathBuf,
-    /// Size in bytes at which the file is rotated (`--file-max-size`; "100MiB" also accepted).
-    #[serde(deserialize_with = "size_serde::deserialize")]
-    pub max_size: u64,
-    /// Rotated files kept: `path.1` … `path.N` (`--file-max-files`).
-    pub max_files: u32,
-    /// When to fsync: `always` (before each acknowledgement), `interval` or `never`.
-    pub fsync: String,
-    /// With `fsync: interval`, the longest time between fsyncs (acks wait for them).
-    #[serde(with = "humantime_serde")]
-    pub fsync_interval: Duration,
-    /// First retry delay after a failed write (unwritable path, full disk).
-    #[serde(with = "humantime_serde")]
-    pub backoff_base: Duration,
-    /// Longest retry delay after a failed write.
-    #[serde(with = "humantime_serde")]
-    pub backoff_cap: Duration,
-    /// Name of a `files` entry (the adapter is `file:<name>`); unused in `file`.
-    pub name: String,
-}
-
-/// Exec adapter settings (`exec.*`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ExecConfig {
-    /// Command run with `sh -c` and fed JSON lines on stdin (`--exec-command`).
-    pub command: String,
-    /// First restart delay after the command exits or fails.
-    #[serde(with = "humantime_serde")]
-    pub backoff_base: Duration,
-    /// Longest restart delay.
-    #[serde(with = "humantime_serde")]
-    pub backoff_cap: Duration,
-    /// A line counts as handled once the command read it and kept running this long; lines
-    /// read more recently are written again to the next command if it dies.
-    #[serde(with = "humantime_serde")]
-    pub read_grace: Duration,
-    /// Commands that may die while a line is in hand before that line is dead-lettered.
-    pub max_attempts: u32,
-    /// Name of an `execs` entry (the adapter is `exec:<name>`); unused in `exec`.
-    pub name: String,
-}
-
-/// pg_table adapter settings (`pg_table.*`).
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PgTableConfig {
-    /// Connection URL of the target database (`--pg-table-url`); empty: `database_url`.
-    pub url: String,
-    /// Target table, optionally schema-qualified (`--pg-table-name`).
-    pub table: String,
-    /// Most rows per INSERT statement.
-    pub batch_size: usize,
-    /// First reconnect delay.
-    #[serde(with = "humantime_serde")]
-    pub backoff_base: Duration,
-    /// Longest reconnect delay.
-    #[serde(with = "humantime_serde")]
-    pub backoff_cap: Duration,
-    /// Name of a `pg_tables` entry (the adapter is `pg_table:<name>`); unused in `pg_table`.
-    pub name: String,
 }
 
 /// WebSocket adapter settings (`websocket.*`).
@@ -325,8 +227,8 @@ impl Default for Config {
             adapters: vec!["stdout".into()],
             shutdown_timeout: Duration::from_secs(5),
             metrics_addr: String::new(),
-            log_level: "info".into(),
-            log_format: "text".into(),
+            log_level: LogLevel::Info,
+            log_format: LogFormat::Text,
             detector: DetectorConfig::default(),
             bus: BusConfig::default(),
             webhook: WebhookConfig::default(),
@@ -346,7 +248,7 @@ impl Default for Config {
 impl Default for DetectorConfig {
     fn default() -> Self {
         DetectorConfig {
-            kind: String::new(),
+            kind: DetectorKind::Auto,
             publication: String::new(),
             tx_metadata: false,
             tx_markers: false,
@@ -372,22 +274,6 @@ impl Default for BusConfig {
     }
 }
 
-impl Default for WebhookConfig {
-    fn default() -> Self {
-        WebhookConfig {
-            url: String::new(),
-            max_retries: 5,
-            signing_key: String::new(),
-            headers: BTreeMap::new(),
-            timeout: Duration::from_secs(10),
-            backoff_base: Duration::from_secs(1),
-            backoff_cap: Duration::from_secs(32),
-            batch_size: 1,
-            name: String::new(),
-        }
-    }
-}
-
 impl Default for SseConfig {
     fn default() -> Self {
         SseConfig {
@@ -396,50 +282,9 @@ impl Default for SseConfig {
             heartbeat_interval: Duration::from_secs(15),
             read_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(120),
-            auth_token: String::new(),
+            auth_token: Secret::default(),
             replay_buffer: 10_000,
             replay_max: 10_000,
-        }
-    }
-}
-
-impl Default for FileConfig {
-    fn default() -> Self {
-        FileConfig {
-            path: PathBuf::new(),
-            max_size: 100 * 1024 * 1024,
-            max_files: 5,
-            fsync: "always".into(),
-            fsync_interval: Duration::from_secs(1),
-            backoff_base: Duration::from_secs(1),
-            backoff_cap: Duration::from_secs(30),
-            name: String::new(),
-        }
-    }
-}
-
-impl Default for ExecConfig {
-    fn default() -> Self {
-        ExecConfig {
-            command: String::new(),
-            backoff_base: Duration::from_secs(1),
-            backoff_cap: Duration::from_secs(30),
-            read_grace: Duration::from_millis(500),
-            max_attempts: 5,
-            name: String::new(),
-        }
-    }
-}
-
-impl Default for PgTableConfig {
-    fn default() -> Self {
-        PgTableConfig {
-            url: String::new(),
-            table: "pgpipe_events".into(),
-            batch_size: 500,
-            backoff_base: Duration::from_secs(1),
-            backoff_cap: Duration::from_secs(30),
-            name: String::new(),
         }
     }
 }
@@ -450,5 +295,106 @@ impl Default for WebsocketConfig {
             ping_interval: Duration::from_secs(15),
             pong_timeout: Duration::from_secs(45),
         }
+    }
+}
+
+/// `log_level` / `--log-level` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Everything, including per-event detail.
+    Debug,
+    /// Startup, shutdown, connections and retries.
+    Info,
+    /// Problems pgpipe recovers from.
+    Warn,
+    /// Problems it does not.
+    Error,
+}
+
+impl LogLevel {
+    /// The name used in config files and filters.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
+/// `log_format` / `--log-format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// The name used in config files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// `detector.type` / `--detector`: where events come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectorKind {
+    /// Empty in the config: `queue` when the extension is installed, else `listen_notify`.
+    #[default]
+    Auto,
+    /// The pgpipe queue through the extension's consumer API.
+    Queue,
+    /// Plain LISTEN/NOTIFY (the original's mode).
+    ListenNotify,
+    /// Logical replication (pgoutput) over the replication protocol.
+    Wal,
+}
+
+impl DetectorKind {
+    /// The name in config files and flags (empty for [`DetectorKind::Auto`]).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DetectorKind::Auto => "",
+            DetectorKind::Queue => "queue",
+            DetectorKind::ListenNotify => "listen_notify",
+            DetectorKind::Wal => "wal",
+        }
+    }
+}
+
+impl std::str::FromStr for DetectorKind {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        [
+            DetectorKind::Auto,
+            DetectorKind::Queue,
+            DetectorKind::ListenNotify,
+            DetectorKind::Wal,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+        .ok_or_else(|| ConfigError::UnknownDetector { name: s.to_owned() })
+    }
+}
+
+impl Serialize for DetectorKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for DetectorKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
     }
 }

@@ -68,11 +68,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 /// Deserializes a byte size from an integer or a string with a unit (see [`parse_size`]).
-pub(super) mod size_serde {
+pub(crate) mod size_serde {
     use serde::de::{self, Deserializer, Visitor};
     use std::fmt;
 
-    pub(in crate::config) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
         d.deserialize_any(SizeVisitor)
     }
 

@@ -1,42 +1,62 @@
-//! Secrets: redacting `Debug` output and [`Config::redacted`].
+//! Secrets: a [`Secret`] type that cannot be printed, redacting `Debug` output and
+//! [`Config::redacted`].
 
 use super::*;
+
+/// A secret setting (a signing key, a bearer token): `Debug` shows `***` (or nothing when
+/// unset) and there is no `Display`, so it cannot end up in a log line by accident; read
+/// it with [`Secret::expose`]. It serializes as its value, for the config tree's round
+/// trip; [`Config::redacted`] masks it for showing.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret value, for the code that uses it (never for logs).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether it is unset.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The masked form shown by `pgpipe config` and `Config::redacted`.
+    pub fn redacted(&self) -> Secret {
+        if self.is_empty() {
+            Secret::default()
+        } else {
+            Secret(REDACTED.into())
+        }
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Secret {
+        Secret(s.to_owned())
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.is_empty() { "\"\"" } else { REDACTED })
+    }
+}
 
 impl Config {
     /// A copy with every secret masked (URL passwords, signing key, header values), for logs.
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
         c.database_url = redact_url(&c.database_url);
-        c.webhook = c.webhook.redacted();
-        c.webhooks = c.webhooks.iter().map(WebhookConfig::redacted).collect();
-        for p in &mut c.pg_tables {
-            p.url = redact_url(&p.url);
-        }
-        c.pg_table.url = redact_url(&c.pg_table.url);
-        if !c.sse.auth_token.is_empty() {
-            c.sse.auth_token = REDACTED.into();
-        }
+        c.sse.auth_token = c.sse.auth_token.redacted();
+        crate::adapter::registry::redact(&mut c);
         c
     }
 
     /// Whether `name` is among the configured adapters.
     pub fn has_adapter(&self, name: &str) -> bool {
         self.adapters.iter().any(|a| a == name)
-    }
-}
-
-impl WebhookConfig {
-    /// A copy with the signing key, header values and any URL password masked.
-    pub fn redacted(&self) -> WebhookConfig {
-        let mut w = self.clone();
-        w.url = redact_url(&w.url);
-        if !w.signing_key.is_empty() {
-            w.signing_key = REDACTED.into();
-        }
-        for value in w.headers.values_mut() {
-            *value = REDACTED.into();
-        }
-        w
     }
 }
 
@@ -66,93 +86,67 @@ impl fmt::Debug for Config {
     }
 }
 
-impl fmt::Debug for WebhookConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let w = self.redacted();
-        f.debug_struct("WebhookConfig")
-            .field("url", &w.url)
-            .field("max_retries", &w.max_retries)
-            .field("signing_key", &w.signing_key)
-            .field("headers", &w.headers)
-            .field("timeout", &w.timeout)
-            .field("backoff_base", &w.backoff_base)
-            .field("backoff_cap", &w.backoff_cap)
-            .field("batch_size", &w.batch_size)
-            .field("name", &w.name)
-            .finish()
-    }
-}
-
-impl fmt::Debug for SseConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let token = if self.auth_token.is_empty() {
-            ""
-        } else {
-            REDACTED
-        };
-        f.debug_struct("SseConfig")
-            .field("addr", &self.addr)
-            .field("cors_origins", &self.cors_origins)
-            .field("heartbeat_interval", &self.heartbeat_interval)
-            .field("read_timeout", &self.read_timeout)
-            .field("idle_timeout", &self.idle_timeout)
-            .field("auth_token", &token)
-            .field("replay_buffer", &self.replay_buffer)
-            .field("replay_max", &self.replay_max)
-            .finish()
-    }
-}
-
-impl fmt::Debug for PgTableConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PgTableConfig")
-            .field("url", &redact_url(&self.url))
-            .field("table", &self.table)
-            .field("batch_size", &self.batch_size)
-            .field("name", &self.name)
-            .field("backoff_base", &self.backoff_base)
-            .field("backoff_cap", &self.backoff_cap)
-            .finish()
-    }
-}
-
-/// Masks the password of a Postgres URL (`postgres://u:***@h/db`, `?password=***`) or of a
-/// key/value connection string (`password=***`); other text is returned unchanged.
+/// A URL as logs, health, metrics and dead letters may show it: the secrets a URL can
+/// carry are masked. Postgres URLs keep their user (`postgres://u:***@h/db`) and the query
+/// keys libpq documents as harmless (`sslmode`, `application_name`, ...); every other URL
+/// (webhooks: `https://***@h/hook?api_key=***`) loses its whole userinfo and every query
+/// value. A key/value connection string gets `password=***`.
 pub fn redact_url(url: &str) -> String {
-    if let Some(scheme_end) = url.find("://") {
-        let (scheme, rest) = url.split_at(scheme_end + 3);
-        // The userinfo ends at the last '@' (an unencoded '@' in a password is common enough).
-        let rest = match rest.rfind('@') {
-            Some(at) => {
-                let (userinfo, host) = rest.split_at(at);
-                match userinfo.find(':') {
-                    Some(colon) => format!("{}:{REDACTED}{host}", &userinfo[..colon]),
-                    None => rest.to_owned(),
-                }
+    let Some(scheme_end) = url.find("://") else {
+        return redact_conninfo(url);
+    };
+    let (scheme, rest) = url.split_at(scheme_end + 3);
+    let postgres = matches!(scheme, "postgres://" | "postgresql://");
+    let (rest, query) = match rest.split_once('?') {
+        Some((rest, query)) => (rest, Some(query)),
+        None => (rest, None),
+    };
+    // The userinfo ends at the last '@' of the authority (an unencoded '@' in a password
+    // is common enough); the authority ends at the first '/'.
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let authority = match authority.rfind('@') {
+        Some(at) => {
+            let (userinfo, host) = authority.split_at(at);
+            match (postgres, userinfo.find(':')) {
+                (true, Some(colon)) => format!("{}:{REDACTED}{host}", &userinfo[..colon]),
+                (true, None) => authority.to_owned(),
+                (false, _) => format!("{REDACTED}{host}"),
             }
-            None => rest.to_owned(),
-        };
-        let out = format!("{scheme}{rest}");
-        match out.find('?') {
-            Some(q) => {
-                let (head, query) = out.split_at(q + 1);
-                let query: Vec<String> = query
-                    .split('&')
-                    .map(|pair| match pair.split_once('=') {
-                        Some((k, _)) if k.eq_ignore_ascii_case("password") => {
-                            format!("{k}={REDACTED}")
-                        }
-                        _ => pair.to_owned(),
-                    })
-                    .collect();
-                format!("{head}{}", query.join("&"))
-            }
-            None => out,
         }
-    } else {
-        redact_conninfo(url)
+        None => authority.to_owned(),
+    };
+    let mut out = format!("{scheme}{authority}{path}");
+    if let Some(query) = query {
+        let shown: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, v)) if postgres && HARMLESS_POSTGRES_PARAMETERS.contains(&k) => {
+                    format!("{k}={v}")
+                }
+                Some((k, _)) => format!("{k}={REDACTED}"),
+                None => pair.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&shown.join("&"));
     }
+    out
 }
+
+/// Postgres URL parameters shown as they are by [`redact_url`].
+const HARMLESS_POSTGRES_PARAMETERS: &[&str] = &[
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "sslmode",
+    "sslrootcert",
+    "application_name",
+    "connect_timeout",
+    "target_session_attrs",
+];
 
 /// Masks `password=...` in a libpq key/value connection string (values may be quoted).
 fn redact_conninfo(s: &str) -> String {

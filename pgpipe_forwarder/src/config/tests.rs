@@ -2,6 +2,7 @@
 
 use super::*;
 use serde_json::{json, Value};
+use std::path::PathBuf;
 
 const DB: &str = "postgres://app:s3cret@db.example/shop";
 
@@ -135,7 +136,7 @@ fn env_values_are_typed_by_the_default() {
     assert_eq!(c.database_url, DB);
     assert_eq!(c.channels, ["orders", "payments", "users", "x"]);
     assert_eq!(c.adapters, ["stdout", "webhook"]);
-    assert_eq!(c.detector.kind, "wal");
+    assert_eq!(c.detector.kind, DetectorKind::Wal);
     assert!(c.detector.tx_metadata);
     assert_eq!(c.detector.poll_interval, Duration::from_millis(250));
     assert_eq!(c.file.max_size, 10 << 20);
@@ -293,7 +294,7 @@ websocket:
     assert_eq!(c.channels, ["orders", "pgpipe:users"]);
     assert_eq!(c.adapters, ["webhook", "sse", "file"]);
     assert_eq!(c.bus.buffer_size, 64);
-    assert_eq!(c.detector.kind, "listen_notify");
+    assert_eq!(c.detector.kind, DetectorKind::ListenNotify);
     assert_eq!(
         c.webhook.headers.get("Authorization").map(String::as_str),
         Some("Bearer t")
@@ -305,7 +306,7 @@ websocket:
         ExecConfig::default(),
         "an empty section keeps its defaults"
     );
-    assert_eq!(c.log_level, "debug");
+    assert_eq!(c.log_level, LogLevel::Debug);
 
     let upper = "Database_URL: postgres://h/d\nChannels: [a]\nDetector:\n  Batch_Size: 3\n";
     let c = load(&Config::default(), Some(&file(upper)), &no_env, &[]).expect("loads");
@@ -415,7 +416,7 @@ fn validation_errors() {
     let mut c = valid();
     c.channels.clear();
     assert!(err_of(&c).starts_with("no channels"));
-    c.detector.kind = "wal".into();
+    c.detector.kind = DetectorKind::Wal;
     c.detector.publication = "p".into();
     assert!(c.validate().is_ok(), "wal needs no channels");
 
@@ -459,7 +460,7 @@ fn validation_errors() {
     assert!(err_of(&c).starts_with("the exec adapter needs a command"));
 
     let mut c = valid();
-    c.detector.kind = "wal".into();
+    c.detector.kind = DetectorKind::Wal;
     assert!(err_of(&c).starts_with("the wal detector needs a publication"));
     c.detector.all_tables = true;
     assert!(
@@ -485,15 +486,22 @@ fn validation_errors() {
         );
     }
 
-    let mut c = valid();
-    c.detector.kind = "kafka".into();
-    assert_eq!(
-        err_of(&c),
-        r#"unknown detector "kafka": valid detectors are queue, listen_notify, wal (or empty to pick automatically)"#
+    let e = load(
+        &Config::default(),
+        Some(&file("detector:\n  type: kafka\n")),
+        &no_env,
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().ends_with(
+            r#"detector.type: unknown detector "kafka": valid detectors are queue, listen_notify, wal (or empty to pick automatically)"#
+        ),
+        "{e}"
     );
 
     let mut c = valid();
-    c.detector.kind = "wal".into();
+    c.detector.kind = DetectorKind::Wal;
     c.detector.publication = "p".into();
     c.detector.slot = "Bad-Slot".into();
     assert!(err_of(&c).contains("invalid replication slot name"));
@@ -523,9 +531,18 @@ fn validation_errors() {
     c.sse.addr = "example.com:80".into();
     assert!(err_of(&c).starts_with("sse.addr: invalid listen address"));
 
-    let mut c = valid();
-    c.log_level = "loud".into();
-    assert!(err_of(&c).starts_with(r#"log_level: invalid value "loud""#));
+    // A value outside the set cannot be represented; loading rejects it, naming the key.
+    let e = load(
+        &Config::default(),
+        Some(&file("log_level: loud\n")),
+        &no_env,
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("log_level: unknown variant `loud`"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -590,6 +607,21 @@ fn redact_url_forms() {
         "host=h password =*** user=u"
     );
     assert_eq!(redact_url(""), "");
+    // Webhook URLs: the whole userinfo and every query value.
+    assert_eq!(
+        redact_url("https://user:pw@hooks.example/in?api_key=k1&x=2"),
+        "https://***@hooks.example/in?api_key=***&x=***"
+    );
+    assert_eq!(
+        redact_url("https://tok@hooks.example/a@b?t"),
+        "https://***@hooks.example/a@b?t"
+    );
+    assert_eq!(redact_url("http://h:8080/hook"), "http://h:8080/hook");
+    // Postgres: unknown parameters are masked too.
+    assert_eq!(
+        redact_url("postgres://u@h/db?sslpassword=x&sslmode=verify-full"),
+        "postgres://u@h/db?sslpassword=***&sslmode=verify-full"
+    );
 }
 
 #[test]
@@ -619,4 +651,20 @@ fn listen_addresses() {
     assert_eq!(parse_listen_addr("[::1]:9"), Ok("[::1]:9".parse().unwrap()));
     assert!(parse_listen_addr(":http").is_err());
     assert!(parse_listen_addr("host:80").is_err());
+}
+
+#[test]
+fn a_secret_cannot_be_printed() {
+    let key = Secret::from("hunter2");
+    assert_eq!(format!("{key:?}"), "***");
+    assert_eq!(format!("{:?}", Secret::default()), "\"\"");
+    assert_eq!(key.expose(), "hunter2");
+    let mut c = Config::default();
+    c.webhook.signing_key = key;
+    c.sse.auth_token = "t0ken".into();
+    let shown = format!("{c:?}");
+    assert!(
+        !shown.contains("hunter2") && !shown.contains("t0ken"),
+        "{shown}"
+    );
 }

@@ -13,7 +13,12 @@
 //!
 //! Flow control: NOTIFY cannot be paused at the source. While `max_in_flight` events wait
 //! for durable adapters, the detector stops taking notifications off the connection's
-//! buffer (they queue in memory) rather than overflow an adapter's channel.
+//! buffer, which is bounded (`max_in_flight` notifications): when it is full the
+//! forwarder stops reading the connection and Postgres keeps the rest in its own
+//! notification queue. Memory stays bounded and nothing is dropped while connected.
+//!
+//! Anyone who can NOTIFY can forge events here: Postgres lets every role notify every
+//! channel and does not say who sent a notification (README).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,16 +83,14 @@ impl ListenNotifyDetector {
             "connection",
         );
         loop {
-            match self
+            let ended = self
                 .session(&bus, &health, &mut window, &mut reconnect, &cancel)
-                .await
+                .await;
+            if !reconnect
+                .again(ended, &health, &mut window, &cancel)
+                .await?
             {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    if !reconnect.after(e, &health, &mut window, &cancel).await? {
-                        return Ok(());
-                    }
-                }
+                return Ok(());
             }
         }
     }
@@ -101,7 +104,9 @@ impl ListenNotifyDetector {
         reconnect: &mut Reconnect,
         cancel: &CancellationToken,
     ) -> Result<(), Error> {
-        let (client, mut notifications) = db::connect(&self.url).await?;
+        let buffer = usize::try_from(window.capacity()).unwrap_or(usize::MAX);
+        let (client, mut notifications) =
+            db::connect_with(&self.url, db::Notifications::Bounded(buffer)).await?;
         reconnect.reached();
         let listen: String = self
             .channels
@@ -120,12 +125,24 @@ impl ListenNotifyDetector {
         let mut probe = tokio::time::interval(self.probe_interval);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         probe.tick().await;
+        // The probe runs beside the receiving, never instead of it: the connection's
+        // notification buffer is bounded, and a full one holds the probe's answer back.
+        let mut probing: Option<BoxFuture<'_, bool>> = None;
         loop {
             let room = window.room() > 0;
             tokio::select! {
-                _ = probe.tick() => {
-                    let alive = tokio::time::timeout(self.probe_interval, client.simple_query("SELECT 1")).await;
-                    if !matches!(alive, Ok(Ok(_))) {
+                _ = probe.tick(), if probing.is_none() && room => {
+                    let timeout = self.probe_interval;
+                    let client = &client;
+                    probing = Some(Box::pin(async move {
+                        matches!(tokio::time::timeout(timeout, client.simple_query("SELECT 1")).await, Ok(Ok(_)))
+                    }));
+                }
+                alive = async { probing.as_mut().expect("guarded").await }, if probing.is_some() => {
+                    probing = None;
+                    // While the window is full the buffer may hold the answer back:
+                    // no verdict then.
+                    if !alive && window.room() > 0 {
                         return Err(disconnected("the connection stopped answering"));
                     }
                 }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::ack::InFlight;
 use crate::backoff::Backoff;
 use crate::bus::Bus;
-use crate::config::Config;
+use crate::config::{Config, DetectorKind};
 use crate::error::{Error, Fate};
 use crate::health::Component;
 
@@ -105,9 +105,25 @@ impl Reconnect {
         self.backoff.ceiling(0)
     }
 
+    /// A session ended with `ended`: whether to connect again. A clean end (shutdown)
+    /// is `false`; a failure is [`Reconnect::after`].
+    pub async fn again<P>(
+        &mut self,
+        ended: Result<(), Error>,
+        health: &Component,
+        window: &mut InFlight<P>,
+        cancel: &CancellationToken,
+    ) -> Result<bool, Error> {
+        match ended {
+            Ok(()) => Ok(false),
+            Err(e) => self.after(e, health, window, cancel).await,
+        }
+    }
+
     /// A session failed with `error`: returns the error when it is fatal, else waits the
     /// backoff (taking acknowledgements meanwhile) and returns whether to go on (`false`
-    /// when shutdown started).
+    /// when shutdown started; in-flight events then stay unacknowledged and are read
+    /// again next time).
     pub async fn after<P>(
         &mut self,
         error: Error,
@@ -191,28 +207,25 @@ pub trait Detector: Send {
 /// Builds the configured detector; with no `detector.type` it picks `queue` when the
 /// pgpipe extension is installed in the database.
 pub async fn build(config: &Config) -> Result<Box<dyn Detector>, Error> {
-    let kind = match config.detector.kind.as_str() {
-        "" => {
+    let kind = match config.detector.kind {
+        DetectorKind::Auto => {
             let kind = if queue::extension_installed(&config.database_url).await? {
-                "queue"
+                DetectorKind::Queue
             } else {
-                "listen_notify"
+                DetectorKind::ListenNotify
             };
             tracing::info!(
                 component = "detector",
-                detector = kind,
+                detector = kind.as_str(),
                 "detector chosen automatically"
             );
             kind
         }
         kind => kind,
     };
-    match kind {
-        "queue" => Ok(Box::new(queue::QueueDetector::new(config))),
-        "listen_notify" => Ok(Box::new(listen_notify::ListenNotifyDetector::new(config))),
-        "wal" => Ok(Box::new(wal::WalDetector::new(config)?)),
-        other => Err(Error::Config(format!(
-            "unknown detector {other:?} (available: queue, listen_notify, wal)"
-        ))),
-    }
+    Ok(match kind {
+        DetectorKind::Queue | DetectorKind::Auto => Box::new(queue::QueueDetector::new(config)),
+        DetectorKind::ListenNotify => Box::new(listen_notify::ListenNotifyDetector::new(config)),
+        DetectorKind::Wal => Box::new(wal::WalDetector::new(config)?),
+    })
 }

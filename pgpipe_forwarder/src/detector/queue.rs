@@ -111,21 +111,14 @@ impl QueueDetector {
             format!("consumer {}", self.consumer),
         );
         loop {
-            match self
+            let ended = self
                 .session(&bus, &health, &mut progress, &mut reconnect, &cancel)
-                .await
+                .await;
+            if !reconnect
+                .again(ended, &health, &mut progress.window, &cancel)
+                .await?
             {
-                Ok(()) => return Ok(()),
-                // Shutting down while disconnected: in-flight events stay unacknowledged
-                // and are read again next time.
-                Err(e) => {
-                    if !reconnect
-                        .after(e, &health, &mut progress.window, &cancel)
-                        .await?
-                    {
-                        return Ok(());
-                    }
-                }
+                return Ok(());
             }
         }
     }
@@ -148,6 +141,19 @@ impl QueueDetector {
         }
         let queue = QueueClient::new(&client);
         let acked = queue.register(&self.consumer, &self.channels).await?;
+        // Never silence: a forgotten consumer holds every event from its position on.
+        match queue.stale_consumers().await {
+            Ok(stale) if !stale.is_empty() => {
+                crate::metrics::stale_consumers(stale.len());
+                tracing::warn!(component = "detector", detector = NAME, consumers = ?stale,
+                    "these consumers acknowledged nothing for pgpipe.consumer_stale_after and hold \
+                     queue retention back: run their forwarders again or drop them \
+                     (SELECT pgpipe.drop_consumer('<name>'); `pgpipe status` lists them)");
+            }
+            Ok(_) => crate::metrics::stale_consumers(0),
+            Err(e) => tracing::debug!(component = "detector", detector = NAME, error = %e,
+                "stale consumers not checked"),
+        }
         client
             .batch_execute(&format!("LISTEN {WAKEUP_CHANNEL}"))
             .await

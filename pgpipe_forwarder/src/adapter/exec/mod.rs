@@ -21,11 +21,13 @@ use super::durable::{next_batch, park, sleep_or_cancel, Report};
 use super::Adapter;
 use crate::ack::Acker;
 use crate::backoff::Backoff;
-use crate::config::ExecConfig;
 use crate::error::Error;
 use crate::event::{Delivery, Event};
 
+mod config;
 pub mod window;
+
+pub use config::{ExecConfig, Flags, KIND};
 
 use window::{unread_bytes, Window};
 

@@ -14,12 +14,15 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AF
 
 use super::dead_letter::DeadLetters;
 use super::durable::{Durable, Failure, Policy, Sink};
-use crate::config::{redact_url, WebhookConfig};
+use crate::config::redact_url;
 use crate::error::Error;
 use crate::event::Delivery;
 
+mod config;
 pub mod retry;
 pub mod sign;
+
+pub use config::{Flags, WebhookConfig, KIND};
 
 use retry::Attempt;
 use sign::Signer;
@@ -27,8 +30,11 @@ use sign::Signer;
 /// Most 307/308 redirects followed for one request.
 const MAX_REDIRECTS: usize = 5;
 
-/// Most bytes of an error answer's body quoted in the error message.
+/// Most characters of an error answer's body quoted in the error message.
 const BODY_EXCERPT: usize = 200;
+/// Most bytes of an error answer's body read at all: a receiver answering with a huge
+/// body must not fill the forwarder's memory (the rest is never read).
+const BODY_READ_LIMIT: usize = 4096;
 
 /// The webhook sink (run by the delivery driver, see [`Webhook::adapter`]).
 pub struct Webhook {
@@ -90,7 +96,7 @@ impl Webhook {
             value.set_sensitive(true);
             headers.insert(name_, value);
         }
-        let signer = match config.signing_key.as_str() {
+        let signer = match config.signing_key.expose() {
             "" => None,
             key => Some(Signer::new(key)?),
         };
@@ -206,7 +212,8 @@ impl Webhook {
                 let excerpt = if response.status().is_success() {
                     String::new()
                 } else {
-                    let text = response.text().await.unwrap_or_default();
+                    let head = read_at_most(response, BODY_READ_LIMIT).await;
+                    let text = String::from_utf8_lossy(&head);
                     let text = text.trim();
                     text.char_indices()
                         .nth(BODY_EXCERPT)
@@ -222,7 +229,8 @@ impl Webhook {
         }
     }
 
-    /// A request error in words: unreachable endpoint, timeout, or the cause chain.
+    /// A request error in words: unreachable endpoint, timeout, or the cause chain; the
+    /// URL only as [`redact_url`] shows it (reqwest's text quotes it whole).
     fn describe(&self, e: &reqwest::Error) -> String {
         let mut root = String::new();
         let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(e);
@@ -230,6 +238,9 @@ impl Webhook {
             root = c.to_string();
             cause = c.source();
         }
+        let raw = self.url.as_str();
+        let root = root.replace(raw, &self.shown_url);
+        let text = e.to_string().replace(raw, &self.shown_url);
         let url = &self.shown_url;
         if e.is_timeout() {
             format!(
@@ -239,11 +250,27 @@ impl Webhook {
         } else if e.is_connect() {
             format!("POST {url}: endpoint unreachable: {root}")
         } else if root.is_empty() {
-            format!("POST {url}: {e}")
+            format!("POST {url}: {text}")
         } else {
-            format!("POST {url}: {e}: {root}")
+            format!("POST {url}: {text}: {root}")
         }
     }
+}
+
+/// The first `limit` bytes of `response`'s body (fewer if it is shorter or fails); the
+/// rest is left unread and the connection dropped.
+async fn read_at_most(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut head = Vec::new();
+    while head.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let take = chunk.len().min(limit - head.len());
+                head.extend_from_slice(&chunk[..take]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    head
 }
 
 impl Sink for Webhook {

@@ -139,19 +139,14 @@ impl WalDetector {
             format!("slot {}", self.slot),
         );
         loop {
-            match self
+            let ended = self
                 .session(&bus, &health, &mut progress, &mut reconnect, &cancel)
-                .await
+                .await;
+            if !reconnect
+                .again(ended, &health, &mut progress.window, &cancel)
+                .await?
             {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    if !reconnect
-                        .after(e, &health, &mut progress.window, &cancel)
-                        .await?
-                    {
-                        return Ok(());
-                    }
-                }
+                return Ok(());
             }
         }
     }

@@ -4,9 +4,21 @@
 use futures_util::future::BoxFuture;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 
-use super::durable::{Durable, Failure, Policy, Sink};
+use crate::adapter::durable::{Durable, Failure, Policy, Sink};
+use crate::adapter::registry::{self, Build, Kind};
 use crate::error::Error;
 use crate::event::Delivery;
+
+/// The stdout kind: no settings.
+pub const KIND: Kind = Kind {
+    name: "stdout",
+    list: None,
+    entries: registry::no_entries,
+    validate: registry::nothing_to_check,
+    redact: registry::no_secrets,
+    build: |_: &Build<'_>, _, _| Ok(Box::new(Stdout::adapter(tokio::io::stdout()))),
+    init: None,
+};
 
 /// Writes events as JSON lines to a writer (the process's stdout in the CLI).
 pub struct Stdout<W> {

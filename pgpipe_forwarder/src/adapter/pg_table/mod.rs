@@ -17,12 +17,16 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use super::dead_letter::DeadLetters;
-use super::durable::{Durable, Failure, Policy, Sink};
-use crate::config::{redact_url, PgTableConfig};
+use crate::adapter::dead_letter::DeadLetters;
+use crate::adapter::durable::{Durable, Failure, Policy, Sink};
+
+mod config;
+
+use crate::config::redact_url;
 use crate::db;
 use crate::error::Error;
 use crate::event::Delivery;
+pub use config::{Flags, PgTableConfig, KIND};
 
 /// The pg_table sink (run by the delivery driver, see [`PgTable::adapter`]).
 pub struct PgTable {
@@ -128,6 +132,21 @@ async fn insert(
         .await
         .map_err(Error::pg(format!("insert into {table}")))?;
     Ok(())
+}
+
+/// The table `pgpipe init --adapter pg_table` prints, for the quoted name `table`: the
+/// columns this adapter inserts, the event id as primary key (redeliveries are no-ops).
+pub fn table_ddl(table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} (\n    \
+         id         uuid        PRIMARY KEY,\n    \
+         channel    text        NOT NULL,\n    \
+         operation  text        NOT NULL,\n    \
+         payload    jsonb       NOT NULL,\n    \
+         source     text        NOT NULL,\n    \
+         created_at timestamptz NOT NULL\n);\n",
+        table
+    )
 }
 
 /// The INSERT of a batch passed as six arrays.

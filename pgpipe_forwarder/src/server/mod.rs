@@ -13,6 +13,9 @@
 //!   with no traffic either way for `sse.idle_timeout` is closed (streams stay alive through
 //!   their heartbeats and pings).
 
+pub mod sse;
+pub mod ws;
+
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -38,12 +41,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::adapter::live::Hub;
-use crate::config::{parse_listen_addr, Config};
+use crate::config::{parse_listen_addr, Config, DetectorKind};
 use crate::error::Error;
 use crate::health::Health;
 
 /// The live page served at `GET /`.
-const LIVE_PAGE: &str = include_str!("../web/live.html");
+const LIVE_PAGE: &str = include_str!("../../web/live.html");
 
 /// What the handlers need from the configuration.
 #[derive(Debug, Clone)]
@@ -61,7 +64,7 @@ pub struct HttpSettings {
     /// Allowed CORS origins (`*`: any).
     pub cors_origins: Vec<String>,
     /// Bearer token required by sse and ws; empty: none.
-    pub auth_token: String,
+    pub auth_token: crate::config::Secret,
     /// Database to replay missed SSE events from and measure queue lag in.
     pub database_url: String,
     /// Channels the forwarder reads (the replay filter of `/events`).
@@ -75,7 +78,10 @@ pub struct HttpSettings {
 impl HttpSettings {
     /// The settings `config` gives.
     pub fn new(config: &Config) -> HttpSettings {
-        let queue = matches!(config.detector.kind.as_str(), "" | "queue");
+        let queue = matches!(
+            config.detector.kind,
+            DetectorKind::Auto | DetectorKind::Queue
+        );
         HttpSettings {
             heartbeat_interval: config.sse.heartbeat_interval,
             ping_interval: config.websocket.ping_interval,
@@ -111,6 +117,8 @@ pub struct HttpState {
     pub cancel: CancellationToken,
     /// Connection used to measure queue lag, kept between scrapes.
     lag_client: Mutex<Option<tokio_postgres::Client>>,
+    /// The few connections SSE replays share (never one per resuming client).
+    pub replay: crate::server::sse::ReplayPool,
 }
 
 impl HttpState {
@@ -129,17 +137,36 @@ impl HttpState {
             settings,
             cancel,
             lag_client: Mutex::new(None),
+            replay: crate::server::sse::ReplayPool::new(crate::server::sse::REPLAY_CONNECTIONS),
         })
     }
+
+    /// Whether `/events/{channel}` and `/ws/{channel}` may serve `channel`: only the
+    /// channels this forwarder reads (any, when it reads every channel).
+    pub fn serves_channel(&self, channel: &str) -> bool {
+        self.settings.channels.is_empty() || self.settings.channels.iter().any(|c| c == channel)
+    }
+}
+
+/// The 404 for a channel this forwarder does not read.
+pub fn unknown_channel(channel: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        format!(
+            "this forwarder does not read channel {:?} (it reads the channels given with --channel)\n",
+            channel.escape_debug().to_string()
+        ),
+    )
+        .into_response()
 }
 
 /// All routes: streams, health, metrics and the live page.
 pub fn router(state: Arc<HttpState>) -> Router {
     let streams = Router::new()
-        .route("/events", get(crate::adapter::sse::all_channels))
-        .route("/events/{channel}", get(crate::adapter::sse::one_channel))
-        .route("/ws", get(crate::adapter::ws::all_channels))
-        .route("/ws/{channel}", get(crate::adapter::ws::one_channel))
+        .route("/events", get(sse::all_channels))
+        .route("/events/{channel}", get(sse::one_channel))
+        .route("/ws", get(ws::all_channels))
+        .route("/ws/{channel}", get(ws::one_channel))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/", get(live_page))
@@ -167,13 +194,28 @@ async fn live_page() -> Html<&'static str> {
     Html(LIVE_PAGE)
 }
 
-async fn healthz(State(state): State<Arc<HttpState>>) -> Response {
+async fn healthz(State(state): State<Arc<HttpState>>, request: Request) -> Response {
     let status = if state.health.healthy() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, axum::Json(state.health.report())).into_response()
+    let mut report = state.health.report();
+    // With a token set, an unauthenticated caller learns up/down only: error texts can
+    // name hosts, tables and roles.
+    if !state.settings.auth_token.is_empty() && !authorized(&state, &request) {
+        strip_reasons(&mut report);
+    }
+    (status, axum::Json(report)).into_response()
+}
+
+/// Removes the error texts (`errors`, `standby`) from a health report, keeping the
+/// states.
+fn strip_reasons(report: &mut serde_json::Value) {
+    if let Some(map) = report.as_object_mut() {
+        map.remove("errors");
+        map.remove("standby");
+    }
 }
 
 async fn readyz(State(state): State<Arc<HttpState>>) -> Response {
@@ -214,12 +256,15 @@ async fn measure_queue_lag(state: &HttpState) {
             *slot = Some(crate::db::connect(&s.database_url).await?.0);
         }
         let client = slot.as_ref().expect("connected above");
-        crate::db::QueueClient::new(client)
-            .consumer_lag(&s.consumer)
-            .await
+        let queue = crate::db::QueueClient::new(client);
+        let lag = queue.consumer_lag(&s.consumer).await?;
+        Ok::<_, Error>((lag, queue.stale_consumers().await?))
     };
     match tokio::time::timeout(s.read_timeout, work).await {
-        Ok(Ok(lag)) => crate::metrics::queue_lag(lag),
+        Ok(Ok((lag, stale))) => {
+            crate::metrics::queue_lag(lag);
+            crate::metrics::stale_consumers(stale.len());
+        }
         Ok(Err(e)) => {
             tracing::debug!(component = "server", error = %e, "queue lag not measured");
             *slot = None;
@@ -230,9 +275,23 @@ async fn measure_queue_lag(state: &HttpState) {
 
 /// Bearer-token check for the stream endpoints.
 async fn auth(State(state): State<Arc<HttpState>>, request: Request, next: Next) -> Response {
-    let expected = state.settings.auth_token.as_bytes();
+    if authorized(&state, &request) {
+        next.run(request).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "missing or wrong token: send Authorization: Bearer <token> or ?token=<token>\n",
+        )
+            .into_response()
+    }
+}
+
+/// Whether `request` carries the token (always, when none is set).
+fn authorized(state: &HttpState, request: &Request) -> bool {
+    let expected = state.settings.auth_token.expose().as_bytes();
     if expected.is_empty() {
-        return next.run(request).await;
+        return true;
     }
     let from_header = request
         .headers()
@@ -249,20 +308,10 @@ async fn auth(State(state): State<Arc<HttpState>>, request: Request, next: Next)
             (k == "token").then(|| percent_decode(v))
         })
     });
-    let ok = [from_header, from_query]
+    [from_header, from_query]
         .into_iter()
         .flatten()
-        .any(|given| constant_time_eq(&given, expected));
-    if ok {
-        next.run(request).await
-    } else {
-        (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            "missing or wrong token: send Authorization: Bearer <token> or ?token=<token>\n",
-        )
-            .into_response()
-    }
+        .any(|given| constant_time_eq(&given, expected))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -351,6 +400,11 @@ pub async fn serve(
         .local_addr()
         .map_err(Error::io(format!("listen on {addr}")))?;
     tracing::info!(component = "server", server = kind, addr = %local, "HTTP server listening");
+    if kind == "http" && settings.auth_token.is_empty() && !local.ip().is_loopback() {
+        tracing::warn!(component = "server", server = kind, addr = %local,
+            "the event streams (/events, /ws) are open to anyone who reaches this address: \
+             set sse.auth_token (--auth-token), or listen on 127.0.0.1");
+    }
     let read_timeout = settings.read_timeout;
     let idle_timeout = settings.idle_timeout;
     let task = tokio::spawn(async move {
@@ -531,6 +585,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn health_reasons_are_stripped_for_strangers() {
+        let mut report = serde_json::json!({
+            "status": "down",
+            "components": {"detector": "down"},
+            "errors": {"detector": "connect to db.internal:5432 as admin"}
+        });
+        strip_reasons(&mut report);
+        assert_eq!(
+            report,
+            serde_json::json!({"status": "down", "components": {"detector": "down"}})
+        );
+    }
+
+    #[test]
     fn tokens_compare_whole() {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
@@ -544,6 +612,6 @@ mod tests {
         config.sse.auth_token = "hunter2-token".into();
         assert!(!format!("{config:?}").contains("hunter2"));
         assert!(!format!("{:?}", config.redacted()).contains("hunter2"));
-        assert_eq!(config.redacted().sse.auth_token, "***");
+        assert_eq!(config.redacted().sse.auth_token.expose(), "***");
     }
 }

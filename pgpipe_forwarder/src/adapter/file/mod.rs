@@ -18,38 +18,16 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
-use super::durable::{Durable, Failure, Policy, Sink};
-use crate::config::FileConfig;
+use crate::adapter::durable::{Durable, Failure, Policy, Sink};
+
+mod config;
+
 use crate::error::Error;
 use crate::event::Delivery;
+pub use config::{FileConfig, Flags, FsyncPolicy, KIND};
 
 /// Most events written per batch (one write, one fsync).
 const MAX_BATCH: usize = 1000;
-
-/// When the file adapter fsyncs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FsyncPolicy {
-    /// Before every acknowledgement.
-    Always,
-    /// At least every `fsync_interval`; acknowledgements wait for it.
-    Interval,
-    /// Never: the OS decides; acknowledged once written.
-    Never,
-}
-
-impl FsyncPolicy {
-    /// Parses `always`, `interval` or `never`.
-    pub fn parse(s: &str) -> Result<FsyncPolicy, Error> {
-        match s {
-            "always" => Ok(FsyncPolicy::Always),
-            "interval" => Ok(FsyncPolicy::Interval),
-            "never" => Ok(FsyncPolicy::Never),
-            other => Err(Error::Config(format!(
-                "file.fsync: invalid value {other:?}: expected always, interval or never"
-            ))),
-        }
-    }
-}
 
 /// The file sink (run by the delivery driver, see [`FileAdapter::adapter`]).
 pub struct FileAdapter {
@@ -75,7 +53,7 @@ impl FileAdapter {
                 file: None,
                 size: 0,
             }),
-            fsync: FsyncPolicy::parse(&config.fsync)?,
+            fsync: config.fsync,
             fsync_interval: config.fsync_interval,
         };
         let policy = Policy::new(MAX_BATCH, config.backoff_base, config.backoff_cap, None);
