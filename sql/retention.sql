@@ -31,7 +31,10 @@ $$;
 -- did. `partition_xids` (setting pgpipe.partition_xids, default 1000000) is the number
 -- of transaction ids a partition covers. pgpipe_admin only (sql/grants.sql).
 CREATE FUNCTION pgpipe.rotate() RETURNS TABLE (action text, partition_name text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- Bounds every lock it waits for; a function-level SET, so the caller's transaction gets
+-- its own lock_timeout back afterwards.
+SET lock_timeout = '200ms' AS $$
 DECLARE
     -- From the extension's own setting (superuser-only), not a session's placeholder.
     size bigint := pgpipe.partition_xids();
@@ -48,7 +51,6 @@ BEGIN
     IF NOT pg_try_advisory_xact_lock(hashtextextended('pgpipe.rotate', 0)) THEN
         RETURN;
     END IF;
-    PERFORM set_config('lock_timeout', '200ms', true);
 
     -- Keep at least one partition's worth of xids covered ahead.
     lower_bound := (SELECT max(upper_xid)::text::bigint FROM pgpipe.event_partitions);
