@@ -1269,13 +1269,13 @@ $function$
 
     @staticmethod
     def worker_decode_accounting(log_path, offset, start, end):
-        """How much WAL the worker decoded for a backlog, from its debug1 lines: each peek
-        and each advance decodes from the slot's restart LSN to the end of the read."""
+        """How much WAL the worker decoded for a backlog, from its debug1 lines: each read
+        decodes from its start (the slot's restart LSN for a new decoding context) to its end."""
         def lsn(text):
             hi, lo = text.split("/")
             return (int(hi, 16) << 32) | int(lo, 16)
-        pat = re.compile(r"pgpipe worker: read (\d+) events; decoded from (\S+) \(restart\) over (\S+) "
-                         r"\(confirmed\) to (\S+): peek ([\d.]+) ms, convert\+insert ([\d.]+) ms, advance ([\d.]+) ms")
+        pat = re.compile(r"pgpipe worker: read (\d+) events; decoded from (\S+) \((?:restart|start)\) over (\S+) "
+                         r"\(confirmed\) to (\S+): (?:peek|decode) ([\d.]+) ms, convert\+insert ([\d.]+) ms, (?:advance|confirm) ([\d.]+) ms")
         with open(log_path, errors="replace") as f:
             f.seek(offset)
             reads = [m.groups() for m in pat.finditer(f.read())]
@@ -1286,12 +1286,11 @@ $function$
         return {
             "wal_worker_reads": len(reads),
             "wal_worker_backlog_wal_bytes": backlog,
-            # Bytes each of the peek and the advance decoded, summed over reads, per byte of
-            # backlog: 1.0 would be "each WAL byte once per step".
+            # Bytes decoded, summed over reads, per byte of backlog: 1.0 = each WAL byte once.
             "wal_worker_decoded_per_backlog_byte": rnd(decoded / backlog, 2) if backlog > 0 else None,
-            "wal_worker_peek_s": rnd(sum(float(r[4]) for r in reads) / 1e3, 3),
+            "wal_worker_decode_s": rnd(sum(float(r[4]) for r in reads) / 1e3, 3),
             "wal_worker_write_s": rnd(sum(float(r[5]) for r in reads) / 1e3, 3),
-            "wal_worker_advance_s": rnd(sum(float(r[6]) for r in reads) / 1e3, 3),
+            "wal_worker_confirm_s": rnd(sum(float(r[6]) for r in reads) / 1e3, 3),
         }
 
     # ---- 6. SSE fan-out ----------------------------------------------------------------
@@ -1788,9 +1787,9 @@ def render_md(r, prev):
             if dec.get("pg_recvlogical_rows_per_s"):
                 L.append("- worker ÷ pg_recvlogical: %s (target ≥ 0.5)" % rnd(dec["wal_worker_rows_per_s"] / dec["pg_recvlogical_rows_per_s"], 3))
             if dec.get("wal_worker_reads"):
-                L.append("- %s reads; each of peek and advance decoded %s bytes of WAL per byte of backlog (%s bytes); time in peek %s s, convert + insert %s s, advance %s s" % (
+                L.append("- %s reads; they decoded %s bytes of WAL per byte of backlog (%s bytes); time decoding %s s, converting + inserting %s s, confirming %s s" % (
                     dec["wal_worker_reads"], dec.get("wal_worker_decoded_per_backlog_byte"), fmt(dec.get("wal_worker_backlog_wal_bytes")),
-                    dec.get("wal_worker_peek_s"), dec.get("wal_worker_write_s"), dec.get("wal_worker_advance_s")))
+                    dec.get("wal_worker_decode_s"), dec.get("wal_worker_write_s"), dec.get("wal_worker_confirm_s")))
             if dec.get("wal_worker_perf_top"):
                 L.append("")
                 L.append("Worker profile while it drains (perf -p <worker pid>):")
