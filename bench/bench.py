@@ -1282,11 +1282,16 @@ $function$
         if not reads:
             return {"wal_worker_reads": 0}
         backlog = lsn(end) - lsn(start)
-        decoded = sum(lsn(to) - lsn(restart) for _, restart, _, to in (r[:4] for r in reads))
+        decoded = sum(lsn(to) - lsn(frm) for _, frm, _, to in (r[:4] for r in reads))
+        # The WAL the reads covered, once: the backlog plus the worker's own queue writes
+        # (pgpipe's tables are not published, but their WAL is decoded all the same).
+        span = max(lsn(r[3]) for r in reads) - min(lsn(r[1]) for r in reads)
         return {
             "wal_worker_reads": len(reads),
             "wal_worker_backlog_wal_bytes": backlog,
-            # Bytes decoded, summed over reads, per byte of backlog: 1.0 = each WAL byte once.
+            "wal_worker_span_wal_bytes": span,
+            # Bytes decoded, summed over reads, per byte of WAL covered: 1.0 = each once.
+            "wal_worker_decode_overlap": rnd(decoded / span, 2) if span > 0 else None,
             "wal_worker_decoded_per_backlog_byte": rnd(decoded / backlog, 2) if backlog > 0 else None,
             "wal_worker_decode_s": rnd(sum(float(r[4]) for r in reads) / 1e3, 3),
             "wal_worker_write_s": rnd(sum(float(r[5]) for r in reads) / 1e3, 3),
@@ -1787,8 +1792,9 @@ def render_md(r, prev):
             if dec.get("pg_recvlogical_rows_per_s"):
                 L.append("- worker ÷ pg_recvlogical: %s (target ≥ 0.5)" % rnd(dec["wal_worker_rows_per_s"] / dec["pg_recvlogical_rows_per_s"], 3))
             if dec.get("wal_worker_reads"):
-                L.append("- %s reads; they decoded %s bytes of WAL per byte of backlog (%s bytes); time decoding %s s, converting + inserting %s s, confirming %s s" % (
-                    dec["wal_worker_reads"], dec.get("wal_worker_decoded_per_backlog_byte"), fmt(dec.get("wal_worker_backlog_wal_bytes")),
+                L.append("- %s reads; each byte of the %s bytes of WAL they covered (the %s-byte backlog plus the worker's own queue writes) was decoded %s times; %s bytes decoded per backlog byte; time decoding %s s, converting + inserting %s s, confirming %s s" % (
+                    dec["wal_worker_reads"], fmt(dec.get("wal_worker_span_wal_bytes")), fmt(dec.get("wal_worker_backlog_wal_bytes")),
+                    dec.get("wal_worker_decode_overlap"), dec.get("wal_worker_decoded_per_backlog_byte"),
                     dec.get("wal_worker_decode_s"), dec.get("wal_worker_write_s"), dec.get("wal_worker_confirm_s")))
             if dec.get("wal_worker_perf_top"):
                 L.append("")
