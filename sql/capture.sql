@@ -4,48 +4,18 @@
 -- Trigger capture
 --------------------------------------------------------------------------------
 
--- Row trigger: TG_ARGV[0] is the channel. No NOTIFY here: NOTIFY takes a global lock at
--- commit and would serialize writers; consumers are woken another way (see README).
--- Names are schema-qualified as well as search_path pinned: a writer's own operators
--- must never run as the definer.
+-- Row trigger: TG_ARGV[0] is the channel. Native (pgpipe_ext/src/capture/): it builds the
+-- payload with to_jsonb and writes the queue row straight into the partition of
+-- pgpipe.events, without SPI. It is deliberately NOT SECURITY DEFINER: casts and output
+-- functions of the captured columns run as the role that wrote the row, and writers need
+-- no privilege on pgpipe's tables. No NOTIFY here: NOTIFY takes a global lock at commit
+-- and would serialize writers; the committed transaction wakes the background worker.
 CREATE FUNCTION pgpipe.capture_row() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    new_row jsonb;
-    old_row jsonb;
-    woken boolean;
-BEGIN
-    IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
-        new_row := pg_catalog.to_jsonb(OLD);
-    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
-        new_row := pg_catalog.to_jsonb(NEW);
-        old_row := pg_catalog.to_jsonb(OLD);
-    ELSE
-        new_row := pg_catalog.to_jsonb(NEW);
-    END IF;
-    INSERT INTO pgpipe.events (id, channel, operation, payload, source)
-    VALUES (pgpipe.uuid_generate_v7(), TG_ARGV[0], TG_OP,
-            pg_catalog.jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
-                                          'row', new_row, 'old', old_row),
-            'trigger');
-    woken := pgpipe.mark_wakeup();
-    RETURN NULL;
-END $$;
+LANGUAGE c AS 'MODULE_PATHNAME', 'pgpipe_capture_row';
 
--- Statement trigger for TRUNCATE (row triggers do not fire for it).
+-- Statement trigger for TRUNCATE (row triggers do not fire for it); the same path.
 CREATE FUNCTION pgpipe.capture_truncate() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    woken boolean;
-BEGIN
-    INSERT INTO pgpipe.events (id, channel, operation, payload, source)
-    VALUES (pgpipe.uuid_generate_v7(), TG_ARGV[0], 'TRUNCATE',
-            jsonb_build_object('op', 'TRUNCATE', 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
-                               'row', NULL, 'old', NULL),
-            'trigger');
-    woken := pgpipe.mark_wakeup();
-    RETURN NULL;
-END $$;
+LANGUAGE c AS 'MODULE_PATHNAME', 'pgpipe_capture_truncate';
 
 --------------------------------------------------------------------------------
 -- Subscriptions
@@ -65,12 +35,119 @@ SELECT s.relid::regclass AS "table", s.channel, s.operations, s.mode, s.created_
 FROM pgpipe.subscription s
 JOIN pg_catalog.pg_class c ON c.oid = s.relid;
 
+-- Every table that ever carried its changes on a channel. Kept after unsubscribe (and
+-- after the table is dropped): the events it queued stay in the queue, so who may read
+-- the channel is still decided by that table.
+CREATE TABLE pgpipe.channel_sources (
+    channel  text NOT NULL,
+    relid    oid  NOT NULL,
+    PRIMARY KEY (channel, relid)
+);
+COMMENT ON TABLE pgpipe.channel_sources IS
+    'pgpipe: the tables whose changes a channel carries or carried; they decide who may read and emit on it';
+
+-- Why the calling role may not read `chan`, or NULL when it may. A channel is readable
+-- when the role may SELECT every table that carries (or carried) changes on it, without
+-- row-level security hiding rows from it: an event holds the whole row. A channel that
+-- no table ever used (emit only) is readable by every pgpipe_consumer.
+CREATE FUNCTION pgpipe.channel_read_denial(chan text) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+             WHEN c.oid IS NULL THEN
+               format('channel %s carried the changes of a table that was dropped (oid %s); only pgpipe_admin reads it',
+                      quote_literal(chan), s.relid)
+             WHEN NOT has_table_privilege(session_user, c.oid, 'SELECT') THEN
+               format('channel %s carries the changes of table %s, which role %s may not SELECT',
+                      quote_literal(chan), c.oid::regclass, quote_ident(session_user))
+             ELSE
+               format('channel %s carries the changes of table %s, whose row-level security hides rows from role %s',
+                      quote_literal(chan), c.oid::regclass, quote_ident(session_user))
+           END
+    FROM pgpipe.channel_sources s
+    LEFT JOIN pg_class c ON c.oid = s.relid
+    WHERE s.channel = chan
+      AND NOT pgpipe.is_admin()
+      AND (c.oid IS NULL
+           OR NOT has_table_privilege(session_user, c.oid, 'SELECT')
+           OR (c.relrowsecurity
+               AND NOT pg_has_role(session_user, c.relowner, 'USAGE')
+               AND NOT (SELECT r.rolbypassrls FROM pg_roles r WHERE r.rolname = session_user)))
+    ORDER BY s.relid
+    LIMIT 1
+$$;
+
+-- Refuses unless the calling role may read every channel of `chans`; NULL (all channels)
+-- only for pgpipe_admin. `what` names the action in the message.
+CREATE FUNCTION pgpipe.require_channels_readable(chans text[], what text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    chan text;
+    denial text;
+BEGIN
+    IF chans IS NULL THEN
+        IF NOT pgpipe.is_admin() THEN
+            RAISE EXCEPTION 'role % may not % every channel: only pgpipe_admin may', quote_ident(session_user), what
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'Name the channels: pgpipe.register_consumer(name, ARRAY[''orders'', ...]).';
+        END IF;
+        RETURN;
+    END IF;
+    FOREACH chan IN ARRAY chans LOOP
+        denial := pgpipe.channel_read_denial(chan);
+        IF denial IS NOT NULL THEN
+            RAISE EXCEPTION 'role % may not % channel %: %', quote_ident(session_user), what, quote_literal(chan), denial
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'The table''s owner can GRANT SELECT ON the table TO the role; or leave the channel out.';
+        END IF;
+    END LOOP;
+END $$;
+
+-- Why the calling role may not put events on `chan` (emit, or subscribe a table other
+-- than `except_table` to it), or NULL when it may: it needs INSERT, UPDATE or DELETE on
+-- every table whose changes the channel carries, so nobody forges another table's
+-- changes. A channel of a dropped table takes pgpipe_admin.
+CREATE FUNCTION pgpipe.channel_write_denial(chan text, except_table oid DEFAULT NULL) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+             WHEN c.oid IS NULL THEN
+               format('channel %s carried the changes of a table that was dropped (oid %s); only pgpipe_admin writes to it',
+                      quote_literal(chan), s.relid)
+             ELSE
+               format('channel %s carries the changes of table %s, on which role %s has no INSERT, UPDATE or DELETE right',
+                      quote_literal(chan), c.oid::regclass, quote_ident(session_user))
+           END
+    FROM pgpipe.channel_sources s
+    LEFT JOIN pg_class c ON c.oid = s.relid
+    WHERE s.channel = chan
+      AND s.relid IS DISTINCT FROM except_table
+      AND NOT pgpipe.is_admin()
+      AND (c.oid IS NULL OR NOT has_table_privilege(session_user, c.oid, 'INSERT, UPDATE, DELETE'))
+    ORDER BY s.relid
+    LIMIT 1
+$$;
+
+-- Refuses unless the calling role owns `tbl` (or is a member of its owner). Only a
+-- table's owner adds or removes its capture.
+CREATE FUNCTION pgpipe.require_table_owner(tbl regclass, what text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    owner oid := (SELECT relowner FROM pg_class WHERE oid = tbl);
+BEGIN
+    IF owner IS NULL OR NOT pg_has_role(session_user, owner, 'USAGE') THEN
+        RAISE EXCEPTION 'must be the owner of table % to % it', tbl, what
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('Run it as %s, the table''s owner (or a member of that role).',
+                                coalesce(quote_ident(owner::regrole::text), 'its owner'));
+    END IF;
+END $$;
+
 -- Drops pgpipe's capture triggers from a table (if present).
 CREATE FUNCTION pgpipe.drop_capture_triggers(tbl regclass) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     trigger_name name;
 BEGIN
+    PERFORM pgpipe.require_table_owner(tbl, 'remove capture from');
     FOR trigger_name IN
         SELECT tgname FROM pg_trigger
         WHERE tgrelid = tbl AND tgname IN ('pgpipe_capture', 'pgpipe_capture_truncate')
@@ -98,6 +175,7 @@ DECLARE
     rel record;
     ops text[];
     row_ops text[];
+    denial text;
 BEGIN
     IF "table" IS NULL THEN
         RAISE EXCEPTION 'no table given' USING ERRCODE = 'invalid_parameter_value';
@@ -114,10 +192,7 @@ BEGIN
         RAISE EXCEPTION 'pgpipe''s own table % cannot be subscribed', "table"
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF NOT pg_has_role(session_user, (SELECT relowner FROM pg_class WHERE oid = "table"), 'USAGE') THEN
-        RAISE EXCEPTION 'must be the owner of table % to subscribe it', "table"
-            USING ERRCODE = 'insufficient_privilege';
-    END IF;
+    PERFORM pgpipe.require_table_owner("table", 'subscribe');
     mode := lower(coalesce(mode, ''));
     IF mode NOT IN ('trigger', 'wal') THEN
         RAISE EXCEPTION 'unknown mode %', quote_literal(mode)
@@ -127,6 +202,20 @@ BEGIN
     channel := pgpipe.check_channel(coalesce(channel,
         CASE WHEN rel.nspname = 'public' THEN rel.relname ELSE rel.nspname || '.' || rel.relname END));
     ops := pgpipe.check_operations(operations);
+    denial := pgpipe.channel_write_denial(channel, "table");
+    IF denial IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot subscribe % to channel %: %', "table", quote_literal(channel), denial
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Pass another channel => ''...'' (the default is the table''s name).';
+    END IF;
+    IF mode = 'wal' AND NOT pgpipe.is_admin()
+       AND NOT (SELECT r.rolreplication FROM pg_roles r WHERE r.rolname = session_user) THEN
+        -- WAL mode creates and holds a replication slot, which retains WAL for everyone.
+        RAISE EXCEPTION 'mode ''wal'' needs the REPLICATION attribute or the pgpipe_admin role (role % has neither)',
+            quote_ident(session_user)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('A superuser runs: GRANT pgpipe_admin TO %I; or use mode => ''trigger''.', session_user);
+    END IF;
     IF mode = 'wal' THEN
         -- First, before this transaction writes: it may have to create the slot.
         PERFORM pgpipe.prepare_wal_capture("table", coalesce(replica_identity_full, false));
@@ -162,6 +251,8 @@ BEGIN
             "table", channel);
     END IF;
 
+    INSERT INTO pgpipe.channel_sources (channel, relid) VALUES (channel, "table")
+    ON CONFLICT DO NOTHING;
     INSERT INTO pgpipe.subscription AS s (relid, channel, operations, mode)
     VALUES ("table", channel, ops, mode)
     ON CONFLICT (relid) DO UPDATE
@@ -174,10 +265,7 @@ END $$;
 CREATE FUNCTION pgpipe.unsubscribe("table" regclass) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF NOT pg_has_role(session_user, (SELECT relowner FROM pg_class WHERE oid = "table"), 'USAGE') THEN
-        RAISE EXCEPTION 'must be the owner of table % to unsubscribe it', "table"
-            USING ERRCODE = 'insufficient_privilege';
-    END IF;
+    PERFORM pgpipe.require_table_owner("table", 'unsubscribe');
     EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', "table");
     IF EXISTS (SELECT 1 FROM pgpipe.subscription s WHERE s.relid = "table" AND s.mode = 'wal') THEN
         -- The table's last WAL changes are queued under its channel first.

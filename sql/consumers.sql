@@ -21,9 +21,17 @@ CREATE TABLE pgpipe.consumers (
     cur         pg_snapshot,
     last_id     uuid,
     created_at  timestamptz NOT NULL DEFAULT now(),
-    acked_at    timestamptz
+    acked_at    timestamptz,
+    -- The role that registered it: only that role (or pgpipe_admin) uses it.
+    owner       oid         NOT NULL,
+    -- The session holding the consumer's lease (pgpipe.try_claim_consumer): a backend's
+    -- pid and start time, so a reused pid is not mistaken for the holder.
+    holder_pid      integer,
+    holder_started  timestamptz,
+    claimed_at      timestamptz
 );
-COMMENT ON COLUMN pgpipe.consumers.channels IS 'channels the consumer reads; NULL means all';
+COMMENT ON COLUMN pgpipe.consumers.channels IS 'channels the consumer reads; NULL means all (pgpipe_admin only)';
+COMMENT ON COLUMN pgpipe.consumers.owner IS 'the role that registered the consumer; only it (or pgpipe_admin) may use it';
 
 CREATE TYPE pgpipe.read_position AS (prev pg_snapshot, cur pg_snapshot, last_id uuid);
 
@@ -48,6 +56,33 @@ BEGIN
                   HINT = 'Pass a position returned by pgpipe.read().';
     END;
     RETURN result;
+END $$;
+
+-- The consumer `name`, when the calling role owns it or is pgpipe_admin; otherwise an
+-- error naming the owner. `for_update` locks its row.
+CREATE FUNCTION pgpipe.owned_consumer(name text, what text, for_update boolean DEFAULT false)
+RETURNS pgpipe.consumers
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c pgpipe.consumers;
+BEGIN
+    IF for_update THEN
+        SELECT * INTO c FROM pgpipe.consumers WHERE consumers.name = owned_consumer.name FOR UPDATE;
+    ELSE
+        SELECT * INTO c FROM pgpipe.consumers WHERE consumers.name = owned_consumer.name;
+    END IF;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'consumer % does not exist', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Create it with pgpipe.register_consumer().';
+    END IF;
+    IF NOT pg_has_role(session_user, c.owner, 'USAGE') AND NOT pgpipe.is_admin() THEN
+        RAISE EXCEPTION 'role % may not % consumer %: it belongs to role %',
+            quote_ident(session_user), what, quote_literal(name), coalesce(quote_ident(c.owner::regrole::text), c.owner::text)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Register a consumer of your own under another name (pgpipe listen --consumer NAME).';
+    END IF;
+    RETURN c;
 END $$;
 
 CREATE FUNCTION pgpipe.format_position(p pgpipe.read_position) RETURNS text
@@ -79,45 +114,69 @@ BEGIN
         RAISE EXCEPTION 'invalid start %', coalesce(quote_literal(start), 'NULL')
             USING ERRCODE = 'invalid_parameter_value', HINT = 'start is ''beginning'' or ''now''.';
     END IF;
-    SELECT * INTO existing FROM pgpipe.consumers WHERE consumers.name = register_consumer.name FOR UPDATE;
-    IF FOUND THEN
+    PERFORM pgpipe.require_channels_readable(channels, 'read');
+    IF EXISTS (SELECT 1 FROM pgpipe.consumers WHERE consumers.name = register_consumer.name) THEN
+        existing := pgpipe.owned_consumer(name, 'change', true);
         UPDATE pgpipe.consumers SET channels = register_consumer.channels
         WHERE consumers.name = register_consumer.name;
         RETURN pgpipe.format_position(ROW(existing.prev, existing.cur, existing.last_id));
     END IF;
-    INSERT INTO pgpipe.consumers (name, channels, prev)
+    INSERT INTO pgpipe.consumers (name, channels, prev, owner)
     VALUES (register_consumer.name, register_consumer.channels,
-            CASE WHEN start = 'now' THEN pg_current_snapshot() ELSE '1:1:'::pg_snapshot END)
+            CASE WHEN start = 'now' THEN pg_current_snapshot() ELSE '1:1:'::pg_snapshot END,
+            (SELECT r.oid FROM pg_roles r WHERE r.rolname = session_user))
+    ON CONFLICT ON CONSTRAINT consumers_pkey DO NOTHING
     RETURNING pgpipe.format_position(ROW(prev, cur, last_id)) INTO c;
+    IF c IS NULL THEN
+        -- Registered by another session a moment ago.
+        RETURN pgpipe.register_consumer(name, channels, start);
+    END IF;
     RETURN c;
 END $$;
 
+-- Removes a consumer (its owner or pgpipe_admin). Returns false when there was none.
 CREATE FUNCTION pgpipe.drop_consumer(name text) RETURNS boolean
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    WITH d AS (DELETE FROM pgpipe.consumers c WHERE c.name = drop_consumer.name RETURNING 1)
-    SELECT count(*) > 0 FROM d
-$$;
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pgpipe.consumers c WHERE c.name = drop_consumer.name) THEN
+        RETURN false;
+    END IF;
+    PERFORM pgpipe.owned_consumer(name, 'drop', true);
+    DELETE FROM pgpipe.consumers c WHERE c.name = drop_consumer.name;
+    RETURN true;
+END $$;
 
--- Takes the consumer's lease for this session (a session advisory lock), so a second
--- forwarder for the same consumer waits as a hot standby. Returns false when another
--- session holds it.
+-- Takes the consumer's lease for this session, so a second forwarder for the same
+-- consumer waits as a hot standby. Returns false when another live session holds it.
+-- The lease is the holder's backend (pid and start time) in the consumer's row, not an
+-- advisory lock: any role can take an advisory lock on any key, so a lease made of one
+-- could be squatted. It ends when the holding session ends.
 CREATE FUNCTION pgpipe.try_claim_consumer(name text) RETURNS boolean
-LANGUAGE sql AS $$
-    SELECT pg_try_advisory_lock(hashtextextended('pgpipe.consumer:' || name, 0))
-$$;
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c pgpipe.consumers := pgpipe.owned_consumer(name, 'claim', true);
+    me_started timestamptz := (SELECT a.backend_start FROM pg_stat_activity a WHERE a.pid = pg_backend_pid());
+BEGIN
+    IF c.holder_pid = pg_backend_pid() AND c.holder_started = me_started THEN
+        RETURN true;
+    END IF;
+    IF c.holder_pid IS NOT NULL AND EXISTS (
+            SELECT 1 FROM pg_stat_activity a
+            WHERE a.pid = c.holder_pid AND a.backend_start = c.holder_started) THEN
+        RETURN false;
+    END IF;
+    UPDATE pgpipe.consumers
+    SET holder_pid = pg_backend_pid(), holder_started = me_started, claimed_at = now()
+    WHERE consumers.name = try_claim_consumer.name;
+    RETURN true;
+END $$;
 
 -- The consumer's acknowledged position.
 CREATE FUNCTION pgpipe.consumer_position(name text) RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    c pgpipe.consumers;
+    c pgpipe.consumers := pgpipe.owned_consumer(name, 'read');
 BEGIN
-    SELECT * INTO c FROM pgpipe.consumers WHERE consumers.name = consumer_position.name;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'consumer % does not exist', quote_literal(name)
-            USING ERRCODE = 'undefined_object',
-                  HINT = 'Create it with pgpipe.register_consumer().';
-    END IF;
     RETURN pgpipe.format_position(ROW(c.prev, c.cur, c.last_id));
 END $$;
 
@@ -168,6 +227,7 @@ RETURNS TABLE (
 )
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    c pgpipe.consumers;
     chans text[];
     pos pgpipe.read_position;
     rows_returned integer;
@@ -175,13 +235,12 @@ BEGIN
     IF max_events IS NULL OR max_events < 1 THEN
         RAISE EXCEPTION 'max_events must be at least 1' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT c.channels INTO chans FROM pgpipe.consumers c WHERE c.name = read.consumer;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'consumer % does not exist', quote_literal(consumer)
-            USING ERRCODE = 'undefined_object',
-                  HINT = 'Create it with pgpipe.register_consumer().';
-    END IF;
-    pos := pgpipe.parse_position(coalesce(after, pgpipe.consumer_position(consumer)));
+    c := pgpipe.owned_consumer(consumer, 'read');
+    chans := c.channels;
+    -- On every read: a table subscribed to one of its channels since, or a grant
+    -- revoked, must not leak through an old consumer.
+    PERFORM pgpipe.require_channels_readable(chans, 'read');
+    pos := pgpipe.parse_position(coalesce(after, pgpipe.format_position(ROW(c.prev, c.cur, c.last_id))));
     IF pos.cur IS NULL THEN
         -- Start a new batch: everything committed from here on is visible to the query
         -- below, which runs with a later statement snapshot.
@@ -221,24 +280,27 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     pos pgpipe.read_position := pgpipe.parse_position("position");
 BEGIN
+    PERFORM pgpipe.owned_consumer(consumer, 'acknowledge');
     UPDATE pgpipe.consumers c
     SET prev = pos.prev, cur = pos.cur, last_id = pos.last_id, acked_at = now()
     WHERE c.name = ack.consumer;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'consumer % does not exist', quote_literal(consumer)
-            USING ERRCODE = 'undefined_object',
-                  HINT = 'Create it with pgpipe.register_consumer().';
-    END IF;
 END $$;
 
--- Each consumer's acknowledged position and how many committed events it has not yet acked.
-CREATE VIEW pgpipe.consumer_lag AS
+-- Each consumer's acknowledged position and how many committed events it has not yet
+-- acked; a role sees its own consumers (pgpipe_admin: all). `holder` is the session
+-- holding its lease; `stale` means no ack for pgpipe.consumer_stale_after, and
+-- `holds_retention` that it is the one keeping the oldest events in the queue.
+CREATE VIEW pgpipe.consumer_lag WITH (security_barrier) AS
 SELECT c.name,
        c.channels,
-       pgpipe.format_position(ROW(c.prev, c.cur, c.last_id)) AS "position",
+       c.prev::text || '/' || coalesce(c.cur::text, '') || '/' || coalesce(c.last_id::text, '') AS "position",
        c.acked_at,
        pending.events AS pending_events,
-       pending.oldest AS oldest_pending_at
+       pending.oldest AS oldest_pending_at,
+       c.owner::regrole AS owner,
+       holder.description AS holder,
+       coalesce(c.acked_at, c.created_at) < now() - make_interval(secs => pgpipe.consumer_stale_after()) AS stale,
+       pg_snapshot_xmin(c.prev) = (SELECT min(pg_snapshot_xmin(o.prev)) FROM pgpipe.consumers o) AS holds_retention
 FROM pgpipe.consumers c
 CROSS JOIN LATERAL (
     SELECT count(*) AS events, min(e.created_at) AS oldest
@@ -247,7 +309,14 @@ CROSS JOIN LATERAL (
       AND NOT pg_visible_in_snapshot(e.xid, c.prev)
       AND (c.cur IS NULL OR c.last_id IS NULL OR NOT pg_visible_in_snapshot(e.xid, c.cur) OR e.id > c.last_id)
       AND (c.channels IS NULL OR e.channel = ANY (c.channels))
-) pending;
+) pending
+LEFT JOIN LATERAL (
+    SELECT format('pid %s (%s%s)', a.pid, coalesce(nullif(a.application_name, ''), 'no application_name'),
+                  coalesce(' from ' || host(a.client_addr), '')) AS description
+    FROM pg_stat_activity a
+    WHERE a.pid = c.holder_pid AND a.backend_start = c.holder_started
+) holder ON true
+WHERE pg_has_role(session_user, c.owner, 'USAGE') OR pg_has_role(session_user, 'pgpipe_admin', 'USAGE');
 
 CREATE FUNCTION pgpipe.lag(consumer text) RETURNS bigint
 LANGUAGE sql STABLE AS $$

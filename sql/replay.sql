@@ -15,7 +15,7 @@
 -- id; clients deduplicate) rather than skipped. An event of a transaction that both
 -- started and wrote before the given event but committed after it is still not found;
 -- the in-memory path has no such limit. Events are found while retention keeps them
--- (pgpipe.rotate()); an unknown id raises no_data_found.
+-- (pgpipe.rotate()); an unknown id (or one of another channel) raises no_data_found.
 --------------------------------------------------------------------------------
 
 CREATE FUNCTION pgpipe.events_after(event_id uuid, channels text[] DEFAULT NULL, max_events integer DEFAULT 1000)
@@ -36,7 +36,12 @@ BEGIN
     IF max_events IS NULL OR max_events < 1 THEN
         RAISE EXCEPTION 'max_events must be at least 1' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT e.xid INTO last_xid FROM pgpipe.events e WHERE e.id = events_after.event_id;
+    -- The same rule as pgpipe.read(): only channels the role may read; all of them only
+    -- for pgpipe_admin.
+    PERFORM pgpipe.require_channels_readable(channels, 'replay');
+    SELECT e.xid INTO last_xid FROM pgpipe.events e
+    WHERE e.id = events_after.event_id
+      AND (events_after.channels IS NULL OR e.channel = ANY (events_after.channels));
     IF NOT FOUND THEN
         RAISE EXCEPTION 'event % is not in the queue (retention removed it, or it never existed)',
             coalesce(event_id::text, 'NULL')

@@ -29,15 +29,17 @@ $$;
 
 -- Creates partitions ahead and removes the ones every consumer is past. Returns what it
 -- did. `partition_xids` (setting pgpipe.partition_xids, default 1000000) is the number
--- of transaction ids a partition covers.
+-- of transaction ids a partition covers. pgpipe_admin only (sql/grants.sql).
 CREATE FUNCTION pgpipe.rotate() RETURNS TABLE (action text, partition_name text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    size bigint := coalesce(nullif(current_setting('pgpipe.partition_xids', true), '')::bigint, 1000000);
+    -- From the extension's own setting (superuser-only), not a session's placeholder.
+    size bigint := pgpipe.partition_xids();
     next_xid bigint := pg_snapshot_xmax(pg_current_snapshot())::text::bigint;
     horizon xid8 := pgpipe.retention_horizon();
     lower_bound bigint;
     p pgpipe.event_partitions;
+    stale record;
 BEGIN
     IF size < 1000 THEN
         RAISE EXCEPTION 'pgpipe.partition_xids must be at least 1000' USING ERRCODE = 'invalid_parameter_value';
@@ -72,6 +74,19 @@ BEGIN
             RETURN NEXT;
         END;
     END IF;
+
+    -- Never silence: a consumer nobody runs any more keeps every event from its
+    -- position on.
+    FOR stale IN
+        SELECT c.name, c.owner::regrole AS owner, coalesce(c.acked_at, c.created_at) AS since
+        FROM pgpipe.consumers c
+        WHERE coalesce(c.acked_at, c.created_at) < now() - make_interval(secs => pgpipe.consumer_stale_after())
+        ORDER BY c.name
+    LOOP
+        RAISE WARNING 'pgpipe: consumer % (role %) has acknowledged nothing since % and holds queue retention back',
+            quote_literal(stale.name), stale.owner, stale.since
+            USING HINT = format('Run its forwarder again, or drop it: SELECT pgpipe.drop_consumer(%L);', stale.name);
+    END LOOP;
 
     IF horizon IS NULL THEN
         RETURN;

@@ -259,6 +259,8 @@ REVOKE ALL ON FUNCTION pgpipe.recreate_slot(boolean), pgpipe.ensure_slot(),
 --     pg_replication_slots.wal_status (reserved, extended, unreserved).
 --   lag_bytes: WAL written since the slot's confirmed position.
 --   lag_seconds: time since the worker last reached the end of the WAL.
+--   stale_consumers: consumers (the caller's own; pgpipe_admin: all) that acknowledged
+--     nothing for pgpipe.consumer_stale_after and hold retention back.
 CREATE FUNCTION pgpipe.status()
 RETURNS TABLE (
     worker_state      text,
@@ -275,7 +277,8 @@ RETURNS TABLE (
     notifies_sent     bigint,
     worker_started_at timestamptz,
     last_error        text,
-    detail            text
+    detail            text,
+    stale_consumers   text[]
 )
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     WITH w AS (SELECT * FROM pgpipe.worker_status()),
@@ -305,6 +308,10 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 
              WHEN st.state = 'not_running' THEN 'the worker is not running (Postgres restarts it within seconds)'
              WHEN st.database IS DISTINCT FROM current_database() THEN format('the worker serves database %I, not this one', st.database)
              WHEN st.state = 'error' THEN 'the worker retries every pgpipe.poll_interval; see last_error and the server log'
-           END
+           END,
+           ARRAY(SELECT c.name FROM pgpipe.consumers c
+                 WHERE coalesce(c.acked_at, c.created_at) < now() - make_interval(secs => pgpipe.consumer_stale_after())
+                   AND (pg_has_role(session_user, c.owner, 'USAGE') OR pgpipe.is_admin())
+                 ORDER BY c.name)
     FROM st
 $$;

@@ -40,6 +40,11 @@ pub static EMIT_MODE: GucSetting<Option<CString>> =
 pub static DEBUG_NO_ADVANCE: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Transaction ids one partition of `pgpipe.events` covers (read by `pgpipe.rotate()`).
 pub static PARTITION_XIDS: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
+/// The largest `pgpipe.partition_xids`: a partition must end long before xid wraparound
+/// matters, or it is never dropped.
+const MAX_PARTITION_XIDS: i32 = 100_000_000;
+/// `pgpipe.consumer_stale_after`, in seconds (an hour by default).
+pub static CONSUMER_STALE_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
 
 /// Registers every setting. Called from `_PG_init` in every process that loads pgpipe.
 pub fn register() {
@@ -118,8 +123,20 @@ pub fn register() {
         c"Read by pgpipe.rotate() when it creates partitions.",
         &PARTITION_XIDS,
         1000,
+        MAX_PARTITION_XIDS,
+        // Retention is the admin's: a session must not make a partition that is never
+        // dropped.
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pgpipe.consumer_stale_after",
+        c"Seconds without an acknowledgement after which a pgpipe consumer is reported stale.",
+        c"pgpipe.status(), pgpipe.consumer_lag and a WARNING from pgpipe.rotate() name it: it holds retention.",
+        &CONSUMER_STALE_AFTER_S,
+        1,
         i32::MAX,
-        GucContext::Userset,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_string_guc(
@@ -190,4 +207,17 @@ pub fn notify_min_interval() -> Duration {
 pub fn rotate_interval() -> Option<Duration> {
     let seconds = ROTATE_INTERVAL_S.get();
     (seconds > 0).then(|| Duration::from_secs(seconds as u64))
+}
+
+/// `pgpipe.partition_xids` as this backend has it (superuser-set only), for
+/// `pgpipe.rotate()`: read through the loaded library, never a session's placeholder.
+#[pgrx::pg_extern(stable, parallel_safe)]
+fn partition_xids() -> i32 {
+    PARTITION_XIDS.get()
+}
+
+/// `pgpipe.consumer_stale_after`, in seconds.
+#[pgrx::pg_extern(stable, parallel_safe)]
+fn consumer_stale_after() -> i32 {
+    CONSUMER_STALE_AFTER_S.get()
 }

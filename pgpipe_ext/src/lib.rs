@@ -6,6 +6,7 @@
 
 use pgrx::prelude::*;
 
+mod capture;
 mod guc;
 mod shared;
 mod status;
@@ -17,10 +18,12 @@ mod worker;
 // The SQL objects, one file per concept, in this order (each file may use what the
 // ones before it define). The tables need the UUIDv7 function, defined in Rust, so they
 // come after it.
+extension_sql_file!("../sql/roles.sql", name = "roles");
 extension_sql_file!(
     "../sql/queue.sql",
     name = "queue",
     requires = [
+        "roles",
         uuid7::uuid_generate_v7,
         shared::mark_wakeup,
         status::worker_status
@@ -28,10 +31,26 @@ extension_sql_file!(
 );
 extension_sql_file!("../sql/capture.sql", name = "capture", requires = ["queue"]);
 extension_sql_file!("../sql/outbox.sql", name = "outbox", requires = ["capture"]);
-extension_sql_file!("../sql/consumers.sql", name = "consumers", requires = ["outbox"]);
-extension_sql_file!("../sql/retention.sql", name = "retention", requires = ["consumers"]);
-extension_sql_file!("../sql/dead_letters.sql", name = "dead_letters", requires = ["retention"]);
-extension_sql_file!("../sql/replay.sql", name = "replay", requires = ["dead_letters"]);
+extension_sql_file!(
+    "../sql/consumers.sql",
+    name = "consumers",
+    requires = ["outbox", guc::consumer_stale_after]
+);
+extension_sql_file!(
+    "../sql/retention.sql",
+    name = "retention",
+    requires = ["consumers"]
+);
+extension_sql_file!(
+    "../sql/dead_letters.sql",
+    name = "dead_letters",
+    requires = ["retention"]
+);
+extension_sql_file!(
+    "../sql/replay.sql",
+    name = "replay",
+    requires = ["dead_letters"]
+);
 extension_sql_file!("../sql/wal.sql", name = "wal", requires = ["replay"]);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 

@@ -273,4 +273,210 @@ mod tests {
         let captured = Spi::get_one::<i64>("SELECT count(*) FROM pgpipe.events").unwrap();
         assert_eq!(captured, Some(2));
     }
+
+    // --- The native capture trigger (issue 11).
+
+    fn setup_typed() {
+        Spi::run(
+            "CREATE TYPE public.mood AS ENUM ('sad', 'happy');
+             CREATE DOMAIN public.positive AS int CHECK (VALUE > 0);
+             CREATE TABLE public.typed (
+                 id int PRIMARY KEY, n numeric, f float8, b bool, t text, j jsonb, js json,
+                 ts timestamptz, d date, a int[], m public.mood, p public.positive,
+                 u uuid, bt bytea, iv interval, nothing text);
+             ALTER TABLE public.typed DROP COLUMN nothing;
+             ALTER TABLE public.typed ADD COLUMN added text DEFAULT 'missing-attr';",
+        )
+        .unwrap();
+    }
+
+    /// The payload the PL/pgSQL trigger built, computed in SQL from the table's rows.
+    fn expected_payload(op: &str, row: &str, old: &str) -> String {
+        Spi::get_one::<String>(&format!(
+            "SELECT jsonb_build_object('op', '{op}', 'schema', 'public', 'table', 'typed', \
+             'row', {row}, 'old', {old})::text"
+        ))
+        .unwrap()
+        .unwrap()
+    }
+
+    fn payloads(op: &str) -> Vec<String> {
+        Spi::connect(|client| {
+            client
+                .select(
+                    &format!(
+                        "SELECT payload::text FROM pgpipe.events WHERE operation = '{op}' ORDER BY id"
+                    ),
+                    None,
+                    &[],
+                )
+                .unwrap()
+                .map(|row| row.get::<String>(1).unwrap().unwrap())
+                .collect()
+        })
+    }
+
+    #[pg_test]
+    fn native_trigger_payloads_equal_to_jsonb() {
+        setup_typed();
+        Spi::run("SELECT pgpipe.subscribe('typed')").unwrap();
+        Spi::run(
+            "INSERT INTO typed (id, n, f, b, t, j, js, ts, d, a, m, p, u, bt, iv) VALUES
+             (1, 12.50, 'NaN', true, 'quote \" and \\ and é', '{\"k\": [1, 2.0]}', '{\"x\":  1}',
+              '2026-12-01 10:00:00.123456+00', 'infinity', '{1,NULL,3}', 'happy', 5,
+              'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\\x00ff', '1 day 2 hours')",
+        )
+        .unwrap();
+        // Incompressible and long: stored out of line (TOAST).
+        Spi::run(
+            "INSERT INTO typed (id, t) SELECT 2, string_agg(md5(g::text), '') FROM generate_series(1, 400) g",
+        )
+        .unwrap();
+        let want_insert = [
+            expected_payload(
+                "INSERT",
+                "(SELECT to_jsonb(r) FROM typed r WHERE id = 1)",
+                "NULL",
+            ),
+            expected_payload(
+                "INSERT",
+                "(SELECT to_jsonb(r) FROM typed r WHERE id = 2)",
+                "NULL",
+            ),
+        ];
+        Spi::run("CREATE TEMP TABLE before_update AS SELECT * FROM typed WHERE id = 1").unwrap();
+        Spi::run("UPDATE typed SET n = -0.001, m = 'sad', a = NULL WHERE id = 1").unwrap();
+        let want_update = expected_payload(
+            "UPDATE",
+            "(SELECT to_jsonb(r) FROM typed r WHERE id = 1)",
+            "(SELECT to_jsonb(r) FROM before_update r)",
+        );
+        Spi::run("CREATE TEMP TABLE before_delete AS SELECT * FROM typed WHERE id = 2").unwrap();
+        Spi::run("DELETE FROM typed WHERE id = 2").unwrap();
+        let want_delete = expected_payload(
+            "DELETE",
+            "(SELECT to_jsonb(r) FROM before_delete r)",
+            "NULL",
+        );
+        Spi::run("TRUNCATE typed").unwrap();
+        let want_truncate = expected_payload("TRUNCATE", "NULL", "NULL");
+
+        assert_eq!(payloads("INSERT"), want_insert);
+        assert_eq!(payloads("UPDATE"), vec![want_update]);
+        assert_eq!(payloads("DELETE"), vec![want_delete]);
+        assert_eq!(payloads("TRUNCATE"), vec![want_truncate]);
+        // The columns beside the payload, as the defaults of pgpipe.events give them.
+        let ok = Spi::get_one::<bool>(
+            "SELECT bool_and(channel = 'typed' AND source = 'trigger' AND lsn IS NULL
+                             AND xid = pg_current_xact_id() AND payload->>'op' = operation
+                             AND created_at <= clock_timestamp() AND created_at >= now())
+                    AND count(DISTINCT id) = 5
+             FROM pgpipe.events",
+        )
+        .unwrap();
+        assert_eq!(ok, Some(true));
+    }
+
+    #[pg_test]
+    fn native_trigger_routes_to_the_xid_partition_and_maintains_indexes() {
+        // No xid yet: rotate() starts the first range at this transaction's xid.
+        Spi::run("SET LOCAL pgpipe.partition_xids = 1000").unwrap();
+        Spi::run("SELECT * FROM pgpipe.rotate()").unwrap();
+        setup_orders();
+        Spi::run("SELECT pgpipe.subscribe('orders')").unwrap();
+        Spi::run("INSERT INTO orders SELECT g, 'new', g, NULL FROM generate_series(1, 50) g")
+            .unwrap();
+        let partition = Spi::get_one::<String>(
+            "SELECT string_agg(DISTINCT tableoid::regclass::text, ',') FROM pgpipe.events",
+        )
+        .unwrap()
+        .unwrap();
+        let expected = Spi::get_one::<String>(
+            "SELECT 'pgpipe.' || name FROM pgpipe.event_partitions
+             WHERE pg_current_xact_id() >= lower_xid AND pg_current_xact_id() < upper_xid",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(partition, expected);
+        // Both indexes hold every row: count through each with sequential scans off.
+        Spi::run("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off").unwrap();
+        let by_xid = Spi::get_one::<i64>(
+            "SELECT count(*) FROM pgpipe.events WHERE xid = pg_current_xact_id()",
+        )
+        .unwrap();
+        let by_id = Spi::get_one::<i64>(
+            "SELECT count(*) FROM pgpipe.events WHERE id > '00000000-0000-0000-0000-000000000000'",
+        )
+        .unwrap();
+        assert_eq!((by_xid, by_id), (Some(50), Some(50)));
+    }
+
+    #[pg_test]
+    fn native_trigger_rows_roll_back_with_a_subtransaction() {
+        setup_orders();
+        Spi::run("SELECT pgpipe.subscribe('orders')").unwrap();
+        Spi::run(
+            "DO $$ BEGIN
+                 INSERT INTO orders VALUES (1, 'kept', 1, NULL);
+                 BEGIN
+                     INSERT INTO orders VALUES (2, 'rolled back', 1, NULL);
+                     RAISE EXCEPTION 'undo';
+                 EXCEPTION WHEN raise_exception THEN NULL;
+                 END;
+             END $$",
+        )
+        .unwrap();
+        let rows = Spi::get_one::<String>(
+            "SELECT string_agg(payload->'row'->>'status', ',') FROM pgpipe.events",
+        )
+        .unwrap();
+        assert_eq!(rows.as_deref(), Some("kept"));
+    }
+
+    /// A writer with no right on pgpipe's tables writes a subscribed table; a cast to json
+    /// on its column type runs as that writer, not as a superuser.
+    #[pg_test]
+    fn native_trigger_runs_as_the_writer_who_needs_no_queue_rights() {
+        Spi::run(
+            "CREATE ROLE pgpipe_test_writer NOSUPERUSER;
+             CREATE SCHEMA writer_space AUTHORIZATION pgpipe_test_writer;
+             SET LOCAL ROLE pgpipe_test_writer;
+             CREATE TABLE writer_space.seen (who text, session_who text, was_superuser bool);
+             CREATE TYPE writer_space.tag AS ENUM ('a', 'b');
+             CREATE FUNCTION writer_space.tag_json(writer_space.tag) RETURNS json
+             LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO writer_space.seen
+                 SELECT current_user, session_user, rolsuper FROM pg_roles WHERE rolname = current_user;
+                 RETURN to_json($1::text);
+             END $$;
+             CREATE CAST (writer_space.tag AS json) WITH FUNCTION writer_space.tag_json(writer_space.tag);
+             CREATE TABLE writer_space.things (id int PRIMARY KEY, tag writer_space.tag);
+             RESET ROLE;",
+        )
+        .unwrap();
+        Spi::run("SELECT pgpipe.subscribe('writer_space.things')").unwrap();
+        Spi::run(
+            "SET LOCAL ROLE pgpipe_test_writer; INSERT INTO writer_space.things VALUES (1, 'b')",
+        )
+        .unwrap();
+        Spi::run("RESET ROLE").unwrap();
+        // The writer has no right on the queue itself.
+        let rights = Spi::get_one::<bool>(
+            "SELECT has_table_privilege('pgpipe_test_writer', 'pgpipe.events', 'INSERT')
+                 OR has_table_privilege('pgpipe_test_writer', 'pgpipe.events_default', 'INSERT')",
+        )
+        .unwrap();
+        assert_eq!(rights, Some(false));
+        let seen = Spi::get_two::<String, bool>("SELECT who, was_superuser FROM writer_space.seen")
+            .unwrap();
+        assert_eq!(seen, (Some("pgpipe_test_writer".into()), Some(false)));
+        let payload = Spi::get_one::<pgrx::JsonB>(
+            "SELECT payload FROM pgpipe.events WHERE channel = 'writer_space.things'",
+        )
+        .unwrap()
+        .unwrap()
+        .0;
+        assert_eq!(payload["row"], serde_json::json!({"id": 1, "tag": "b"}));
+    }
 }

@@ -8,8 +8,12 @@
 //! has finished the event it follows, so a crash can repeat only events still in flight.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::error::Error;
 
 /// Pure bookkeeping of the in-flight window; `P` is the source's position type.
 #[derive(Debug)]
@@ -89,23 +93,151 @@ impl<P> AckTracker<P> {
     }
 }
 
-/// The handle a durable adapter reports its progress with.
+/// The handle an adapter reports its progress with. Every adapter gets one: durable
+/// adapters report what they finished, live ones what they handed on (at once).
 #[derive(Debug, Clone)]
 pub struct Acker {
     adapter: usize,
-    tx: mpsc::UnboundedSender<(usize, u64)>,
+    /// `None` for a live adapter: its events never hold the source position back, so
+    /// acknowledging them is done the moment they are handed on.
+    tx: Option<mpsc::UnboundedSender<(usize, u64)>>,
 }
 
 impl Acker {
     /// A handle for durable adapter number `adapter`.
     pub fn new(adapter: usize, tx: mpsc::UnboundedSender<(usize, u64)>) -> Self {
-        Acker { adapter, tx }
+        Acker {
+            adapter,
+            tx: Some(tx),
+        }
+    }
+
+    /// The handle of a live adapter (sse, ws): its acknowledgements count at once.
+    pub fn live() -> Self {
+        Acker {
+            adapter: usize::MAX,
+            tx: None,
+        }
     }
 
     /// Every event up to `seq` is delivered or dead-lettered.
     pub fn finished(&self, seq: u64) {
-        // The detector may already be gone on shutdown; nothing to tell it then.
-        let _ = self.tx.send((self.adapter, seq));
+        if let Some(tx) = &self.tx {
+            // The detector may already be gone on shutdown; nothing to tell it then.
+            let _ = tx.send((self.adapter, seq));
+        }
+    }
+}
+
+/// A detector's in-flight window: the tracker, the adapters' acknowledgements and the
+/// flow-control limit, shared by every detector.
+///
+/// A forgotten acknowledgement is loud: when the window has been full for `stall_warning`
+/// without any acknowledgement arriving, it logs a warning naming the detector (and again
+/// every `stall_warning` while it stays stuck), instead of hanging silently.
+#[derive(Debug)]
+pub struct InFlight<P> {
+    tracker: AckTracker<P>,
+    acks: mpsc::UnboundedReceiver<(usize, u64)>,
+    max: u64,
+    stall_warning: Duration,
+    last_progress: Instant,
+    detector: &'static str,
+}
+
+impl<P> InFlight<P> {
+    /// A window of at most `max` events for `durable` adapters reporting on `acks`.
+    pub fn new(
+        detector: &'static str,
+        acks: mpsc::UnboundedReceiver<(usize, u64)>,
+        durable: usize,
+        max: usize,
+        stall_warning: Duration,
+    ) -> Self {
+        InFlight {
+            tracker: AckTracker::new(durable),
+            acks,
+            max: max.max(1) as u64,
+            stall_warning,
+            last_progress: Instant::now(),
+            detector,
+        }
+    }
+
+    /// Events handed out and not yet finished by every durable adapter.
+    pub fn in_flight(&self) -> u64 {
+        self.tracker.in_flight()
+    }
+
+    /// How many more events may be handed out now.
+    pub fn room(&self) -> u64 {
+        self.max.saturating_sub(self.tracker.in_flight())
+    }
+
+    /// The most events in flight at once (`max_in_flight`).
+    pub fn capacity(&self) -> u64 {
+        self.max
+    }
+
+    /// Numbers the next event and remembers the position after it.
+    pub fn push_event(&mut self, position_after: P) -> u64 {
+        if self.room() == 1 {
+            // The window fills now: the stall clock starts here.
+            self.last_progress = Instant::now();
+        }
+        self.tracker.push_event(position_after)
+    }
+
+    /// Records a position that follows no new event (see [`AckTracker::push_position`]).
+    pub fn push_position(&mut self, position: P) {
+        self.tracker.push_position(position);
+    }
+
+    /// The newest position every durable adapter is past, if a new one is available.
+    pub fn take_releasable(&mut self) -> Option<P> {
+        self.tracker.take_releasable()
+    }
+
+    /// The number of the last event covered by a released position.
+    pub fn released_seq(&self) -> u64 {
+        self.tracker.released_seq()
+    }
+
+    /// Takes every acknowledgement already waiting, without blocking.
+    pub fn drain(&mut self) {
+        while let Ok((adapter, seq)) = self.acks.try_recv() {
+            self.finished(adapter, seq);
+        }
+    }
+
+    /// Waits for acknowledgements and takes them all. Cancel-safe (use it in `select!`).
+    /// Warns while the window is full and nothing is acknowledged. Fails with
+    /// [`Error::BusClosed`] when no adapter can acknowledge any more.
+    pub async fn acked(&mut self) -> Result<(), Error> {
+        loop {
+            let full = self.room() == 0;
+            let stall_at = self.last_progress + self.stall_warning;
+            tokio::select! {
+                ack = self.acks.recv() => {
+                    let (adapter, seq) = ack.ok_or(Error::BusClosed)?;
+                    self.finished(adapter, seq);
+                    self.drain();
+                    return Ok(());
+                }
+                _ = tokio::time::sleep_until(stall_at), if full => {
+                    tracing::warn!(component = "detector", detector = self.detector,
+                        in_flight = self.in_flight(), waited = ?self.stall_warning,
+                        "the in-flight window is full and no adapter acknowledged anything: \
+                         an adapter is stuck or forgot an acknowledgement");
+                    self.last_progress = Instant::now();
+                }
+            }
+        }
+    }
+
+    fn finished(&mut self, adapter: usize, seq: u64) {
+        self.tracker.finished(adapter, seq);
+        self.last_progress = Instant::now();
     }
 }
 
@@ -143,6 +275,21 @@ mod tests {
         assert_eq!(t.take_releasable(), None);
         t.finished(0, a);
         assert_eq!(t.take_releasable(), Some("batch-end"));
+    }
+
+    #[tokio::test]
+    async fn the_window_limits_and_takes_acks() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut w = InFlight::new("test", rx, 1, 2, Duration::from_secs(60));
+        let a = w.push_event("p1");
+        w.push_event("p2");
+        assert_eq!(w.room(), 0);
+        Acker::new(0, tx.clone()).finished(a);
+        Acker::live().finished(99);
+        w.acked().await.unwrap();
+        assert_eq!((w.room(), w.take_releasable()), (1, Some("p1")));
+        drop(tx);
+        assert!(matches!(w.acked().await, Err(Error::BusClosed)));
     }
 
     #[test]

@@ -49,6 +49,10 @@ pub const METRICS: &[(&str, &str)] = &[
         "Committed queue events the forwarder's consumer has not acknowledged yet.",
     ),
     (
+        "pgpipe_queue_stale_consumers",
+        "Consumers of the forwarder's role that acknowledged nothing for pgpipe.consumer_stale_after (they hold retention).",
+    ),
+    (
         "pgpipe_dead_letters_total",
         "Events written to pgpipe.dead_letters after exhausting their retries.",
     ),
@@ -78,6 +82,7 @@ struct Metrics {
     duration: HistogramVec,
     latency: Histogram,
     queue_lag: IntGauge,
+    stale_consumers: IntGauge,
     dead_letters: IntCounter,
     sse_clients: IntGauge,
     ws_clients: IntGauge,
@@ -142,6 +147,7 @@ impl Metrics {
             duration: duration.clone(),
             latency: latency.clone(),
             queue_lag: gauge("pgpipe_queue_lag_events"),
+            stale_consumers: gauge("pgpipe_queue_stale_consumers"),
             dead_letters: counter("pgpipe_dead_letters_total"),
             sse_clients: gauge("pgpipe_sse_clients_active"),
             ws_clients: gauge("pgpipe_ws_clients_active"),
@@ -215,6 +221,13 @@ pub fn end_to_end(created_at: DateTime<Utc>) {
 /// The consumer's unacknowledged committed events, as last measured.
 pub fn queue_lag(events: i64) {
     get().queue_lag.set(events);
+}
+
+/// How many stale consumers `pgpipe.status()` names.
+pub fn stale_consumers(n: usize) {
+    get()
+        .stale_consumers
+        .set(i64::try_from(n).unwrap_or(i64::MAX));
 }
 
 /// `n` events were dead-lettered.

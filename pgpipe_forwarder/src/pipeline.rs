@@ -78,10 +78,12 @@ impl Pipeline {
                 self.live_buffer
             };
             let input = bus.add_output(&name, is_durable, capacity);
-            let acker = is_durable.then(|| {
+            let acker = if is_durable {
                 durable += 1;
                 Acker::new(durable - 1, ack_tx.clone())
-            });
+            } else {
+                Acker::live()
+            };
             let task = adapter.run(input, acker, cancel.clone());
             adapters.spawn(async move {
                 let result = task.await;

@@ -271,6 +271,96 @@ impl Forwarder {
     }
 }
 
+/// A `pgpipe listen` command line, built flag by flag, so a scenario says what it wants
+/// (`.channel("t").adapter("file")`) instead of spelling out an argument array.
+///
+/// ```no_run
+/// # fn f(url: &str) {
+/// use pgpipe_tests::Forwarder;
+/// let fwd = Forwarder::listen(url)
+///     .channel("t")
+///     .adapter("file")
+///     .flag("--file-path", "/tmp/events.jsonl")
+///     .env("PGPIPE_DETECTOR_BACKOFF_BASE", "200ms")
+///     .spawn();
+/// # }
+/// ```
+#[derive(Debug, Clone, Default)]
+#[must_use = "spawn() runs the forwarder"]
+pub struct Listen {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Listen {
+    /// Adds `--channel NAME` (repeatable).
+    pub fn channel(self, name: impl Into<String>) -> Listen {
+        self.flag("--channel", name)
+    }
+
+    /// Adds `--adapter NAME` (repeatable).
+    pub fn adapter(self, name: impl Into<String>) -> Listen {
+        self.flag("--adapter", name)
+    }
+
+    /// Adds `--detector NAME`.
+    pub fn detector(self, name: impl Into<String>) -> Listen {
+        self.flag("--detector", name)
+    }
+
+    /// Adds `FLAG VALUE`, e.g. `.flag("--file-path", path)`.
+    pub fn flag(mut self, flag: &str, value: impl Into<String>) -> Listen {
+        self.args.push(flag.to_string());
+        self.args.push(value.into());
+        self
+    }
+
+    /// Adds one argument as it is: a flag without a value (`.arg("--all-tables")`).
+    pub fn arg(mut self, arg: &str) -> Listen {
+        self.args.push(arg.to_string());
+        self
+    }
+
+    /// Sets an environment variable for the process.
+    pub fn env(mut self, name: &str, value: impl Into<String>) -> Listen {
+        self.env.push((name.to_string(), value.into()));
+        self
+    }
+
+    /// Sets every `(name, value)` of `vars` for the process.
+    pub fn envs(mut self, vars: &[(&str, &str)]) -> Listen {
+        self.env
+            .extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self
+    }
+
+    /// The full argument list (`listen --db URL ...`).
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+
+    /// Starts the forwarder with this command line (see [`Forwarder::spawn`]).
+    pub fn spawn(&self) -> Forwarder {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        Forwarder::spawn(&args, &env)
+    }
+}
+
+impl Forwarder {
+    /// A `pgpipe listen --db DB_URL` command line to add flags to; see [`Listen`].
+    pub fn listen(db_url: &str) -> Listen {
+        Listen {
+            args: vec!["listen".into(), "--db".into(), db_url.into()],
+            env: Vec::new(),
+        }
+    }
+}
+
 impl Drop for Forwarder {
     fn drop(&mut self) {
         let child = self.child.get_mut().unwrap_or_else(|e| e.into_inner());

@@ -5,7 +5,8 @@
 //!   test process, started on first use; [`TempPg::database`] gives each test a fresh
 //!   database with the pgpipe extension created. [`TempPg::start_dedicated`] starts a
 //!   cluster of its own for a test that restarts Postgres or needs TLS or other settings.
-//! - [`Forwarder`]: the `pgpipe` binary as a child process, stdout captured as lines.
+//! - [`Forwarder`]: the `pgpipe` binary as a child process, stdout captured as lines;
+//!   [`Forwarder::listen`] builds a `pgpipe listen` command line flag by flag ([`Listen`]).
 //! - [`wait_until`]: polls an async condition.
 //!
 //! ```no_run
@@ -17,7 +18,7 @@
 //!     let db = test_db("inserts_reach_stdout").await;
 //!     db.execute("CREATE TABLE t (id int PRIMARY KEY); SELECT pgpipe.subscribe('t')").await;
 //!     let url = db.url();
-//!     let fwd = Forwarder::spawn(&["listen", "--db", &url, "-c", "t"], &[]);
+//!     let fwd = Forwarder::listen(&url).channel("t").spawn();
 //!     db.execute("INSERT INTO t VALUES (1)").await;
 //!     let events = fwd.wait_for_events(1, Duration::from_secs(10)).await;
 //!     assert_eq!(events[0]["channel"], "t");
@@ -46,8 +47,10 @@ mod tls;
 
 use std::time::{Duration, Instant};
 
-pub use forwarder::Forwarder;
-pub use pg::{describe, test_db, PgOptions, StopMode, TempPg, TestDb, DEFAULT_PG_BIN};
+pub use forwarder::{Forwarder, Listen};
+pub use pg::{
+    describe, test_db, PgOptions, StopMode, TempPg, TestDb, DEFAULT_PG_BIN, FORWARDER_ROLE,
+};
 pub use receiver::{HttpReceiver, Reply, Request};
 
 /// Polls `condition` every 50 ms until it returns true (then `true`) or `timeout` passes

@@ -161,14 +161,24 @@ impl TempPg {
             .await
             .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {}", describe(&e)));
         drop(admin);
-        let db = TestDb {
+        let mut db = TestDb {
             cluster: self.clone(),
             name,
+            forwarder_role: None,
         };
         if extension && self.inner.preload {
             db.execute("CREATE EXTENSION pgpipe").await;
+            db.execute(FORWARDER_ROLE_SQL).await;
+            db.forwarder_role = Some(FORWARDER_ROLE);
         }
         db
+    }
+
+    /// A new connection to database `dbname` of this cluster (TLS on a TLS cluster); the
+    /// connection task is spawned on the current tokio runtime. Panics with the server
+    /// log's tail when it cannot connect.
+    pub async fn client(&self, dbname: &str) -> Client {
+        self.inner.client_or_panic(dbname).await
     }
 
     /// `postgres://postgres@127.0.0.1:PORT/<dbname>`.
@@ -543,7 +553,11 @@ impl Cluster {
     /// Connects to `dbname`, over TLS on a TLS cluster; the connection task is spawned
     /// on the current tokio runtime.
     async fn connect(&self, dbname: &str) -> Result<Client, tokio_postgres::Error> {
-        let url = self.url(dbname);
+        self.connect_url(&self.url(dbname)).await
+    }
+
+    /// Connects with `url` (a URL of this cluster), as [`Cluster::connect`] does.
+    async fn connect_url(&self, url: &str) -> Result<Client, tokio_postgres::Error> {
         match &self.tls {
             Some(tls) => {
                 let mut config: tokio_postgres::Config = url.parse()?;
@@ -555,7 +569,7 @@ impl Cluster {
                 Ok(client)
             }
             None => {
-                let (client, connection) = tokio_postgres::connect(&url, NoTls).await?;
+                let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
                 tokio::spawn(async move {
                     let _ = connection.await;
                 });
@@ -903,11 +917,39 @@ async fn run_blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'stat
     }
 }
 
+/// The login role scenario forwarders run as in a database with the extension: only
+/// what the README says a forwarder needs (`pgpipe_consumer`, SELECT on the captured
+/// tables), never a superuser.
+pub const FORWARDER_ROLE: &str = "pgpipe_forwarder";
+
+/// Creates [`FORWARDER_ROLE`] (cluster-wide, once; tests create databases concurrently)
+/// and lets it SELECT every table the tests create (as postgres) in this database.
+const FORWARDER_ROLE_SQL: &str = "
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgpipe_forwarder') THEN
+        BEGIN
+            CREATE ROLE pgpipe_forwarder LOGIN;
+        EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+        END;
+    END IF;
+    IF NOT pg_has_role('pgpipe_forwarder', 'pgpipe_consumer', 'MEMBER') THEN
+        BEGIN
+            GRANT pgpipe_consumer TO pgpipe_forwarder;
+        EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+        END;
+    END IF;
+END $$;
+ALTER DEFAULT PRIVILEGES FOR ROLE postgres GRANT SELECT ON TABLES TO pgpipe_forwarder;
+";
+
 /// A database of its own for one test, in a [`TempPg`] cluster.
 #[derive(Clone, Debug)]
 pub struct TestDb {
     cluster: TempPg,
     name: String,
+    /// Set in a database with the extension: [`TestDb::url`] connects as it.
+    forwarder_role: Option<&'static str>,
 }
 
 impl TestDb {
@@ -916,9 +958,39 @@ impl TestDb {
         &self.name
     }
 
-    /// `postgres://postgres@127.0.0.1:PORT/<name>`.
+    /// The URL a forwarder uses: `postgres://pgpipe_forwarder@127.0.0.1:PORT/<name>` in a
+    /// database with the extension (the least-privilege role, [`FORWARDER_ROLE`]),
+    /// `postgres://postgres@...` without it.
     pub fn url(&self) -> String {
+        match self.forwarder_role {
+            Some(role) => self.url_as(role),
+            None => self.admin_url(),
+        }
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/<name>`: the superuser, for what only an
+    /// operator does (dead letters, `pgpipe init` output, retention).
+    pub fn admin_url(&self) -> String {
         self.cluster.url(&self.name)
+    }
+
+    /// `postgres://<role>@127.0.0.1:PORT/<name>`: the URL of another login role (the
+    /// harness trusts every role on 127.0.0.1).
+    pub fn url_as(&self, role: &str) -> String {
+        self.admin_url()
+            .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1)
+    }
+
+    /// A new connection as login role `role`; the error when it is refused.
+    pub async fn try_client_as(&self, role: &str) -> Result<Client, tokio_postgres::Error> {
+        self.cluster.inner.connect_url(&self.url_as(role)).await
+    }
+
+    /// A new connection as login role `role`; panics when it is refused.
+    pub async fn client_as(&self, role: &str) -> Client {
+        self.try_client_as(role)
+            .await
+            .unwrap_or_else(|e| panic!("connect as {role}: {}", describe(&e)))
     }
 
     /// [`TestDb::url`] with a query string appended: `db.url_with("sslmode=require")`.

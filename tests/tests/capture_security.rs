@@ -1,175 +1,152 @@
-//! Journey: capture runs the table owner's code with the owner's rights, never pgpipe's.
-//! The attacker is a login role that owns only its own schema: its enum has a cast to
-//! json whose function records who runs it and tries `ALTER ROLE ... SUPERUSER`, and its
-//! domain has a CHECK calling a function that does the same (the WAL worker runs a
-//! type's input function to read a value back). Its table is subscribed and written.
+//! Journey: an untrusted login role that owns only its own schema captures its own table
+//! whose column type has a cast to json — the cast function runs while the row is turned
+//! into the event's payload. It runs as that role (the writer), never with pgpipe's or a
+//! superuser's rights, and the event is queued all the same.
 //!
-//! Failure that matters (WAL mode): the background worker converts values with
-//! `to_jsonb` and input functions; as the bootstrap superuser that made the attacker a
-//! superuser. Now the functions run as the table's owner inside a security-restricted
-//! operation (search_path pinned), the role stays a plain role, and the event is still
-//! queued with the cast's value.
+//! Failure that matters: the cast function tries `ALTER ROLE ... SUPERUSER`; it is refused
+//! and the role is not a superuser afterwards (the PL/pgSQL trigger before issue 11 was
+//! SECURITY DEFINER and granted it).
+//!
+//! Each capture mode is one test calling [`escalation_attempt`] with its mode; the WAL
+//! mode (`mode => 'wal'`, converted by the background worker as the table's owner) is
+//! added beside the trigger one.
 
 use std::time::Duration;
 
-use pgpipe_tests::{describe, wait_until, TempPg};
-use serde_json::Value;
+use pgpipe_tests::{describe, test_db, wait_until, TestDb};
 use tokio_postgres::{Client, NoTls};
 
-/// The worker serves database `postgres` (the default `pgpipe.database`) of this test
-/// process's own cluster.
-async fn worker_db() -> Client {
-    let pg = TempPg::shared();
-    let (client, connection) = tokio_postgres::connect(&pg.url("postgres"), NoTls)
+const WAIT: Duration = Duration::from_secs(20);
+
+/// What the cast function saw.
+#[derive(Debug, PartialEq)]
+struct Seen {
+    current_user: String,
+    session_user: String,
+    was_superuser: bool,
+    /// SQLSTATE of the refused `ALTER ROLE ... SUPERUSER`, or "granted".
+    escalation: String,
+}
+
+async fn connect_as(db: &TestDb, role: &str) -> Client {
+    let url = format!(
+        "postgres://{role}@127.0.0.1:{}/{}",
+        db.cluster().port(),
+        db.name()
+    );
+    let (client, connection) = tokio_postgres::connect(&url, NoTls)
         .await
-        .expect("connect to postgres");
+        .unwrap_or_else(|e| panic!("connect as {role}: {}", describe(&e)));
     tokio::spawn(connection);
-    client
-        .batch_execute("CREATE EXTENSION IF NOT EXISTS pgpipe")
-        .await
-        .expect("create extension");
     client
 }
 
-/// The attacker's objects, created as the attacker (`{r}` = its role and schema).
-const ATTACKER_SQL: &str = r#"
-    CREATE TABLE {r}.seen (via text, who text, is_super bool, search_path text, escalation text);
-    CREATE FUNCTION {r}.spy(via text) RETURNS void LANGUAGE plpgsql AS $$
-    DECLARE
-        outcome text := 'succeeded';
-    BEGIN
-        BEGIN
-            EXECUTE format('ALTER ROLE %I SUPERUSER', current_user);
-        EXCEPTION WHEN OTHERS THEN
-            outcome := SQLSTATE || ' ' || SQLERRM;
-        END;
-        INSERT INTO {r}.seen VALUES (via, current_user,
-            (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),
-            current_setting('search_path'), outcome);
-    END $$;
-    CREATE TYPE {r}.mood AS ENUM ('calm', 'sly');
-    CREATE FUNCTION {r}.mood_json(m {r}.mood) RETURNS json LANGUAGE plpgsql AS $$
-    BEGIN
-        PERFORM {r}.spy('cast');
-        RETURN to_json('mood:' || m::text);
-    END $$;
-    CREATE CAST ({r}.mood AS json) WITH FUNCTION {r}.mood_json({r}.mood);
-    CREATE FUNCTION {r}.note_ok(v text) RETURNS boolean LANGUAGE plpgsql AS $$
-    BEGIN
-        PERFORM {r}.spy('input');
-        RETURN true;
-    END $$;
-    CREATE DOMAIN {r}.note AS text CHECK ({r}.note_ok(VALUE));
-    CREATE TABLE {r}.t (id int PRIMARY KEY, m {r}.mood, n {r}.note);
-"#;
+/// The attacker's journey in capture mode `mode`; returns what its cast function saw.
+async fn escalation_attempt(db: &TestDb, mode: &str) -> Vec<Seen> {
+    // Roles are cluster-wide and the cluster is shared: one role per test database.
+    let role = format!("attacker_{}", db.name());
+    db.execute(&format!(
+        "CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEROLE;
+         CREATE SCHEMA {role} AUTHORIZATION {role};
+         -- The most an untrusted role is given: capture of its own tables.
+         GRANT pgpipe_producer TO {role};"
+    ))
+    .await;
+    let attacker = connect_as(db, &role).await;
+    let setup = format!(
+        "CREATE TABLE {role}.seen (
+             current_user_name text, session_user_name text, was_superuser bool, escalation text);
+         CREATE TYPE {role}.tag AS ENUM ('a', 'b');
+         -- Called by to_jsonb for every value of type tag: whoever converts the row runs it.
+         CREATE FUNCTION {role}.tag_to_json(t {role}.tag) RETURNS json
+         LANGUAGE plpgsql AS $$
+         DECLARE
+             outcome text := 'granted';
+         BEGIN
+             BEGIN
+                 EXECUTE format('ALTER ROLE %I SUPERUSER', current_user);
+             EXCEPTION WHEN OTHERS THEN
+                 outcome := SQLSTATE;
+             END;
+             INSERT INTO {role}.seen
+             SELECT current_user, session_user, r.rolsuper, outcome
+             FROM pg_catalog.pg_roles r WHERE r.rolname = current_user;
+             RETURN pg_catalog.to_json(t::text);
+         END $$;
+         CREATE CAST ({role}.tag AS json) WITH FUNCTION {role}.tag_to_json({role}.tag);
+         CREATE TABLE {role}.things (id int PRIMARY KEY, tag {role}.tag);
+         SELECT pgpipe.subscribe('{role}.things', mode => '{mode}');
+         INSERT INTO {role}.things VALUES (1, 'b');"
+    );
+    attacker
+        .batch_execute(&setup)
+        .await
+        .unwrap_or_else(|e| panic!("the attacker's journey failed: {}", describe(&e)));
 
-#[tokio::test]
-async fn wal_worker_converts_values_as_the_table_owner_never_as_superuser() {
-    let admin = worker_db().await;
-    let r = "mallory_wal";
-    admin
-        .batch_execute(&format!(
-            "CREATE ROLE {r} LOGIN;
-             CREATE SCHEMA {r} AUTHORIZATION {r};
-             SET ROLE {r};
-             {}
-             RESET ROLE;",
-            ATTACKER_SQL.replace("{r}", r)
-        ))
-        .await
-        .unwrap_or_else(|e| panic!("attacker setup: {}", describe(&e)));
-    // The first WAL subscription creates the slot: a transaction of its own.
-    admin
-        .batch_execute(&format!("SELECT pgpipe.subscribe('{r}.t', mode => 'wal')"))
-        .await
-        .unwrap_or_else(|e| panic!("subscribe: {}", describe(&e)));
-    // The domain's CHECK runs on the writer's INSERT too: start from an empty record.
-    admin
-        .batch_execute(&format!(
-            "SET ROLE {r};
-             INSERT INTO {r}.t VALUES (1, 'sly', 'hello');
-             DELETE FROM {r}.seen;
-             RESET ROLE;"
-        ))
-        .await
-        .unwrap_or_else(|e| panic!("write: {}", describe(&e)));
-
-    let channel = format!("{r}.t");
-    let arrived = wait_until(Duration::from_secs(20), async || {
-        admin
+    // The event is queued (WAL mode: once the worker has read it).
+    let channel = format!("{role}.things");
+    let queued = wait_until(WAIT, async || {
+        let row = db
             .query_one(
                 "SELECT count(*) FROM pgpipe.events WHERE channel = $1",
                 &[&channel],
             )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-            == 1
+            .await;
+        row.get::<_, i64>(0) == 1
     })
     .await;
-    let status: String = admin
-        .query_one(
-            "SELECT worker_state || ' ' || coalesce(last_error, '') FROM pgpipe.status()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(arrived, "the WAL event did not arrive; worker: {status}");
-
-    let payload: Value = admin
+    assert!(queued, "the attacker's row was not queued in {mode} mode");
+    let payload: serde_json::Value = db
         .query_one(
             "SELECT payload FROM pgpipe.events WHERE channel = $1",
             &[&channel],
         )
         .await
-        .unwrap()
         .get(0);
-    assert_eq!(
-        payload["row"]["m"], "mood:sly",
-        "the cast's value: {payload}"
-    );
-    assert_eq!(payload["row"]["n"], "hello");
-    assert_eq!(payload["op"], "INSERT");
+    assert_eq!(payload["row"], serde_json::json!({"id": 1, "tag": "b"}));
 
-    let seen: Vec<(String, String, bool, String, String)> = admin
-        .query(
-            &format!(
-                "SELECT via, who, is_super, search_path, escalation FROM {r}.seen ORDER BY via"
-            ),
-            &[],
+    let still_plain: bool = db
+        .query_one(
+            "SELECT NOT rolsuper FROM pg_roles WHERE rolname = $1",
+            &[&role],
         )
         .await
-        .unwrap()
-        .iter()
-        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4)))
-        .collect();
-    let vias: Vec<&str> = seen.iter().map(|s| s.0.as_str()).collect();
-    assert_eq!(
-        vias,
-        ["cast", "input"],
-        "the worker ran the cast (to_jsonb) and the domain's CHECK (input) once each: {seen:#?}"
-    );
-    for (via, who, is_super, search_path, escalation) in &seen {
-        assert_eq!(who, r, "{via} ran as {who}, not as the table owner");
-        assert!(!is_super, "{via} ran with superuser rights");
+        .get(0);
+    assert!(still_plain, "{role} became a superuser in {mode} mode");
+
+    db.query(
+        &format!(
+            "SELECT current_user_name, session_user_name, was_superuser, escalation FROM {role}.seen"
+        ),
+        &[],
+    )
+    .await
+    .into_iter()
+    .map(|row| Seen {
+        current_user: row.get(0),
+        session_user: row.get(1),
+        was_superuser: row.get(2),
+        escalation: row.get(3),
+    })
+    .collect()
+}
+
+#[tokio::test]
+async fn trigger_capture_runs_the_writers_cast_as_the_writer() {
+    let db = test_db("capture_security").await;
+    let role = format!("attacker_{}", db.name());
+    let seen = escalation_attempt(&db, "trigger").await;
+    assert!(!seen.is_empty(), "the cast function never ran");
+    for s in &seen {
         assert_eq!(
-            search_path, "pg_catalog, pg_temp",
-            "{via}: search_path not pinned"
-        );
-        assert!(
-            escalation.starts_with("42501"),
-            "{via}: ALTER ROLE ... SUPERUSER was not refused: {escalation}"
+            s,
+            &Seen {
+                current_user: role.clone(),
+                session_user: role.clone(),
+                was_superuser: false,
+                // insufficient_privilege
+                escalation: "42501".into(),
+            }
         );
     }
-    let is_super: bool = admin
-        .query_one("SELECT rolsuper FROM pg_roles WHERE rolname = $1", &[&r])
-        .await
-        .unwrap()
-        .get(0);
-    assert!(!is_super, "{r} became superuser");
-    admin
-        .batch_execute(&format!("SELECT pgpipe.unsubscribe('{r}.t')"))
-        .await
-        .unwrap();
 }

@@ -82,18 +82,11 @@ async fn interleaved_commits_arrive_exactly_once_across_a_restart() {
     .await;
     let url = db.url();
     // Small pages and frequent polls make the reader cross many batch and page boundaries.
-    let args = [
-        "listen",
-        "--db",
-        &url,
-        "-c",
-        "ledger",
-        "--batch-size",
-        "7",
-        "--poll-interval",
-        "10ms",
-    ];
-    let first = Forwarder::spawn(&args, &[]);
+    let listen = Forwarder::listen(&url)
+        .channel("ledger")
+        .flag("--batch-size", "7")
+        .flag("--poll-interval", "10ms");
+    let first = listen.spawn();
 
     let writers: Vec<_> = (1..=WRITERS)
         .map(|w| tokio::spawn(writer(db.clone(), w)))
@@ -107,7 +100,7 @@ async fn interleaved_commits_arrive_exactly_once_across_a_restart() {
         "{}",
         first.stderr_text()
     );
-    let second = Forwarder::spawn(&args, &[]);
+    let second = listen.spawn();
 
     let mut committed = Vec::new();
     for w in writers {

@@ -24,23 +24,13 @@ async fn a_crashed_command_is_restarted_and_gets_the_failed_event_again() {
         o = out.display()
     );
     let url = db.url();
-    let fwd = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "-c",
-            "t",
-            "-a",
-            "exec",
-            "--exec-command",
-            &command,
-        ],
-        &[
-            ("PGPIPE_EXEC_BACKOFF_BASE", "100ms"),
-            ("PGPIPE_EXEC_BACKOFF_CAP", "200ms"),
-        ],
-    );
+    let fwd = Forwarder::listen(&url)
+        .channel("t")
+        .adapter("exec")
+        .flag("--exec-command", &command)
+        .env("PGPIPE_EXEC_BACKOFF_BASE", "100ms")
+        .env("PGPIPE_EXEC_BACKOFF_CAP", "200ms")
+        .spawn();
     fwd.wait_for_stderr("first run: giving up", WAIT).await;
     db.execute("INSERT INTO t SELECT generate_series(1, 5)")
         .await;
@@ -95,23 +85,13 @@ async fn a_command_that_reads_ahead_and_exits_loses_nothing() {
         out.display()
     );
     let url = db.url();
-    let fwd = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "-c",
-            "t",
-            "-a",
-            "exec",
-            "--exec-command",
-            &command,
-        ],
-        &[
-            ("PGPIPE_EXEC_BACKOFF_BASE", "50ms"),
-            ("PGPIPE_EXEC_BACKOFF_CAP", "100ms"),
-        ],
-    );
+    let fwd = Forwarder::listen(&url)
+        .channel("t")
+        .adapter("exec")
+        .flag("--exec-command", &command)
+        .env("PGPIPE_EXEC_BACKOFF_BASE", "50ms")
+        .env("PGPIPE_EXEC_BACKOFF_CAP", "100ms")
+        .spawn();
     db.execute("INSERT INTO t SELECT generate_series(1, 12)")
         .await;
     let done = wait_until(WAIT, async || {
@@ -153,24 +133,14 @@ async fn a_line_that_kills_every_command_is_dead_lettered() {
         out.display()
     );
     let url = db.url();
-    let fwd = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "-c",
-            "t",
-            "-a",
-            "exec",
-            "--exec-command",
-            &command,
-        ],
-        &[
-            ("PGPIPE_EXEC_BACKOFF_BASE", "50ms"),
-            ("PGPIPE_EXEC_BACKOFF_CAP", "100ms"),
-            ("PGPIPE_EXEC_MAX_ATTEMPTS", "3"),
-        ],
-    );
+    let fwd = Forwarder::listen(&url)
+        .channel("t")
+        .adapter("exec")
+        .flag("--exec-command", &command)
+        .env("PGPIPE_EXEC_BACKOFF_BASE", "50ms")
+        .env("PGPIPE_EXEC_BACKOFF_CAP", "100ms")
+        .env("PGPIPE_EXEC_MAX_ATTEMPTS", "3")
+        .spawn();
     db.execute("INSERT INTO t SELECT generate_series(1, 6)")
         .await;
     let done = wait_until(WAIT, async || row_ids(&out).contains(&6)).await;

@@ -34,24 +34,13 @@ async fn rotates_by_size_keeping_n_files() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.jsonl");
     let url = db.url();
-    let _fwd = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "-c",
-            "t",
-            "-a",
-            "file",
-            "--file-path",
-            path.to_str().unwrap(),
-            "--file-max-size",
-            "2000",
-            "--file-max-files",
-            "2",
-        ],
-        &[],
-    );
+    let _fwd = Forwarder::listen(&url)
+        .channel("t")
+        .adapter("file")
+        .flag("--file-path", path.to_str().unwrap())
+        .flag("--file-max-size", "2000")
+        .flag("--file-max-files", "2")
+        .spawn();
     db.execute("INSERT INTO t SELECT i, repeat('x', 200) FROM generate_series(1, 40) i")
         .await;
     let files = [
@@ -89,23 +78,13 @@ async fn an_unwritable_path_fails_loudly_and_loses_nothing() {
     let sub = dir.path().join("later");
     let path = sub.join("events.jsonl");
     let url = db.url();
-    let fwd = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "-c",
-            "t",
-            "-a",
-            "file",
-            "--file-path",
-            path.to_str().unwrap(),
-        ],
-        &[
-            ("PGPIPE_FILE_BACKOFF_BASE", "100ms"),
-            ("PGPIPE_FILE_BACKOFF_CAP", "300ms"),
-        ],
-    );
+    let fwd = Forwarder::listen(&url)
+        .channel("t")
+        .adapter("file")
+        .flag("--file-path", path.to_str().unwrap())
+        .env("PGPIPE_FILE_BACKOFF_BASE", "100ms")
+        .env("PGPIPE_FILE_BACKOFF_CAP", "300ms")
+        .spawn();
     db.execute("INSERT INTO t SELECT generate_series(1, 5)")
         .await;
     let log = fwd.wait_for_stderr("cannot write events", WAIT).await;
@@ -138,28 +117,15 @@ async fn a_slow_webhook_holds_the_file_back_by_at_most_the_in_flight_window() {
     let path = dir.path().join("events.jsonl");
     let url = db.url();
     let hook = receiver.url("/slow");
-    let fwd = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "-c",
-            "t",
-            "-a",
-            "webhook",
-            "-a",
-            "file",
-            "-u",
-            &hook,
-            "--file-path",
-            path.to_str().unwrap(),
-            "--max-in-flight",
-            "20",
-            "--batch-size",
-            "10",
-        ],
-        &[],
-    );
+    let fwd = Forwarder::listen(&url)
+        .channel("t")
+        .adapter("webhook")
+        .adapter("file")
+        .flag("-u", &hook)
+        .flag("--file-path", path.to_str().unwrap())
+        .flag("--max-in-flight", "20")
+        .flag("--batch-size", "10")
+        .spawn();
     db.execute("INSERT INTO t SELECT generate_series(1, 100)")
         .await;
     let filled = wait_until(WAIT, async || lines(&path).len() == 20).await;
@@ -190,29 +156,22 @@ async fn interval_fsync_acknowledges_and_a_clean_stop_repeats_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.jsonl");
     let url = db.url();
-    let args = [
-        "listen",
-        "--db",
-        &url,
-        "-c",
-        "t",
-        "-a",
-        "file",
-        "--file-path",
-        path.to_str().unwrap(),
-    ];
+    let listen = Forwarder::listen(&url)
+        .channel("t")
+        .adapter("file")
+        .flag("--file-path", path.to_str().unwrap());
     let env = [
         ("PGPIPE_FILE_FSYNC", "interval"),
         ("PGPIPE_FILE_FSYNC_INTERVAL", "200ms"),
     ];
-    let fwd = Forwarder::spawn(&args, &env);
+    let fwd = listen.clone().envs(&env).spawn();
     db.execute("INSERT INTO t SELECT generate_series(1, 100)")
         .await;
     assert!(wait_until(WAIT, async || lines(&path).len() == 100).await);
     fwd.sigterm();
     assert!(fwd.wait_exit(WAIT).await.success(), "{}", fwd.stderr_text());
     // Everything was acknowledged after its fsync: a restart repeats nothing.
-    let again = Forwarder::spawn(&args, &env);
+    let again = listen.clone().envs(&env).spawn();
     db.execute("INSERT INTO t VALUES (101)").await;
     assert!(wait_until(WAIT, async || lines(&path).len() >= 101).await);
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -24,11 +24,11 @@ async fn a_clean_restart_continues_where_it_stopped() {
     db.execute("CREATE TABLE t (id int PRIMARY KEY); SELECT pgpipe.subscribe('t');")
         .await;
     let url = db.url();
-    let args = ["listen", "--db", &url, "-c", "t"];
+    let listen = Forwarder::listen(&url).channel("t");
 
     db.execute("INSERT INTO t SELECT generate_series(1, 100)")
         .await;
-    let first = Forwarder::spawn(&args, &[]);
+    let first = listen.spawn();
     first.wait_for_events(100, WAIT).await;
     first.sigterm();
     assert!(
@@ -40,7 +40,7 @@ async fn a_clean_restart_continues_where_it_stopped() {
     // Written while no forwarder runs.
     db.execute("INSERT INTO t SELECT generate_series(101, 150)")
         .await;
-    let second = Forwarder::spawn(&args, &[]);
+    let second = listen.spawn();
     let events = second.wait_for_events(50, WAIT).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let events_after = second.stdout_json();
@@ -59,17 +59,10 @@ async fn kill_9_under_writes_loses_nothing_and_repeats_only_in_flight_events() {
         .await;
     let url = db.url();
     let max_in_flight = 50;
-    let args = [
-        "listen",
-        "--db",
-        &url,
-        "-c",
-        "t",
-        "--max-in-flight",
-        "50",
-        "--batch-size",
-        "20",
-    ];
+    let listen = Forwarder::listen(&url)
+        .channel("t")
+        .flag("--max-in-flight", "50")
+        .flag("--batch-size", "20");
 
     let writer_db = db.clone();
     let writes = tokio::spawn(async move {
@@ -87,7 +80,7 @@ async fn kill_9_under_writes_loses_nothing_and_repeats_only_in_flight_events() {
 
     let mut all: Vec<Value> = Vec::new();
     for _ in 0..3 {
-        let fwd = Forwarder::spawn(&args, &[]);
+        let fwd = listen.spawn();
         fwd.wait_for_events(20, WAIT).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         fwd.kill9();
@@ -95,7 +88,7 @@ async fn kill_9_under_writes_loses_nothing_and_repeats_only_in_flight_events() {
         all.extend(fwd.stdout_json());
     }
     writes.await.unwrap();
-    let last = Forwarder::spawn(&args, &[]);
+    let last = listen.spawn();
     let delivered_ids = |extra: &[Value]| {
         let mut set: std::collections::HashSet<String> = ids(&all).into_iter().collect();
         set.extend(ids(extra));
@@ -145,12 +138,15 @@ async fn a_second_forwarder_stands_by_and_takes_over() {
     db.execute("CREATE TABLE t (id int PRIMARY KEY); SELECT pgpipe.subscribe('t');")
         .await;
     let url = db.url();
-    let args = ["listen", "--db", &url, "-c", "t"];
-    let active = Forwarder::spawn(&args, &[]);
+    let listen = Forwarder::listen(&url).channel("t");
+    let active = listen.spawn();
     active
         .wait_for_stderr("reading the pgpipe queue", WAIT)
         .await;
-    let standby = Forwarder::spawn(&args, &[("PGPIPE_DETECTOR_BACKOFF_BASE", "200ms")]);
+    let standby = listen
+        .clone()
+        .env("PGPIPE_DETECTOR_BACKOFF_BASE", "200ms")
+        .spawn();
     standby.wait_for_stderr("standing by", WAIT).await;
 
     db.execute("INSERT INTO t VALUES (1)").await;

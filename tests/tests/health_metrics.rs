@@ -19,6 +19,7 @@ const METRICS: &[&str] = &[
     "pgpipe_delivery_duration_seconds",
     "pgpipe_end_to_end_latency_seconds",
     "pgpipe_queue_lag_events",
+    "pgpipe_queue_stale_consumers",
     "pgpipe_dead_letters_total",
     "pgpipe_sse_clients_active",
     "pgpipe_ws_clients_active",
@@ -76,21 +77,12 @@ async fn metrics_parse_and_health_follows_postgres() {
     db.execute("CREATE TABLE t (id int PRIMARY KEY); SELECT pgpipe.subscribe('t');")
         .await;
     let url = db.url();
-    let fwd = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "-c",
-            "t",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
-        &[
-            ("PGPIPE_DETECTOR_BACKOFF_BASE", "200ms"),
-            ("PGPIPE_DETECTOR_BACKOFF_CAP", "500ms"),
-        ],
-    );
+    let fwd = Forwarder::listen(&url)
+        .channel("t")
+        .flag("--metrics-addr", "127.0.0.1:0")
+        .env("PGPIPE_DETECTOR_BACKOFF_BASE", "200ms")
+        .env("PGPIPE_DETECTOR_BACKOFF_CAP", "500ms")
+        .spawn();
     let addr = http_addr(&fwd, "metrics").await;
 
     assert!(wait_until(WAIT, async || health(addr).await.0 == 200).await);
@@ -102,18 +94,10 @@ async fn metrics_parse_and_health_follows_postgres() {
     assert_eq!(http_get(addr, "/readyz").await.status, 200);
 
     // A second forwarder for the same consumer is a hot standby: healthy, not ready.
-    let standby = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "-c",
-            "t",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+    let standby = Forwarder::listen(&url)
+        .channel("t")
+        .flag("--metrics-addr", "127.0.0.1:0")
+        .spawn();
     let standby_addr = http_addr(&standby, "metrics").await;
     assert!(
         wait_until(WAIT, async || health(standby_addr).await.1["components"]

@@ -46,18 +46,10 @@ async fn trigger_changes_and_payload_rule_through_stdout() {
 
     let url = db.url();
     // No --detector: without the extension, listen_notify is chosen (and logged).
-    let fwd = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "-c",
-            "pgpipe:orders",
-            "-c",
-            "Raw.Channel",
-        ],
-        &[],
-    );
+    let fwd = Forwarder::listen(&url)
+        .channel("pgpipe:orders")
+        .channel("Raw.Channel")
+        .spawn();
     let log = fwd.wait_for_stderr("listening", WAIT).await;
     assert!(
         log.contains("detector chosen automatically") && log.contains("listen_notify"),
@@ -138,23 +130,13 @@ async fn reconnects_after_its_backend_is_terminated() {
         .database_without_extension("listen_notify_reconnect")
         .await;
     let url = db.url();
-    let fwd = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "--detector",
-            "listen_notify",
-            "-c",
-            "jobs",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
-        &[
-            ("PGPIPE_DETECTOR_BACKOFF_BASE", "100ms"),
-            ("PGPIPE_DETECTOR_BACKOFF_CAP", "300ms"),
-        ],
-    );
+    let fwd = Forwarder::listen(&url)
+        .detector("listen_notify")
+        .channel("jobs")
+        .flag("--metrics-addr", "127.0.0.1:0")
+        .env("PGPIPE_DETECTOR_BACKOFF_BASE", "100ms")
+        .env("PGPIPE_DETECTOR_BACKOFF_CAP", "300ms")
+        .spawn();
     fwd.wait_for_stderr("listening", WAIT).await;
     let addr = http_addr(&fwd, "metrics").await;
     assert!(
@@ -166,11 +148,7 @@ async fn reconnects_after_its_backend_is_terminated() {
     fwd.wait_for_events(1, WAIT).await;
 
     // Keep it out while we look: the database refuses connections, then its backend dies.
-    let (admin, connection) =
-        tokio_postgres::connect(&db.cluster().url("postgres"), tokio_postgres::NoTls)
-            .await
-            .expect("connect to the postgres database");
-    tokio::spawn(connection);
+    let admin = db.cluster().client("postgres").await;
     let name = db.name().replace('"', "\"\"");
     admin
         .batch_execute(&format!(

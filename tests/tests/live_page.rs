@@ -146,20 +146,11 @@ async fn the_live_page_shows_a_change_written_after_it_loaded() {
     )
     .await;
     let url = db.url();
-    let fwd = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "-c",
-            "orders",
-            "-a",
-            "sse",
-            "--sse-addr",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+    let fwd = Forwarder::listen(&url)
+        .channel("orders")
+        .adapter("sse")
+        .flag("--sse-addr", "127.0.0.1:0")
+        .spawn();
     let addr = http_addr(&fwd, "http").await;
     let page = http_get(addr, "/").await;
     assert_eq!(page.status, 200);

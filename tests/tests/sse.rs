@@ -24,20 +24,12 @@ async fn subscribed_table(hint: &str) -> TestDb {
 
 fn start(db: &TestDb, env: &[(&str, &str)]) -> Forwarder {
     let url = db.url();
-    Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "-c",
-            "t",
-            "-a",
-            "sse",
-            "--sse-addr",
-            "127.0.0.1:0",
-        ],
-        env,
-    )
+    Forwarder::listen(&url)
+        .channel("t")
+        .adapter("sse")
+        .flag("--sse-addr", "127.0.0.1:0")
+        .envs(env)
+        .spawn()
 }
 
 /// The queue's event ids for rows `from..=to` of table t, in row order.
@@ -233,12 +225,9 @@ async fn a_stalled_client_does_not_delay_the_others() {
     const ROWS: i32 = 4000;
     const PER_TX: i32 = 100;
     let started = std::time::Instant::now();
-    let url = db.url();
+    let writer_db = db.clone();
     let writer = tokio::spawn(async move {
-        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let client = writer_db.client().await;
         for first in (1..=ROWS).step_by(PER_TX as usize) {
             let sql = format!(
                 "INSERT INTO t SELECT g, repeat('x', 4000) FROM generate_series({first}, {}) g",

@@ -16,7 +16,8 @@ async fn status_shows_consumers_lag_and_subscriptions() {
          INSERT INTO orders SELECT generate_series(1, 3);",
     )
     .await;
-    let url = db.url();
+    // The operator's view: every consumer (a forwarder's role sees its own).
+    let url = db.admin_url();
 
     let json = Forwarder::spawn(&["status", "--db", &url, "--json"], &[]);
     assert!(

@@ -16,7 +16,7 @@ async fn the_forwarder_reads_over_verified_tls_and_plain_connections_are_refused
         .await;
 
     let url = db.tls_url();
-    let fwd = Forwarder::spawn(&["listen", "--db", &url, "-c", "t"], &[]);
+    let fwd = Forwarder::listen(&url).channel("t").spawn();
     db.execute("INSERT INTO t VALUES (1)").await;
     let events = fwd.wait_for_events(1, WAIT).await;
     assert_eq!(events[0]["payload"]["row"]["id"], 1);
@@ -34,7 +34,7 @@ async fn the_forwarder_reads_over_verified_tls_and_plain_connections_are_refused
     );
 
     let plain = db.url_with("sslmode=disable");
-    let refused = Forwarder::spawn(&["listen", "--db", &plain, "-c", "t"], &[]);
+    let refused = Forwarder::listen(&plain).channel("t").spawn();
     let status = refused.wait_exit(WAIT).await;
     assert_eq!(status.code(), Some(1));
     let stderr = refused.stderr_text();

@@ -27,18 +27,10 @@ async fn every_operation_arrives_in_the_envelope() {
     )
     .await;
     let url = db.url();
-    let fwd = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "--channel",
-            "orders",
-            "--channel",
-            "billing",
-        ],
-        &[],
-    );
+    let fwd = Forwarder::listen(&url)
+        .channel("orders")
+        .channel("billing")
+        .spawn();
 
     db.execute(
         r#"INSERT INTO orders VALUES (1, 'new', 10.50, false, '{"k": "v"}', '{a,b}');

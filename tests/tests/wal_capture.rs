@@ -12,17 +12,14 @@ use std::time::Duration;
 
 use pgpipe_tests::{describe, test_db, wait_until, TempPg};
 use serde_json::Value;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// The worker serves database `postgres` (the default `pgpipe.database`) of this test
 /// process's own cluster.
 async fn worker_db() -> Client {
     static CREATE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let pg = TempPg::shared();
-    let (client, connection) = tokio_postgres::connect(&pg.url("postgres"), NoTls)
-        .await
-        .expect("connect to postgres");
-    tokio::spawn(connection);
+    let client = pg.client("postgres").await;
     let _guard = CREATE.lock().await;
     client
         .batch_execute("CREATE EXTENSION IF NOT EXISTS pgpipe")

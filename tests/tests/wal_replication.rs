@@ -43,20 +43,13 @@ async fn to_jsonb(db: &TestDb, table: &str, id: i32) -> Value {
 }
 
 fn spawn_wal(db: &TestDb, slot: &str, extra: &[&str]) -> Forwarder {
-    let url = db.url();
-    let mut args = vec![
-        "listen",
-        "--db",
-        &url,
-        "--detector",
-        "wal",
-        "--publication",
-        "pub",
-        "--slot",
-        slot,
-    ];
-    args.extend_from_slice(extra);
-    Forwarder::spawn(&args, &[("PGPIPE_DETECTOR_STATUS_INTERVAL", "200ms")])
+    // Replication takes the REPLICATION attribute, which the queue's forwarder role lacks.
+    let listen = Forwarder::listen(&db.admin_url())
+        .detector("wal")
+        .flag("--publication", "pub")
+        .flag("--slot", slot)
+        .env("PGPIPE_DETECTOR_STATUS_INTERVAL", "200ms");
+    extra.iter().fold(listen, |l, arg| l.arg(arg)).spawn()
 }
 
 #[tokio::test]
@@ -231,18 +224,10 @@ async fn unchanged_toast_is_filled_or_named_never_faked() {
 #[tokio::test]
 async fn misconfiguration_is_refused_with_the_fix() {
     // WAL-only settings with another detector fail before connecting.
-    let fwd = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            "postgres://nobody@127.0.0.1:1/x",
-            "-c",
-            "a",
-            "--publication",
-            "p",
-        ],
-        &[],
-    );
+    let fwd = Forwarder::listen("postgres://nobody@127.0.0.1:1/x")
+        .channel("a")
+        .flag("--publication", "p")
+        .spawn();
     assert_eq!(fwd.wait_exit(WAIT).await.code(), Some(1));
     assert!(
         fwd.stderr_text()
@@ -292,7 +277,7 @@ async fn payloads_equal_the_extension_capture() {
     let wal = spawn_wal(&db, &slot, &[]);
     wal.wait_for_stderr("replicating", WAIT).await;
     let url = db.url();
-    let queue = Forwarder::spawn(&["listen", "--db", &url, "-c", "orders"], &[]);
+    let queue = Forwarder::listen(&url).channel("orders").spawn();
 
     db.execute(
         r#"SET TimeZone = 'UTC';
@@ -324,27 +309,17 @@ async fn replicates_over_verified_tls() {
     db.execute("CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE t")
         .await;
     let ca = pg.ca_cert_path().display().to_string();
-    let args = |url: &str| -> Vec<String> {
-        [
-            "listen",
-            "--db",
-            url,
-            "--detector",
-            "wal",
-            "--publication",
-            "pub",
-            "--slot",
-            "s_tls",
-        ]
-        .map(String::from)
-        .to_vec()
+    let listen = |url: &str| {
+        Forwarder::listen(url)
+            .detector("wal")
+            .flag("--publication", "pub")
+            .flag("--slot", "s_tls")
     };
 
     // The replication client verifies DNS names only: verify-full by IP is refused up
     // front, naming the way out.
     let url = db.url_with(&format!("sslmode=verify-full&sslrootcert={ca}"));
-    let argv = args(&url);
-    let fwd = Forwarder::spawn(&argv.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let fwd = listen(&url).spawn();
     assert_eq!(fwd.wait_exit(WAIT).await.code(), Some(1));
     assert!(
         fwd.stderr_text().contains("use sslmode=verify-ca"),
@@ -353,8 +328,7 @@ async fn replicates_over_verified_tls() {
     );
 
     let url = db.url_with(&format!("sslmode=verify-ca&sslrootcert={ca}"));
-    let argv = args(&url);
-    let fwd = Forwarder::spawn(&argv.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let fwd = listen(&url).spawn();
     fwd.wait_for_stderr("replicating", WAIT).await;
     db.execute("INSERT INTO t VALUES (1)").await;
     let events = fwd.wait_for_events(1, WAIT).await;

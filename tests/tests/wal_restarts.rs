@@ -38,28 +38,16 @@ fn ids_by_row(events: &[Value]) -> BTreeMap<i64, BTreeSet<String>> {
 
 fn spawn(db: &TestDb, slot: &str, file: &Path) -> Forwarder {
     let url = db.url();
-    Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "--detector",
-            "wal",
-            "--publication",
-            "pub",
-            "--slot",
-            slot,
-            "-a",
-            "file",
-            "--file-path",
-            file.to_str().unwrap(),
-        ],
-        &[
-            ("PGPIPE_DETECTOR_STATUS_INTERVAL", "200ms"),
-            ("PGPIPE_DETECTOR_BACKOFF_BASE", "100ms"),
-            ("PGPIPE_DETECTOR_BACKOFF_CAP", "500ms"),
-        ],
-    )
+    Forwarder::listen(&url)
+        .detector("wal")
+        .flag("--publication", "pub")
+        .flag("--slot", slot)
+        .adapter("file")
+        .flag("--file-path", file.to_str().unwrap())
+        .env("PGPIPE_DETECTOR_STATUS_INTERVAL", "200ms")
+        .env("PGPIPE_DETECTOR_BACKOFF_BASE", "100ms")
+        .env("PGPIPE_DETECTOR_BACKOFF_CAP", "500ms")
+        .spawn()
 }
 
 async fn confirmed_lsn(db: &TestDb, slot: &str) -> String {

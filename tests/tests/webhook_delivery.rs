@@ -68,24 +68,14 @@ async fn signed_ordered_retried_and_dead_lettered() {
         ("PGPIPE_WEBHOOK_BACKOFF_BASE", "50ms"),
         ("PGPIPE_WEBHOOK_BACKOFF_CAP", "200ms"),
     ];
-    let fwd = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "-c",
-            "t",
-            "-a",
-            "webhook",
-            "-u",
-            &hook,
-            "--signing-key",
-            KEY,
-            "--retries",
-            "3",
-        ],
-        &env,
-    );
+    let fwd = Forwarder::listen(&url)
+        .channel("t")
+        .adapter("webhook")
+        .flag("-u", &hook)
+        .flag("--signing-key", KEY)
+        .flag("--retries", "3")
+        .envs(&env)
+        .spawn();
     for i in 1..=3 {
         db.execute(&format!("INSERT INTO t VALUES ({i})")).await;
     }
@@ -147,7 +137,7 @@ async fn signed_ordered_retried_and_dead_lettered() {
     fwd.sigterm();
     assert!(fwd.wait_exit(WAIT).await.success(), "{}", fwd.stderr_text());
 
-    let (code, out, err) = pgpipe(&["dlq", "list", "--db", &url], &[]);
+    let (code, out, err) = pgpipe(&["dlq", "list", "--db", &db.admin_url()], &[]);
     assert_eq!(code, 0, "{err}");
     assert!(
         out.starts_with("ID") && out.contains("webhook") && out.contains("HTTP 400"),
@@ -157,7 +147,7 @@ async fn signed_ordered_retried_and_dead_lettered() {
     // The endpoint is fixed: replay delivers the dead letter and removes it.
     accept_all.store(true, Ordering::SeqCst);
     let (code, out, err) = pgpipe(
-        &["dlq", "replay", "--db", &url],
+        &["dlq", "replay", "--db", &db.admin_url()],
         &[
             ("PGPIPE_WEBHOOK_URL", &hook),
             ("PGPIPE_WEBHOOK_SIGNING_KEY", KEY),
@@ -168,7 +158,7 @@ async fn signed_ordered_retried_and_dead_lettered() {
     let last = receiver.requests().pop().unwrap();
     verify(&last);
     assert_eq!(last.json()["payload"]["row"]["id"], 4);
-    let (_, out, _) = pgpipe(&["dlq", "list", "--db", &url], &[]);
+    let (_, out, _) = pgpipe(&["dlq", "list", "--db", &db.admin_url()], &[]);
     assert_eq!(out, "no dead letters\n");
 }
 
@@ -185,25 +175,14 @@ async fn an_unreachable_endpoint_is_named_and_dead_lettered_after_the_retries() 
         .port();
     let hook = format!("http://127.0.0.1:{port}/hook");
     let url = db.url();
-    let fwd = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "-c",
-            "t",
-            "-a",
-            "webhook",
-            "-u",
-            &hook,
-            "--retries",
-            "2",
-        ],
-        &[
-            ("PGPIPE_WEBHOOK_BACKOFF_BASE", "50ms"),
-            ("PGPIPE_WEBHOOK_BACKOFF_CAP", "100ms"),
-        ],
-    );
+    let fwd = Forwarder::listen(&url)
+        .channel("t")
+        .adapter("webhook")
+        .flag("-u", &hook)
+        .flag("--retries", "2")
+        .env("PGPIPE_WEBHOOK_BACKOFF_BASE", "50ms")
+        .env("PGPIPE_WEBHOOK_BACKOFF_CAP", "100ms")
+        .spawn();
     db.execute("INSERT INTO t VALUES (1)").await;
     fwd.wait_for_stderr("endpoint unreachable", WAIT).await;
     let letters = wait_until(WAIT, async || {
@@ -229,14 +208,34 @@ async fn an_unreachable_endpoint_is_named_and_dead_lettered_after_the_retries() 
     assert!(error.contains("gave up after 2 attempts"), "{error}");
     assert_eq!(row.get::<_, i32>(1), 2);
 
-    let (code, out, _) = pgpipe(&["dlq", "list", "--db", &url, "--json"], &[]);
+    let (code, out, _) = pgpipe(&["dlq", "list", "--db", &db.admin_url(), "--json"], &[]);
     assert_eq!(code, 0);
     let letter: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
     assert_eq!(letter["adapter"], "webhook");
     assert_eq!(letter["event"]["payload"]["row"]["id"], 1);
-    let (_, out, _) = pgpipe(&["dlq", "purge", "--db", &url, "--older-than", "1h"], &[]);
+    let (_, out, _) = pgpipe(
+        &[
+            "dlq",
+            "purge",
+            "--db",
+            &db.admin_url(),
+            "--older-than",
+            "1h",
+        ],
+        &[],
+    );
     assert_eq!(out, "purged 0 dead letter(s)\n");
-    let (_, out, _) = pgpipe(&["dlq", "purge", "--db", &url, "--adapter", "webhook"], &[]);
+    let (_, out, _) = pgpipe(
+        &[
+            "dlq",
+            "purge",
+            "--db",
+            &db.admin_url(),
+            "--adapter",
+            "webhook",
+        ],
+        &[],
+    );
     assert_eq!(out, "purged 1 dead letter(s)\n");
 }
 
@@ -313,26 +312,15 @@ async fn a_hanging_endpoint_times_out_and_is_dead_lettered() {
         HttpReceiver::start(|_, _| Reply::status(200).delayed(Duration::from_secs(30))).await;
     let hook = receiver.url("/hang");
     let url = db.url();
-    let _fwd = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "-c",
-            "t",
-            "-a",
-            "webhook",
-            "-u",
-            &hook,
-            "--retries",
-            "2",
-        ],
-        &[
-            ("PGPIPE_WEBHOOK_TIMEOUT", "300ms"),
-            ("PGPIPE_WEBHOOK_BACKOFF_BASE", "50ms"),
-            ("PGPIPE_WEBHOOK_BACKOFF_CAP", "100ms"),
-        ],
-    );
+    let _fwd = Forwarder::listen(&url)
+        .channel("t")
+        .adapter("webhook")
+        .flag("-u", &hook)
+        .flag("--retries", "2")
+        .env("PGPIPE_WEBHOOK_TIMEOUT", "300ms")
+        .env("PGPIPE_WEBHOOK_BACKOFF_BASE", "50ms")
+        .env("PGPIPE_WEBHOOK_BACKOFF_CAP", "100ms")
+        .spawn();
     db.execute("INSERT INTO t VALUES (1)").await;
     let letters = wait_until(WAIT, async || {
         db.query_one("SELECT count(*) FROM pgpipe.dead_letters", &[])
@@ -358,15 +346,13 @@ async fn without_the_extension_a_rejected_event_is_held_not_dropped() {
     let receiver = HttpReceiver::start(|_, _| Reply::status(400)).await;
     let hook = receiver.url("/in");
     let url = db.url();
-    let fwd = Forwarder::spawn(
-        &[
-            "listen", "--db", &url, "-c", "plain", "-a", "webhook", "-u", &hook,
-        ],
-        &[
-            ("PGPIPE_WEBHOOK_BACKOFF_CAP", "100ms"),
-            ("PGPIPE_WEBHOOK_BACKOFF_BASE", "50ms"),
-        ],
-    );
+    let fwd = Forwarder::listen(&url)
+        .channel("plain")
+        .adapter("webhook")
+        .flag("-u", &hook)
+        .env("PGPIPE_WEBHOOK_BACKOFF_CAP", "100ms")
+        .env("PGPIPE_WEBHOOK_BACKOFF_BASE", "50ms")
+        .spawn();
     fwd.wait_for_stderr("detector chosen automatically", WAIT)
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;

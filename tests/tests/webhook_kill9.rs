@@ -26,23 +26,13 @@ async fn every_event_arrives_across_kill_9_and_a_flaky_endpoint() {
     let url = db.url();
     let hook = receiver.url("/in");
     let in_flight = MAX_IN_FLIGHT.to_string();
-    let args = [
-        "listen",
-        "--db",
-        &url,
-        "-c",
-        "t",
-        "-a",
-        "webhook",
-        "-u",
-        &hook,
-        "--retries",
-        "50",
-        "--max-in-flight",
-        &in_flight,
-        "--batch-size",
-        "20",
-    ];
+    let listen = Forwarder::listen(&url)
+        .channel("t")
+        .adapter("webhook")
+        .flag("-u", &hook)
+        .flag("--retries", "50")
+        .flag("--max-in-flight", &in_flight)
+        .flag("--batch-size", "20");
     let env = [
         ("PGPIPE_WEBHOOK_BACKOFF_BASE", "10ms"),
         ("PGPIPE_WEBHOOK_BACKOFF_CAP", "50ms"),
@@ -63,7 +53,7 @@ async fn every_event_arrives_across_kill_9_and_a_flaky_endpoint() {
     });
     let kills = 4;
     for round in 0..kills {
-        let fwd = Forwarder::spawn(&args, &env);
+        let fwd = listen.clone().envs(&env).spawn();
         tokio::time::sleep(Duration::from_millis(
             200 + 100 * round + u64::from(fastrand_u8()),
         ))
@@ -72,7 +62,7 @@ async fn every_event_arrives_across_kill_9_and_a_flaky_endpoint() {
         fwd.wait_exit(Duration::from_secs(10)).await;
     }
     writes.await.unwrap();
-    let fwd = Forwarder::spawn(&args, &env);
+    let fwd = listen.clone().envs(&env).spawn();
 
     // Retention may already have dropped acknowledged events from pgpipe.events, so the
     // committed set is the table's rows; each must arrive under one event id only.

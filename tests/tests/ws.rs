@@ -55,22 +55,16 @@ async fn ws_clients_active(addr: std::net::SocketAddr) -> f64 {
 async fn events_arrive_as_text_frames_and_silent_clients_are_dropped() {
     let db = subscribed_table("ws_happy").await;
     let url = db.url();
-    let fwd = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "-c",
-            "t",
-            "-a",
-            "ws",
-            "--sse-addr",
-            "127.0.0.1:0",
-            "--ws-ping-interval",
-            "200ms",
-        ],
-        &[("PGPIPE_WEBSOCKET_PONG_TIMEOUT", "1s")],
-    );
+    // It reads `other` too (nothing is written there): /ws/{channel} serves only the
+    // channels the forwarder reads.
+    let fwd = Forwarder::listen(&url)
+        .channel("t")
+        .channel("other")
+        .adapter("ws")
+        .flag("--sse-addr", "127.0.0.1:0")
+        .flag("--ws-ping-interval", "200ms")
+        .env("PGPIPE_WEBSOCKET_PONG_TIMEOUT", "1s")
+        .spawn();
     let addr = http_addr(&fwd, "http").await;
 
     let (mut all, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
@@ -151,24 +145,13 @@ async fn events_arrive_as_text_frames_and_silent_clients_are_dropped() {
 async fn a_token_is_required_when_configured() {
     let db = subscribed_table("ws_auth").await;
     let url = db.url();
-    let fwd = Forwarder::spawn(
-        &[
-            "listen",
-            "--db",
-            &url,
-            "-c",
-            "t",
-            "-a",
-            "ws",
-            "-a",
-            "sse",
-            "--sse-addr",
-            "127.0.0.1:0",
-            "--auth-token",
-            "s3cret token",
-        ],
-        &[],
-    );
+    let fwd = Forwarder::listen(&url)
+        .channel("t")
+        .adapter("ws")
+        .adapter("sse")
+        .flag("--sse-addr", "127.0.0.1:0")
+        .flag("--auth-token", "s3cret token")
+        .spawn();
     let addr = http_addr(&fwd, "http").await;
 
     match tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await {

@@ -16,12 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::durable::sleep_or_cancel;
 use crate::backoff::Backoff;
-use crate::db;
+use crate::db::{self, QueueClient};
 use crate::error::Error;
 use crate::event::Event;
-
-/// The SQL that records one dead letter.
-const INSERT_SQL: &str = "SELECT pgpipe.dead_letter($1::jsonb, $2, $3, $4)";
 
 /// Writes an adapter's dead letters to the source database on a connection of its own.
 pub struct DeadLetters {
@@ -66,9 +63,9 @@ impl DeadLetters {
                     return true;
                 }
                 Err(e) => {
-                    let missing = matches!(&e, Error::Postgres { source, .. }
-                        if matches!(source.code(), Some(c) if *c == SqlState::UNDEFINED_FUNCTION
-                            || *c == SqlState::INVALID_SCHEMA_NAME));
+                    let missing = [SqlState::UNDEFINED_FUNCTION, SqlState::INVALID_SCHEMA_NAME]
+                        .iter()
+                        .any(|c| e.sqlstate() == Some(c.code()));
                     let delay = if missing {
                         self.cap
                     } else {
@@ -81,7 +78,7 @@ impl DeadLetters {
                              database (CREATE EXTENSION pgpipe); holding the event and retrying");
                     } else {
                         tracing::warn!(component = "dead_letter", adapter = %self.adapter,
-                            event_id = %event.id, error = %super::pg_table::describe(&e), retry_in = ?delay,
+                            event_id = %event.id, error = %e, retry_in = ?delay,
                             "writing a dead letter failed; retrying");
                     }
                     self.client = None;
@@ -106,12 +103,8 @@ impl DeadLetters {
                 self.client.insert(client)
             }
         };
-        let json = serde_json::to_value(event).expect("an Event always serializes");
-        let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
-        let row = client
-            .query_one(INSERT_SQL, &[&json, &self.adapter, &error, &attempts])
+        QueueClient::new(client)
+            .dead_letter(event, &self.adapter, error, attempts)
             .await
-            .map_err(Error::pg("write dead letter"))?;
-        Ok(row.get(0))
     }
 }

@@ -1,14 +1,346 @@
-//! Helpers shared by the durable adapters (webhook, file, exec, pg_table): waiting between
-//! retries without delaying shutdown, and stepping aside once shutdown started.
+//! The one delivery driver of the durable adapters (webhook, file, pg_table, stdout).
+//!
+//! An adapter implements [`Sink`]: deliver one batch, and say how a failure ends
+//! ([`Failure`]). The driver owns everything around it:
+//! - batching: it waits for one event, then takes what is already queued, up to the
+//!   sink's batch size;
+//! - retry: a retryable failure is tried again after exponential backoff with full jitter
+//!   (never below the floor), or after the server's `Retry-After`; after `max_attempts`
+//!   (when the sink has a budget) the batch is dead-lettered;
+//! - verdicts: a batch the destination refuses is dead-lettered (`pgpipe.dead_letters`),
+//!   then acknowledged; a batch holding one refused event is tried one event at a time to
+//!   find it;
+//! - acknowledgements, in order: after delivery, or after the sink's flush for sinks that
+//!   make writes durable later (`file.fsync: interval`);
+//! - parking on shutdown: a sink still failing when shutdown starts stops retrying, its
+//!   events stay unacknowledged (the next run reads them again), and its input is drained
+//!   so the pipeline is not held up;
+//! - metrics and health of the adapter ([`Report`]).
 
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::dead_letter::DeadLetters;
+use super::Adapter;
+use crate::ack::Acker;
+use crate::backoff::Backoff;
+use crate::error::Error;
 use crate::event::Delivery;
 use crate::health::Component;
 use crate::metrics;
+
+/// How one delivery of a batch failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// Worth trying again (network, timeout, 429/5xx, a lost connection, a full disk).
+    Retry {
+        /// What went wrong.
+        error: String,
+        /// How long the destination asked us to wait (`Retry-After`), if it did.
+        retry_after: Option<Duration>,
+    },
+    /// The destination refuses the whole batch for good: dead-letter every event.
+    Reject {
+        /// Why.
+        error: String,
+    },
+    /// The destination refuses some event of the batch: the driver delivers the rest of
+    /// the batch one event at a time and dead-letters each refused one.
+    BadEvent {
+        /// Why.
+        error: String,
+    },
+    /// The adapter cannot go on (its output is gone): the pipeline stops.
+    Fatal(Error),
+}
+
+impl Failure {
+    /// A retryable failure without a server hint.
+    pub fn retry(error: impl Into<String>) -> Failure {
+        Failure::Retry {
+            error: error.into(),
+            retry_after: None,
+        }
+    }
+}
+
+/// The part of a durable adapter that is its own: delivering a batch.
+pub trait Sink: Send + 'static {
+    /// Delivers `batch` (in order) once. The driver retries, dead-letters and acknowledges.
+    fn deliver<'a>(&'a mut self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), Failure>>;
+
+    /// Called before each retry wait, for the adapter's own log line and metrics.
+    fn retrying(&mut self, error: &str, attempt: u32, delay: Duration) {
+        let _ = (error, attempt, delay);
+    }
+
+    /// For sinks whose deliveries become durable later: how often to [`Sink::flush`].
+    /// `None` (the default): a delivered batch is acknowledged at once.
+    fn flush_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Makes every delivered batch durable; `true` on success (see [`Sink::flush_interval`]).
+    fn flush(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(async { true })
+    }
+
+    /// Logged once when the adapter starts (where it delivers to).
+    fn started(&self) {}
+}
+
+/// Retry settings of one adapter.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Most events per [`Sink::deliver`] call.
+    pub batch_size: usize,
+    /// Attempts per batch before it is dead-lettered; `None` retries until it works (the
+    /// operator can fix a disk or a table; nothing is dropped meanwhile).
+    pub max_attempts: Option<u32>,
+    /// Waits between attempts.
+    pub backoff: Backoff,
+}
+
+/// Shortest wait between two attempts (the original's floor).
+pub const BACKOFF_FLOOR: Duration = Duration::from_millis(100);
+
+impl Policy {
+    /// Batches of `batch_size`, backoff from `base` to `cap` (never below
+    /// [`BACKOFF_FLOOR`]), `max_attempts` attempts.
+    pub fn new(
+        batch_size: usize,
+        base: Duration,
+        cap: Duration,
+        max_attempts: Option<u32>,
+    ) -> Self {
+        Policy {
+            batch_size: batch_size.max(1),
+            max_attempts: max_attempts.map(|n| n.max(1)),
+            backoff: Backoff::new(base, cap).with_floor(BACKOFF_FLOOR),
+        }
+    }
+}
+
+/// A durable adapter: a [`Sink`] run by the driver.
+pub struct Durable<S> {
+    name: String,
+    sink: S,
+    policy: Policy,
+    dead_letters: Option<DeadLetters>,
+    report: Report,
+}
+
+impl<S: Sink> Durable<S> {
+    /// Adapter `name` delivering with `sink` as `policy` says; refused events go to
+    /// `dead_letters` (a sink that never refuses may have none).
+    pub fn new(name: &str, sink: S, policy: Policy, dead_letters: Option<DeadLetters>) -> Self {
+        Durable {
+            name: name.to_string(),
+            sink,
+            policy,
+            dead_letters,
+            report: Report::new(name),
+        }
+    }
+}
+
+impl<S: Sink> Adapter for Durable<S> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn durable(&self) -> bool {
+        true
+    }
+
+    fn set_health(&mut self, health: Component) {
+        self.report.set_health(health);
+    }
+
+    fn run(
+        self: Box<Self>,
+        input: mpsc::Receiver<Delivery>,
+        acker: Acker,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'static, Result<(), Error>> {
+        Box::pin(self.drive(input, acker, cancel))
+    }
+}
+
+/// How one batch ended.
+enum Outcome {
+    /// Delivered or dead-lettered, every event.
+    Done,
+    /// Shutdown came first: park.
+    Shutdown,
+}
+
+impl<S: Sink> Durable<S> {
+    async fn drive(
+        mut self,
+        mut input: mpsc::Receiver<Delivery>,
+        acker: Acker,
+        cancel: CancellationToken,
+    ) -> Result<(), Error> {
+        self.sink.started();
+        let flush_every = self.sink.flush_interval();
+        // Delivered, not yet flushed: the last such event's seq.
+        let mut unflushed: Option<u64> = None;
+        let mut last_flush = tokio::time::Instant::now();
+        loop {
+            let next = match (unflushed, flush_every) {
+                (Some(seq), Some(every)) => tokio::select! {
+                    batch = next_batch(&mut input, self.policy.batch_size) => batch,
+                    _ = tokio::time::sleep_until(last_flush + every) => {
+                        if self.sink.flush().await {
+                            acker.finished(seq);
+                            unflushed = None;
+                        }
+                        last_flush = tokio::time::Instant::now();
+                        continue;
+                    }
+                },
+                _ => next_batch(&mut input, self.policy.batch_size).await,
+            };
+            let Some(batch) = next else { break };
+            match self.deliver(&batch, &acker, &cancel).await? {
+                Outcome::Shutdown => {
+                    tracing::warn!(component = "adapter", adapter = %self.name,
+                        "shutting down while retrying: undelivered events stay queued");
+                    park(&mut input).await;
+                    return Ok(());
+                }
+                Outcome::Done => {}
+            }
+            let last = batch.last().map_or(0, |d| d.seq);
+            match flush_every {
+                None => acker.finished(last),
+                Some(every) if last_flush.elapsed() >= every => {
+                    if self.sink.flush().await {
+                        acker.finished(last);
+                        unflushed = None;
+                    } else {
+                        unflushed = Some(last);
+                    }
+                    last_flush = tokio::time::Instant::now();
+                }
+                Some(_) => unflushed = Some(last),
+            }
+        }
+        if let Some(seq) = unflushed {
+            if self.sink.flush().await {
+                acker.finished(seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// Delivers `batch` (retrying, isolating a refused event, dead-lettering). Events
+    /// dead-lettered on the way are acknowledged here; the caller acknowledges the rest.
+    async fn deliver(
+        &mut self,
+        batch: &[Delivery],
+        acker: &Acker,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, Error> {
+        let mut rest = batch;
+        let mut one_by_one = false;
+        self.policy.backoff.reset();
+        let mut attempt = 0;
+        while !rest.is_empty() {
+            let chunk = if one_by_one { &rest[..1] } else { rest };
+            attempt += 1;
+            let started = Instant::now();
+            let failure = match self.sink.deliver(chunk).await {
+                Ok(()) => {
+                    self.report.delivered(chunk, started);
+                    if one_by_one {
+                        acker.finished(chunk[0].seq);
+                    }
+                    rest = &rest[chunk.len()..];
+                    attempt = 0;
+                    self.policy.backoff.reset();
+                    continue;
+                }
+                Err(failure) => failure,
+            };
+            // What is left is a verdict on the chunk: dead-letter it, then go on.
+            let verdict = match failure {
+                Failure::Fatal(e) => {
+                    self.report.failed(&e.to_string());
+                    return Err(e);
+                }
+                Failure::BadEvent { error } if chunk.len() > 1 => {
+                    tracing::warn!(component = "adapter", adapter = %self.name, error,
+                        events = chunk.len(), "batch refused; delivering one by one to find the bad event");
+                    one_by_one = true;
+                    attempt = 0;
+                    continue;
+                }
+                Failure::BadEvent { error } | Failure::Reject { error } => {
+                    self.report.failed(&error);
+                    error
+                }
+                Failure::Retry { error, retry_after } => {
+                    self.report.failed(&error);
+                    if self.policy.max_attempts.is_some_and(|max| attempt >= max) {
+                        format!("{error} (gave up after {attempt} attempts)")
+                    } else {
+                        let delay = match retry_after {
+                            Some(d) => d.max(BACKOFF_FLOOR),
+                            None => self.policy.backoff.next_delay(),
+                        };
+                        self.sink.retrying(&error, attempt, delay);
+                        if !sleep_or_cancel(delay, cancel).await {
+                            return Ok(Outcome::Shutdown);
+                        }
+                        continue;
+                    }
+                }
+            };
+            if !self
+                .dead_letter(chunk, &verdict, attempt, acker, cancel)
+                .await?
+            {
+                return Ok(Outcome::Shutdown);
+            }
+            rest = &rest[chunk.len()..];
+            attempt = 0;
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// Dead-letters and acknowledges every event of `chunk`; `false` on shutdown. A sink
+    /// without dead letters that gives up on an event fails the adapter instead.
+    async fn dead_letter(
+        &mut self,
+        chunk: &[Delivery],
+        error: &str,
+        attempts: u32,
+        acker: &Acker,
+        cancel: &CancellationToken,
+    ) -> Result<bool, Error> {
+        let Some(dead_letters) = self.dead_letters.as_mut() else {
+            return Err(Error::Adapter {
+                adapter: self.name.clone(),
+                reason: error.to_string(),
+            });
+        };
+        for delivery in chunk {
+            if !dead_letters
+                .record(&delivery.event, error, attempts, cancel)
+                .await
+            {
+                return Ok(false);
+            }
+            acker.finished(delivery.seq);
+        }
+        Ok(true)
+    }
+}
 
 /// Waits `delay`, unless shutdown starts first. Returns `false` on shutdown.
 pub async fn sleep_or_cancel(delay: Duration, cancel: &CancellationToken) -> bool {

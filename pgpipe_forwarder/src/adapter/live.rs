@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::registry::{self, Build, Kind};
 use super::Adapter;
 use crate::ack::Acker;
 use crate::error::Error;
@@ -78,11 +79,6 @@ impl Hub {
             history_size: history,
             inner: Mutex::default(),
         })
-    }
-
-    /// The adapter name this hub counts under.
-    pub fn adapter(&self) -> &'static str {
-        self.adapter
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -163,11 +159,6 @@ impl Hub {
         inner.closed = true;
         inner.clients.clear();
     }
-
-    /// Connected clients.
-    pub fn clients(&self) -> usize {
-        self.lock().clients.len()
-    }
 }
 
 /// The hubs of the configured live adapters, shared by the adapters and the HTTP server.
@@ -202,6 +193,38 @@ impl Hubs {
     }
 }
 
+/// The sse kind: its settings are the HTTP server's (`sse.*`, checked with the config).
+pub const SSE: Kind = Kind {
+    name: "sse",
+    list: None,
+    entries: registry::no_entries,
+    validate: registry::nothing_to_check,
+    redact: registry::no_secrets,
+    build: build_live,
+    init: None,
+};
+
+/// The ws kind: its settings are the HTTP server's (`websocket.*`).
+pub const WS: Kind = Kind {
+    name: "ws",
+    list: None,
+    entries: registry::no_entries,
+    validate: registry::nothing_to_check,
+    redact: registry::no_secrets,
+    build: build_live,
+    init: None,
+};
+
+/// A live adapter feeds the hub the HTTP server reads, so it exists only beside it.
+fn build_live(b: &Build<'_>, name: &str, _: Option<&str>) -> Result<Box<dyn Adapter>, Error> {
+    match b.hubs.and_then(|hubs| hubs.get(name)) {
+        Some(hub) => Ok(Box::new(LiveAdapter::new(hub))),
+        None => Err(Error::Config(format!(
+            "adapter {name:?} serves HTTP clients and runs only in `pgpipe listen`"
+        ))),
+    }
+}
+
 /// The sse or ws adapter: publishes what the bus hands it to its hub's clients.
 pub struct LiveAdapter {
     hub: Arc<Hub>,
@@ -226,7 +249,7 @@ impl Adapter for LiveAdapter {
     fn run(
         self: Box<Self>,
         mut input: mpsc::Receiver<Delivery>,
-        _acker: Option<Acker>,
+        _acker: Acker,
         _cancel: CancellationToken,
     ) -> BoxFuture<'static, Result<(), Error>> {
         Box::pin(async move {

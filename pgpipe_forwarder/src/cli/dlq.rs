@@ -11,15 +11,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::SecondsFormat;
 use clap::{Args, Subcommand};
-use serde_json::Value;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::{print_output, resolve_config, GlobalArgs, Run};
+use super::{print_output, GlobalArgs, Run};
 use crate::ack::Acker;
-use crate::config::{Config, FlagOverride};
+use crate::config::Config;
+use crate::db::{DeadLetter, DeadLetterFilter, QueueClient};
 use crate::event::{Delivery, Event};
 
 /// Widest error text shown by `dlq list` (use --json for all of it).
@@ -95,38 +95,11 @@ struct PurgeArgs {
 }
 
 /// One row of pgpipe.dead_letters.
-struct Letter {
-    id: i64,
-    event_id: uuid::Uuid,
-    channel: String,
-    event: Value,
-    adapter: String,
-    error: String,
-    attempts: i32,
-    failed_at: DateTime<Utc>,
-}
+type Letter = DeadLetter;
 
 impl Run for DlqArgs {
     fn run(self, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-        let mut flags = Vec::new();
-        if let Some(db) = &self.db {
-            flags.push(FlagOverride {
-                key: "database_url",
-                flag: "--db",
-                value: Value::from(db.as_str()),
-            });
-        }
-        let config = resolve_config(global, &flags)?;
-        if config.database_url.trim().is_empty() {
-            bail!("no database URL: pass --db or set database_url / PGPIPE_DATABASE_URL");
-        }
-        super::init_tracing(&config.log_level, &config.log_format);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("start the async runtime")?;
-        runtime.block_on(async move {
-            let (client, _) = crate::db::connect(&config.database_url).await?;
+        super::with_database(global, self.db.as_deref(), |config, client| async move {
             match self.command {
                 DlqCommand::List(args) => list(&client, args).await,
                 DlqCommand::Replay(args) => replay(&client, &config, args).await,
@@ -136,44 +109,29 @@ impl Run for DlqArgs {
     }
 }
 
-const SELECT: &str = "SELECT id, event_id, channel, event, adapter, error, attempts, failed_at \
-                      FROM pgpipe.dead_letters \
-                      WHERE ($1::text IS NULL OR adapter = $1) \
-                        AND (cardinality($2::bigint[]) = 0 OR id = ANY($2)) \
-                      ORDER BY id LIMIT $3";
-
-async fn select(client: &Client, filter: &Filter, limit: i64) -> anyhow::Result<Vec<Letter>> {
-    let rows = client
-        .query(SELECT, &[&filter.adapter, &filter.id, &limit])
-        .await
-        .map_err(|e| explain(e, "read pgpipe.dead_letters"))?;
-    Ok(rows
-        .iter()
-        .map(|r| Letter {
-            id: r.get(0),
-            event_id: r.get(1),
-            channel: r.get(2),
-            event: r.get(3),
-            adapter: r.get(4),
-            error: r.get(5),
-            attempts: r.get(6),
-            failed_at: r.get(7),
-        })
-        .collect())
+impl Filter {
+    fn as_db(&self) -> DeadLetterFilter<'_> {
+        DeadLetterFilter {
+            adapter: self.adapter.as_deref(),
+            ids: &self.id,
+        }
+    }
 }
 
-/// A database error with what was being done, and a hint when the table is missing.
-fn explain(e: tokio_postgres::Error, context: &str) -> anyhow::Error {
-    let missing = e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE);
-    let text = crate::error::Error::Postgres {
-        context: context.into(),
-        source: e,
-    }
-    .to_string();
+async fn select(client: &Client, filter: &Filter, limit: i64) -> anyhow::Result<Vec<Letter>> {
+    QueueClient::new(client)
+        .dead_letters(filter.as_db(), limit)
+        .await
+        .map_err(explain)
+}
+
+/// A database error, with a hint when the table is missing.
+fn explain(e: crate::error::Error) -> anyhow::Error {
+    let missing = e.sqlstate() == Some(tokio_postgres::error::SqlState::UNDEFINED_TABLE.code());
     if missing {
-        anyhow::anyhow!("{text} (is the pgpipe extension installed? CREATE EXTENSION pgpipe)")
+        anyhow::anyhow!("{e} (is the pgpipe extension installed? CREATE EXTENSION pgpipe)")
     } else {
-        anyhow::anyhow!("{text}")
+        anyhow::anyhow!("{e}")
     }
 }
 
@@ -296,23 +254,12 @@ async fn replay(client: &Client, config: &Config, args: ReplayArgs) -> anyhow::R
         };
         let done: Vec<i64> = group[..finished].iter().map(|l| l.id).collect();
         let done_events: Vec<uuid::Uuid> = group[..finished].iter().map(|l| l.event_id).collect();
-        let again: Vec<i64> = client
-            .query(
-                "SELECT id FROM pgpipe.dead_letters WHERE id > $1 AND event_id = ANY($2) ORDER BY id",
-                &[&newest_before, &done_events],
-            )
+        let queue = QueueClient::new(client);
+        let again = queue
+            .dead_letters_again(newest_before, &done_events)
             .await
-            .map_err(|e| explain(e, "read pgpipe.dead_letters"))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        client
-            .execute(
-                "DELETE FROM pgpipe.dead_letters WHERE id = ANY($1)",
-                &[&done],
-            )
-            .await
-            .map_err(|e| explain(e, "delete replayed dead letters"))?;
+            .map_err(explain)?;
+        queue.delete_dead_letters(&done).await.map_err(explain)?;
         report.push_str(&format!(
             "{name}: {} delivered, {} failed again{}, {} not finished\n",
             finished - again.len(),
@@ -363,9 +310,7 @@ async fn deliver(
         .expect("channel sized for every letter");
     }
     drop(tx);
-    let result = adapter
-        .run(rx, Some(Acker::new(0, ack_tx)), cancel.clone())
-        .await;
+    let result = adapter.run(rx, Acker::new(0, ack_tx), cancel.clone()).await;
     let mut finished = 0u64;
     while let Ok((_, seq)) = ack_rx.try_recv() {
         finished = finished.max(seq);
@@ -381,16 +326,10 @@ async fn purge(client: &Client, args: PurgeArgs) -> anyhow::Result<ExitCode> {
         let secs = d.as_secs_f64();
         format!("{secs} seconds")
     });
-    let deleted = client
-        .execute(
-            "DELETE FROM pgpipe.dead_letters \
-             WHERE ($1::text IS NULL OR adapter = $1) \
-               AND (cardinality($2::bigint[]) = 0 OR id = ANY($2)) \
-               AND ($3::text IS NULL OR failed_at < now() - $3::interval)",
-            &[&args.filter.adapter, &args.filter.id, &older],
-        )
+    let deleted = QueueClient::new(client)
+        .purge_dead_letters(args.filter.as_db(), older.as_deref())
         .await
-        .map_err(|e| explain(e, "delete dead letters"))?;
+        .map_err(explain)?;
     print_output(&format!("purged {deleted} dead letter(s)\n"))?;
     Ok(ExitCode::SUCCESS)
 }

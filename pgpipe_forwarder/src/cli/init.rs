@@ -59,7 +59,7 @@ pub struct InitArgs {
     detector: String,
 
     /// Print the target table of an adapter instead (pg_table: the events table)
-    #[arg(long, value_name = "NAME", value_parser = ["pg_table"])]
+    #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(crate::adapter::registry::with_init()))]
     adapter: Option<String>,
 
     /// With --adapter pg_table: the table to create, optionally schema-qualified
@@ -83,12 +83,12 @@ impl InitArgs {
     /// The SQL to print, or why there is none.
     fn sql(&self) -> anyhow::Result<String> {
         if let Some(adapter) = &self.adapter {
-            return match adapter.as_str() {
-                "pg_table" => Ok(pg_table_ddl(&parse_table(
-                    self.pg_table_name.as_deref().unwrap_or("pgpipe_events"),
-                )?)),
-                other => bail!("`pgpipe init --adapter {other}` is not available"),
+            let init = crate::adapter::registry::kind(adapter).and_then(|k| k.init);
+            let Some(init) = init else {
+                bail!("`pgpipe init --adapter {adapter}` is not available");
             };
+            let table = parse_table(self.pg_table_name.as_deref().unwrap_or("pgpipe_events"))?;
+            return Ok(init(&qualified(&table)));
         }
         if self.table.is_empty() {
             bail!("pass --table TABLE (the table to capture), or --adapter pg_table");
@@ -160,19 +160,6 @@ impl InitArgs {
 
 /// The table the pg_table adapter inserts into: the event envelope's six columns, keyed
 /// by the event id so a redelivered event is skipped (`ON CONFLICT (id) DO NOTHING`).
-fn pg_table_ddl(table: &[String]) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS {} (\n    \
-         id         uuid        PRIMARY KEY,\n    \
-         channel    text        NOT NULL,\n    \
-         operation  text        NOT NULL,\n    \
-         payload    jsonb       NOT NULL,\n    \
-         source     text        NOT NULL,\n    \
-         created_at timestamptz NOT NULL\n);\n",
-        qualified(table)
-    )
-}
-
 /// NOTIFY refuses payloads of 8000 bytes or more (the default build's limit).
 const NOTIFY_MAX_PAYLOAD: usize = 8000;
 

@@ -109,55 +109,22 @@ pub struct ListenArgs {
         long = "adapter",
         value_name = "NAME",
         value_delimiter = ',',
-        value_parser = ["stdout", "webhook", "sse", "ws", "file", "exec", "pg_table"],
+        value_parser = clap::builder::PossibleValuesParser::new(crate::adapter::registry::names()),
         help_heading = "Adapters"
     )]
     adapters: Vec<String>,
 
-    /// Webhook URL events are POSTed to (required with -a webhook) [config: webhook.url]
-    /// [env: PGPIPE_WEBHOOK_URL]
-    #[arg(short = 'u', long, value_name = "URL", help_heading = "Adapters")]
-    url: Option<String>,
+    #[command(flatten)]
+    webhook: crate::adapter::webhook::Flags,
 
-    /// Webhook delivery attempts per event, the first included [default: 5]
-    /// [config: webhook.max_retries] [env: PGPIPE_WEBHOOK_MAX_RETRIES]
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), help_heading = "Adapters")]
-    retries: Option<u32>,
+    #[command(flatten)]
+    file: crate::adapter::file::Flags,
 
-    /// Webhook HMAC-SHA256 signing key; prefer the env variable, flags show in `ps`
-    /// [config: webhook.signing_key] [env: PGPIPE_WEBHOOK_SIGNING_KEY]
-    #[arg(long, value_name = "KEY", help_heading = "Adapters")]
-    signing_key: Option<String>,
+    #[command(flatten)]
+    exec: crate::adapter::exec::Flags,
 
-    /// File adapter: path of the JSON-lines file (required with -a file)
-    /// [config: file.path] [env: PGPIPE_FILE_PATH]
-    #[arg(long, value_name = "PATH", help_heading = "Adapters")]
-    file_path: Option<String>,
-
-    /// File adapter: rotate at this size, in bytes or with a unit (100MiB, 1G, 500MB)
-    /// [default: 100MiB] [config: file.max_size] [env: PGPIPE_FILE_MAX_SIZE]
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, help_heading = "Adapters")]
-    file_max_size: Option<u64>,
-
-    /// File adapter: rotated files kept [default: 5] [config: file.max_files]
-    /// [env: PGPIPE_FILE_MAX_FILES]
-    #[arg(long, value_name = "N", help_heading = "Adapters")]
-    file_max_files: Option<u32>,
-
-    /// Exec adapter: command run with `sh -c`, fed JSON lines on stdin (required with -a exec)
-    /// [config: exec.command] [env: PGPIPE_EXEC_COMMAND]
-    #[arg(long, value_name = "COMMAND", help_heading = "Adapters")]
-    exec_command: Option<String>,
-
-    /// pg_table adapter: connection URL of the target database [default: --db]
-    /// [config: pg_table.url] [env: PGPIPE_PG_TABLE_URL]
-    #[arg(long, value_name = "URL", help_heading = "Adapters")]
-    pg_table_url: Option<String>,
-
-    /// pg_table adapter: target table [default: pgpipe_events] [config: pg_table.table]
-    /// [env: PGPIPE_PG_TABLE_TABLE]
-    #[arg(long, value_name = "TABLE", help_heading = "Adapters")]
-    pg_table_name: Option<String>,
+    #[command(flatten)]
+    pg_table: crate::adapter::pg_table::Flags,
 
     // --- http ---------------------------------------------------------------------------
     /// Listen address of the HTTP server: SSE, WebSocket, /healthz, /metrics [default: :8080]
@@ -237,35 +204,6 @@ impl ListenArgs {
             self.tx_markers.map(Value::from),
         );
         set("adapters", "--adapter", list(&self.adapters));
-        set("webhook.url", "--url", string(&self.url));
-        set(
-            "webhook.max_retries",
-            "--retries",
-            self.retries.map(Value::from),
-        );
-        set(
-            "webhook.signing_key",
-            "--signing-key",
-            string(&self.signing_key),
-        );
-        set("file.path", "--file-path", string(&self.file_path));
-        set(
-            "file.max_size",
-            "--file-max-size",
-            self.file_max_size.map(Value::from),
-        );
-        set(
-            "file.max_files",
-            "--file-max-files",
-            self.file_max_files.map(Value::from),
-        );
-        set("exec.command", "--exec-command", string(&self.exec_command));
-        set("pg_table.url", "--pg-table-url", string(&self.pg_table_url));
-        set(
-            "pg_table.table",
-            "--pg-table-name",
-            string(&self.pg_table_name),
-        );
         set("sse.addr", "--sse-addr", string(&self.sse_addr));
         set(
             "websocket.ping_interval",
@@ -274,6 +212,11 @@ impl ListenArgs {
         );
         set("metrics_addr", "--metrics-addr", string(&self.metrics_addr));
         set("sse.auth_token", "--auth-token", string(&self.auth_token));
+        // Each adapter's own flags.
+        self.webhook.overrides(&mut out);
+        self.file.overrides(&mut out);
+        self.exec.overrides(&mut out);
+        self.pg_table.overrides(&mut out);
         out
     }
 }
@@ -290,7 +233,7 @@ impl Run for ListenArgs {
             &flags,
         )?;
 
-        init_tracing(&config.log_level, &config.log_format);
+        init_tracing(config.log_level, config.log_format);
         match &file {
             Some(f) => tracing::info!(component = "cli", file = %f.name, "config file loaded"),
             None => tracing::info!(
@@ -390,10 +333,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 5s, 100ms, 1m30s)"))
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    config::parse_size(s)
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::Cli;
@@ -485,7 +424,7 @@ mod tests {
         let c = config::load(&Config::default(), None, &no_env, &flags).expect("valid");
         assert_eq!(c.database_url, "postgres://u:p@h/db");
         assert_eq!(c.channels, ["orders", "payments", "users"]);
-        assert_eq!(c.detector.kind, "wal");
+        assert_eq!(c.detector.kind, crate::config::DetectorKind::Wal);
         assert_eq!(c.detector.consumer, "c1");
         assert_eq!(c.detector.poll_interval, Duration::from_millis(1500));
         assert_eq!((c.detector.batch_size, c.detector.max_in_flight), (7, 8));
@@ -500,7 +439,7 @@ mod tests {
         );
         assert_eq!(c.webhook.url, "https://hooks.example/in");
         assert_eq!(
-            (c.webhook.max_retries, c.webhook.signing_key.as_str()),
+            (c.webhook.max_retries, c.webhook.signing_key.expose()),
             (3, "k")
         );
         assert_eq!(c.file.path, std::path::PathBuf::from("/tmp/e.jsonl"));

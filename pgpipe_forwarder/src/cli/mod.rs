@@ -10,11 +10,12 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Config, ConfigFile, FlagOverride};
+use crate::config::{Config, ConfigFile, FlagOverride, LogFormat, LogLevel};
 
 mod config;
 mod dlq;
@@ -119,50 +120,6 @@ impl GlobalArgs {
     }
 }
 
-/// `--log-level` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogLevel {
-    /// Everything, including per-event detail.
-    Debug,
-    /// Startup, shutdown, connections and retries.
-    Info,
-    /// Problems pgpipe recovers from.
-    Warn,
-    /// Problems it does not.
-    Error,
-}
-
-impl LogLevel {
-    /// The name used in config files and filters.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LogLevel::Debug => "debug",
-            LogLevel::Info => "info",
-            LogLevel::Warn => "warn",
-            LogLevel::Error => "error",
-        }
-    }
-}
-
-/// `--log-format` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-impl LogFormat {
-    /// The name used in config files.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LogFormat::Text => "text",
-            LogFormat::Json => "json",
-        }
-    }
-}
-
 /// A subcommand: its parsed arguments know how to run it.
 pub trait Run {
     /// Runs the subcommand; an error is printed as `error: ...` and exits with 1.
@@ -262,14 +219,48 @@ pub fn resolve_config(global: &GlobalArgs, flags: &[FlagOverride]) -> anyhow::Re
     )?)
 }
 
-/// Installs the global tracing subscriber: stderr, `text` or `json`, filtered at `level`
-/// (a level name or any `EnvFilter` directive). Does nothing when one is already set.
-pub fn init_tracing(level: &str, format: &str) {
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+/// The shared start of `status` and `dlq`: the configuration (`--db` overriding
+/// `database_url`), logging, a runtime, and one connection; then `work` on them.
+pub fn with_database<F, Fut>(
+    global: &GlobalArgs,
+    db: Option<&str>,
+    work: F,
+) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(Config, tokio_postgres::Client) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
+    let flags: Vec<FlagOverride> = db
+        .map(|db| FlagOverride {
+            key: "database_url",
+            flag: "--db",
+            value: serde_json::Value::from(db),
+        })
+        .into_iter()
+        .collect();
+    let config = resolve_config(global, &flags)?;
+    if config.database_url.trim().is_empty() {
+        anyhow::bail!("no database URL: pass --db or set database_url / PGPIPE_DATABASE_URL");
+    }
+    init_tracing(config.log_level, config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(async move {
+        let (client, _) = crate::db::connect(&config.database_url).await?;
+        work(config, client).await
+    })
+}
+
+/// Installs the global tracing subscriber: stderr, `text` or `json`, filtered at `level`.
+/// Does nothing when one is already set.
+pub fn init_tracing(level: LogLevel, format: LogFormat) {
+    let filter = EnvFilter::try_new(level.as_str()).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let installed = if format == "json" {
+    let installed = if format == LogFormat::Json {
         builder.json().try_init()
     } else {
         builder

@@ -5,14 +5,14 @@
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::Args;
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
-use super::{print_output, resolve_config, GlobalArgs, Run};
-use crate::config::FlagOverride;
+use super::{print_output, GlobalArgs, Run};
+use crate::db::QueueClient;
 
 /// Arguments of `pgpipe status`.
 #[derive(Debug, Args)]
@@ -33,37 +33,24 @@ pub struct StatusArgs {
 
 impl Run for StatusArgs {
     fn run(self, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-        let mut flags = Vec::new();
-        if let Some(db) = &self.db {
-            flags.push(FlagOverride {
-                key: "database_url",
-                flag: "--db",
-                value: Value::from(db.as_str()),
-            });
-        }
-        let config = resolve_config(global, &flags)?;
-        if config.database_url.trim().is_empty() {
-            bail!("no database URL: pass --db or set database_url / PGPIPE_DATABASE_URL");
-        }
-        super::init_tracing(&config.log_level, &config.log_format);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("start the async runtime")?;
-        let report = runtime.block_on(async {
-            let (client, _) = crate::db::connect(&config.database_url).await?;
-            gather(&client).await
-        })?;
-        let text = if self.json {
-            let mut s = serde_json::to_string_pretty(&report).expect("JSON serializes");
-            s.push('\n');
-            s
-        } else {
-            render(&report)
-        };
-        print_output(&text)?;
-        Ok(ExitCode::SUCCESS)
+        let json = self.json;
+        super::with_database(global, self.db.as_deref(), |_, client| async move {
+            let report = gather(&client).await?;
+            print_report(&report, json)
+        })
     }
+}
+
+fn print_report(report: &Value, json: bool) -> anyhow::Result<ExitCode> {
+    let text = if json {
+        let mut s = serde_json::to_string_pretty(report).expect("JSON serializes");
+        s.push('\n');
+        s
+    } else {
+        render(report)
+    };
+    print_output(&text)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn time(t: Option<DateTime<Utc>>) -> Value {
@@ -75,88 +62,62 @@ fn time(t: Option<DateTime<Utc>>) -> Value {
 /// Queries everything shown; parts whose objects are missing (an older extension) or
 /// not readable (privileges) are `null` with a note.
 async fn gather(client: &Client) -> anyhow::Result<Value> {
-    let installed: Option<String> = client
-        .query_opt(
-            "SELECT extversion FROM pg_extension WHERE extname = 'pgpipe'",
-            &[],
-        )
-        .await
-        .context("look for the pgpipe extension")?
-        .map(|r| r.get(0));
-    let Some(version) = installed else {
+    let queue = QueueClient::new(client);
+    let Some(version) = queue.extension_version().await? else {
         bail!("the pgpipe extension is not installed in this database (CREATE EXTENSION pgpipe)");
     };
     let mut notes = Vec::new();
 
-    let consumers = client
-        .query(
-            "SELECT name, channels, position, acked_at, pending_events, oldest_pending_at \
-             FROM pgpipe.consumer_lag ORDER BY name",
-            &[],
-        )
-        .await
-        .context("read pgpipe.consumer_lag")?
-        .iter()
-        .map(|r| {
+    let consumers = queue
+        .consumer_lags()
+        .await?
+        .into_iter()
+        .map(|c| {
             json!({
-                "name": r.get::<_, String>(0),
-                "channels": r.get::<_, Option<Vec<String>>>(1),
-                "position": r.get::<_, String>(2),
-                "acked_at": time(r.get(3)),
-                "pending_events": r.get::<_, i64>(4),
-                "oldest_pending_at": time(r.get(5)),
+                "name": c.name,
+                "channels": c.channels,
+                "position": c.position,
+                "acked_at": time(c.acked_at),
+                "pending_events": c.pending_events,
+                "oldest_pending_at": time(c.oldest_pending_at),
+                "owner": c.owner,
+                "holder": c.holder,
+                "stale": c.stale,
+                "holds_retention": c.holds_retention,
             })
         })
         .collect::<Vec<_>>();
 
-    let subscriptions = client
-        .query(
-            "SELECT \"table\"::text, channel, operations, mode FROM pgpipe.subscriptions \
-             ORDER BY 1",
-            &[],
-        )
-        .await
-        .context("read pgpipe.subscriptions")?
-        .iter()
-        .map(|r| {
+    let subscriptions = queue
+        .subscriptions()
+        .await?
+        .into_iter()
+        .map(|s| {
             json!({
-                "table": r.get::<_, String>(0),
-                "channel": r.get::<_, String>(1),
-                "operations": r.get::<_, Option<Vec<String>>>(2),
-                "mode": r.get::<_, String>(3),
+                "table": s.table,
+                "channel": s.channel,
+                "operations": s.operations,
+                "mode": s.mode,
             })
         })
         .collect::<Vec<_>>();
 
-    let has = |object: &'static str| async move {
-        client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&object])
-            .await
-            .map(|r| r.get::<_, bool>(0))
-            .unwrap_or(false)
-    };
-    let dead_letters = if has("pgpipe.dead_letters").await {
-        match client
-            .query(
-                "SELECT adapter, count(*), max(failed_at) FROM pgpipe.dead_letters \
-                 GROUP BY adapter ORDER BY adapter",
-                &[],
-            )
-            .await
-        {
-            Ok(rows) => Value::from(
-                rows.iter()
-                    .map(|r| {
+    let dead_letters = if queue.has_relation("pgpipe.dead_letters").await {
+        match queue.dead_letter_counts().await {
+            Ok(counts) => Value::from(
+                counts
+                    .into_iter()
+                    .map(|d| {
                         json!({
-                            "adapter": r.get::<_, String>(0),
-                            "count": r.get::<_, i64>(1),
-                            "last_failed_at": time(r.get(2)),
+                            "adapter": d.adapter,
+                            "count": d.count,
+                            "last_failed_at": time(d.last_failed_at),
                         })
                     })
                     .collect::<Vec<_>>(),
             ),
             Err(e) => {
-                notes.push(format!("dead letters: {}", db_message(&e)));
+                notes.push(format!("dead letters: {e}"));
                 Value::Null
             }
         }
@@ -164,33 +125,21 @@ async fn gather(client: &Client) -> anyhow::Result<Value> {
         Value::Null
     };
 
-    let has_status: bool = client
-        .query_one("SELECT to_regprocedure('pgpipe.status()') IS NOT NULL", &[])
-        .await
-        .map(|r| r.get(0))
-        .unwrap_or(false);
-    let worker = if has_status {
-        match client
-            .query_opt(
-                "SELECT worker_state, worker_pid, slot_name, slot_status, lag_bytes::text, \
-                 events_written, last_error, detail FROM pgpipe.status()",
-                &[],
-            )
-            .await
-        {
-            Ok(Some(r)) => json!({
-                "state": r.get::<_, Option<String>>(0),
-                "pid": r.get::<_, Option<i32>>(1),
-                "slot_name": r.get::<_, Option<String>>(2),
-                "slot_status": r.get::<_, Option<String>>(3),
-                "lag_bytes": r.get::<_, Option<String>>(4),
-                "events_written": r.get::<_, Option<i64>>(5),
-                "last_error": r.get::<_, Option<String>>(6),
-                "detail": r.get::<_, Option<String>>(7),
+    let worker = if queue.has_function("pgpipe.status()").await {
+        match queue.worker_status().await {
+            Ok(Some(w)) => json!({
+                "state": w.state,
+                "pid": w.pid,
+                "slot_name": w.slot_name,
+                "slot_status": w.slot_status,
+                "lag_bytes": w.lag_bytes,
+                "events_written": w.events_written,
+                "last_error": w.last_error,
+                "detail": w.detail,
             }),
             Ok(None) => Value::Null,
             Err(e) => {
-                notes.push(format!("worker: {}", db_message(&e)));
+                notes.push(format!("worker: {e}"));
                 Value::Null
             }
         }
@@ -206,11 +155,6 @@ async fn gather(client: &Client) -> anyhow::Result<Value> {
         "worker": worker,
         "notes": notes,
     }))
-}
-
-fn db_message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map_or_else(|| e.to_string(), |db| db.message().to_owned())
 }
 
 /// Text of a JSON value in a table cell.
@@ -277,10 +221,31 @@ fn render(report: &Value) -> String {
             ("pending_events", "LAG (EVENTS)"),
             ("oldest_pending_at", "OLDEST PENDING"),
             ("acked_at", "LAST ACK"),
+            ("owner", "OWNER"),
+            ("holder", "HELD BY"),
             ("position", "POSITION"),
         ],
         &list("consumers"),
     );
+    // Never silence: a consumer nobody acknowledges for keeps every event from its
+    // position on (pgpipe.consumer_stale_after).
+    for c in list("consumers") {
+        if c["stale"] == Value::Bool(true) {
+            let _ = writeln!(
+                out,
+                "STALE: consumer {} has acknowledged nothing since {} and {}; run its forwarder again \
+                 or drop it: SELECT pgpipe.drop_consumer('{}');",
+                cell(&c["name"]),
+                cell(&c["acked_at"]),
+                if c["holds_retention"] == Value::Bool(true) {
+                    "holds queue retention back"
+                } else {
+                    "keeps its events in the queue"
+                },
+                cell(&c["name"]).replace('\'', "''"),
+            );
+        }
+    }
     table(
         &mut out,
         "Subscriptions",

@@ -13,7 +13,12 @@
 //!
 //! Flow control: NOTIFY cannot be paused at the source. While `max_in_flight` events wait
 //! for durable adapters, the detector stops taking notifications off the connection's
-//! buffer (they queue in memory) rather than overflow an adapter's channel.
+//! buffer, which is bounded (`max_in_flight` notifications): when it is full the
+//! forwarder stops reading the connection and Postgres keeps the rest in its own
+//! notification queue. Memory stays bounded and nothing is dropped while connected.
+//!
+//! Anyone who can NOTIFY can forge events here: Postgres lets every role notify every
+//! channel and does not say who sent a notification (README).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,13 +29,15 @@ use tokio_postgres::Notification;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Detector, DetectorIo};
-use crate::ack::AckTracker;
+use super::{Detector, DetectorIo, Reconnect};
+use crate::ack::InFlight;
 use crate::backoff::Backoff;
+use crate::bus::Bus;
 use crate::config::Config;
 use crate::db;
 use crate::error::Error;
 use crate::event::{Delivery, Event};
+use crate::health::Component;
 
 /// The `source` of events from this detector.
 pub const SOURCE: &str = "listen_notify";
@@ -42,14 +49,12 @@ pub const DEFAULT_OPERATION: &str = "NOTIFY";
 pub struct ListenNotifyDetector {
     url: String,
     channels: Vec<String>,
-    max_in_flight: u64,
+    max_in_flight: usize,
+    stall_warning: Duration,
     backoff: Backoff,
     /// How often an idle connection is probed (a silently dead one would lose
     /// notifications unnoticed).
     probe_interval: Duration,
-    /// Whether a connection ever succeeded: failing to reach the database at start-up
-    /// exits (the supervisor restarts), later losses are retried.
-    reached: bool,
 }
 
 impl ListenNotifyDetector {
@@ -59,50 +64,50 @@ impl ListenNotifyDetector {
         ListenNotifyDetector {
             url: config.database_url.clone(),
             channels: config.channels.clone(),
-            max_in_flight: d.max_in_flight as u64,
+            max_in_flight: d.max_in_flight,
+            stall_warning: d.ack_stall_warning,
             backoff: Backoff::new(d.backoff_base, d.backoff_cap),
             probe_interval: d.status_interval,
-            reached: false,
         }
     }
 
-    async fn run_loop(
-        mut self,
-        mut io: DetectorIo,
-        cancel: CancellationToken,
-    ) -> Result<(), Error> {
-        // Positions are meaningless for NOTIFY: the tracker only counts in-flight events.
-        let mut tracker: AckTracker<()> = AckTracker::new(io.durable_adapters);
+    async fn run_loop(self, io: DetectorIo, cancel: CancellationToken) -> Result<(), Error> {
+        // Positions are meaningless for NOTIFY: the window only counts in-flight events.
+        let (bus, health, mut window) =
+            io.split::<()>(SOURCE, self.max_in_flight, self.stall_warning);
+        let mut reconnect = Reconnect::new(
+            SOURCE,
+            self.backoff.clone(),
+            "LISTEN connection lost: notifications sent until it is back are lost \
+             (NOTIFY is at-most-once)",
+            "connection",
+        );
         loop {
-            let result = self.session(&mut io, &mut tracker, &cancel).await;
-            match result {
-                Ok(()) => return Ok(()),
-                Err(e @ (Error::Adapter { .. } | Error::BusClosed)) => return Err(e),
-                Err(e) if !self.reached => return Err(e),
-                Err(e) => {
-                    io.health.down(format!("disconnected: {e}"));
-                    let delay = self.backoff.next_delay();
-                    tracing::error!(component = "detector", detector = SOURCE, error = %e,
-                        retry_in = ?delay,
-                        "LISTEN connection lost: notifications sent until it is back are lost (NOTIFY is at-most-once); reconnecting");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Ok(()),
-                        _ = drain_acks_for(&mut io, &mut tracker, delay) => {}
-                    }
-                }
+            let ended = self
+                .session(&bus, &health, &mut window, &mut reconnect, &cancel)
+                .await;
+            if !reconnect
+                .again(ended, &health, &mut window, &cancel)
+                .await?
+            {
+                return Ok(());
             }
         }
     }
 
     /// One connection's life: Ok after shutdown, Err when the connection failed.
     async fn session(
-        &mut self,
-        io: &mut DetectorIo,
-        tracker: &mut AckTracker<()>,
+        &self,
+        bus: &Bus,
+        health: &Component,
+        window: &mut InFlight<()>,
+        reconnect: &mut Reconnect,
         cancel: &CancellationToken,
     ) -> Result<(), Error> {
-        let (client, mut notifications) = db::connect(&self.url).await?;
-        self.reached = true;
+        let buffer = usize::try_from(window.capacity()).unwrap_or(usize::MAX);
+        let (client, mut notifications) =
+            db::connect_with(&self.url, db::Notifications::Bounded(buffer)).await?;
+        reconnect.reached();
         let listen: String = self
             .channels
             .iter()
@@ -112,81 +117,64 @@ impl ListenNotifyDetector {
             .batch_execute(&listen)
             .await
             .map_err(Error::pg(format!("listen on {}", self.channels.join(", "))))?;
-        io.health.up();
-        self.backoff.reset();
+        health.up();
+        reconnect.connected();
         tracing::info!(component = "detector", detector = SOURCE, channels = ?self.channels,
             "listening (at-most-once: notifications sent while disconnected are lost)");
 
         let mut probe = tokio::time::interval(self.probe_interval);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         probe.tick().await;
+        // The probe runs beside the receiving, never instead of it: the connection's
+        // notification buffer is bounded, and a full one holds the probe's answer back.
+        let mut probing: Option<BoxFuture<'_, bool>> = None;
         loop {
-            let room = tracker.in_flight() < self.max_in_flight;
+            let room = window.room() > 0;
             tokio::select! {
-                _ = probe.tick() => {
-                    let alive = tokio::time::timeout(self.probe_interval, client.simple_query("SELECT 1")).await;
-                    if !matches!(alive, Ok(Ok(_))) {
-                        return Err(Error::DetectorDisconnected {
-                            detector: SOURCE.into(),
-                            reason: "the connection stopped answering".into(),
-                        });
+                _ = probe.tick(), if probing.is_none() && room => {
+                    let timeout = self.probe_interval;
+                    let client = &client;
+                    probing = Some(Box::pin(async move {
+                        matches!(tokio::time::timeout(timeout, client.simple_query("SELECT 1")).await, Ok(Ok(_)))
+                    }));
+                }
+                alive = async { probing.as_mut().expect("guarded").await }, if probing.is_some() => {
+                    probing = None;
+                    // While the window is full the buffer may hold the answer back:
+                    // no verdict then.
+                    if !alive && window.room() > 0 {
+                        return Err(disconnected("the connection stopped answering"));
                     }
                 }
                 _ = cancel.cancelled() => {
                     tracing::info!(component = "detector", detector = SOURCE, "stopping");
                     return Ok(());
                 }
-                ack = io.acks.recv() => match ack {
-                    Some((adapter, seq)) => {
-                        tracker.finished(adapter, seq);
-                        tracker.take_releasable();
-                    }
-                    None => return Err(Error::BusClosed),
-                },
+                acked = window.acked() => {
+                    acked?;
+                    // Nothing to release: this only forgets finished events.
+                    window.take_releasable();
+                }
                 n = notifications.recv(), if room => match n {
                     Some(n) => {
-                        let seq = tracker.push_event(());
-                        io.bus.publish(&Delivery { seq, event: Arc::new(event_from(&n)) })?;
-                        // Nothing to release: this only forgets finished events.
-                        tracker.take_releasable();
+                        let seq = window.push_event(());
+                        bus.publish(&Delivery { seq, event: Arc::new(event_from(&n)) })?;
+                        window.take_releasable();
                     }
-                    None => {
-                        return Err(Error::DetectorDisconnected {
-                            detector: SOURCE.into(),
-                            reason: "connection closed".into(),
-                        })
-                    }
+                    None => return Err(disconnected("connection closed")),
                 },
             }
             if client.is_closed() {
-                return Err(Error::DetectorDisconnected {
-                    detector: SOURCE.into(),
-                    reason: "connection closed".into(),
-                });
+                return Err(disconnected("connection closed"));
             }
         }
     }
 }
 
-/// Keeps consuming acknowledgements while waiting to reconnect.
-async fn drain_acks_for(io: &mut DetectorIo, tracker: &mut AckTracker<()>, delay: Duration) {
-    let deadline = tokio::time::sleep(delay);
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            _ = &mut deadline => return,
-            ack = io.acks.recv() => match ack {
-                Some((adapter, seq)) => {
-                    tracker.finished(adapter, seq);
-                    tracker.take_releasable();
-                }
-                // No adapters report any more; just wait out the delay.
-                None => {
-                    (&mut deadline).await;
-                    return;
-                }
-            },
-        }
+fn disconnected(reason: &str) -> Error {
+    Error::DetectorDisconnected {
+        detector: SOURCE.into(),
+        reason: reason.into(),
     }
 }
 

@@ -9,38 +9,35 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
+
 use tokio_postgres::{Client, Notification};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-use super::{Detector, DetectorIo};
-use crate::ack::AckTracker;
+use super::{sleep_until_opt, Detector, DetectorIo, Reconnect};
+use crate::ack::InFlight;
 use crate::backoff::Backoff;
+use crate::bus::Bus;
 use crate::config::Config;
-use crate::db;
+use crate::db::{self, QueueClient};
 use crate::error::Error;
-use crate::event::{Delivery, Event, Transaction};
+use crate::event::Delivery;
+use crate::health::Component;
+
+/// Detector name in logs and health.
+const NAME: &str = "queue";
+/// SQLSTATE of a refused privilege (a least-privilege role running pgpipe.rotate()).
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
+/// SQLSTATE of an unknown consumer (`pgpipe.try_claim_consumer` before it is registered).
+const UNDEFINED_OBJECT: &str = "42704";
 
 /// The channel the extension's background worker notifies after commits that queued events.
 pub const WAKEUP_CHANNEL: &str = "pgpipe_wakeup";
 
-const READ_SQL: &str = "SELECT position, id, channel, operation, payload, source, created_at, \
-                        xid::text, lsn::text FROM pgpipe.read($1, $2, $3)";
-
 /// Whether the pgpipe extension is installed in the database at `url`.
 pub async fn extension_installed(url: &str) -> Result<bool, Error> {
     let (client, _) = db::connect(url).await?;
-    has_extension(&client).await
-}
-
-async fn has_extension(client: &Client) -> Result<bool, Error> {
-    let row = client
-        .query_opt("SELECT 1 FROM pg_extension WHERE extname = 'pgpipe'", &[])
-        .await
-        .map_err(Error::pg("look for the pgpipe extension"))?;
-    Ok(row.is_some())
+    QueueClient::new(&client).has_extension().await
 }
 
 /// Reads the pgpipe queue as one named consumer.
@@ -50,7 +47,8 @@ pub struct QueueDetector {
     channels: Vec<String>,
     poll_interval: Duration,
     batch_size: u32,
-    max_in_flight: u64,
+    max_in_flight: usize,
+    stall_warning: Duration,
     backoff: Backoff,
     idle_ack_interval: Duration,
     retention_interval: Duration,
@@ -59,12 +57,12 @@ pub struct QueueDetector {
 
 /// Progress that survives reconnects.
 struct Progress {
-    tracker: AckTracker<String>,
+    window: InFlight<String>,
     /// Where the next read starts; `None` until the first connection fetched the acked one.
     read_position: Option<String>,
     /// Releasable position not yet written with `pgpipe.ack`.
     unwritten_ack: Option<String>,
-    /// `tracker.released_seq()` at the last written ack.
+    /// `window.released_seq()` at the last written ack.
     written_seq: u64,
     last_write: Instant,
 }
@@ -88,7 +86,8 @@ impl QueueDetector {
             channels: config.channels.clone(),
             poll_interval: d.poll_interval,
             batch_size: d.batch_size,
-            max_in_flight: d.max_in_flight as u64,
+            max_in_flight: d.max_in_flight,
+            stall_warning: d.ack_stall_warning,
             backoff: Backoff::new(d.backoff_base, d.backoff_cap),
             idle_ack_interval: d.idle_ack_interval,
             retention_interval: d.retention_interval,
@@ -96,38 +95,30 @@ impl QueueDetector {
         }
     }
 
-    async fn run_loop(
-        mut self,
-        mut io: DetectorIo,
-        cancel: CancellationToken,
-    ) -> Result<(), Error> {
+    async fn run_loop(self, io: DetectorIo, cancel: CancellationToken) -> Result<(), Error> {
+        let (bus, health, window) = io.split(NAME, self.max_in_flight, self.stall_warning);
         let mut progress = Progress {
-            tracker: AckTracker::new(io.durable_adapters),
+            window,
             read_position: None,
             unwritten_ack: None,
             written_seq: 0,
             last_write: Instant::now(),
         };
+        let mut reconnect = Reconnect::new(
+            NAME,
+            self.backoff.clone(),
+            "queue connection lost",
+            format!("consumer {}", self.consumer),
+        );
         loop {
-            match self.session(&mut io, &mut progress, &cancel).await {
-                Ok(()) => return Ok(()),
-                Err(e @ (Error::Extension(_) | Error::Adapter { .. } | Error::BusClosed)) => {
-                    return Err(e)
-                }
-                Err(e) => {
-                    io.health.down(e.to_string());
-                    let delay = self.backoff.next_delay();
-                    tracing::warn!(component = "detector", detector = "queue", error = %e,
-                        retry_in = ?delay, "queue connection lost; reconnecting");
-                    tokio::select! {
-                        _ = cancel.cancelled() => {
-                            // Shutting down while disconnected: in-flight events stay
-                            // unacknowledged and are read again next time.
-                            return Ok(());
-                        }
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
+            let ended = self
+                .session(&bus, &health, &mut progress, &mut reconnect, &cancel)
+                .await;
+            if !reconnect
+                .again(ended, &health, &mut progress.window, &cancel)
+                .await?
+            {
+                return Ok(());
             }
         }
     }
@@ -135,33 +126,42 @@ impl QueueDetector {
     /// One connection's life: returns Ok after a clean shutdown, Err when the connection
     /// failed (the caller reconnects).
     async fn session(
-        &mut self,
-        io: &mut DetectorIo,
+        &self,
+        bus: &Arc<Bus>,
+        health: &Component,
         progress: &mut Progress,
+        reconnect: &mut Reconnect,
         cancel: &CancellationToken,
     ) -> Result<(), Error> {
         let (client, mut notifications) = db::connect(&self.url).await?;
+        reconnect.reached();
         self.check_extension(&client).await?;
-        if !self.claim(&client, &io.health, cancel).await? {
+        if !self.claim(&client, health, reconnect, cancel).await? {
             return Ok(());
         }
-        let channels: Option<Vec<String>> = Some(self.channels.clone());
-        let acked: String = client
-            .query_one(
-                "SELECT pgpipe.register_consumer($1, $2)",
-                &[&self.consumer, &channels],
-            )
-            .await
-            .map_err(Error::pg(format!("register consumer {}", self.consumer)))?
-            .get(0);
+        let queue = QueueClient::new(&client);
+        let acked = queue.register(&self.consumer, &self.channels).await?;
+        // Never silence: a forgotten consumer holds every event from its position on.
+        match queue.stale_consumers().await {
+            Ok(stale) if !stale.is_empty() => {
+                crate::metrics::stale_consumers(stale.len());
+                tracing::warn!(component = "detector", detector = NAME, consumers = ?stale,
+                    "these consumers acknowledged nothing for pgpipe.consumer_stale_after and hold \
+                     queue retention back: run their forwarders again or drop them \
+                     (SELECT pgpipe.drop_consumer('<name>'); `pgpipe status` lists them)");
+            }
+            Ok(_) => crate::metrics::stale_consumers(0),
+            Err(e) => tracing::debug!(component = "detector", detector = NAME, error = %e,
+                "stale consumers not checked"),
+        }
         client
             .batch_execute(&format!("LISTEN {WAKEUP_CHANNEL}"))
             .await
             .map_err(Error::pg(format!("listen on {WAKEUP_CHANNEL}")))?;
         let mut read_position = progress.read_position.clone().unwrap_or(acked);
-        self.backoff.reset();
-        io.health.up();
-        tracing::info!(component = "detector", detector = "queue", consumer = %self.consumer,
+        reconnect.connected();
+        health.up();
+        tracing::info!(component = "detector", detector = NAME, consumer = %self.consumer,
             channels = ?self.channels, "reading the pgpipe queue");
 
         let mut poll = tokio::time::interval(self.poll_interval);
@@ -170,81 +170,83 @@ impl QueueDetector {
         let mut rotate =
             tokio::time::interval(self.retention_interval.max(Duration::from_millis(1)));
         rotate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retention = !self.retention_interval.is_zero();
         let mut want_read = true;
         let mut shutdown_deadline: Option<tokio::time::Instant> = None;
         loop {
-            let room = self
-                .max_in_flight
-                .saturating_sub(progress.tracker.in_flight());
+            let room = progress.window.room();
             if want_read && shutdown_deadline.is_none() && room > 0 {
                 let limit = room.min(u64::from(self.batch_size)) as i32;
                 let published = self
-                    .read_batch(&client, &io.bus, progress, &mut read_position, limit)
+                    .read_batch(&queue, bus, progress, &mut read_position, limit)
                     .await?;
                 progress.read_position = Some(read_position.clone());
                 // A full page means more is waiting.
                 want_read = published == limit as usize;
-                self.write_ack(&client, progress, false).await?;
+                self.write_ack(&queue, progress, false).await?;
                 if want_read {
                     continue;
                 }
             }
-            if shutdown_deadline.is_some() && progress.tracker.in_flight() == 0 {
+            if shutdown_deadline.is_some() && progress.window.in_flight() == 0 {
                 break;
             }
             let wake = tokio::select! {
                 _ = cancel.cancelled(), if shutdown_deadline.is_none() => Wake::Shutdown,
                 _ = sleep_until_opt(shutdown_deadline) => Wake::Deadline,
-                ack = io.acks.recv() => {
-                    match ack {
-                        Some((adapter, seq)) => progress.tracker.finished(adapter, seq),
-                        None => return Err(Error::BusClosed),
-                    }
+                acked = progress.window.acked() => {
+                    acked?;
                     Wake::Acks
                 }
                 n = notifications.recv() => wake_from(n)?,
                 _ = poll.tick() => Wake::Read,
-                _ = rotate.tick(), if !self.retention_interval.is_zero() => Wake::Rotate,
+                _ = rotate.tick(), if retention => Wake::Rotate,
             };
             match wake {
                 Wake::Read => want_read = true,
                 Wake::Rotate => {
                     // Retention failing must not stop delivery; a broken connection
                     // shows up on the next read anyway.
-                    if let Err(e) = self.rotate(&client).await {
-                        tracing::warn!(component = "detector", detector = "queue", error = %e,
-                            "queue retention failed; will try again");
+                    match queue.rotate().await {
+                        Ok(_) => {}
+                        Err(e) if e.sqlstate() == Some(INSUFFICIENT_PRIVILEGE) => {
+                            // A least-privilege forwarder: retention is the admin's.
+                            retention = false;
+                            tracing::info!(component = "detector", detector = NAME,
+                                "queue retention is left to the background worker or a pgpipe_admin: \
+                                 this role may not run pgpipe.rotate() (GRANT pgpipe_admin to run it here, \
+                                 or set detector.retention_interval: 0)");
+                        }
+                        Err(e) => {
+                            tracing::warn!(component = "detector", detector = NAME, error = %e,
+                            "queue retention failed; will try again")
+                        }
                     }
                 }
-                Wake::Acks => {
-                    while let Ok((adapter, seq)) = io.acks.try_recv() {
-                        progress.tracker.finished(adapter, seq);
-                    }
-                    self.write_ack(&client, progress, false).await?;
-                }
+                Wake::Acks => self.write_ack(&queue, progress, false).await?,
                 Wake::Shutdown => {
                     tracing::info!(
                         component = "detector",
-                        detector = "queue",
-                        in_flight = progress.tracker.in_flight(),
+                        detector = NAME,
+                        in_flight = progress.window.in_flight(),
                         "stopping: draining in-flight events"
                     );
                     shutdown_deadline = Some(tokio::time::Instant::now() + self.shutdown_timeout);
                 }
                 Wake::Deadline => {
-                    tracing::warn!(component = "detector", detector = "queue",
-                        in_flight = progress.tracker.in_flight(),
+                    tracing::warn!(component = "detector", detector = NAME,
+                        in_flight = progress.window.in_flight(),
                         "shutdown timeout: unacknowledged events will be delivered again on restart");
                     break;
                 }
             }
         }
-        self.write_ack(&client, progress, true).await?;
+        self.write_ack(&queue, progress, true).await?;
         Ok(())
     }
 
     async fn check_extension(&self, client: &Client) -> Result<(), Error> {
-        if !has_extension(client).await? {
+        if !QueueClient::new(client).has_extension().await? {
             return Err(Error::Extension(
                 "the pgpipe extension is not installed in this database: run CREATE EXTENSION pgpipe, \
                  or use --detector listen_notify"
@@ -259,21 +261,28 @@ impl QueueDetector {
     async fn claim(
         &self,
         client: &Client,
-        health: &crate::health::Component,
+        health: &Component,
+        reconnect: &Reconnect,
         cancel: &CancellationToken,
     ) -> Result<bool, Error> {
+        let queue = QueueClient::new(client);
         let mut announced = false;
         loop {
-            let claimed: bool = client
-                .query_one("SELECT pgpipe.try_claim_consumer($1)", &[&self.consumer])
-                .await
-                .map_err(Error::pg(format!("claim consumer {}", self.consumer)))?
-                .get(0);
+            let claimed = match queue.try_claim(&self.consumer).await {
+                Ok(claimed) => claimed,
+                // A lease lives in the consumer's row: a new consumer is registered
+                // first (nobody can hold what does not exist yet).
+                Err(e) if e.sqlstate() == Some(UNDEFINED_OBJECT) => {
+                    queue.register(&self.consumer, &self.channels).await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if claimed {
                 return Ok(true);
             }
             if !announced {
-                tracing::info!(component = "detector", detector = "queue", consumer = %self.consumer,
+                tracing::info!(component = "detector", detector = NAME, consumer = %self.consumer,
                     "another forwarder holds this consumer; standing by");
                 announced = true;
                 health.standby(format!(
@@ -283,51 +292,27 @@ impl QueueDetector {
             }
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(false),
-                _ = tokio::time::sleep(self.backoff.ceiling(0)) => {}
+                _ = tokio::time::sleep(reconnect.first_delay()) => {}
             }
         }
-    }
-
-    /// Runs queue retention: partitions ahead are created, those every consumer is past
-    /// are removed (see `pgpipe.rotate()`).
-    async fn rotate(&self, client: &Client) -> Result<(), Error> {
-        let rows = client
-            .query("SELECT action, partition_name FROM pgpipe.rotate()", &[])
-            .await
-            .map_err(Error::pg("rotate the queue"))?;
-        for row in rows {
-            let action: String = row.get(0);
-            let partition: Option<String> = row.get(1);
-            tracing::debug!(component = "detector", detector = "queue", %action, ?partition, "queue retention");
-        }
-        Ok(())
     }
 
     /// Reads one page and publishes its events. Returns how many events it published.
     async fn read_batch(
         &self,
-        client: &Client,
-        bus: &Arc<crate::bus::Bus>,
+        queue: &QueueClient<'_>,
+        bus: &Bus,
         progress: &mut Progress,
         read_position: &mut String,
         limit: i32,
     ) -> Result<usize, Error> {
-        let rows = client
-            .query(READ_SQL, &[&self.consumer, &*read_position, &limit])
-            .await
-            .map_err(Error::pg(format!(
-                "read queue for consumer {}",
-                self.consumer
-            )))?;
+        let rows = queue.read(&self.consumer, read_position, limit).await?;
         let mut published = 0;
         for row in rows {
-            let position: String = row.get(0);
-            let id: Option<Uuid> = row.get(1);
-            match id {
-                None => progress.tracker.push_position(position.clone()),
-                Some(id) => {
-                    let event = event_from_row(id, &row)?;
-                    let seq = progress.tracker.push_event(position.clone());
+            match row.event {
+                None => progress.window.push_position(row.position.clone()),
+                Some(event) => {
+                    let seq = progress.window.push_event(row.position.clone());
                     bus.publish(&Delivery {
                         seq,
                         event: Arc::new(event),
@@ -335,7 +320,7 @@ impl QueueDetector {
                     published += 1;
                 }
             }
-            *read_position = position;
+            *read_position = row.position;
         }
         Ok(published)
     }
@@ -345,25 +330,22 @@ impl QueueDetector {
     /// (each ack is a write, which would otherwise move the next snapshot forever).
     async fn write_ack(
         &self,
-        client: &Client,
+        queue: &QueueClient<'_>,
         progress: &mut Progress,
         force: bool,
     ) -> Result<(), Error> {
-        if let Some(position) = progress.tracker.take_releasable() {
+        if let Some(position) = progress.window.take_releasable() {
             progress.unwritten_ack = Some(position);
         }
         let Some(position) = progress.unwritten_ack.as_ref() else {
             return Ok(());
         };
-        let events_released = progress.tracker.released_seq() > progress.written_seq;
+        let events_released = progress.window.released_seq() > progress.written_seq;
         if !(force || events_released || progress.last_write.elapsed() >= self.idle_ack_interval) {
             return Ok(());
         }
-        client
-            .execute("SELECT pgpipe.ack($1, $2)", &[&self.consumer, position])
-            .await
-            .map_err(Error::pg(format!("ack consumer {}", self.consumer)))?;
-        progress.written_seq = progress.tracker.released_seq();
+        queue.ack(&self.consumer, position).await?;
+        progress.written_seq = progress.window.released_seq();
         progress.last_write = Instant::now();
         progress.unwritten_ack = None;
         Ok(())
@@ -392,16 +374,9 @@ fn wake_from(n: Option<Notification>) -> Result<Wake, Error> {
     match n {
         Some(_) => Ok(Wake::Read),
         None => Err(Error::DetectorDisconnected {
-            detector: "queue".into(),
+            detector: NAME.into(),
             reason: "connection closed".into(),
         }),
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -414,25 +389,6 @@ pub fn consumer_name(configured: &str, channels: &[String]) -> String {
     sorted.sort_unstable();
     sorted.dedup();
     sorted.join(",")
-}
-
-fn event_from_row(id: Uuid, row: &tokio_postgres::Row) -> Result<Event, Error> {
-    let xid: String = row.get(7);
-    Ok(Event {
-        id,
-        channel: row.get(2),
-        operation: row.get(3),
-        payload: row.get(4),
-        source: row.get(5),
-        created_at: row.get::<_, DateTime<Utc>>(6),
-        transaction: Some(Transaction {
-            xid: xid
-                .parse()
-                .map_err(|_| Error::Extension(format!("unexpected xid {xid:?}")))?,
-            commit_time: None,
-            seq: None,
-        }),
-    })
 }
 
 #[cfg(test)]

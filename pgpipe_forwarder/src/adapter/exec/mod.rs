@@ -7,7 +7,6 @@
 //! so a crashing command loses nothing; it may see a line twice. Its stderr (and stdout)
 //! go to the log, `component=exec`.
 
-use std::os::fd::AsRawFd;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -22,11 +21,13 @@ use super::durable::{next_batch, park, sleep_or_cancel, Report};
 use super::Adapter;
 use crate::ack::Acker;
 use crate::backoff::Backoff;
-use crate::config::ExecConfig;
 use crate::error::Error;
 use crate::event::{Delivery, Event};
 
+mod config;
 pub mod window;
+
+pub use config::{ExecConfig, Flags, KIND};
 
 use window::{unread_bytes, Window};
 
@@ -109,11 +110,11 @@ impl Exec {
     async fn run_loop(
         mut self,
         mut input: mpsc::Receiver<Delivery>,
-        acker: Option<Acker>,
+        acker: Acker,
         cancel: CancellationToken,
     ) -> Result<(), Error> {
         let ack = |seq: Option<u64>| {
-            if let (Some(acker), Some(seq)) = (&acker, seq) {
+            if let Some(seq) = seq {
                 acker.finished(seq);
             }
         };
@@ -164,7 +165,7 @@ impl Exec {
                 window.push_careful(seq, line);
                 loop {
                     ack(observe(&mut window, child));
-                    if matches!(unread_bytes(child.stdin.as_raw_fd()), Ok(0) | Err(_)) {
+                    if matches!(unread_bytes(&child.stdin), Ok(0) | Err(_)) {
                         break;
                     }
                     tokio::select! {
@@ -342,7 +343,7 @@ async fn write(stdin: &mut ChildStdin, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Acknowledgeable progress of the command: what it has read according to the pipe.
 fn observe(window: &mut Window, running: &Running) -> Option<u64> {
-    match unread_bytes(running.stdin.as_raw_fd()) {
+    match unread_bytes(&running.stdin) {
         Ok(unread) => window.observe(unread, std::time::Instant::now()),
         Err(e) => {
             tracing::debug!(component = "exec", error = %e, "cannot read the pipe's fill level");
@@ -379,7 +380,7 @@ impl Adapter for Exec {
     fn run(
         self: Box<Self>,
         input: mpsc::Receiver<Delivery>,
-        acker: Option<Acker>,
+        acker: Acker,
         cancel: CancellationToken,
     ) -> BoxFuture<'static, Result<(), Error>> {
         Box::pin(self.run_loop(input, acker, cancel))

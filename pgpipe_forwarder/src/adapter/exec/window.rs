@@ -147,20 +147,14 @@ impl Window {
 /// Bytes written to the pipe behind `fd` that its reader has not read yet (Linux:
 /// `FIONREAD` works on a pipe's write end). Elsewhere: 0, every written byte counts as read.
 #[cfg(target_os = "linux")]
-pub fn unread_bytes(fd: std::os::fd::RawFd) -> std::io::Result<u64> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one c_int through the pointer, which is valid for the call.
-    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(u64::try_from(n).unwrap_or(0))
+pub fn unread_bytes(fd: impl std::os::fd::AsFd) -> std::io::Result<u64> {
+    Ok(rustix::io::ioctl_fionread(fd)?)
 }
 
 /// Bytes written to the pipe behind `fd` that its reader has not read yet (not knowable
 /// here: every written byte counts as read).
 #[cfg(not(target_os = "linux"))]
-pub fn unread_bytes(_fd: std::os::fd::RawFd) -> std::io::Result<u64> {
+pub fn unread_bytes(_fd: impl std::os::fd::AsFd) -> std::io::Result<u64> {
     Ok(0)
 }
 
@@ -211,11 +205,10 @@ mod tests {
     #[test]
     fn unread_bytes_of_a_real_pipe() {
         use std::io::Write;
-        use std::os::fd::AsRawFd;
         let (reader, mut writer) = std::io::pipe().unwrap();
         writer.write_all(b"hello\n").unwrap();
         let expected = if cfg!(target_os = "linux") { 6 } else { 0 };
-        assert_eq!(unread_bytes(writer.as_raw_fd()).unwrap(), expected);
+        assert_eq!(unread_bytes(&writer).unwrap(), expected);
         drop(reader);
     }
 }

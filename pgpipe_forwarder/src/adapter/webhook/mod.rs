@@ -11,34 +11,32 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use super::dead_letter::DeadLetters;
-use super::durable::{next_batch, park, sleep_or_cancel, Report};
-use super::Adapter;
-use crate::ack::Acker;
-use crate::backoff::Backoff;
-use crate::config::{redact_url, WebhookConfig};
+use super::durable::{Durable, Failure, Policy, Sink};
+use crate::config::redact_url;
 use crate::error::Error;
 use crate::event::Delivery;
 
+mod config;
 pub mod retry;
 pub mod sign;
+
+pub use config::{Flags, WebhookConfig, KIND};
 
 use retry::Attempt;
 use sign::Signer;
 
-/// Shortest wait between two attempts (the original's floor).
-const BACKOFF_FLOOR: Duration = Duration::from_millis(100);
-
 /// Most 307/308 redirects followed for one request.
 const MAX_REDIRECTS: usize = 5;
 
-/// Most bytes of an error answer's body quoted in the error message.
+/// Most characters of an error answer's body quoted in the error message.
 const BODY_EXCERPT: usize = 200;
+/// Most bytes of an error answer's body read at all: a receiver answering with a huge
+/// body must not fill the forwarder's memory (the rest is never read).
+const BODY_READ_LIMIT: usize = 4096;
 
-/// The webhook adapter.
+/// The webhook sink (run by the delivery driver, see [`Webhook::adapter`]).
 pub struct Webhook {
     name: String,
     client: reqwest::Client,
@@ -48,24 +46,36 @@ pub struct Webhook {
     headers: HeaderMap,
     signer: Option<Signer>,
     max_attempts: u32,
-    backoff: Backoff,
     timeout: Duration,
     batch_size: usize,
-    dead_letters: DeadLetters,
-    report: Report,
-}
-
-/// How delivering one batch ended.
-enum Outcome {
-    Delivered,
-    Failed { error: String, attempts: u32 },
-    Shutdown,
 }
 
 impl Webhook {
-    /// A webhook adapter named `name` (`webhook`, or `webhook:<name>` for a listed one);
-    /// dead letters go to the database at `database_url`.
-    pub fn new(name: &str, config: &WebhookConfig, database_url: &str) -> Result<Webhook, Error> {
+    /// The adapter named `name` (`webhook`, or `webhook:<name>` for a listed one), run by
+    /// the delivery driver; dead letters go to the database at `database_url`.
+    pub fn adapter(
+        name: &str,
+        config: &WebhookConfig,
+        database_url: &str,
+    ) -> Result<Durable<Webhook>, Error> {
+        let policy = Policy::new(
+            config.batch_size,
+            config.backoff_base,
+            config.backoff_cap,
+            Some(config.max_retries),
+        );
+        let dead_letters =
+            DeadLetters::new(database_url, name, config.backoff_base, config.backoff_cap);
+        Ok(Durable::new(
+            name,
+            Webhook::new(name, config)?,
+            policy,
+            Some(dead_letters),
+        ))
+    }
+
+    /// The webhook sink named `name`.
+    pub fn new(name: &str, config: &WebhookConfig) -> Result<Webhook, Error> {
         let shown_url = redact_url(&config.url);
         let url = reqwest::Url::parse(config.url.trim()).map_err(|e| {
             Error::Config(format!("{name}: invalid webhook URL {shown_url:?}: {e}"))
@@ -86,7 +96,7 @@ impl Webhook {
             value.set_sensitive(true);
             headers.insert(name_, value);
         }
-        let signer = match config.signing_key.as_str() {
+        let signer = match config.signing_key.expose() {
             "" => None,
             key => Some(Signer::new(key)?),
         };
@@ -117,62 +127,13 @@ impl Webhook {
             headers,
             signer,
             max_attempts: config.max_retries.max(1),
-            backoff: Backoff::new(config.backoff_base, config.backoff_cap)
-                .with_floor(BACKOFF_FLOOR),
             timeout: config.timeout,
             batch_size: config.batch_size.max(1),
-            report: Report::new(name),
-            dead_letters: DeadLetters::new(
-                database_url,
-                name,
-                config.backoff_base,
-                config.backoff_cap,
-            ),
         })
     }
 
-    async fn run_loop(
-        mut self,
-        mut input: mpsc::Receiver<Delivery>,
-        acker: Option<Acker>,
-        cancel: CancellationToken,
-    ) -> Result<(), Error> {
-        tracing::info!(component = "webhook", adapter = %self.name, url = %self.shown_url,
-            signed = self.signer.is_some(), batch_size = self.batch_size, "webhook adapter started");
-        while let Some(batch) = next_batch(&mut input, self.batch_size).await {
-            match self.deliver(&batch, &cancel).await {
-                Outcome::Delivered => {}
-                Outcome::Failed { error, attempts } => {
-                    for delivery in &batch {
-                        if !self
-                            .dead_letters
-                            .record(&delivery.event, &error, attempts, &cancel)
-                            .await
-                        {
-                            park(&mut input).await;
-                            return Ok(());
-                        }
-                        if let Some(acker) = &acker {
-                            acker.finished(delivery.seq);
-                        }
-                    }
-                }
-                Outcome::Shutdown => {
-                    tracing::warn!(component = "webhook", adapter = %self.name,
-                        "shutting down while retrying: undelivered events stay queued");
-                    park(&mut input).await;
-                    return Ok(());
-                }
-            }
-            if let (Some(acker), Some(last)) = (&acker, batch.last()) {
-                acker.finished(last.seq);
-            }
-        }
-        Ok(())
-    }
-
-    /// Delivers one batch, retrying as configured.
-    async fn deliver(&mut self, batch: &[Delivery], cancel: &CancellationToken) -> Outcome {
+    /// POSTs one batch once.
+    async fn post(&self, batch: &[Delivery]) -> Result<(), Failure> {
         let as_array = self.batch_size > 1;
         let body = if as_array {
             let events: Vec<_> = batch.iter().map(|d| &*d.event).collect();
@@ -185,7 +146,7 @@ impl Webhook {
         let message_id = match batch {
             [one] => one.event.id.to_string(),
             [.., last] => format!("{}_{}", first.id, last.event.id),
-            [] => return Outcome::Delivered,
+            [] => return Ok(()),
         };
         let mut headers = self.headers.clone();
         let mut put = |name: &'static str, value: &str| {
@@ -208,50 +169,18 @@ impl Webhook {
             put("x-pgpipe-signature", &signer.pgpipe(&body));
         }
 
-        self.backoff.reset();
-        let started = std::time::Instant::now();
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let fate = self.attempt(&headers, &message_id, &body).await;
-            let (error, retry_after) = match fate {
-                Attempt::Delivered => {
-                    self.report.delivered(batch, started);
-                    tracing::debug!(component = "webhook", adapter = %self.name,
-                        id = %message_id, events = batch.len(), attempt, "delivered");
-                    return Outcome::Delivered;
-                }
-                Attempt::Reject { error } => {
-                    self.report.failed(&error);
-                    tracing::warn!(component = "webhook", adapter = %self.name, id = %message_id,
-                        url = %self.shown_url, error, "rejected by the endpoint; not retrying");
-                    return Outcome::Failed {
-                        error,
-                        attempts: attempt,
-                    };
-                }
-                Attempt::Retry { error, retry_after } => {
-                    self.report.failed(&error);
-                    (error, retry_after)
-                }
-            };
-            if attempt >= self.max_attempts {
-                return Outcome::Failed {
-                    error: format!("{error} (gave up after {attempt} attempts)"),
-                    attempts: attempt,
-                };
+        match self.attempt(&headers, &message_id, &body).await {
+            Attempt::Delivered => {
+                tracing::debug!(component = "webhook", adapter = %self.name,
+                    id = %message_id, events = batch.len(), "delivered");
+                Ok(())
             }
-            let delay = match retry_after {
-                Some(d) => d.max(BACKOFF_FLOOR),
-                None => self.backoff.next_delay(),
-            };
-            tracing::warn!(component = "webhook", adapter = %self.name, id = %message_id,
-                url = %self.shown_url, error, attempt, max_attempts = self.max_attempts,
-                retry_in = ?delay, "delivery failed; retrying");
-            crate::metrics::webhook_retry();
-            if !sleep_or_cancel(delay, cancel).await {
-                return Outcome::Shutdown;
+            Attempt::Reject { error } => {
+                tracing::warn!(component = "webhook", adapter = %self.name, id = %message_id,
+                    url = %self.shown_url, error, "rejected by the endpoint; not retrying");
+                Err(Failure::Reject { error })
             }
+            Attempt::Retry { error, retry_after } => Err(Failure::Retry { error, retry_after }),
         }
     }
 
@@ -283,7 +212,8 @@ impl Webhook {
                 let excerpt = if response.status().is_success() {
                     String::new()
                 } else {
-                    let text = response.text().await.unwrap_or_default();
+                    let head = read_at_most(response, BODY_READ_LIMIT).await;
+                    let text = String::from_utf8_lossy(&head);
                     let text = text.trim();
                     text.char_indices()
                         .nth(BODY_EXCERPT)
@@ -299,7 +229,8 @@ impl Webhook {
         }
     }
 
-    /// A request error in words: unreachable endpoint, timeout, or the cause chain.
+    /// A request error in words: unreachable endpoint, timeout, or the cause chain; the
+    /// URL only as [`redact_url`] shows it (reqwest's text quotes it whole).
     fn describe(&self, e: &reqwest::Error) -> String {
         let mut root = String::new();
         let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(e);
@@ -307,6 +238,9 @@ impl Webhook {
             root = c.to_string();
             cause = c.source();
         }
+        let raw = self.url.as_str();
+        let root = root.replace(raw, &self.shown_url);
+        let text = e.to_string().replace(raw, &self.shown_url);
         let url = &self.shown_url;
         if e.is_timeout() {
             format!(
@@ -316,32 +250,43 @@ impl Webhook {
         } else if e.is_connect() {
             format!("POST {url}: endpoint unreachable: {root}")
         } else if root.is_empty() {
-            format!("POST {url}: {e}")
+            format!("POST {url}: {text}")
         } else {
-            format!("POST {url}: {e}: {root}")
+            format!("POST {url}: {text}: {root}")
         }
     }
 }
 
-impl Adapter for Webhook {
-    fn name(&self) -> &str {
-        &self.name
+/// The first `limit` bytes of `response`'s body (fewer if it is shorter or fails); the
+/// rest is left unread and the connection dropped.
+async fn read_at_most(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut head = Vec::new();
+    while head.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let take = chunk.len().min(limit - head.len());
+                head.extend_from_slice(&chunk[..take]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    head
+}
+
+impl Sink for Webhook {
+    fn deliver<'a>(&'a mut self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), Failure>> {
+        Box::pin(self.post(batch))
     }
 
-    fn durable(&self) -> bool {
-        true
+    fn retrying(&mut self, error: &str, attempt: u32, delay: Duration) {
+        tracing::warn!(component = "webhook", adapter = %self.name, url = %self.shown_url,
+            error, attempt, max_attempts = self.max_attempts, retry_in = ?delay,
+            "delivery failed; retrying");
+        crate::metrics::webhook_retry();
     }
 
-    fn set_health(&mut self, health: crate::health::Component) {
-        self.report.set_health(health);
-    }
-
-    fn run(
-        self: Box<Self>,
-        input: mpsc::Receiver<Delivery>,
-        acker: Option<Acker>,
-        cancel: CancellationToken,
-    ) -> BoxFuture<'static, Result<(), Error>> {
-        Box::pin(self.run_loop(input, acker, cancel))
+    fn started(&self) {
+        tracing::info!(component = "webhook", adapter = %self.name, url = %self.shown_url,
+            signed = self.signer.is_some(), batch_size = self.batch_size, "webhook adapter started");
     }
 }

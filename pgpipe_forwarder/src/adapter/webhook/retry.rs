@@ -50,17 +50,15 @@ pub fn classify(
     }
 }
 
-/// Parses `Retry-After`: delay-seconds or an HTTP date (RFC 9110), capped at
+/// Parses `Retry-After`: delay-seconds or an HTTP date in any of the three forms RFC 9110
+/// says a recipient must accept (IMF-fixdate, RFC 850, asctime), capped at
 /// [`MAX_RETRY_AFTER`]. A date in the past means no wait; garbage means no hint.
 pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
     }
-    // IMF-fixdate ("Sun, 06 Nov 1994 08:49:37 GMT") is RFC 2822 with the GMT zone.
-    let when = DateTime::parse_from_rfc2822(value)
-        .ok()?
-        .with_timezone(&Utc);
+    let when: DateTime<Utc> = httpdate::parse_http_date(value).ok()?.into();
     let wait = (when - now).to_std().unwrap_or(Duration::ZERO);
     Some(wait.min(MAX_RETRY_AFTER))
 }
@@ -112,6 +110,16 @@ mod tests {
         assert_eq!(
             parse_retry_after("Fri, 27 Nov 2026 03:00:30 GMT", now()),
             Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_retry_after("Friday, 27-Nov-26 03:00:30 GMT", now()),
+            Some(Duration::from_secs(30)),
+            "RFC 850"
+        );
+        assert_eq!(
+            parse_retry_after("Fri Nov 27 03:00:30 2026", now()),
+            Some(Duration::from_secs(30)),
+            "asctime"
         );
         assert_eq!(
             parse_retry_after("Fri, 27 Nov 2026 02:00:00 GMT", now()),

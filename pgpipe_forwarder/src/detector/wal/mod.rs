@@ -36,13 +36,15 @@ use tokio_postgres::config::Host;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::{Detector, DetectorIo};
-use crate::ack::AckTracker;
+use super::{sleep_until_opt, Detector, DetectorIo, Reconnect};
+use crate::ack::InFlight;
 use crate::backoff::Backoff;
+use crate::bus::Bus;
 use crate::config::Config;
 use crate::db::{self, ConnectTarget, TlsMode};
 use crate::error::Error;
 use crate::event::{Delivery, Event};
+use crate::health::Component;
 use changes::{ChangeBuilder, Options};
 use pgoutput::Message;
 use value::Kind;
@@ -70,18 +72,16 @@ pub struct WalDetector {
     create_publication: bool,
     slot: String,
     options: Options,
-    max_in_flight: u64,
+    max_in_flight: usize,
+    stall_warning: Duration,
     backoff: Backoff,
-    /// Whether a connection ever succeeded: failing to reach the database at start-up
-    /// exits (the supervisor restarts), later losses are retried.
-    reached: bool,
     status_interval: Duration,
     shutdown_timeout: Duration,
 }
 
 /// Progress that outlives a connection.
 struct Progress {
-    tracker: AckTracker<u64>,
+    window: InFlight<u64>,
     /// The newest LSN reported as confirmed.
     released: u64,
 }
@@ -115,9 +115,9 @@ impl WalDetector {
                 tx_markers: d.tx_markers,
                 channels: config.channels.clone(),
             },
-            max_in_flight: d.max_in_flight as u64,
+            max_in_flight: d.max_in_flight,
+            stall_warning: d.ack_stall_warning,
             backoff: Backoff::new(d.backoff_base, d.backoff_cap),
-            reached: false,
             status_interval: d.status_interval,
             shutdown_timeout: config.shutdown_timeout,
         };
@@ -126,62 +126,42 @@ impl WalDetector {
         Ok(detector)
     }
 
-    async fn run_loop(
-        mut self,
-        mut io: DetectorIo,
-        cancel: CancellationToken,
-    ) -> Result<(), Error> {
+    async fn run_loop(self, io: DetectorIo, cancel: CancellationToken) -> Result<(), Error> {
+        let (bus, health, window) = io.split(NAME, self.max_in_flight, self.stall_warning);
         let mut progress = Progress {
-            tracker: AckTracker::new(io.durable_adapters),
+            window,
             released: 0,
         };
-        let mut standing_by = false;
+        let mut reconnect = Reconnect::new(
+            NAME,
+            self.backoff.clone(),
+            "replication stream down (changes wait in the slot)",
+            format!("slot {}", self.slot),
+        );
         loop {
-            let result = self.session(&mut io, &mut progress, &cancel).await;
-            match result {
-                Ok(()) => return Ok(()),
-                Err(e @ (Error::Config(_) | Error::Adapter { .. } | Error::BusClosed)) => {
-                    return Err(e)
-                }
-                Err(e) if !self.reached => return Err(e),
-                Err(e) => {
-                    // Another forwarder streams from the slot: wait as its standby, quietly.
-                    let standby = e.to_string().contains("is active for PID");
-                    let delay = if standby {
-                        if !standing_by {
-                            tracing::info!(component = "detector", detector = NAME, slot = %self.slot,
-                                "another forwarder holds this slot; standing by");
-                        }
-                        io.health
-                            .down(format!("standby: slot {} is in use", self.slot));
-                        self.backoff.ceiling(0)
-                    } else {
-                        io.health.down(format!("replication stream down: {e}"));
-                        let delay = self.backoff.next_delay();
-                        tracing::error!(component = "detector", detector = NAME, slot = %self.slot,
-                            error = %e, retry_in = ?delay,
-                            "replication stream down; reconnecting (changes wait in the slot)");
-                        delay
-                    };
-                    standing_by = standby;
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
+            let ended = self
+                .session(&bus, &health, &mut progress, &mut reconnect, &cancel)
+                .await;
+            if !reconnect
+                .again(ended, &health, &mut progress.window, &cancel)
+                .await?
+            {
+                return Ok(());
             }
         }
     }
 
     /// One connection's life: Ok after a clean shutdown, Err when something failed.
     async fn session(
-        &mut self,
-        io: &mut DetectorIo,
+        &self,
+        bus: &Bus,
+        health: &Component,
         progress: &mut Progress,
+        reconnect: &mut Reconnect,
         cancel: &CancellationToken,
     ) -> Result<(), Error> {
         let (client, _notifications) = db::connect(&self.url).await?;
-        self.reached = true;
+        reconnect.reached();
         check_wal_level(&client).await?;
         self.ensure_publication(&client).await?;
         let start = self.ensure_slot(&client).await?;
@@ -195,14 +175,15 @@ impl WalDetector {
         let config = self.replication_config(start)?;
         let mut repl = ReplicationClient::connect(config)
             .await
-            .map_err(|e| disconnected(format!("connect for replication: {e}")))?;
+            .map_err(|e| Error::replication("connect for replication")(e.to_string()))?;
         // connect() returns before the handshake: wait until the server holds the slot
-        // for us (a second forwarder waits here, retrying, while the first runs).
-        repl.wait_started()
-            .await
-            .map_err(|e| disconnected(format!("start replication from slot {}: {e}", self.slot)))?;
-        io.health.up();
-        self.backoff.reset();
+        // for us (a second forwarder waits here, retrying, while the first runs: the
+        // server answers 55006 object_in_use, which makes it a standby).
+        repl.wait_started().await.map_err(|e| {
+            Error::replication(format!("start replication from slot {}", self.slot))(e.to_string())
+        })?;
+        health.up();
+        reconnect.connected();
         if progress.released > start {
             // Released before the last connection dropped but never reported.
             repl.update_applied_lsn(Lsn::from_u64(progress.released));
@@ -218,27 +199,23 @@ impl WalDetector {
         let mut safe = start;
         let mut shutdown_deadline: Option<tokio::time::Instant> = None;
         loop {
-            if shutdown_deadline.is_some() && progress.tracker.in_flight() == 0 {
+            if shutdown_deadline.is_some() && progress.window.in_flight() == 0 {
                 break;
             }
-            let room =
-                shutdown_deadline.is_none() && progress.tracker.in_flight() < self.max_in_flight;
+            let room = shutdown_deadline.is_none() && progress.window.room() > 0;
             tokio::select! {
                 _ = cancel.cancelled(), if shutdown_deadline.is_none() => {
                     tracing::info!(component = "detector", detector = NAME,
-                        in_flight = progress.tracker.in_flight(), "stopping: draining in-flight events");
+                        in_flight = progress.window.in_flight(), "stopping: draining in-flight events");
                     shutdown_deadline = Some(tokio::time::Instant::now() + self.shutdown_timeout);
                 }
                 _ = sleep_until_opt(shutdown_deadline) => {
                     tracing::warn!(component = "detector", detector = NAME,
-                        in_flight = progress.tracker.in_flight(),
+                        in_flight = progress.window.in_flight(),
                         "shutdown timeout: unacknowledged changes will be replicated again on restart");
                     break;
                 }
-                ack = io.acks.recv() => match ack {
-                    Some((adapter, seq)) => progress.tracker.finished(adapter, seq),
-                    None => return Err(Error::BusClosed),
-                },
+                acked = progress.window.acked() => acked?,
                 event = repl.recv(), if room => {
                     let event = event
                         .map_err(|e| disconnected(format!("replication stream: {e}")))?
@@ -247,15 +224,15 @@ impl WalDetector {
                         ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
                             let xid = changes::full_xid(xid, reference_xid);
                             if let Some(marker) = builder.begin(final_lsn.as_u64(), commit_time_micros, xid) {
-                                publish(io, progress, safe, marker)?;
+                                publish(bus, progress, safe, marker)?;
                             }
                         }
                         ReplicationEvent::Commit { end_lsn, .. } => {
                             if let Some(marker) = builder.commit() {
-                                publish(io, progress, safe, marker)?;
+                                publish(bus, progress, safe, marker)?;
                             }
                             safe = safe.max(end_lsn.as_u64());
-                            progress.tracker.push_position(safe);
+                            progress.window.push_position(safe);
                         }
                         ReplicationEvent::XLogData { data, .. } => {
                             let message = pgoutput::decode(&data)
@@ -273,7 +250,7 @@ impl WalDetector {
                                         .change(&change)
                                         .map_err(|e| disconnected(e.to_string()))?;
                                     for event in events {
-                                        publish(io, progress, safe, event)?;
+                                        publish(bus, progress, safe, event)?;
                                     }
                                 }
                                 None => {}
@@ -284,17 +261,15 @@ impl WalDetector {
                             // its position may be confirmed (keeps an idle slot moving).
                             if !builder.in_transaction() && wal_end.as_u64() > safe {
                                 safe = wal_end.as_u64();
-                                progress.tracker.push_position(safe);
+                                progress.window.push_position(safe);
                             }
                         }
                         ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
                     }
                 }
             }
-            while let Ok((adapter, seq)) = io.acks.try_recv() {
-                progress.tracker.finished(adapter, seq);
-            }
-            if let Some(lsn) = progress.tracker.take_releasable() {
+            progress.window.drain();
+            if let Some(lsn) = progress.window.take_releasable() {
                 if lsn > progress.released {
                     progress.released = lsn;
                     repl.update_applied_lsn(Lsn::from_u64(lsn));
@@ -336,7 +311,7 @@ impl WalDetector {
                     "created publication FOR ALL TABLES");
                 Ok(())
             }
-            None => Err(Error::Config(format!(
+            None => Err(Error::SourceNotReady(format!(
                 "publication {:?} does not exist in this database: create it \
                  (`pgpipe init --detector wal --table T --publication {}` prints the SQL) \
                  or pass --all-tables to replicate every table",
@@ -363,18 +338,14 @@ impl WalDetector {
             let current: String = row.get(3);
             let wal_status: Option<String> = row.get(4);
             if wal_status.as_deref() == Some("lost") {
-                return Err(Error::Config(format!(
-                    "replication slot {0:?} was invalidated (it fell behind by more than \
-                     max_slot_wal_keep_size): the changes since its last confirmed position are \
-                     gone. Resynchronise the receivers, drop the slot \
-                     (SELECT pg_drop_replication_slot('{0}')) and start again to capture from now",
-                    self.slot
-                )));
+                return Err(Error::SlotInvalidated {
+                    slot: self.slot.clone(),
+                });
             }
             if plugin.as_deref() != Some("pgoutput")
                 || database.as_deref() != Some(current.as_str())
             {
-                return Err(Error::Config(format!(
+                return Err(Error::SourceNotReady(format!(
                     "replication slot {:?} exists but is not a pgoutput slot of database {current:?} \
                      (plugin {plugin:?}, database {database:?}): pass another --slot",
                     self.slot
@@ -496,7 +467,7 @@ impl WalDetector {
         .with_start_lsn(Lsn::from_u64(start))
         .with_status_interval(self.status_interval)
         .with_wakeup_interval(self.status_interval)
-        .with_buffer_size(self.max_in_flight.clamp(1, 8192) as usize)
+        .with_buffer_size(self.max_in_flight.clamp(1, 8192))
         .with_options(SESSION_OPTIONS)
         .with_application_name(pg.get_application_name().unwrap_or("pgpipe").to_string()))
     }
@@ -528,7 +499,7 @@ pub async fn check_wal_level(client: &Client) -> Result<(), Error> {
         .map_err(Error::pg("read wal_level"))?
         .get(0);
     if level != "logical" {
-        return Err(Error::Config(wal_level_error(&level)));
+        return Err(Error::SourceNotReady(wal_level_error(&level)));
     }
     Ok(())
 }
@@ -543,9 +514,9 @@ pub fn wal_level_error(level: &str) -> String {
     )
 }
 
-fn publish(io: &DetectorIo, progress: &mut Progress, safe: u64, event: Event) -> Result<(), Error> {
-    let seq = progress.tracker.push_event(safe);
-    io.bus.publish(&Delivery {
+fn publish(bus: &Bus, progress: &mut Progress, safe: u64, event: Event) -> Result<(), Error> {
+    let seq = progress.window.push_event(safe);
+    bus.publish(&Delivery {
         seq,
         event: Arc::new(event),
     })
@@ -626,13 +597,6 @@ fn disconnected(reason: String) -> Error {
     Error::DetectorDisconnected {
         detector: NAME.into(),
         reason,
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 

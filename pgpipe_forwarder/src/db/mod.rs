@@ -1,5 +1,10 @@
 //! Connecting to Postgres, with TLS when the URL asks for it (libpq's `sslmode` and
-//! `sslrootcert`, which tokio-postgres does not fully understand on its own).
+//! `sslrootcert`, which tokio-postgres does not fully understand on its own), and the typed
+//! client of the extension's SQL API ([`QueueClient`]).
+
+mod api;
+
+pub use api::{DeadLetter, DeadLetterFilter, QueueClient};
 
 use std::sync::Arc;
 
@@ -120,14 +125,40 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Connects and spawns the connection task. Notifications (LISTEN) arrive on the returned
-/// receiver; it closes when the connection ends.
+/// What the connection task does with notifications (LISTEN) the receiver has not taken.
+#[derive(Clone, Copy, Debug)]
+pub enum Notifications {
+    /// Keep at most one waiting and drop the rest: wake-ups, where one is as good as many.
+    /// The connection never waits for the receiver, so queries on it never stall.
+    Coalesce,
+    /// Keep at most this many waiting, then stop reading the connection until the
+    /// receiver takes one: Postgres holds the rest in its notification queue. Nothing is
+    /// dropped and memory stays bounded, but queries on the connection wait too.
+    Bounded(usize),
+}
+
+/// Connects and spawns the connection task; notifications are coalesced
+/// ([`Notifications::Coalesce`]). The receiver closes when the connection ends.
 pub async fn connect(
     url: &str,
 ) -> Result<
     (
         Client,
-        tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+        tokio::sync::mpsc::Receiver<tokio_postgres::Notification>,
+    ),
+    Error,
+> {
+    connect_with(url, Notifications::Coalesce).await
+}
+
+/// [`connect`] with the given handling of notifications.
+pub async fn connect_with(
+    url: &str,
+    notifications: Notifications,
+) -> Result<
+    (
+        Client,
+        tokio::sync::mpsc::Receiver<tokio_postgres::Notification>,
     ),
     Error,
 > {
@@ -149,13 +180,26 @@ pub async fn connect(
         .connect(tls)
         .await
         .map_err(Error::pg("connect to postgres"))?;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let capacity = match notifications {
+        Notifications::Coalesce => 1,
+        Notifications::Bounded(n) => n.max(1),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(capacity);
     tokio::spawn(async move {
         loop {
             match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(n))) => {
-                    let _ = tx.send(n);
-                }
+                Some(Ok(AsyncMessage::Notification(n))) => match notifications {
+                    Notifications::Coalesce => {
+                        let _ = tx.try_send(n);
+                    }
+                    Notifications::Bounded(_) => {
+                        // Waiting here stops reading the socket: backpressure to
+                        // Postgres instead of an unbounded buffer in the forwarder.
+                        if tx.send(n).await.is_err() {
+                            break;
+                        }
+                    }
+                },
                 Some(Ok(AsyncMessage::Notice(notice))) => {
                     tracing::debug!(component = "db", %notice, "server notice");
                 }

@@ -14,9 +14,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::live::Hub;
+use super::HttpState;
+use crate::adapter::live::Hub;
 use crate::metrics::{ClientGuard, ClientKind};
-use crate::server::HttpState;
 
 /// WebSocket close code "going away" (server shutting down).
 const GOING_AWAY: u16 = 1001;
@@ -32,6 +32,9 @@ pub async fn one_channel(
     Path(channel): Path<String>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if !state.serves_channel(&channel) {
+        return crate::server::unknown_channel(&channel);
+    }
     upgrade(state, Some(channel), ws)
 }
 

@@ -13,6 +13,9 @@
 //!   with no traffic either way for `sse.idle_timeout` is closed (streams stay alive through
 //!   their heartbeats and pings).
 
+pub mod sse;
+pub mod ws;
+
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -27,8 +30,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -39,12 +41,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::adapter::live::Hub;
-use crate::config::{parse_listen_addr, Config};
+use crate::config::{parse_listen_addr, Config, DetectorKind};
 use crate::error::Error;
 use crate::health::Health;
 
 /// The live page served at `GET /`.
-const LIVE_PAGE: &str = include_str!("../web/live.html");
+const LIVE_PAGE: &str = include_str!("../../web/live.html");
 
 /// What the handlers need from the configuration.
 #[derive(Debug, Clone)]
@@ -62,7 +64,7 @@ pub struct HttpSettings {
     /// Allowed CORS origins (`*`: any).
     pub cors_origins: Vec<String>,
     /// Bearer token required by sse and ws; empty: none.
-    pub auth_token: String,
+    pub auth_token: crate::config::Secret,
     /// Database to replay missed SSE events from and measure queue lag in.
     pub database_url: String,
     /// Channels the forwarder reads (the replay filter of `/events`).
@@ -76,7 +78,10 @@ pub struct HttpSettings {
 impl HttpSettings {
     /// The settings `config` gives.
     pub fn new(config: &Config) -> HttpSettings {
-        let queue = matches!(config.detector.kind.as_str(), "" | "queue");
+        let queue = matches!(
+            config.detector.kind,
+            DetectorKind::Auto | DetectorKind::Queue
+        );
         HttpSettings {
             heartbeat_interval: config.sse.heartbeat_interval,
             ping_interval: config.websocket.ping_interval,
@@ -112,6 +117,8 @@ pub struct HttpState {
     pub cancel: CancellationToken,
     /// Connection used to measure queue lag, kept between scrapes.
     lag_client: Mutex<Option<tokio_postgres::Client>>,
+    /// The few connections SSE replays share (never one per resuming client).
+    pub replay: crate::server::sse::ReplayPool,
 }
 
 impl HttpState {
@@ -130,17 +137,36 @@ impl HttpState {
             settings,
             cancel,
             lag_client: Mutex::new(None),
+            replay: crate::server::sse::ReplayPool::new(crate::server::sse::REPLAY_CONNECTIONS),
         })
     }
+
+    /// Whether `/events/{channel}` and `/ws/{channel}` may serve `channel`: only the
+    /// channels this forwarder reads (any, when it reads every channel).
+    pub fn serves_channel(&self, channel: &str) -> bool {
+        self.settings.channels.is_empty() || self.settings.channels.iter().any(|c| c == channel)
+    }
+}
+
+/// The 404 for a channel this forwarder does not read.
+pub fn unknown_channel(channel: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        format!(
+            "this forwarder does not read channel {:?} (it reads the channels given with --channel)\n",
+            channel.escape_debug().to_string()
+        ),
+    )
+        .into_response()
 }
 
 /// All routes: streams, health, metrics and the live page.
 pub fn router(state: Arc<HttpState>) -> Router {
     let streams = Router::new()
-        .route("/events", get(crate::adapter::sse::all_channels))
-        .route("/events/{channel}", get(crate::adapter::sse::one_channel))
-        .route("/ws", get(crate::adapter::ws::all_channels))
-        .route("/ws/{channel}", get(crate::adapter::ws::one_channel))
+        .route("/events", get(sse::all_channels))
+        .route("/events/{channel}", get(sse::one_channel))
+        .route("/ws", get(ws::all_channels))
+        .route("/ws/{channel}", get(ws::one_channel))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/", get(live_page))
@@ -168,13 +194,28 @@ async fn live_page() -> Html<&'static str> {
     Html(LIVE_PAGE)
 }
 
-async fn healthz(State(state): State<Arc<HttpState>>) -> Response {
+async fn healthz(State(state): State<Arc<HttpState>>, request: Request) -> Response {
     let status = if state.health.healthy() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, axum::Json(state.health.report())).into_response()
+    let mut report = state.health.report();
+    // With a token set, an unauthenticated caller learns up/down only: error texts can
+    // name hosts, tables and roles.
+    if !state.settings.auth_token.is_empty() && !authorized(&state, &request) {
+        strip_reasons(&mut report);
+    }
+    (status, axum::Json(report)).into_response()
+}
+
+/// Removes the error texts (`errors`, `standby`) from a health report, keeping the
+/// states.
+fn strip_reasons(report: &mut serde_json::Value) {
+    if let Some(map) = report.as_object_mut() {
+        map.remove("errors");
+        map.remove("standby");
+    }
 }
 
 async fn readyz(State(state): State<Arc<HttpState>>) -> Response {
@@ -215,17 +256,15 @@ async fn measure_queue_lag(state: &HttpState) {
             *slot = Some(crate::db::connect(&s.database_url).await?.0);
         }
         let client = slot.as_ref().expect("connected above");
-        let row = client
-            .query_opt(
-                "SELECT pending_events FROM pgpipe.consumer_lag WHERE name = $1",
-                &[&s.consumer],
-            )
-            .await
-            .map_err(Error::pg("measure queue lag"))?;
-        Ok::<_, Error>(row.map_or(0, |r| r.get::<_, i64>(0)))
+        let queue = crate::db::QueueClient::new(client);
+        let lag = queue.consumer_lag(&s.consumer).await?;
+        Ok::<_, Error>((lag, queue.stale_consumers().await?))
     };
     match tokio::time::timeout(s.read_timeout, work).await {
-        Ok(Ok(lag)) => crate::metrics::queue_lag(lag),
+        Ok(Ok((lag, stale))) => {
+            crate::metrics::queue_lag(lag);
+            crate::metrics::stale_consumers(stale.len());
+        }
         Ok(Err(e)) => {
             tracing::debug!(component = "server", error = %e, "queue lag not measured");
             *slot = None;
@@ -236,9 +275,23 @@ async fn measure_queue_lag(state: &HttpState) {
 
 /// Bearer-token check for the stream endpoints.
 async fn auth(State(state): State<Arc<HttpState>>, request: Request, next: Next) -> Response {
-    let expected = state.settings.auth_token.as_bytes();
+    if authorized(&state, &request) {
+        next.run(request).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "missing or wrong token: send Authorization: Bearer <token> or ?token=<token>\n",
+        )
+            .into_response()
+    }
+}
+
+/// Whether `request` carries the token (always, when none is set).
+fn authorized(state: &HttpState, request: &Request) -> bool {
+    let expected = state.settings.auth_token.expose().as_bytes();
     if expected.is_empty() {
-        return next.run(request).await;
+        return true;
     }
     let from_header = request
         .headers()
@@ -255,20 +308,10 @@ async fn auth(State(state): State<Arc<HttpState>>, request: Request, next: Next)
             (k == "token").then(|| percent_decode(v))
         })
     });
-    let ok = [from_header, from_query]
+    [from_header, from_query]
         .into_iter()
         .flatten()
-        .any(|given| constant_time_eq(&given, expected));
-    if ok {
-        next.run(request).await
-    } else {
-        (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            "missing or wrong token: send Authorization: Bearer <token> or ?token=<token>\n",
-        )
-            .into_response()
-    }
+        .any(|given| constant_time_eq(&given, expected))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -357,6 +400,11 @@ pub async fn serve(
         .local_addr()
         .map_err(Error::io(format!("listen on {addr}")))?;
     tracing::info!(component = "server", server = kind, addr = %local, "HTTP server listening");
+    if kind == "http" && settings.auth_token.is_empty() && !local.ip().is_loopback() {
+        tracing::warn!(component = "server", server = kind, addr = %local,
+            "the event streams (/events, /ws) are open to anyone who reaches this address: \
+             set sse.auth_token (--auth-token), or listen on 127.0.0.1");
+    }
     let read_timeout = settings.read_timeout;
     let idle_timeout = settings.idle_timeout;
     let task = tokio::spawn(async move {
@@ -379,13 +427,13 @@ pub async fn serve(
             let service = TowerToHyperService::new(app.clone());
             let cancel = cancel.clone();
             connections.spawn(async move {
-                let mut builder = auto::Builder::new(TokioExecutor::new());
+                // HTTP/1.1 only (SSE and the WebSocket upgrade need nothing else).
+                let mut builder = hyper::server::conn::http1::Builder::new();
                 builder
-                    .http1()
                     .timer(TokioTimer::new())
                     .header_read_timeout(read_timeout);
                 let io = TokioIo::new(IdleIo::new(stream, idle_timeout));
-                let conn = builder.serve_connection_with_upgrades(io, service);
+                let conn = builder.serve_connection(io, service).with_upgrades();
                 tokio::pin!(conn);
                 tokio::select! {
                     result = conn.as_mut() => {
@@ -537,6 +585,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn health_reasons_are_stripped_for_strangers() {
+        let mut report = serde_json::json!({
+            "status": "down",
+            "components": {"detector": "down"},
+            "errors": {"detector": "connect to db.internal:5432 as admin"}
+        });
+        strip_reasons(&mut report);
+        assert_eq!(
+            report,
+            serde_json::json!({"status": "down", "components": {"detector": "down"}})
+        );
+    }
+
+    #[test]
     fn tokens_compare_whole() {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
@@ -550,6 +612,6 @@ mod tests {
         config.sse.auth_token = "hunter2-token".into();
         assert!(!format!("{config:?}").contains("hunter2"));
         assert!(!format!("{:?}", config.redacted()).contains("hunter2"));
-        assert_eq!(config.redacted().sse.auth_token, "***");
+        assert_eq!(config.redacted().sse.auth_token.expose(), "***");
     }
 }

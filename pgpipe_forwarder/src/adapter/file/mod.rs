@@ -14,187 +14,94 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use tokio::sync::mpsc;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use super::durable::{next_batch, park, sleep_or_cancel, Report};
-use super::Adapter;
-use crate::ack::Acker;
-use crate::backoff::Backoff;
-use crate::config::FileConfig;
+use crate::adapter::durable::{Durable, Failure, Policy, Sink};
+
+mod config;
+
 use crate::error::Error;
 use crate::event::Delivery;
+pub use config::{FileConfig, Flags, FsyncPolicy, KIND};
 
 /// Most events written per batch (one write, one fsync).
 const MAX_BATCH: usize = 1000;
 
-/// When the file adapter fsyncs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FsyncPolicy {
-    /// Before every acknowledgement.
-    Always,
-    /// At least every `fsync_interval`; acknowledgements wait for it.
-    Interval,
-    /// Never: the OS decides; acknowledged once written.
-    Never,
-}
-
-impl FsyncPolicy {
-    /// Parses `always`, `interval` or `never`.
-    pub fn parse(s: &str) -> Result<FsyncPolicy, Error> {
-        match s {
-            "always" => Ok(FsyncPolicy::Always),
-            "interval" => Ok(FsyncPolicy::Interval),
-            "never" => Ok(FsyncPolicy::Never),
-            other => Err(Error::Config(format!(
-                "file.fsync: invalid value {other:?}: expected always, interval or never"
-            ))),
-        }
-    }
-}
-
-/// The file adapter.
+/// The file sink (run by the delivery driver, see [`FileAdapter::adapter`]).
 pub struct FileAdapter {
     name: String,
-    writer: Writer,
+    path: String,
+    writer: Option<Writer>,
     fsync: FsyncPolicy,
     fsync_interval: Duration,
-    backoff: Backoff,
-    report: Report,
 }
 
 impl FileAdapter {
-    /// A file adapter named `name` writing as `config` says; failed writes are retried with
-    /// backoff from `backoff_base` to `backoff_cap`.
-    pub fn new(
-        name: &str,
-        config: &FileConfig,
-        backoff_base: Duration,
-        backoff_cap: Duration,
-    ) -> Result<FileAdapter, Error> {
-        Ok(FileAdapter {
+    /// The adapter named `name` writing as `config` says. A failed write is retried with
+    /// backoff until it works (nothing is acknowledged meanwhile); nothing is refused, so
+    /// there are no dead letters.
+    pub fn adapter(name: &str, config: &FileConfig) -> Result<Durable<FileAdapter>, Error> {
+        let sink = FileAdapter {
             name: name.to_string(),
-            writer: Writer {
+            path: config.path.display().to_string(),
+            writer: Some(Writer {
                 path: config.path.clone(),
                 max_size: config.max_size.max(1),
                 max_files: config.max_files.max(1),
                 file: None,
                 size: 0,
-            },
-            report: Report::new(name),
-            fsync: FsyncPolicy::parse(&config.fsync)?,
+            }),
+            fsync: config.fsync,
             fsync_interval: config.fsync_interval,
-            backoff: Backoff::new(backoff_base, backoff_cap).with_floor(Duration::from_millis(100)),
-        })
+        };
+        let policy = Policy::new(MAX_BATCH, config.backoff_base, config.backoff_cap, None);
+        Ok(Durable::new(name, sink, policy, None))
     }
 
-    async fn run_loop(
-        self,
-        mut input: mpsc::Receiver<Delivery>,
-        acker: Option<Acker>,
-        cancel: CancellationToken,
-    ) -> Result<(), Error> {
-        let FileAdapter {
-            name,
-            writer,
-            fsync,
-            fsync_interval,
-            mut backoff,
-            report,
-        } = self;
-        let path = writer.path.display().to_string();
-        tracing::info!(component = "file", adapter = %name, path, ?fsync, "file adapter started");
-        let ack = |seq: u64| {
-            if let Some(acker) = &acker {
-                acker.finished(seq);
-            }
-        };
-        let mut writer = Some(writer);
-        // Written but not yet fsynced (interval policy): the last such event's seq.
-        let mut unsynced: Option<u64> = None;
-        let mut last_sync = Instant::now();
-        loop {
-            let next = match unsynced {
-                Some(seq) => tokio::select! {
-                    batch = next_batch(&mut input, MAX_BATCH) => batch,
-                    _ = tokio::time::sleep_until(last_sync + fsync_interval) => {
-                        if blocking(&mut writer, |w| w.sync()).await.is_ok() {
-                            ack(seq);
-                            unsynced = None;
-                        }
-                        last_sync = Instant::now();
-                        continue;
-                    }
-                },
-                None => next_batch(&mut input, MAX_BATCH).await,
-            };
-            let Some(batch) = next else { break };
-            let mut buf = Vec::new();
-            let lines: Vec<(usize, usize)> = batch
-                .iter()
-                .map(|d| {
-                    let start = buf.len();
-                    serde_json::to_writer(&mut buf, &*d.event).expect("an Event always serializes");
-                    buf.push(b'\n');
-                    (start, buf.len())
-                })
-                .collect();
-            let data = Arc::new((buf, lines));
-            let sync_now = fsync == FsyncPolicy::Always;
-            backoff.reset();
-            let started = std::time::Instant::now();
-            loop {
-                let data = data.clone();
-                match blocking(&mut writer, move |w| {
-                    w.write_lines(&data.0, &data.1, sync_now)
-                })
-                .await
-                {
-                    Ok(()) => {
-                        report.delivered(&batch, started);
-                        break;
-                    }
-                    Err(e) => {
-                        report.failed(&e.to_string());
-                        let delay = backoff.next_delay();
-                        tracing::error!(component = "file", adapter = %name, path, error = %e,
-                            retry_in = ?delay, "cannot write events; nothing acknowledged, retrying");
-                        if !sleep_or_cancel(delay, &cancel).await {
-                            park(&mut input).await;
-                            return Ok(());
-                        }
-                    }
-                }
-            }
-            let last = batch.last().map_or(0, |d| d.seq);
-            match fsync {
-                FsyncPolicy::Always | FsyncPolicy::Never => ack(last),
-                FsyncPolicy::Interval => {
-                    if last_sync.elapsed() >= fsync_interval {
-                        if blocking(&mut writer, |w| w.sync()).await.is_ok() {
-                            ack(last);
-                            unsynced = None;
-                        } else {
-                            unsynced = Some(last);
-                        }
-                        last_sync = Instant::now();
-                    } else {
-                        unsynced = Some(last);
-                    }
-                }
-            }
-        }
-        if let Some(seq) = unsynced {
-            if blocking(&mut writer, |w| w.sync()).await.is_ok() {
-                ack(seq);
-            }
-        }
-        Ok(())
+    /// Writes `batch` as whole lines (and fsyncs it with `fsync: always`).
+    async fn write(&mut self, batch: &[Delivery]) -> Result<(), Failure> {
+        let mut buf = Vec::new();
+        let lines: Vec<(usize, usize)> = batch
+            .iter()
+            .map(|d| {
+                let start = buf.len();
+                serde_json::to_writer(&mut buf, &*d.event).expect("an Event always serializes");
+                buf.push(b'\n');
+                (start, buf.len())
+            })
+            .collect();
+        let sync_now = self.fsync == FsyncPolicy::Always;
+        blocking(&mut self.writer, move |w| {
+            w.write_lines(&buf, &lines, sync_now)
+        })
+        .await
+        .map_err(|e| Failure::retry(e.to_string()))
+    }
+}
+
+impl Sink for FileAdapter {
+    fn deliver<'a>(&'a mut self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), Failure>> {
+        Box::pin(self.write(batch))
+    }
+
+    fn retrying(&mut self, error: &str, _attempt: u32, delay: Duration) {
+        tracing::error!(component = "file", adapter = %self.name, path = %self.path, error,
+            retry_in = ?delay, "cannot write events; nothing acknowledged, retrying");
+    }
+
+    fn flush_interval(&self) -> Option<Duration> {
+        (self.fsync == FsyncPolicy::Interval).then_some(self.fsync_interval)
+    }
+
+    fn flush(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(async { blocking(&mut self.writer, |w| w.sync()).await.is_ok() })
+    }
+
+    fn started(&self) {
+        tracing::info!(component = "file", adapter = %self.name, path = %self.path,
+            fsync = ?self.fsync, "file adapter started");
     }
 }
 
@@ -339,29 +246,6 @@ fn open_trimmed(path: &Path) -> io::Result<(File, u64)> {
     tracing::warn!(component = "file", path = %path.display(), cut = len - keep, "trimming a torn last line");
     file.set_len(keep)?;
     Ok((file, keep))
-}
-
-impl Adapter for FileAdapter {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn durable(&self) -> bool {
-        true
-    }
-
-    fn set_health(&mut self, health: crate::health::Component) {
-        self.report.set_health(health);
-    }
-
-    fn run(
-        self: Box<Self>,
-        input: mpsc::Receiver<Delivery>,
-        acker: Option<Acker>,
-        cancel: CancellationToken,
-    ) -> BoxFuture<'static, Result<(), Error>> {
-        Box::pin(self.run_loop(input, acker, cancel))
-    }
 }
 
 #[cfg(test)]

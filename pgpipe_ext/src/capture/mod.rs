@@ -1,0 +1,275 @@
+//! Trigger capture: the native `pgpipe.capture_row()` and `pgpipe.capture_truncate()`.
+//!
+//! Both are plain C-language trigger functions (not SECURITY DEFINER): they run with the
+//! rights of the role that wrote the row, so a cast or output function that `to_jsonb`
+//! calls on a user-defined type runs as that role and never as pgpipe's owner. The queue
+//! row is written straight into the right partition of `pgpipe.events` (see [`queue`]),
+//! without PL/pgSQL, SPI or a privilege check, so writers need no right on pgpipe's own
+//! tables. Nothing here resolves a name through the writer's `search_path`.
+//!
+//! The payload is `to_jsonb` of an envelope record `(op, schema, table, row, old)` whose
+//! `row`/`old` fields are the trigger's tuples: one call of Postgres's own conversion
+//! gives exactly what `jsonb_build_object('op', TG_OP, ..., 'row', to_jsonb(NEW), ...)`
+//! gave (jsonb sorts keys; NULL becomes JSON null), and what WAL mode gives.
+
+mod queue;
+
+use std::ffi::{c_char, CStr};
+use std::ptr;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+/// What the trigger fired for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Insert => "INSERT",
+            Op::Update => "UPDATE",
+            Op::Delete => "DELETE",
+            Op::Truncate => "TRUNCATE",
+        }
+    }
+
+    fn from_event(event: pg_sys::TriggerEvent) -> Op {
+        match event & pg_sys::TRIGGER_EVENT_OPMASK {
+            pg_sys::TRIGGER_EVENT_INSERT => Op::Insert,
+            pg_sys::TRIGGER_EVENT_DELETE => Op::Delete,
+            pg_sys::TRIGGER_EVENT_UPDATE => Op::Update,
+            _ => Op::Truncate,
+        }
+    }
+}
+
+/// Declares a C-language function's calling convention (`PG_FUNCTION_INFO_V1`).
+macro_rules! function_info_v1 {
+    ($finfo:ident) => {
+        #[no_mangle]
+        #[doc(hidden)]
+        pub extern "C" fn $finfo() -> &'static pg_sys::Pg_finfo_record {
+            const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+            &V1
+        }
+    };
+}
+
+function_info_v1!(pg_finfo_pgpipe_capture_row);
+function_info_v1!(pg_finfo_pgpipe_capture_truncate);
+
+/// `pgpipe.capture_row()`: AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW, with the
+/// channel as the trigger's first argument.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn pgpipe_capture_row(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: Postgres calls this through the fmgr with a valid fcinfo.
+    unsafe { capture(fcinfo, true) }
+}
+
+/// `pgpipe.capture_truncate()`: AFTER TRUNCATE ... FOR EACH STATEMENT (row triggers do
+/// not fire for TRUNCATE), with the channel as the trigger's first argument.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn pgpipe_capture_truncate(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: Postgres calls this through the fmgr with a valid fcinfo.
+    unsafe { capture(fcinfo, false) }
+}
+
+/// Raises a Postgres ERROR with a SQLSTATE.
+fn raise(code: PgSqlErrorCode, message: String) -> ! {
+    pg_sys::panic::ErrorReport::new(code, message, "pgpipe capture").report(PgLogLevel::ERROR);
+    unreachable!("ERROR does not return")
+}
+
+fn protocol_error(message: &str) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+        message.to_string(),
+    )
+}
+
+/// # Safety
+/// `fcinfo` is the fmgr call info of a trigger call (checked).
+unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, row_level: bool) -> pg_sys::Datum {
+    // SAFETY: fcinfo is valid; the context is checked to be TriggerData before use.
+    let trigdata = unsafe {
+        let context = (*fcinfo).context;
+        if context.is_null() || (*context).type_ != pg_sys::NodeTag::T_TriggerData {
+            protocol_error(
+                "pgpipe.capture_row() and capture_truncate() must be called as triggers",
+            );
+        }
+        &*(context as *const pg_sys::TriggerData)
+    };
+    let event = trigdata.tg_event;
+    let op = Op::from_event(event);
+    let fired_for_row = event & pg_sys::TRIGGER_EVENT_ROW != 0;
+    if event & pg_sys::TRIGGER_EVENT_TIMINGMASK != pg_sys::TRIGGER_EVENT_AFTER
+        || fired_for_row != row_level
+        || (op == Op::Truncate) == row_level
+    {
+        protocol_error(if row_level {
+            "pgpipe.capture_row() must fire AFTER INSERT, UPDATE or DELETE FOR EACH ROW"
+        } else {
+            "pgpipe.capture_truncate() must fire AFTER TRUNCATE FOR EACH STATEMENT"
+        });
+    }
+    // SAFETY: tg_trigger is set for every trigger call; tgargs holds tgnargs C strings.
+    let channel = unsafe {
+        let trigger = &*trigdata.tg_trigger;
+        if trigger.tgnargs < 1 {
+            protocol_error("pgpipe's capture trigger needs the channel as its argument");
+        }
+        CStr::from_ptr(*trigger.tgargs)
+    };
+    let rel = trigdata.tg_relation;
+    // The rows, as composite datums of the table's row type: the old row of an UPDATE
+    // is tg_trigtuple, its new row tg_newtuple; INSERT and DELETE have only tg_trigtuple.
+    // SAFETY: rel and the tuples are valid for the duration of the trigger call.
+    let (row, old) = unsafe {
+        let desc = (*rel).rd_att;
+        let as_datum = |tuple: pg_sys::HeapTuple| {
+            if tuple.is_null() {
+                None
+            } else {
+                Some(pg_sys::heap_copy_tuple_as_datum(tuple, desc))
+            }
+        };
+        match op {
+            Op::Insert | Op::Delete => (as_datum(trigdata.tg_trigtuple), None),
+            Op::Update => (
+                as_datum(trigdata.tg_newtuple),
+                as_datum(trigdata.tg_trigtuple),
+            ),
+            Op::Truncate => (None, None),
+        }
+    };
+    // SAFETY: rel is the open relation the trigger fired on.
+    let (schema, table) = unsafe {
+        let form = &*(*rel).rd_rel;
+        let schema = pg_sys::get_namespace_name(form.relnamespace);
+        (schema, form.relname.data.as_ptr())
+    };
+    // User code (casts, output functions) runs here, before any queue relation is open.
+    // SAFETY: the names are NUL-terminated strings valid for this call.
+    let payload = unsafe { envelope_to_jsonb(op, schema, table, row, old) };
+    // SAFETY: called inside the writer's transaction, in a trigger.
+    unsafe { queue::insert_event(channel, op.name(), payload) };
+    crate::shared::mark_wakeup();
+    // AFTER triggers return NULL (a null pointer, not an SQL NULL).
+    pg_sys::Datum::from(0)
+}
+
+/// Per-backend state of the JSON conversion, allocated once in TopMemoryContext.
+struct JsonState {
+    /// `to_jsonb(record)`, with a call expression telling it its argument is a record.
+    to_jsonb: *mut pg_sys::FmgrInfo,
+    /// The envelope record `(op text, schema text, "table" text, "row" record, old record)`,
+    /// blessed so that `to_jsonb` can look it up by its typmod.
+    envelope: pg_sys::TupleDesc,
+}
+
+thread_local! {
+    static JSON_STATE: std::cell::Cell<Option<&'static JsonState>> = const { std::cell::Cell::new(None) };
+}
+
+/// # Safety
+/// Call inside a transaction (catalog lookups).
+unsafe fn json_state() -> &'static JsonState {
+    if let Some(state) = JSON_STATE.get() {
+        return state;
+    }
+    // SAFETY: allocations in TopMemoryContext live as long as the backend; the catalog
+    // lookups (fmgr_info, TupleDescInitEntry) need a transaction, which triggers have.
+    let state = unsafe {
+        let old_cxt = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
+        let flinfo =
+            pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>()) as *mut pg_sys::FmgrInfo;
+        pg_sys::fmgr_info_cxt(
+            pg_sys::Oid::from(pg_sys::F_TO_JSONB),
+            flinfo,
+            pg_sys::TopMemoryContext,
+        );
+        // to_jsonb(anyelement) reads its argument's type from the call expression.
+        let arg = pg_sys::makeNullConst(pg_sys::RECORDOID, -1, pg_sys::InvalidOid);
+        let args = pg_sys::lappend(ptr::null_mut(), arg.cast());
+        let call = pg_sys::makeFuncExpr(
+            pg_sys::Oid::from(pg_sys::F_TO_JSONB),
+            pg_sys::JSONBOID,
+            args,
+            pg_sys::InvalidOid,
+            pg_sys::InvalidOid,
+            pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
+        );
+        (*flinfo).fn_expr = call.cast();
+
+        let envelope = pg_sys::CreateTemplateTupleDesc(5);
+        let fields: [(&CStr, pg_sys::Oid); 5] = [
+            (c"op", pg_sys::TEXTOID),
+            (c"schema", pg_sys::TEXTOID),
+            (c"table", pg_sys::TEXTOID),
+            (c"row", pg_sys::RECORDOID),
+            (c"old", pg_sys::RECORDOID),
+        ];
+        for (i, (name, typid)) in fields.iter().enumerate() {
+            pg_sys::TupleDescInitEntry(envelope, (i + 1) as i16, name.as_ptr(), *typid, -1, 0);
+        }
+        let envelope = pg_sys::BlessTupleDesc(envelope);
+        pg_sys::MemoryContextSwitchTo(old_cxt);
+        let state: &'static JsonState = Box::leak(Box::new(JsonState {
+            to_jsonb: flinfo,
+            envelope,
+        }));
+        state
+    };
+    JSON_STATE.set(Some(state));
+    state
+}
+
+/// The event's payload: `{"op", "schema", "table", "row", "old"}` as jsonb.
+///
+/// # Safety
+/// `schema` and `table` are NUL-terminated; `row`/`old` are composite datums.
+unsafe fn envelope_to_jsonb(
+    op: Op,
+    schema: *const c_char,
+    table: *const c_char,
+    row: Option<pg_sys::Datum>,
+    old: Option<pg_sys::Datum>,
+) -> pg_sys::Datum {
+    // SAFETY: see the function's contract; the datums are palloc'd in the trigger's
+    // per-call memory context.
+    unsafe {
+        let state = json_state();
+        let text = |s: *const c_char| pg_sys::Datum::from(pg_sys::cstring_to_text(s));
+        let op_name = op.name();
+        let mut values = [
+            pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
+                op_name.as_ptr().cast(),
+                op_name.len() as i32,
+            )),
+            text(schema),
+            text(table),
+            row.unwrap_or(pg_sys::Datum::from(0)),
+            old.unwrap_or(pg_sys::Datum::from(0)),
+        ];
+        let mut nulls = [false, false, false, row.is_none(), old.is_none()];
+        let tuple =
+            pg_sys::heap_form_tuple(state.envelope, values.as_mut_ptr(), nulls.as_mut_ptr());
+        // The envelope holds no external values (the rows were flattened), so its header
+        // is a valid composite datum as it is.
+        let envelope = pg_sys::Datum::from((*tuple).t_data);
+        pg_sys::FunctionCall1Coll(state.to_jsonb, pg_sys::InvalidOid, envelope)
+    }
+}
