@@ -753,29 +753,34 @@ $function$
 
     @staticmethod
     def worker_decode_accounting(log_path, offset, start, end):
-        """How much WAL the worker decoded for a backlog, from its debug1 lines: each peek
-        and each advance decodes from the slot's restart LSN to the end of the read."""
+        """How much WAL the worker decoded for a backlog, from its debug1 lines: each read
+        decodes from its start (the slot's restart LSN for a new decoding context; with
+        peek + advance, every read) to its end."""
         def lsn(text):
             hi, lo = text.split("/")
             return (int(hi, 16) << 32) | int(lo, 16)
-        pat = re.compile(r"pgpipe worker: read (\d+) events; decoded from (\S+) \(restart\) over (\S+) "
-                         r"\(confirmed\) to (\S+): peek ([\d.]+) ms, convert\+insert ([\d.]+) ms, advance ([\d.]+) ms")
+        pat = re.compile(r"pgpipe worker: read (\d+) events; decoded from (\S+) \((?:restart|start)\) over (\S+) "
+                         r"\(confirmed\) to (\S+): (?:peek|decode) ([\d.]+) ms, convert\+insert ([\d.]+) ms, (?:advance|confirm) ([\d.]+) ms")
         with open(log_path, errors="replace") as f:
             f.seek(offset)
             reads = [m.groups() for m in pat.finditer(f.read())]
         if not reads:
             return {"wal_worker_reads": 0}
         backlog = lsn(end) - lsn(start)
-        decoded = sum(lsn(to) - lsn(restart) for _, restart, _, to in (r[:4] for r in reads))
+        decoded = sum(lsn(to) - lsn(frm) for _, frm, _, to in (r[:4] for r in reads))
+        # The WAL the reads covered, once: the backlog plus the worker's own queue writes
+        # (pgpipe's tables are not published, but their WAL is decoded all the same).
+        span = max(lsn(r[3]) for r in reads) - min(lsn(r[1]) for r in reads)
         return {
             "wal_worker_reads": len(reads),
             "wal_worker_backlog_wal_bytes": backlog,
-            # Bytes each of the peek and the advance decoded, summed over reads, per byte of
-            # backlog: 1.0 would be "each WAL byte once per step".
+            "wal_worker_span_wal_bytes": span,
+            # Bytes decoded, summed over reads, per byte of WAL covered: 1.0 = each once.
+            "wal_worker_decode_overlap": rnd(decoded / span, 2) if span > 0 else None,
             "wal_worker_decoded_per_backlog_byte": rnd(decoded / backlog, 2) if backlog > 0 else None,
-            "wal_worker_peek_s": rnd(sum(float(r[4]) for r in reads) / 1e3, 3),
+            "wal_worker_decode_s": rnd(sum(float(r[4]) for r in reads) / 1e3, 3),
             "wal_worker_write_s": rnd(sum(float(r[5]) for r in reads) / 1e3, 3),
-            "wal_worker_advance_s": rnd(sum(float(r[6]) for r in reads) / 1e3, 3),
+            "wal_worker_confirm_s": rnd(sum(float(r[6]) for r in reads) / 1e3, 3),
         }
 
     # ---- 6. SSE fan-out ----------------------------------------------------------------
