@@ -27,8 +27,10 @@ test-unit:
 
 test-pg: setup
 	mkdir -p $(PGRX_TEST_DATA) && chown $(PG_TEST_USER) $(PGRX_TEST_DATA)
+	# One test at a time: they share one database, and a test that creates queue
+	# partitions (pgpipe.rotate()) holds their locks until its transaction ends.
 	cd pgpipe_ext && CARGO_PGRX_TEST_RUNAS=$(PG_TEST_USER) CARGO_PGRX_TEST_PGDATA=$(PGRX_TEST_DATA)/data \
-		cargo pgrx test pg$(PG_MAJOR)
+		RUST_TEST_THREADS=1 cargo pgrx test pg$(PG_MAJOR)
 
 test-scenarios: install build
 	cargo test -p pgpipe_tests -- --test-threads=4
