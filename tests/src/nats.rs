@@ -23,6 +23,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct NatsOptions {
     /// Clients must send this token (`--auth`).
     pub token: Option<String>,
+    /// Clients must log in with this user and password (`--user`, `--pass`).
+    pub user: Option<(String, String)>,
     /// Lines of a config file passed with `-c` (e.g. `max_payload: 4096`); flags win.
     pub config: Vec<String>,
 }
@@ -150,6 +152,9 @@ impl TempNats {
         if let Some(token) = &self.options.token {
             cmd.args(["--auth", token]);
         }
+        if let Some((user, pass)) = &self.options.user {
+            cmd.args(["--user", user, "--pass", pass]);
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -211,6 +216,9 @@ impl TempNats {
         let mut options = async_nats::ConnectOptions::new();
         if let Some(token) = &self.options.token {
             options = options.token(token.clone());
+        }
+        if let Some((user, pass)) = &self.options.user {
+            options = options.user_and_password(user.clone(), pass.clone());
         }
         options
             .connect(self.url())

@@ -5,6 +5,7 @@
 //!   `pgpipe.<channel>` with `Nats-Msg-Id` = the event id and the event JSON as body, and
 //!   a durable pull consumer of a third-party client reads and acks them; the token never
 //!   shows in the log;
+//! - a user and password in the URL log in, and the log (at debug) shows them masked;
 //! - a subject template and an event over the server's `max_payload`: dead-lettered, the
 //!   rest flows;
 //! - `kill -9` of the forwarder three times under writes: the stream holds every
@@ -133,10 +134,39 @@ async fn events_land_on_pgpipe_channel_with_their_id_as_msg_id() {
         "the consumer reads the events in stream order"
     );
 
-    // The token is a secret: not in the log, not in `pgpipe config`.
+    // The token is a secret: not in the log.
     fwd.sigterm();
     assert!(fwd.wait_exit(WAIT).await.success(), "{}", fwd.stderr_text());
     assert!(!fwd.stderr_text().contains(token), "{}", fwd.stderr_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_and_password_in_the_url_log_in_and_stay_secret() {
+    let password = "pw-in-the-url-s3cret";
+    let nats = TempNats::start_with(NatsOptions {
+        user: Some(("pgpipe".into(), password.into())),
+        ..NatsOptions::default()
+    })
+    .await;
+    let db = test_db("nats_userinfo").await;
+    db.execute("CREATE TABLE t (id int PRIMARY KEY); SELECT pgpipe.subscribe('t');")
+        .await;
+    let url = format!("nats://pgpipe:{password}@127.0.0.1:{}", nats.port());
+    let fwd = Forwarder::listen(&db.url())
+        .channel("t")
+        .adapter("nats")
+        .flag("--nats-url", url)
+        .flag("--log-level", "debug")
+        .envs(&FAST)
+        .spawn();
+    db.execute("INSERT INTO t VALUES (1)").await;
+    let arrived = wait_until(WAIT, async || nats.stream_count("PGPIPE").await == 1).await;
+    assert!(arrived, "1 event in PGPIPE\n{}", fwd.stderr_text());
+    fwd.sigterm();
+    fwd.wait_exit(WAIT).await;
+    let log = fwd.stderr_text();
+    assert!(!log.contains(password), "{log}");
+    assert!(log.contains("nats://***@127.0.0.1"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,7 +49,10 @@ use subject::Template;
 pub struct Nats {
     name: String,
     config: Arc<NatsConfig>,
+    /// The server URLs without their userinfo (the client's debug log prints them).
     servers: Vec<String>,
+    /// `user:password` or a token from a URL's userinfo, used when no other auth is set.
+    url_auth: Option<UrlAuth>,
     /// The servers as logs, health and dead letters may show them.
     shown: String,
     template: Template,
@@ -77,10 +80,13 @@ impl Nats {
             )));
         }
         let shown = redact_url_list(&servers);
+        let url_auth = servers.iter().find_map(|s| split_userinfo(s).1);
+        let servers = servers.iter().map(|s| split_userinfo(s).0).collect();
         let sink = Nats {
             name: name.to_string(),
             config: Arc::new(config.clone()),
             servers,
+            url_auth,
             shown,
             template,
             js: None,
@@ -151,6 +157,13 @@ impl Nats {
                     e.kind()
                 ))
             })?;
+        } else if let Some(auth) = &self.url_auth {
+            options = match auth {
+                UrlAuth::UserPassword(user, password) => {
+                    options.user_and_password(user.clone(), password.clone())
+                }
+                UrlAuth::Token(token) => options.token(token.clone()),
+            };
         }
         if c.tls_required {
             options = options.require_tls(true);
@@ -300,6 +313,59 @@ impl Nats {
     }
 }
 
+/// Credentials written into a server URL (`nats://user:pass@h`, `nats://token@h`).
+#[derive(Clone, PartialEq, Eq)]
+enum UrlAuth {
+    /// `user:password@`.
+    UserPassword(String, String),
+    /// `token@`.
+    Token(String),
+}
+
+/// `url` without its userinfo, and the credentials it held (percent-decoded).
+fn split_userinfo(url: &str) -> (String, Option<UrlAuth>) {
+    let (scheme, rest) = url.split_once("://").map_or(("", url), |(s, r)| (s, r));
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return (url.to_string(), None);
+    };
+    let (userinfo, host) = (&rest[..at], &rest[at + 1..]);
+    let clean = if scheme.is_empty() {
+        host.to_string()
+    } else {
+        format!("{scheme}://{host}")
+    };
+    let auth = match userinfo.split_once(':') {
+        Some((user, password)) => UrlAuth::UserPassword(percent_decode(user), percent_decode(password)),
+        None => UrlAuth::Token(percent_decode(userinfo)),
+    };
+    (clean, Some(auth))
+}
+
+/// `%XX` escapes decoded (invalid ones kept as they are).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// How a publish failed, before it becomes a [`Failure`].
 enum Refusal {
     /// Worth publishing again.
@@ -389,6 +455,7 @@ mod tests {
         let sink = Nats {
             name: "nats".into(),
             servers: config.servers(),
+            url_auth: None,
             shown: redact_url_list(&config.servers()),
             template: Template::parse(&config.subject).unwrap(),
             config: Arc::new(config),
@@ -398,6 +465,21 @@ mod tests {
         let text = sink.hide_urls("failed: nats://me:hunter2@h:4222 refused");
         assert_eq!(text, "failed: nats://***@h:4222 refused");
         assert_eq!(sink.shown, "nats://***@h:4222");
+    }
+
+    #[test]
+    fn userinfo_leaves_the_url_and_becomes_credentials() {
+        // UrlAuth has no Debug on purpose (it holds secrets): compare with ==.
+        let (url, auth) = split_userinfo("nats://me:p%40ss@h:4222");
+        assert_eq!(url, "nats://h:4222");
+        assert!(auth == Some(UrlAuth::UserPassword("me".into(), "p@ss".into())));
+        let (url, auth) = split_userinfo("tls://t0k@h:4222");
+        assert_eq!(url, "tls://h:4222");
+        assert!(auth == Some(UrlAuth::Token("t0k".into())));
+        let (url, auth) = split_userinfo("h:4222");
+        assert_eq!(url, "h:4222");
+        assert!(auth.is_none());
+        assert_eq!(percent_decode("a%2Fb%zz%"), "a/b%zz%");
     }
 
     #[test]
