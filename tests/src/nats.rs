@@ -25,6 +25,9 @@ pub struct NatsOptions {
     pub token: Option<String>,
     /// Clients must log in with this user and password (`--user`, `--pass`).
     pub user: Option<(String, String)>,
+    /// TLS only: a CA and a server certificate for `localhost`/`127.0.0.1` are generated
+    /// ([`TempNats::ca_cert_path`]); clients must use TLS.
+    pub tls: bool,
     /// Lines of a config file passed with `-c` (e.g. `max_payload: 4096`); flags win.
     pub config: Vec<String>,
 }
@@ -90,6 +93,9 @@ impl TempNats {
             fs::write(dir.path().join("nats.conf"), options.config.join("\n"))
                 .expect("write nats.conf");
         }
+        if options.tls {
+            crate::tls::generate(dir.path(), dir.path(), None);
+        }
         let nats = TempNats {
             dir,
             port: free_port(),
@@ -108,6 +114,11 @@ impl TempNats {
     /// The TCP port (unchanged across restarts).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The PEM file of the CA that signed a TLS server's certificate ([`NatsOptions::tls`]).
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
     }
 
     /// The JetStream store directory.
@@ -154,6 +165,12 @@ impl TempNats {
         }
         if let Some((user, pass)) = &self.options.user {
             cmd.args(["--user", user, "--pass", pass]);
+        }
+        if self.options.tls {
+            cmd.arg("--tlscert")
+                .arg(self.dir.path().join("server.crt"))
+                .arg("--tlskey")
+                .arg(self.dir.path().join("server.key"));
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -219,6 +236,11 @@ impl TempNats {
         }
         if let Some((user, pass)) = &self.options.user {
             options = options.user_and_password(user.clone(), pass.clone());
+        }
+        if self.options.tls {
+            options = options
+                .require_tls(true)
+                .add_root_certificates(self.ca_cert_path());
         }
         options
             .connect(self.url())

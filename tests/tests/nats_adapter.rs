@@ -6,6 +6,8 @@
 //!   a durable pull consumer of a third-party client reads and acks them; the token never
 //!   shows in the log;
 //! - a user and password in the URL log in, and the log (at debug) shows them masked;
+//! - TLS (`tls://`) with `nats.tls_ca_file`; without the CA the certificate is refused
+//!   and the events wait;
 //! - a subject template and an event over the server's `max_payload`: dead-lettered, the
 //!   rest flows;
 //! - `kill -9` of the forwarder three times under writes: the stream holds every
@@ -167,6 +169,42 @@ async fn a_user_and_password_in_the_url_log_in_and_stay_secret() {
     let log = fwd.stderr_text();
     assert!(!log.contains(password), "{log}");
     assert!(log.contains("nats://***@127.0.0.1"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_the_ca_file_publishes_and_without_it_is_refused() {
+    let nats = TempNats::start_with(NatsOptions {
+        tls: true,
+        ..NatsOptions::default()
+    })
+    .await;
+    let db = test_db("nats_tls").await;
+    db.execute("CREATE TABLE t (id int PRIMARY KEY); SELECT pgpipe.subscribe('t');")
+        .await;
+    let tls_url = format!("tls://127.0.0.1:{}", nats.port());
+    // Without the CA the server's certificate is not trusted: retried, named, nothing acked.
+    let untrusted = Forwarder::listen(&db.url())
+        .channel("t")
+        .adapter("nats")
+        .flag("--nats-url", &tls_url)
+        .envs(&FAST)
+        .spawn();
+    db.execute("INSERT INTO t VALUES (1)").await;
+    let log = untrusted.wait_for_stderr("retrying the batch", WAIT).await;
+    assert!(log.contains("invalid peer certificate"), "{log}");
+    untrusted.sigterm();
+    untrusted.wait_exit(WAIT).await;
+    let ca = nats.ca_cert_path();
+    let fwd = Forwarder::listen(&db.url())
+        .channel("t")
+        .adapter("nats")
+        .flag("--nats-url", &tls_url)
+        .env("PGPIPE_NATS_TLS_CA_FILE", ca.to_str().unwrap())
+        .envs(&FAST)
+        .spawn();
+    db.execute("INSERT INTO t VALUES (2)").await;
+    let arrived = wait_until(WAIT, async || nats.stream_count("PGPIPE").await == 2).await;
+    assert!(arrived, "both events over TLS\n{}", fwd.stderr_text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

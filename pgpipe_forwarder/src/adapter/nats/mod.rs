@@ -428,7 +428,7 @@ impl Sink for Nats {
 
     fn retrying(&mut self, error: &str, attempt: u32, delay: Duration) {
         tracing::warn!(component = "nats", adapter = %self.name, servers = %self.shown,
-            error, attempt, retry_in = ?delay, "publish not acknowledged; retrying the batch");
+            error, attempt, retry_in = ?delay, "publish failed or not acknowledged; retrying the batch");
     }
 
     fn started(&self) {
