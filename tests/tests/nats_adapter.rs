@@ -136,6 +136,15 @@ async fn events_land_on_pgpipe_channel_with_their_id_as_msg_id() {
         "the consumer reads the events in stream order"
     );
 
+    // The stream is deleted under the running forwarder: the next event finds no stream
+    // for its subject, which is retried (not dead-lettered) and the stream created again.
+    js.delete_stream("PGPIPE").await.unwrap();
+    db.execute("INSERT INTO t VALUES (4, 'd')").await;
+    let again = wait_until(WAIT, async || nats.stream_count("PGPIPE").await == 1).await;
+    assert!(again, "the stream is created again\n{}", fwd.stderr_text());
+    let after = nats.stream_messages("PGPIPE").await;
+    assert_eq!(after[0].json()["payload"]["row"]["id"].to_string(), "4");
+
     // The token is a secret: not in the log.
     fwd.sigterm();
     assert!(fwd.wait_exit(WAIT).await.success(), "{}", fwd.stderr_text());
