@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing pgpipe needs on Debian 12, skipping what is present:
-# Postgres 15 with server headers, libclang (bindgen), sudo, cargo-pgrx 0.18.1 and its init.
+# Postgres 15 with server headers, libclang (bindgen), sudo, nats-server (JetStream, for the
+# nats adapter's scenarios), cargo-pgrx 0.18.1 and its init.
 set -euo pipefail
 
 PG_MAJOR="${PG_MAJOR:-15}"
@@ -10,7 +11,8 @@ PGRX_VERSION="0.18.1"
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # chromium: the live page scenario drives the page in a real headless browser.
-packages=(postgresql-"$PG_MAJOR" postgresql-server-dev-"$PG_MAJOR" libclang-dev clang sudo pkg-config chromium)
+# nats-server: the nats adapter's scenarios start their own (2.9, JetStream built in).
+packages=(postgresql-"$PG_MAJOR" postgresql-server-dev-"$PG_MAJOR" libclang-dev clang sudo pkg-config chromium nats-server)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

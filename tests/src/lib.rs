@@ -7,6 +7,9 @@
 //!   cluster of its own for a test that restarts Postgres or needs TLS or other settings.
 //! - [`Forwarder`]: the `pgpipe` binary as a child process, stdout captured as lines;
 //!   [`Forwarder::listen`] builds a `pgpipe listen` command line flag by flag ([`Listen`]).
+//! - [`TempNats`]: a `nats-server -js` of its own on a free port (killed on drop,
+//!   restartable on the same port and store), with a JetStream reader
+//!   ([`TempNats::stream_messages`]) for the nats adapter's scenarios.
 //! - [`wait_until`]: polls an async condition.
 //!
 //! ```no_run
@@ -37,9 +40,11 @@
 //! - `PGPIPE_TEST_KEEP=1`: keep the `/tmp/pgpipe-test-*` directories (logs) at exit.
 //! - `PGPIPE_BIN`: path of the forwarder binary.
 //! - `PGPIPE_TEST_QUIET=1`: do not echo the forwarder's stderr.
+//! - `PGPIPE_NATS_SERVER`: path of the `nats-server` binary (default `/usr/sbin/nats-server`).
 
 mod forwarder;
 pub mod http;
+mod nats;
 mod pg;
 mod process;
 mod receiver;
@@ -48,6 +53,7 @@ mod tls;
 use std::time::{Duration, Instant};
 
 pub use forwarder::{Forwarder, Listen};
+pub use nats::{NatsOptions, StreamMessage, TempNats, DEFAULT_NATS_SERVER};
 pub use pg::{
     describe, test_db, PgOptions, StopMode, TempPg, TestDb, DEFAULT_PG_BIN, FORWARDER_ROLE,
 };

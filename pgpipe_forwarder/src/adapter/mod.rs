@@ -32,6 +32,7 @@ kinds! {
     file: KIND;
     exec: KIND;
     pg_table: KIND;
+    nats: KIND;
 }
 
 /// A destination for events.

@@ -126,6 +126,9 @@ pub struct ListenArgs {
     #[command(flatten)]
     pg_table: crate::adapter::pg_table::Flags,
 
+    #[command(flatten)]
+    nats: crate::adapter::nats::Flags,
+
     // --- http ---------------------------------------------------------------------------
     /// Listen address of the HTTP server: SSE, WebSocket, /healthz, /metrics [default: :8080]
     /// [config: sse.addr] [env: PGPIPE_SSE_ADDR]
@@ -217,6 +220,7 @@ impl ListenArgs {
         self.file.overrides(&mut out);
         self.exec.overrides(&mut out);
         self.pg_table.overrides(&mut out);
+        self.nats.overrides(&mut out);
         out
     }
 }

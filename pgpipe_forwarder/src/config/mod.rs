@@ -70,6 +70,7 @@ pub use validate::{at_least, check_backoff, check_conninfo, check_header, nonzer
 // Each adapter's section lives in its folder; the tree names them here.
 pub use crate::adapter::exec::ExecConfig;
 pub use crate::adapter::file::FileConfig;
+pub use crate::adapter::nats::NatsConfig;
 pub use crate::adapter::pg_table::PgTableConfig;
 pub use crate::adapter::webhook::WebhookConfig;
 
@@ -110,6 +111,8 @@ pub struct Config {
     pub exec: ExecConfig,
     /// Postgres table adapter (`pg_table.*`).
     pub pg_table: PgTableConfig,
+    /// NATS JetStream adapter (`nats.*`).
+    pub nats: NatsConfig,
     /// WebSocket adapter (`websocket.*`).
     pub websocket: WebsocketConfig,
     /// More webhook adapters (config file only): each entry is a `webhook` section plus a
@@ -124,6 +127,9 @@ pub struct Config {
     /// More pg_table adapters (config file only): `pg_table` sections plus a `name`, run
     /// as adapter `pg_table:<name>`.
     pub pg_tables: Vec<PgTableConfig>,
+    /// More nats adapters (config file only): `nats` sections plus a `name`, run as
+    /// adapter `nats:<name>`.
+    pub natss: Vec<NatsConfig>,
 }
 
 /// Detector settings (`detector.*`).
@@ -236,11 +242,13 @@ impl Default for Config {
             file: FileConfig::default(),
             exec: ExecConfig::default(),
             pg_table: PgTableConfig::default(),
+            nats: NatsConfig::default(),
             websocket: WebsocketConfig::default(),
             webhooks: Vec::new(),
             files: Vec::new(),
             execs: Vec::new(),
             pg_tables: Vec::new(),
+            natss: Vec::new(),
         }
     }
 }

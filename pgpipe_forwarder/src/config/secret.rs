@@ -77,11 +77,13 @@ impl fmt::Debug for Config {
             .field("file", &self.file)
             .field("exec", &self.exec)
             .field("pg_table", &self.pg_table)
+            .field("nats", &self.nats)
             .field("websocket", &self.websocket)
             .field("webhooks", &self.webhooks)
             .field("files", &self.files)
             .field("execs", &self.execs)
             .field("pg_tables", &self.pg_tables)
+            .field("natss", &self.natss)
             .finish()
     }
 }

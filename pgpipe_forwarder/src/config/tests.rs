@@ -432,7 +432,7 @@ fn validation_errors() {
     c.adapters = vec!["kafka".into()];
     assert_eq!(
         err_of(&c),
-        r#"unknown adapter "kafka": valid adapters are stdout, webhook, sse, ws, file, exec, pg_table"#
+        r#"unknown adapter "kafka": valid adapters are stdout, webhook, sse, ws, file, exec, pg_table, nats"#
     );
     c.adapters = vec![];
     assert!(err_of(&c).starts_with("no adapters"));
