@@ -379,9 +379,23 @@ mod tests {
 
     #[pg_test]
     fn native_trigger_routes_to_the_xid_partition_and_maintains_indexes() {
-        // No xid yet: rotate() starts the first range at this transaction's xid.
+        // No xid yet: rotate() starts the first range at this transaction's xid. It gives
+        // up ('busy') while a concurrent test holds the default partition: try again.
         Spi::run("SET LOCAL pgpipe.partition_xids = 1000").unwrap();
-        Spi::run("SELECT * FROM pgpipe.rotate()").unwrap();
+        let mut created = false;
+        for _ in 0..50 {
+            Spi::run("SELECT * FROM pgpipe.rotate()").unwrap();
+            if Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pgpipe.event_partitions)")
+                .unwrap()
+                == Some(true)
+            {
+                created = true;
+                break;
+            }
+        }
+        assert!(created, "rotate() created no partition");
+        // rotate() sets a short lock_timeout for the transaction; the rest may wait.
+        Spi::run("SET LOCAL lock_timeout = 0").unwrap();
         setup_orders();
         Spi::run("SELECT pgpipe.subscribe('orders')").unwrap();
         Spi::run("INSERT INTO orders SELECT g, 'new', g, NULL FROM generate_series(1, 50) g")
