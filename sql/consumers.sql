@@ -286,6 +286,13 @@ BEGIN
     WHERE c.name = ack.consumer;
 END $$;
 
+-- A consumer that acknowledged nothing (since it was registered) for
+-- pgpipe.consumer_stale_after: it holds retention back and nobody may be running it.
+CREATE FUNCTION pgpipe.is_stale(c pgpipe.consumers) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(c.acked_at, c.created_at) < now() - make_interval(secs => pgpipe.consumer_stale_after())
+$$;
+
 -- Each consumer's acknowledged position and how many committed events it has not yet
 -- acked; a role sees its own consumers (pgpipe_admin: all). `holder` is the session
 -- holding its lease; `stale` means no ack for pgpipe.consumer_stale_after, and
@@ -299,7 +306,7 @@ SELECT c.name,
        pending.oldest AS oldest_pending_at,
        c.owner::regrole AS owner,
        holder.description AS holder,
-       coalesce(c.acked_at, c.created_at) < now() - make_interval(secs => pgpipe.consumer_stale_after()) AS stale,
+       pgpipe.is_stale(c) AS stale,
        pg_snapshot_xmin(c.prev) = (SELECT min(pg_snapshot_xmin(o.prev)) FROM pgpipe.consumers o) AS holds_retention
 FROM pgpipe.consumers c
 CROSS JOIN LATERAL (

@@ -27,6 +27,7 @@ GRANT EXECUTE ON FUNCTION
     pgpipe.drop_consumer(text),
     pgpipe.lag(text),
     pgpipe.consumer_stale_after(),
+    pgpipe.is_stale(pgpipe.consumers),
     pgpipe.events_after(uuid, text[], integer),
     pgpipe.dead_letter(jsonb, text, text, integer),
     pgpipe.status()

@@ -82,7 +82,7 @@ BEGIN
     FOR stale IN
         SELECT c.name, c.owner::regrole AS owner, coalesce(c.acked_at, c.created_at) AS since
         FROM pgpipe.consumers c
-        WHERE coalesce(c.acked_at, c.created_at) < now() - make_interval(secs => pgpipe.consumer_stale_after())
+        WHERE pgpipe.is_stale(c)
         ORDER BY c.name
     LOOP
         RAISE WARNING 'pgpipe: consumer % (role %) has acknowledged nothing since % and holds queue retention back',

@@ -47,15 +47,3 @@ CREATE FUNCTION pgpipe.is_admin() RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT pg_has_role(session_user, 'pgpipe_admin', 'USAGE')
 $$;
-
--- Refuses the call unless the calling role has `capability`'s rights. `what` names the
--- action in the message.
-CREATE FUNCTION pgpipe.require_role(capability name, what text) RETURNS void
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF NOT pg_has_role(session_user, capability, 'USAGE') THEN
-        RAISE EXCEPTION 'role % may not %: it needs the % role', quote_ident(session_user), what, capability
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = format('A superuser or pgpipe_admin member runs: GRANT %I TO %I;', capability, session_user);
-    END IF;
-END $$;

@@ -310,7 +310,7 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 
              WHEN st.state = 'error' THEN 'the worker retries every pgpipe.poll_interval; see last_error and the server log'
            END,
            ARRAY(SELECT c.name FROM pgpipe.consumers c
-                 WHERE coalesce(c.acked_at, c.created_at) < now() - make_interval(secs => pgpipe.consumer_stale_after())
+                 WHERE pgpipe.is_stale(c)
                    AND (pg_has_role(session_user, c.owner, 'USAGE') OR pgpipe.is_admin())
                  ORDER BY c.name)
     FROM st
