@@ -17,6 +17,10 @@ pub struct Event {
     pub operation: String,
     /// The change (`{op, schema, table, row, old}`) or the emitted/notified payload.
     pub payload: serde_json::Value,
+    /// The ordering key: the row's primary-key columns as a JSON object; null for tables
+    /// without one, for emits that give none and for notifications.
+    #[serde(default)]
+    pub key: Option<serde_json::Value>,
     /// `trigger`, `wal`, `emit`, `listen_notify` or `wal_replication`.
     pub source: String,
     /// When the event was captured (UTC).
@@ -72,6 +76,7 @@ mod tests {
             channel: "orders".into(),
             operation: "INSERT".into(),
             payload: serde_json::json!({"op": "INSERT"}),
+            key: Some(serde_json::json!({"id": 1})),
             source: "trigger".into(),
             created_at: DateTime::from_timestamp(1_800_000_000, 123_456_000).unwrap(),
             transaction: None,
@@ -79,7 +84,7 @@ mod tests {
         let line = event.to_json_line();
         assert_eq!(
             line,
-            r#"{"id":"00000000-0000-0000-0000-000000000000","channel":"orders","operation":"INSERT","payload":{"op":"INSERT"},"source":"trigger","created_at":"2027-01-15T08:00:00.123456Z"}"#
+            r#"{"id":"00000000-0000-0000-0000-000000000000","channel":"orders","operation":"INSERT","payload":{"op":"INSERT"},"key":{"id":1},"source":"trigger","created_at":"2027-01-15T08:00:00.123456Z"}"#
         );
     }
 }

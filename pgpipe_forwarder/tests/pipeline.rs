@@ -22,6 +22,7 @@ fn event(n: usize) -> Event {
         channel: "memory".into(),
         operation: "INSERT".into(),
         payload: serde_json::json!({ "n": n }),
+        key: None,
         source: "trigger".into(),
         created_at: Utc::now(),
         transaction: None,

@@ -273,6 +273,7 @@ mod tests {
             channel: channel.into(),
             operation: "INSERT".into(),
             payload: serde_json::json!({}),
+            key: None,
             source: "trigger".into(),
             created_at: Utc::now(),
             transaction: None,

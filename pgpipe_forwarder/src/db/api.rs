@@ -494,6 +494,7 @@ fn event_from_row(id: Uuid, row: &Row, offset: usize) -> Result<Event, Error> {
         channel: row.get(offset + 1),
         operation: row.get(offset + 2),
         payload: row.get(offset + 3),
+        key: None,
         source: row.get(offset + 4),
         created_at: row.get::<_, DateTime<Utc>>(offset + 5),
         transaction,

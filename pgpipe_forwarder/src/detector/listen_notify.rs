@@ -204,6 +204,7 @@ pub fn event_from(n: &Notification) -> Event {
         channel: n.channel().to_string(),
         operation,
         payload,
+        key: None,
         source: SOURCE.into(),
         created_at: Utc::now(),
         transaction: None,

@@ -302,6 +302,7 @@ mod tests {
             channel: "evil\r\nevent: forged".into(),
             operation: "NOTIFY".into(),
             payload: serde_json::json!("x"),
+            key: None,
             source: "listen_notify".into(),
             created_at: chrono::Utc::now(),
             transaction: None,

@@ -145,6 +145,7 @@ mod tests {
             channel: channel.into(),
             operation: operation.into(),
             payload: serde_json::json!({}),
+            key: None,
             source: "trigger".into(),
             created_at: chrono::Utc::now(),
             transaction: None,

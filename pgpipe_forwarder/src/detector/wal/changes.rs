@@ -205,6 +205,7 @@ impl ChangeBuilder {
                 channel,
                 operation: op.into(),
                 payload: Value::Object(payload),
+                key: None,
                 source: SOURCE.into(),
                 created_at: tx.commit_time,
                 transaction: self.options.tx_metadata.then_some(Transaction {
@@ -232,6 +233,7 @@ impl ChangeBuilder {
             channel: TX_CHANNEL.into(),
             operation: op.into(),
             payload: Value::Object(payload),
+            key: None,
             source: SOURCE.into(),
             created_at: tx.commit_time,
             transaction: Some(Transaction {
