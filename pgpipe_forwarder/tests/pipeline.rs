@@ -21,7 +21,7 @@ fn event(n: usize) -> Event {
         id: Uuid::now_v7(),
         channel: "memory".into(),
         operation: "INSERT".into(),
-        payload: serde_json::json!({ "n": n }),
+        payload: serde_json::json!({ "n": n }).into(),
         key: None,
         source: "trigger".into(),
         created_at: Utc::now(),
@@ -92,7 +92,7 @@ impl Sink for MemorySink {
         Box::pin(async move {
             let ns: Vec<u64> = batch
                 .iter()
-                .map(|d| d.event.payload["n"].as_u64().unwrap())
+                .map(|d| d.event.payload.value()["n"].as_u64().unwrap())
                 .collect();
             if let Some(n) = self.fail_once.filter(|n| ns.contains(n)) {
                 self.fail_once = None;

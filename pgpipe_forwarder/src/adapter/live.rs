@@ -272,7 +272,7 @@ mod tests {
             id: Uuid::now_v7(),
             channel: channel.into(),
             operation: "INSERT".into(),
-            payload: serde_json::json!({}),
+            payload: serde_json::json!({}).into(),
             key: None,
             source: "trigger".into(),
             created_at: Utc::now(),

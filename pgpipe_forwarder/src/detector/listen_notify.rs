@@ -203,7 +203,7 @@ pub fn event_from(n: &Notification) -> Event {
         id: Uuid::now_v7(),
         channel: n.channel().to_string(),
         operation,
-        payload,
+        payload: payload.into(),
         key: None,
         source: SOURCE.into(),
         created_at: Utc::now(),

@@ -301,7 +301,7 @@ mod tests {
             id: Uuid::nil(),
             channel: "evil\r\nevent: forged".into(),
             operation: "NOTIFY".into(),
-            payload: serde_json::json!("x"),
+            payload: serde_json::json!("x").into(),
             key: None,
             source: "listen_notify".into(),
             created_at: chrono::Utc::now(),
