@@ -14,9 +14,11 @@ pub(crate) mod db;
 pub(crate) mod detector;
 pub(crate) mod error;
 pub(crate) mod event;
+pub(crate) mod format;
 pub(crate) mod health;
 pub(crate) mod metrics;
 pub(crate) mod pipeline;
+pub(crate) mod route;
 pub(crate) mod server;
 
 // The library's API; everything else is crate-private, so unused code shows.
@@ -31,3 +33,4 @@ pub use error::{Error, Fate};
 pub use event::{Delivery, Event, Transaction};
 pub use health::{Component, Health, Status};
 pub use pipeline::{run, Pipeline};
+pub use route::Route;

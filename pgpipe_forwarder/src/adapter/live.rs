@@ -201,6 +201,7 @@ pub const SSE: Kind = Kind {
     validate: registry::nothing_to_check,
     redact: registry::no_secrets,
     build: build_live,
+    route: registry::every_event,
     init: None,
 };
 
@@ -212,6 +213,7 @@ pub const WS: Kind = Kind {
     validate: registry::nothing_to_check,
     redact: registry::no_secrets,
     build: build_live,
+    route: registry::every_event,
     init: None,
 };
 

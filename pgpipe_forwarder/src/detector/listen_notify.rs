@@ -20,7 +20,6 @@
 //! Anyone who can NOTIFY can forge events here: Postgres lets every role notify every
 //! channel and does not say who sent a notification (README).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -36,7 +35,7 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::db;
 use crate::error::Error;
-use crate::event::{Delivery, Event};
+use crate::event::Event;
 use crate::health::Component;
 
 /// The `source` of events from this detector.
@@ -157,8 +156,7 @@ impl ListenNotifyDetector {
                 }
                 n = notifications.recv(), if room => match n {
                     Some(n) => {
-                        let seq = window.push_event(());
-                        bus.publish(&Delivery { seq, event: Arc::new(event_from(&n)) })?;
+                        window.publish(&bus, (), event_from(&n))?;
                         window.take_releasable();
                     }
                     None => return Err(disconnected("connection closed")),

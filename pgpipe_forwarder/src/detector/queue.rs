@@ -21,7 +21,6 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::db::{self, QueueClient};
 use crate::error::Error;
-use crate::event::Delivery;
 use crate::health::Component;
 
 /// Detector name in logs and health.
@@ -312,11 +311,7 @@ impl QueueDetector {
             match row.event {
                 None => progress.window.push_position(row.position.clone()),
                 Some(event) => {
-                    let seq = progress.window.push_event(row.position.clone());
-                    bus.publish(&Delivery {
-                        seq,
-                        event: Arc::new(event),
-                    })?;
+                    progress.window.publish(bus, row.position.clone(), event)?;
                     published += 1;
                 }
             }

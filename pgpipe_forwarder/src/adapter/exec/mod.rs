@@ -7,6 +7,7 @@
 //! so a crashing command loses nothing; it may see a line twice. Its stderr (and stdout)
 //! go to the log, `component=exec`.
 
+use crate::format::Renderer;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -54,6 +55,7 @@ pub struct Exec {
     read_grace: Duration,
     max_attempts: u32,
     dead_letters: DeadLetters,
+    renderer: Renderer,
 }
 
 /// A running child.
@@ -82,6 +84,7 @@ impl Exec {
             ),
             backoff: Backoff::new(config.backoff_base, config.backoff_cap)
                 .with_floor(Duration::from_millis(100)),
+            renderer: Renderer::new(config.format, database_url),
         }
     }
 
@@ -202,8 +205,7 @@ impl Exec {
             let lines: Vec<(u64, Vec<u8>)> = batch
                 .iter()
                 .map(|d| {
-                    let mut line =
-                        serde_json::to_vec(&*d.event).expect("an Event always serializes");
+                    let mut line = self.renderer.body(&d.event);
                     line.push(b'\n');
                     (d.seq, line)
                 })

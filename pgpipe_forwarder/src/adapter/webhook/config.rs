@@ -18,6 +18,7 @@ pub const KIND: Kind = Kind {
     list: Some("webhooks"),
     entries: |c| c.webhooks.iter().map(|w| w.name.clone()).collect(),
     validate: |c, used| {
+        registry::check_routes(c, "webhook", "webhooks", &c.webhook, &c.webhooks, |s| (&s.channels, &s.operations))?;
         c.webhook.validate(Place::single("webhook"), used)?;
         registry::check_list(
             "webhook",
@@ -41,6 +42,11 @@ pub const KIND: Kind = Kind {
             section,
             &c.database_url,
         )?))
+    },
+    route: |c, entry| {
+        registry::route_of(&c.webhook, &c.webhooks, entry, |s| &s.name, |s| {
+            crate::route::Route::new(&s.channels, &s.operations)
+        })
     },
     init: None,
 };
@@ -68,6 +74,12 @@ pub struct WebhookConfig {
     pub backoff_cap: Duration,
     /// Events per POST: 1 sends each event as a JSON object, more send a JSON array.
     pub batch_size: usize,
+    /// Channels this adapter gets (empty: every channel the forwarder reads).
+    pub channels: Vec<String>,
+    /// Operations this adapter gets (empty: all), e.g. `[INSERT, UPDATE]`.
+    pub operations: Vec<String>,
+    /// How events are written: pgpipe, cloudevents, cloudevents_binary, debezium.
+    pub format: crate::format::Format,
     /// Name of a `webhooks` entry (the adapter is `webhook:<name>`); unused in `webhook`.
     pub name: String,
 }
@@ -83,6 +95,9 @@ impl Default for WebhookConfig {
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(32),
             batch_size: 1,
+            channels: Vec::new(),
+            operations: Vec::new(),
+            format: crate::format::Format::default(),
             name: String::new(),
         }
     }
@@ -104,6 +119,7 @@ impl WebhookConfig {
 impl WebhookConfig {
     /// Checks the section at `at`; `used`: it runs, so its URL is required.
     pub fn validate(&self, at: Place, used: bool) -> Result<(), ConfigError> {
+        self.format.check(at, true, self.batch_size)?;
         let url = self.url.trim();
         if used && url.is_empty() {
             return Err(at.missing("a url", ConfigError::WebhookWithoutUrl));
@@ -142,6 +158,9 @@ impl fmt::Debug for WebhookConfig {
             .field("backoff_base", &w.backoff_base)
             .field("backoff_cap", &w.backoff_cap)
             .field("batch_size", &w.batch_size)
+            .field("channels", &w.channels)
+            .field("operations", &w.operations)
+            .field("format", &w.format)
             .field("name", &w.name)
             .finish()
     }

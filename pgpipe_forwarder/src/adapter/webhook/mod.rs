@@ -16,6 +16,7 @@ use super::dead_letter::DeadLetters;
 use super::durable::{Durable, Failure, Policy, Sink};
 use crate::config::redact_url;
 use crate::error::Error;
+use crate::format::Renderer;
 use crate::event::Delivery;
 
 mod config;
@@ -48,6 +49,7 @@ pub struct Webhook {
     max_attempts: u32,
     timeout: Duration,
     batch_size: usize,
+    renderer: Renderer,
 }
 
 impl Webhook {
@@ -68,14 +70,15 @@ impl Webhook {
             DeadLetters::new(database_url, name, config.backoff_base, config.backoff_cap);
         Ok(Durable::new(
             name,
-            Webhook::new(name, config)?,
+            Webhook::new(name, config, database_url)?,
             policy,
             Some(dead_letters),
         ))
     }
 
-    /// The webhook sink named `name`.
-    pub fn new(name: &str, config: &WebhookConfig) -> Result<Webhook, Error> {
+    /// The webhook sink named `name`, for events read from `database_url` (which the
+    /// CloudEvents and Debezium formats name).
+    pub fn new(name: &str, config: &WebhookConfig, database_url: &str) -> Result<Webhook, Error> {
         let shown_url = redact_url(&config.url);
         let url = reqwest::Url::parse(config.url.trim()).map_err(|e| {
             Error::Config(format!("{name}: invalid webhook URL {shown_url:?}: {e}"))
@@ -129,6 +132,7 @@ impl Webhook {
             max_attempts: config.max_retries.max(1),
             timeout: config.timeout,
             batch_size: config.batch_size.max(1),
+            renderer: Renderer::new(config.format, database_url),
         })
     }
 
@@ -137,11 +141,10 @@ impl Webhook {
         let as_array = self.batch_size > 1;
         let body = if as_array {
             let events: Vec<_> = batch.iter().map(|d| &*d.event).collect();
-            serde_json::to_vec(&events)
+            self.renderer.batch_body(&events)
         } else {
-            serde_json::to_vec(&*batch[0].event)
-        }
-        .expect("events always serialize");
+            self.renderer.body(&batch[0].event)
+        };
         let first = &batch[0].event;
         let message_id = match batch {
             [one] => one.event.id.to_string(),
@@ -149,6 +152,17 @@ impl Webhook {
             [] => return Ok(()),
         };
         let mut headers = self.headers.clone();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static(self.renderer.content_type(as_array)),
+        );
+        if !as_array {
+            for (name, value) in self.renderer.headers(first) {
+                if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
+                    headers.insert(name, value);
+                }
+            }
+        }
         let mut put = |name: &'static str, value: &str| {
             if let Ok(v) = HeaderValue::from_str(value) {
                 headers.insert(name, v);
