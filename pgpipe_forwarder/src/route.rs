@@ -41,7 +41,7 @@ impl Route {
 
     /// Whether the adapter gets `event`.
     pub fn matches(&self, event: &Event) -> bool {
-        (self.channels.is_empty() || self.channels.iter().any(|c| *c == event.channel))
+        (self.channels.is_empty() || self.channels.contains(&event.channel))
             && (self.operations.is_empty()
                 || self
                     .operations
@@ -103,7 +103,7 @@ mod tests {
             id: uuid::Uuid::nil(),
             channel: channel.into(),
             operation: operation.into(),
-            payload: serde_json::json!({}),
+            payload: serde_json::json!({}).into(),
             key: None,
             source: "trigger".into(),
             created_at: Utc::now(),

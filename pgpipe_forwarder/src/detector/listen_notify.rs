@@ -156,7 +156,7 @@ impl ListenNotifyDetector {
                 }
                 n = notifications.recv(), if room => match n {
                     Some(n) => {
-                        window.publish(&bus, (), event_from(&n))?;
+                        window.publish(bus, (), event_from(&n))?;
                         window.take_releasable();
                     }
                     None => return Err(disconnected("connection closed")),

@@ -36,6 +36,7 @@ pub(super) fn value(event: &Event, origin: &Origin) -> Value {
     let field = |name: &str| {
         event
             .payload
+            .value()
             .get(name)
             .cloned()
             .filter(|_| table.is_some())
@@ -48,7 +49,7 @@ pub(super) fn value(event: &Event, origin: &Origin) -> Value {
         _ => (Value::Null, Value::Null),
     };
     let (schema, table_name) = table.map_or((Value::Null, Value::Null), |(s, t)| {
-        (Value::from(s), Value::from(t))
+        (Value::String(s), Value::String(t))
     });
     let source = json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -70,7 +71,7 @@ pub(super) fn value(event: &Event, origin: &Origin) -> Value {
             "op": "m",
             "ts_ms": ts_ms,
             "source": source,
-            "message": {"prefix": event.channel, "content": event.payload},
+            "message": {"prefix": event.channel, "content": event.payload.value()},
         });
     }
     json!({
@@ -94,7 +95,7 @@ mod tests {
             id: uuid::Uuid::nil(),
             channel: "orders".into(),
             operation: operation.into(),
-            payload,
+            payload: payload.into(),
             key: None,
             source: "trigger".into(),
             created_at: Utc::now(),

@@ -123,13 +123,13 @@ impl Renderer {
 
     /// One event as the body of a message (a JSON document, no trailing newline).
     pub fn body(&self, event: &Event) -> Vec<u8> {
-        let value = match self.format {
-            Format::Pgpipe => return serde_json::to_vec(event).expect("events serialize"),
+        match self.format {
+            Format::Pgpipe => serde_json::to_vec(event).expect("events serialize"),
             Format::Cloudevents => cloudevents::structured(event, &self.origin),
-            Format::CloudeventsBinary => return cloudevents::binary_body(event),
-            Format::Debezium => debezium::value(event, &self.origin),
-        };
-        serde_json::to_vec(&value).expect("JSON values serialize")
+            Format::CloudeventsBinary => cloudevents::binary_body(event),
+            Format::Debezium => serde_json::to_vec(&debezium::value(event, &self.origin))
+                .expect("JSON values serialize"),
+        }
     }
 
     /// Several events as one body: a JSON array of what [`Renderer::body`] gives each
@@ -166,14 +166,24 @@ impl Renderer {
     }
 }
 
-/// The payload's `schema` and `table`, for events that are table changes.
-fn table_of(event: &Event) -> Option<(&str, &str)> {
-    let payload = event.payload.as_object()?;
-    let table = payload.get("table")?.as_str()?;
-    let schema = payload
-        .get("schema")
-        .and_then(|s| s.as_str())
-        .unwrap_or("public");
+/// The payload's `schema` and `table`, for events that are table changes: read without
+/// building the payload's value (the other fields are skipped, not parsed into a tree).
+fn table_of(event: &Event) -> Option<(String, String)> {
+    #[derive(serde::Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow, default)]
+        schema: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow, default)]
+        table: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default)]
+        row: Option<serde::de::IgnoredAny>,
+    }
+    let head: Head<'_> = serde_json::from_str(event.payload.get()).ok()?;
+    head.row?;
+    let table = head.table?.into_owned();
+    let schema = head
+        .schema
+        .map_or_else(|| "public".to_string(), |s| s.into_owned());
     Some((schema, table))
 }
 
