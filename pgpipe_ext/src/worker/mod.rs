@@ -134,7 +134,9 @@ impl Worker {
                 // Without a slot there is nothing to decode; a new WAL subscription
                 // creates the slot first, so looking once a second loses nothing.
                 let interval = match self.state {
-                    WorkerState::Idle | WorkerState::WaitingForExtension => {
+                    WorkerState::Idle
+                    | WorkerState::WaitingForExtension
+                    | WorkerState::WaitingForUpgrade => {
                         guc::poll_interval().max(IDLE_POLL_INTERVAL)
                     }
                     _ => guc::poll_interval(),
@@ -142,7 +144,11 @@ impl Worker {
                 self.next_poll = now + interval;
             }
             if let Some(interval) = guc::rotate_interval() {
-                if now >= self.next_rotate && self.state != WorkerState::WaitingForExtension {
+                let waiting = matches!(
+                    self.state,
+                    WorkerState::WaitingForExtension | WorkerState::WaitingForUpgrade
+                );
+                if now >= self.next_rotate && !waiting {
                     self.next_rotate = now + interval;
                     self.rotate();
                 }
@@ -231,6 +237,16 @@ impl Worker {
                     None => self.warned_leftover_slot = false,
                 }
             }
+            ReadOutcome::OtherVersion(version) => {
+                let message = format!(
+                    "extension pgpipe in database \"{}\" is at version {version}, the loaded \
+                     library is {}: WAL capture and retention wait until ALTER EXTENSION \
+                     pgpipe UPDATE runs there",
+                    guc::database(),
+                    wal::LIBRARY_VERSION
+                );
+                self.set_state(WorkerState::WaitingForUpgrade, Some(&message));
+            }
             ReadOutcome::NoSlot => self.set_state(WorkerState::Idle, None),
             ReadOutcome::SlotMissing => self.set_state(WorkerState::SlotMissing, None),
             ReadOutcome::SlotInvalidated => self.set_state(WorkerState::SlotInvalidated, None),
@@ -289,7 +305,7 @@ impl Worker {
             status.set_state(state);
             if let Some(e) = error {
                 status.set_last_error(e);
-            } else if state == WorkerState::Streaming {
+            } else if matches!(state, WorkerState::Streaming | WorkerState::Idle) {
                 status.set_last_error("");
             }
             if !changed && (error.is_none() || repeated_error) {
@@ -321,6 +337,12 @@ impl Worker {
                 "pgpipe worker: {}; retrying every pgpipe.poll_interval",
                 error.unwrap_or("error")
             ),
+            WorkerState::WaitingForUpgrade => {
+                warning!(
+                    "pgpipe worker: {}",
+                    error.unwrap_or("waiting for an upgrade")
+                )
+            }
             WorkerState::Starting | WorkerState::NotRunning => {}
         }
     }
