@@ -36,7 +36,9 @@ const BODY_EXCERPT: usize = 200;
 /// body must not fill the forwarder's memory (the rest is never read).
 const BODY_READ_LIMIT: usize = 4096;
 
-/// The webhook sink (run by the delivery driver, see [`Webhook::adapter`]).
+/// The webhook sink (run by the delivery driver, see [`Webhook::adapter`]). Its lanes are
+/// clones sharing one HTTP client (one connection pool).
+#[derive(Clone)]
 pub struct Webhook {
     name: String,
     client: reqwest::Client,
@@ -63,7 +65,8 @@ impl Webhook {
             config.backoff_base,
             config.backoff_cap,
             Some(config.max_retries),
-        );
+        )
+        .parallel(config.concurrency, config.ordering);
         let dead_letters =
             DeadLetters::new(database_url, name, config.backoff_base, config.backoff_cap);
         Ok(Durable::new(
@@ -288,5 +291,9 @@ impl Sink for Webhook {
     fn started(&self) {
         tracing::info!(component = "webhook", adapter = %self.name, url = %self.shown_url,
             signed = self.signer.is_some(), batch_size = self.batch_size, "webhook adapter started");
+    }
+
+    fn fork(&self) -> Option<Webhook> {
+        Some(self.clone())
     }
 }
