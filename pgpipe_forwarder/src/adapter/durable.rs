@@ -51,6 +51,15 @@ pub enum Failure {
         /// How long the destination asked us to wait (`Retry-After`), if it did.
         retry_after: Option<Duration>,
     },
+    /// The destination refuses everything until an operator fixes it (a wrong URL or
+    /// credentials): retried with backoff like [`Failure::Retry`], but never counted
+    /// against `max_attempts`, so a misconfiguration does not dead-letter the queue.
+    Hold {
+        /// What went wrong, and what to check.
+        error: String,
+        /// How long the destination asked us to wait (`Retry-After`), if it did.
+        retry_after: Option<Duration>,
+    },
     /// The destination refuses the whole batch for good: dead-letter every event.
     Reject {
         /// Why.
@@ -404,6 +413,8 @@ async fn deliver<S: Sink>(
     let mut one_by_one = false;
     worker.backoff.reset();
     let mut attempt = 0;
+    // Attempts answered with Failure::Hold, which never use up the budget.
+    let mut refused_all = 0;
     while !rest.is_empty() {
         let chunk = if one_by_one { &rest[..1] } else { rest };
         attempt += 1;
@@ -416,12 +427,14 @@ async fn deliver<S: Sink>(
                 }
                 rest = &rest[chunk.len()..];
                 attempt = 0;
+                refused_all = 0;
                 worker.backoff.reset();
                 continue;
             }
             Err(failure) => failure,
         };
         // What is left is a verdict on the chunk: dead-letter it, then go on.
+        let held = matches!(failure, Failure::Hold { .. });
         let verdict = match failure {
             Failure::Fatal(e) => {
                 ctx.report.failed(&e.to_string());
@@ -432,16 +445,25 @@ async fn deliver<S: Sink>(
                     events = chunk.len(), "batch refused; delivering one by one to find the bad event");
                 one_by_one = true;
                 attempt = 0;
+                refused_all = 0;
                 continue;
             }
             Failure::BadEvent { error } | Failure::Reject { error } => {
                 ctx.report.failed(&error);
                 error
             }
-            Failure::Retry { error, retry_after } => {
+            Failure::Retry { error, retry_after } | Failure::Hold { error, retry_after } => {
                 ctx.report.failed(&error);
-                if ctx.max_attempts.is_some_and(|max| attempt >= max) {
-                    format!("{error} (gave up after {attempt} attempts)")
+                if held {
+                    // Not a failure of this batch: the destination refused everything.
+                    refused_all += 1;
+                }
+                if !held
+                    && ctx
+                        .max_attempts
+                        .is_some_and(|max| attempt - refused_all >= max)
+                {
+                    format!("{error} (gave up after {} attempts)", attempt - refused_all)
                 } else {
                     let delay = match retry_after {
                         Some(d) => d.max(BACKOFF_FLOOR),
@@ -460,6 +482,7 @@ async fn deliver<S: Sink>(
         }
         rest = &rest[chunk.len()..];
         attempt = 0;
+        refused_all = 0;
     }
     Ok(Outcome::Done)
 }

@@ -1,9 +1,11 @@
 //! webhook: POSTs each event (or a batch of events, as a JSON array) to an HTTP endpoint.
 //!
-//! Delivery is in order and at-least-once: an event is acknowledged after a 2xx answer, or
-//! after it was recorded as a dead letter (a 4xx other than 429, or `max_retries` attempts
-//! without success). Network errors, timeouts, 429 and 5xx are retried with exponential
-//! backoff and full jitter (never less than 100 ms), or after the server's `Retry-After`.
+//! Delivery is at-least-once and in order per lane (`webhook.ordering`: a channel and key
+//! by default, with up to `webhook.concurrency` requests in flight, one per lane): an event
+//! is acknowledged after a 2xx answer, or after it was recorded as a dead letter (a verdict
+//! on the event such as 400 or 422, or `max_retries` transient failures). Which status
+//! means what, and why, is in [`retry`]. Retries wait with exponential backoff and full
+//! jitter (never less than 100 ms), or the server's `Retry-After`.
 //! The event id is the idempotency key (`Idempotency-Key`, `webhook-id`,
 //! `X-PGPipe-Event-ID`), the same on every retry and redelivery.
 
@@ -178,11 +180,17 @@ impl Webhook {
                     id = %message_id, events = batch.len(), "delivered");
                 Ok(())
             }
+            Attempt::Refuse { error } => {
+                tracing::warn!(component = "webhook", adapter = %self.name, id = %message_id,
+                    url = %self.shown_url, error, "refused by the endpoint; not retrying");
+                Err(Failure::BadEvent { error })
+            }
             Attempt::Reject { error } => {
                 tracing::warn!(component = "webhook", adapter = %self.name, id = %message_id,
                     url = %self.shown_url, error, "rejected by the endpoint; not retrying");
                 Err(Failure::Reject { error })
             }
+            Attempt::Hold { error, retry_after } => Err(Failure::Hold { error, retry_after }),
             Attempt::Retry { error, retry_after } => Err(Failure::Retry { error, retry_after }),
         }
     }
