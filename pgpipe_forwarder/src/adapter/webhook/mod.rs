@@ -174,7 +174,7 @@ impl Webhook {
             put("x-pgpipe-signature", &signer.pgpipe(&body));
         }
 
-        match self.attempt(&headers, &message_id, &body).await {
+        match self.attempt(&headers, &message_id, body).await {
             Attempt::Delivered => {
                 tracing::debug!(component = "webhook", adapter = %self.name,
                     id = %message_id, events = batch.len(), "delivered");
@@ -196,12 +196,12 @@ impl Webhook {
     }
 
     /// One POST.
-    async fn attempt(&self, headers: &HeaderMap, message_id: &str, body: &[u8]) -> Attempt {
+    async fn attempt(&self, headers: &HeaderMap, message_id: &str, body: Vec<u8>) -> Attempt {
         let mut headers = headers.clone();
         if let Some(signer) = &self.signer {
             let timestamp = chrono::Utc::now().timestamp();
             headers.insert("webhook-timestamp", HeaderValue::from(timestamp));
-            if let Ok(v) = HeaderValue::from_str(&signer.standard(message_id, timestamp, body)) {
+            if let Ok(v) = HeaderValue::from_str(&signer.standard(message_id, timestamp, &body)) {
                 headers.insert("webhook-signature", v);
             }
         }
@@ -209,7 +209,7 @@ impl Webhook {
             .client
             .post(self.url.clone())
             .headers(headers)
-            .body(body.to_vec())
+            .body(body)
             .send()
             .await;
         match sent {
