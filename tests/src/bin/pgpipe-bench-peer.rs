@@ -39,7 +39,7 @@ fn main() {
         _ => Err("usage: pgpipe-bench-peer receiver PORT OUT [DELAY_MS] | sse|ws URL CLIENTS EXPECT SECS".into()),
     };
     if let Err(e) = result {
-        eprintln!("pgpipe-bench-peer: {e}");
+        let _ = writeln!(std::io::stderr(), "pgpipe-bench-peer: {e}");
         std::process::exit(1);
     }
 }
@@ -196,7 +196,8 @@ async fn clients(ws: bool, url: &str, n: usize, expect: usize, secs: Duration) -
     let mut counts: Vec<usize> = seen.iter().map(|s| s.events).collect();
     counts.sort_unstable();
     let complete = counts.iter().filter(|c| **c >= expect).count();
-    println!(
+    // The result is this program's output (a JSON line on stdout), not a log.
+    let line = format!(
         "{{\"clients\": {n}, \"connected\": {}, \"connect_s\": {connect_s:.2}, \"expect\": {expect}, \"complete\": {complete}, \"min\": {}, \"median\": {}, \"max\": {}, \"out_of_order\": {}, \"elapsed_s\": {:.2}}}",
         connected.load(Ordering::SeqCst),
         counts.first().copied().unwrap_or(0),
@@ -205,6 +206,7 @@ async fn clients(ws: bool, url: &str, n: usize, expect: usize, secs: Duration) -
         seen.iter().map(|s| s.out_of_order).sum::<usize>(),
         started.elapsed().as_secs_f64()
     );
+    let _ = writeln!(std::io::stdout(), "{line}");
     Ok(())
 }
 
