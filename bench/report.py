@@ -301,6 +301,10 @@ def render_md(r, prev):
         L.append("#### 7. Failure phase: %s" % fl.get("error"))
         L.append("")
 
+    import delivery
+    L.extend(delivery.render(ph))
+    targets.extend(delivery.targets(ph))
+
     if targets:
         L.append("#### Targets")
         L.append("")

@@ -23,14 +23,14 @@ pub(crate) mod server;
 
 // The library's API; everything else is crate-private, so unused code shows.
 pub use ack::{AckTracker, Acker, InFlight};
-pub use adapter::durable::{Durable, Failure, Policy, Sink};
+pub use adapter::durable::{Durable, Failure, Ordering, Policy, Sink};
 pub use adapter::Adapter;
 pub use backoff::Backoff;
 pub use bus::Bus;
 pub use config::Config;
 pub use detector::{sleep_until_opt, Detector, DetectorIo, Reconnect};
 pub use error::{Error, Fate};
-pub use event::{Delivery, Event, Transaction};
+pub use event::{Delivery, Event, Payload, Transaction};
 pub use health::{Component, Health, Status};
 pub use pipeline::{run, Pipeline};
 pub use route::Route;

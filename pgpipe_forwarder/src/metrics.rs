@@ -193,6 +193,12 @@ pub fn dropped(adapter: &str, n: u64) {
     get().dropped.with_label_values(&[adapter]).inc_by(n);
 }
 
+/// Events `adapter` dropped so far (for tests).
+#[cfg(test)]
+pub fn dropped_count(adapter: &str) -> u64 {
+    get().dropped.with_label_values(&[adapter]).get()
+}
+
 /// One delivery attempt of `adapter` failed.
 pub fn delivery_error(adapter: &str) {
     get().errors.with_label_values(&[adapter]).inc();

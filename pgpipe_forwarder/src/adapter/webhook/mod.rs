@@ -1,9 +1,11 @@
 //! webhook: POSTs each event (or a batch of events, as a JSON array) to an HTTP endpoint.
 //!
-//! Delivery is in order and at-least-once: an event is acknowledged after a 2xx answer, or
-//! after it was recorded as a dead letter (a 4xx other than 429, or `max_retries` attempts
-//! without success). Network errors, timeouts, 429 and 5xx are retried with exponential
-//! backoff and full jitter (never less than 100 ms), or after the server's `Retry-After`.
+//! Delivery is at-least-once and in order per lane (`webhook.ordering`: a channel and key
+//! by default, with up to `webhook.concurrency` requests in flight, one per lane): an event
+//! is acknowledged after a 2xx answer, or after it was recorded as a dead letter (a verdict
+//! on the event such as 400 or 422, or `max_retries` transient failures). Which status
+//! means what, and why, is in [`retry`]. Retries wait with exponential backoff and full
+//! jitter (never less than 100 ms), or the server's `Retry-After`.
 //! The event id is the idempotency key (`Idempotency-Key`, `webhook-id`,
 //! `X-PGPipe-Event-ID`), the same on every retry and redelivery.
 
@@ -37,7 +39,9 @@ const BODY_EXCERPT: usize = 200;
 /// body must not fill the forwarder's memory (the rest is never read).
 const BODY_READ_LIMIT: usize = 4096;
 
-/// The webhook sink (run by the delivery driver, see [`Webhook::adapter`]).
+/// The webhook sink (run by the delivery driver, see [`Webhook::adapter`]). Its lanes are
+/// clones sharing one HTTP client (one connection pool).
+#[derive(Clone)]
 pub struct Webhook {
     name: String,
     client: reqwest::Client,
@@ -65,7 +69,8 @@ impl Webhook {
             config.backoff_base,
             config.backoff_cap,
             Some(config.max_retries),
-        );
+        )
+        .parallel(config.concurrency, config.ordering);
         let dead_letters =
             DeadLetters::new(database_url, name, config.backoff_base, config.backoff_cap);
         Ok(Durable::new(
@@ -183,28 +188,34 @@ impl Webhook {
             put("x-pgpipe-signature", &signer.pgpipe(&body));
         }
 
-        match self.attempt(&headers, &message_id, &body).await {
+        match self.attempt(&headers, &message_id, body).await {
             Attempt::Delivered => {
                 tracing::debug!(component = "webhook", adapter = %self.name,
                     id = %message_id, events = batch.len(), "delivered");
                 Ok(())
+            }
+            Attempt::Refuse { error } => {
+                tracing::warn!(component = "webhook", adapter = %self.name, id = %message_id,
+                    url = %self.shown_url, error, "refused by the endpoint; not retrying");
+                Err(Failure::BadEvent { error })
             }
             Attempt::Reject { error } => {
                 tracing::warn!(component = "webhook", adapter = %self.name, id = %message_id,
                     url = %self.shown_url, error, "rejected by the endpoint; not retrying");
                 Err(Failure::Reject { error })
             }
+            Attempt::Hold { error, retry_after } => Err(Failure::Hold { error, retry_after }),
             Attempt::Retry { error, retry_after } => Err(Failure::Retry { error, retry_after }),
         }
     }
 
     /// One POST.
-    async fn attempt(&self, headers: &HeaderMap, message_id: &str, body: &[u8]) -> Attempt {
+    async fn attempt(&self, headers: &HeaderMap, message_id: &str, body: Vec<u8>) -> Attempt {
         let mut headers = headers.clone();
         if let Some(signer) = &self.signer {
             let timestamp = chrono::Utc::now().timestamp();
             headers.insert("webhook-timestamp", HeaderValue::from(timestamp));
-            if let Ok(v) = HeaderValue::from_str(&signer.standard(message_id, timestamp, body)) {
+            if let Ok(v) = HeaderValue::from_str(&signer.standard(message_id, timestamp, &body)) {
                 headers.insert("webhook-signature", v);
             }
         }
@@ -212,7 +223,7 @@ impl Webhook {
             .client
             .post(self.url.clone())
             .headers(headers)
-            .body(body.to_vec())
+            .body(body)
             .send()
             .await;
         match sent {
@@ -302,5 +313,9 @@ impl Sink for Webhook {
     fn started(&self) {
         tracing::info!(component = "webhook", adapter = %self.name, url = %self.shown_url,
             signed = self.signer.is_some(), batch_size = self.batch_size, "webhook adapter started");
+    }
+
+    fn fork(&self) -> Option<Webhook> {
+        Some(self.clone())
     }
 }
