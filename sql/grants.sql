@@ -36,8 +36,8 @@ GRANT SELECT ON pgpipe.consumer_lag TO pgpipe_consumer;
 
 -- Producers: emit, and capture of the tables they own (subscribe checks the owner).
 GRANT EXECUTE ON FUNCTION
-    pgpipe.emit(text, jsonb, text),
-    pgpipe.subscribe(regclass, text, text[], text, boolean),
+    pgpipe.emit(text, jsonb, text, jsonb),
+    pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[]),
     pgpipe.unsubscribe(regclass)
 TO pgpipe_producer;
 
