@@ -962,3 +962,381 @@ GRANT SELECT, DELETE ON pgpipe.dead_letters TO pgpipe_admin;
 
 -- pg_dump keeps the channels' tables too.
 SELECT pg_catalog.pg_extension_config_dump('pgpipe.channel_sources', '');
+
+--------------------------------------------------------------------------------
+-- ordering key (issue 13): pgpipe.events.key, returned by read() and events_after(),
+-- emit(..., key => ...); column choice (issue 15): subscribe(..., columns =>,
+-- exclude_columns =>), pgpipe.subscription.column_attnums, subscriptions.columns
+--------------------------------------------------------------------------------
+
+ALTER TABLE pgpipe.events ADD COLUMN key jsonb;
+ALTER TABLE pgpipe.subscription ADD COLUMN column_attnums int2[];
+
+DROP VIEW pgpipe.subscriptions;
+-- `columns`: the captured columns by their current names (NULL: all of them).
+CREATE VIEW pgpipe.subscriptions AS
+SELECT s.relid::regclass AS "table", s.channel, s.operations, s.mode, s.created_at, s.updated_at,
+       (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_catalog.pg_attribute a
+        WHERE a.attrelid = s.relid AND a.attnum = ANY (s.column_attnums) AND NOT a.attisdropped) AS columns
+FROM pgpipe.subscription s
+JOIN pg_catalog.pg_class c ON c.oid = s.relid;
+
+GRANT SELECT ON pgpipe.subscriptions TO pgpipe_consumer, pgpipe_producer;
+
+DROP FUNCTION pgpipe.read(text, text, integer);
+DROP FUNCTION pgpipe.events_after(uuid, text[], integer);
+DROP FUNCTION pgpipe.emit(text, jsonb, text);
+DROP FUNCTION pgpipe.emit_wal(text, jsonb, text);
+DROP FUNCTION pgpipe.subscribe(regclass, text, text[], text, boolean);
+
+-- Reads up to max_events events after a position (default: the consumer's acknowledged
+-- one). Every row carries the position just after it; ack the last row's position once
+-- its events are handled. When there is nothing to deliver, one row comes back with only
+-- a position (id IS NULL): acking it lets the consumer move on.
+CREATE FUNCTION pgpipe.read(consumer text, after text DEFAULT NULL, max_events integer DEFAULT 1000)
+RETURNS TABLE (
+    "position"  text,
+    id          uuid,
+    channel     text,
+    operation   text,
+    payload     jsonb,
+    source      text,
+    created_at  timestamptz,
+    xid         xid8,
+    lsn         pg_lsn,
+    key         jsonb
+)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c pgpipe.consumers;
+    chans text[];
+    pos pgpipe.read_position;
+    rows_returned integer;
+BEGIN
+    IF max_events IS NULL OR max_events < 1 THEN
+        RAISE EXCEPTION 'max_events must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    c := pgpipe.owned_consumer(consumer, 'read');
+    chans := c.channels;
+    -- On every read: a table subscribed to one of its channels since, or a grant
+    -- revoked, must not leak through an old consumer.
+    PERFORM pgpipe.require_channels_readable(chans, 'read');
+    pos := pgpipe.parse_position(coalesce(after, pgpipe.format_position(ROW(c.prev, c.cur, c.last_id))));
+    IF pos.cur IS NULL THEN
+        -- Start a new batch: everything committed from here on is visible to the query
+        -- below, which runs with a later statement snapshot.
+        pos.cur := pg_current_snapshot();
+        pos.last_id := NULL;
+    END IF;
+
+    RETURN QUERY
+    WITH page AS (
+        SELECT * FROM pgpipe.batch_first_page(pos.prev, pos.cur, chans, max_events)
+        WHERE pos.last_id IS NULL
+        UNION ALL
+        SELECT * FROM pgpipe.batch_page_after(pos.prev, pos.cur, pos.last_id, chans, max_events)
+        WHERE pos.last_id IS NOT NULL
+    ), numbered AS (
+        SELECT p.*, row_number() OVER (ORDER BY p.id) AS n, count(*) OVER () AS total
+        FROM page p
+    )
+    SELECT CASE WHEN nb.n = nb.total AND nb.total < max_events
+                THEN pos.cur::text || '//'
+                ELSE pos.prev::text || '/' || pos.cur::text || '/' || nb.id::text END,
+           nb.id, nb.channel, nb.operation, nb.payload, nb.source, nb.created_at, nb.xid, nb.lsn, nb.key
+    FROM numbered nb
+    ORDER BY nb.id;
+    GET DIAGNOSTICS rows_returned = ROW_COUNT;
+
+    IF rows_returned = 0 THEN
+        -- The batch is finished: the next one starts after `cur`.
+        RETURN QUERY SELECT pos.cur::text || '//', NULL::uuid, NULL::text, NULL::text, NULL::jsonb,
+                            NULL::text, NULL::timestamptz, NULL::xid8, NULL::pg_lsn, NULL::jsonb;
+    END IF;
+END $$;
+
+CREATE FUNCTION pgpipe.events_after(event_id uuid, channels text[] DEFAULT NULL, max_events integer DEFAULT 1000)
+RETURNS TABLE (
+    id          uuid,
+    channel     text,
+    operation   text,
+    payload     jsonb,
+    source      text,
+    created_at  timestamptz,
+    xid         xid8,
+    lsn         pg_lsn,
+    key         jsonb
+)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    last_xid xid8;
+BEGIN
+    IF max_events IS NULL OR max_events < 1 THEN
+        RAISE EXCEPTION 'max_events must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- The same rule as pgpipe.read(): only channels the role may read; all of them only
+    -- for pgpipe_admin.
+    PERFORM pgpipe.require_channels_readable(channels, 'replay');
+    SELECT e.xid INTO last_xid FROM pgpipe.events e
+    WHERE e.id = events_after.event_id
+      AND (events_after.channels IS NULL OR e.channel = ANY (events_after.channels));
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'event % is not in the queue (retention removed it, or it never existed)',
+            coalesce(event_id::text, 'NULL')
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN QUERY
+    SELECT e.id, e.channel, e.operation, e.payload, e.source, e.created_at, e.xid, e.lsn, e.key
+    FROM pgpipe.events e
+    WHERE (e.id > events_after.event_id OR e.xid > last_xid)
+      AND (events_after.channels IS NULL OR e.channel = ANY (events_after.channels))
+    ORDER BY e.id
+    LIMIT max_events;
+END $$;
+
+-- Queues an application event in the caller's transaction. Returns its id. Needs the
+-- pgpipe_producer role (sql/roles.sql). `key` is the event's ordering key (a JSON object,
+-- e.g. '{"order_id": 7}'; NULL: none): adapters keep one key's events in order.
+CREATE FUNCTION pgpipe.emit(channel text, payload jsonb, operation text DEFAULT 'EMIT', key jsonb DEFAULT NULL)
+RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_id uuid := pgpipe.uuid_generate_v7();
+    woken boolean;
+    denial text;
+BEGIN
+    IF operation IS NULL OR btrim(operation) = '' THEN
+        RAISE EXCEPTION 'operation must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF key IS NOT NULL AND jsonb_typeof(key) <> 'object' THEN
+        RAISE EXCEPTION 'key must be a JSON object or NULL, not a JSON %', jsonb_typeof(key)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass key => ''{"order_id": 7}''::jsonb, the columns that identify what the event is about.';
+    END IF;
+    channel := pgpipe.check_channel(channel);
+    -- A channel that carries a table's changes takes write rights on that table: no
+    -- role forges another table's changes.
+    denial := pgpipe.channel_write_denial(channel);
+    IF denial IS NOT NULL THEN
+        RAISE EXCEPTION 'role % may not emit on channel %: %', quote_ident(session_user), quote_literal(channel), denial
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Emit on a channel of your own, or have the table''s owner GRANT INSERT ON it to the role.';
+    END IF;
+    IF coalesce(nullif(current_setting('pgpipe.emit_mode', true), ''), 'queue') <> 'queue' THEN
+        -- Through the WAL, in commit order with WAL-mode captures (see "WAL capture").
+        RETURN pgpipe.emit_wal(channel, coalesce(payload, 'null'::jsonb), operation, key);
+    END IF;
+    INSERT INTO pgpipe.events (id, channel, operation, payload, source, key)
+    VALUES (new_id, channel, operation, coalesce(payload, 'null'::jsonb), 'emit', key);
+    woken := pgpipe.mark_wakeup();
+    RETURN new_id;
+END $$;
+
+-- pgpipe.emit() under SET pgpipe.emit_mode = 'wal': the event travels as a transactional
+-- logical decoding message (prefix 'pgpipe:<key>', see above) and the worker queues it in commit order
+-- with the WAL-mode changes of the same and other transactions. The worker mints its id
+-- then (ids must follow commit order within the worker's batches), so emit returns NULL.
+CREATE FUNCTION pgpipe.emit_wal(channel text, payload jsonb, operation text, key jsonb DEFAULT NULL) RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    mode text := coalesce(nullif(current_setting('pgpipe.emit_mode', true), ''), 'queue');
+BEGIN
+    IF mode <> 'wal' THEN
+        RAISE EXCEPTION 'unknown pgpipe.emit_mode %', quote_literal(mode)
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'pgpipe.emit_mode is ''queue'' (default) or ''wal''.';
+    END IF;
+    -- Without the slot nobody would ever read the message: refuse rather than lose it.
+    IF NOT EXISTS (SELECT 1 FROM pg_replication_slots r
+                   WHERE r.slot_name = pgpipe.slot_name() AND r.database = current_database()
+                     AND r.wal_status IS DISTINCT FROM 'lost') THEN
+        RAISE EXCEPTION 'pgpipe.emit_mode = ''wal'' needs pgpipe''s replication slot in this database'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Subscribe a table with mode => ''wal'' (or SELECT pgpipe.ensure_slot()) in this database first, or SET pgpipe.emit_mode = ''queue''.';
+    END IF;
+    PERFORM pg_logical_emit_message(true, 'pgpipe:' || (SELECT k.key FROM pgpipe.wal_message_key k LIMIT 1),
+        jsonb_build_object('channel', pgpipe.check_channel(channel), 'operation', operation, 'payload', payload,
+                           'key', key)::text);
+    RETURN NULL;
+END $$;
+
+-- The attribute numbers of the columns a subscription captures: `columns`, or every
+-- column but `exclude_columns` (NULL when neither is given: all columns, also later ones).
+-- Refuses unknown columns, both lists at once, an empty choice, and leaving out a
+-- primary-key column: the primary key is every event's `key`, so it is always captured.
+CREATE FUNCTION pgpipe.captured_attnums(tbl regclass, columns text[], exclude_columns text[]) RETURNS int2[]
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    col text;
+    chosen int2[];
+    missing text;
+BEGIN
+    IF columns IS NULL AND exclude_columns IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF columns IS NOT NULL AND exclude_columns IS NOT NULL THEN
+        RAISE EXCEPTION 'pass columns or exclude_columns, not both'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH col IN ARRAY coalesce(columns, exclude_columns) LOOP
+        IF col IS NULL OR NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = tbl
+                          AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped) THEN
+            RAISE EXCEPTION 'column % of table % does not exist', coalesce(quote_ident(col), 'NULL'), tbl
+                USING ERRCODE = 'undefined_column',
+                      HINT = format('The columns of %s are: %s.', tbl,
+                          (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) FROM pg_attribute a
+                           WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped));
+        END IF;
+    END LOOP;
+    chosen := ARRAY(SELECT a.attnum FROM pg_attribute a
+                    WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+                      AND CASE WHEN columns IS NOT NULL THEN a.attname::text = ANY (columns)
+                               ELSE NOT a.attname::text = ANY (exclude_columns) END
+                    ORDER BY a.attnum);
+    IF cardinality(chosen) = 0 THEN
+        RAISE EXCEPTION 'no column of table % would be captured', tbl
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Capture at least one column.';
+    END IF;
+    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO missing
+    FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
+    WHERE i.indrelid = tbl AND i.indisprimary AND NOT a.attnum = ANY (chosen);
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'primary-key column % of table % cannot be left out', missing, tbl
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'The primary key is every event''s key (its ordering key), so its columns always reach the queue.',
+                  HINT = 'Capture the primary-key columns too, or give the table a primary key that holds nothing secret.';
+    END IF;
+    RETURN chosen;
+END $$;
+
+-- Installs capture on a table. Idempotent: subscribing again replaces the channel,
+-- operations and mode of the existing subscription. Returns the channel.
+-- mode => 'wal' captures through logical decoding in the background worker (see "WAL
+-- capture" below); replica_identity_full => true lets a table without a primary key be
+-- captured that way by setting REPLICA IDENTITY FULL on it.
+-- columns => ARRAY[...] captures only those columns, exclude_columns => ARRAY[...] all but
+-- those (see pgpipe.captured_attnums); left-out columns never reach the queue, in `row`,
+-- `old` or `key`. The choice is resolved now: a column added later is captured only
+-- after subscribing again (without a choice, every column is, always).
+-- Switching modes locks the table against writers for the switch, so every change is
+-- captured exactly once: by the trigger before, by the WAL after (or the other way).
+CREATE FUNCTION pgpipe.subscribe(
+    "table"    regclass,
+    channel    text   DEFAULT NULL,
+    operations text[] DEFAULT ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE'],
+    mode       text   DEFAULT 'trigger',
+    replica_identity_full boolean DEFAULT false,
+    columns    text[] DEFAULT NULL,
+    exclude_columns text[] DEFAULT NULL
+) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel record;
+    ops text[];
+    row_ops text[];
+    denial text;
+    attnums int2[];
+BEGIN
+    IF "table" IS NULL THEN
+        RAISE EXCEPTION 'no table given' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT c.relname, c.relkind, n.nspname INTO rel
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = "table";
+    IF rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', "table"
+            USING ERRCODE = 'wrong_object_type',
+                  HINT = 'Only ordinary and partitioned tables can be subscribed.';
+    END IF;
+    IF rel.nspname = 'pgpipe' THEN
+        RAISE EXCEPTION 'pgpipe''s own table % cannot be subscribed', "table"
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pgpipe.require_table_owner("table", 'subscribe');
+    mode := lower(coalesce(mode, ''));
+    IF mode NOT IN ('trigger', 'wal') THEN
+        RAISE EXCEPTION 'unknown mode %', quote_literal(mode)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'mode is ''trigger'' or ''wal''.';
+    END IF;
+    channel := pgpipe.check_channel(coalesce(channel,
+        CASE WHEN rel.nspname = 'public' THEN rel.relname ELSE rel.nspname || '.' || rel.relname END));
+    ops := pgpipe.check_operations(operations);
+    attnums := pgpipe.captured_attnums("table", columns, exclude_columns);
+    denial := pgpipe.channel_write_denial(channel, "table");
+    IF denial IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot subscribe % to channel %: %', "table", quote_literal(channel), denial
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Pass another channel => ''...'' (the default is the table''s name).';
+    END IF;
+    IF mode = 'wal' AND NOT pgpipe.is_admin()
+       AND NOT (SELECT r.rolreplication FROM pg_roles r WHERE r.rolname = session_user) THEN
+        -- WAL mode creates and holds a replication slot, which retains WAL for everyone.
+        RAISE EXCEPTION 'mode ''wal'' needs the REPLICATION attribute or the pgpipe_admin role (role % has neither)',
+            quote_ident(session_user)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('A superuser runs: GRANT pgpipe_admin TO %I; or use mode => ''trigger''.', session_user);
+    END IF;
+    IF mode = 'wal' THEN
+        -- First, before this transaction writes: it may have to create the slot.
+        PERFORM pgpipe.prepare_wal_capture("table", coalesce(replica_identity_full, false));
+    END IF;
+
+    -- Writers wait while capture switches over (see above).
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', "table");
+    IF EXISTS (SELECT 1 FROM pgpipe.subscription s WHERE s.relid = "table" AND s.mode = 'wal') THEN
+        -- Changing a WAL-mode subscription: let the worker queue the table's last WAL
+        -- changes under the old channel and operations first (and, when leaving WAL
+        -- mode, before the trigger's events).
+        PERFORM pgpipe.wait_for_wal_capture();
+    END IF;
+    PERFORM pgpipe.drop_capture_triggers("table");
+    IF mode = 'wal' THEN
+        IF replica_identity_full THEN
+            EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', "table");
+        END IF;
+        PERFORM pgpipe.publish("table");
+        row_ops := '{}';
+    ELSE
+        PERFORM pgpipe.unpublish("table");
+        row_ops := ARRAY(SELECT o FROM unnest(ops) o WHERE o <> 'TRUNCATE');
+    END IF;
+    IF cardinality(row_ops) > 0 THEN
+        -- The captured columns travel as the trigger's second argument ('2 3 5').
+        EXECUTE format(
+            'CREATE TRIGGER pgpipe_capture AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION pgpipe.capture_row(%L%s)',
+            array_to_string(row_ops, ' OR '), "table", channel,
+            CASE WHEN attnums IS NULL THEN '' ELSE format(', %L', array_to_string(attnums, ' ')) END);
+    END IF;
+    IF mode = 'trigger' AND 'TRUNCATE' = ANY (ops) THEN
+        EXECUTE format(
+            'CREATE TRIGGER pgpipe_capture_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION pgpipe.capture_truncate(%L)',
+            "table", channel);
+    END IF;
+
+    INSERT INTO pgpipe.channel_sources (channel, relid) VALUES (channel, "table")
+    ON CONFLICT DO NOTHING;
+    INSERT INTO pgpipe.subscription AS s (relid, channel, operations, mode, column_attnums)
+    VALUES ("table", channel, ops, mode, attnums)
+    ON CONFLICT (relid) DO UPDATE
+        SET channel = excluded.channel, operations = excluded.operations,
+            mode = excluded.mode, column_attnums = excluded.column_attnums, updated_at = now();
+    RETURN channel;
+END $$;
+
+REVOKE ALL ON FUNCTION
+    pgpipe.read(text, text, integer),
+    pgpipe.events_after(uuid, text[], integer),
+    pgpipe.emit(text, jsonb, text, jsonb),
+    pgpipe.emit_wal(text, jsonb, text, jsonb),
+    pgpipe.captured_attnums(regclass, text[], text[]),
+    pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[])
+FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    pgpipe.read(text, text, integer),
+    pgpipe.events_after(uuid, text[], integer)
+TO pgpipe_consumer;
+GRANT EXECUTE ON FUNCTION
+    pgpipe.emit(text, jsonb, text, jsonb),
+    pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[])
+TO pgpipe_producer;
