@@ -962,3 +962,8 @@ GRANT SELECT, DELETE ON pgpipe.dead_letters TO pgpipe_admin;
 
 -- pg_dump keeps the channels' tables too.
 SELECT pg_catalog.pg_extension_config_dump('pgpipe.channel_sources', '');
+
+--------------------------------------------------------------------------------
+-- The sections of this round's features follow, in merge order, each headed
+-- `-- <feature>` (see the header above).
+--------------------------------------------------------------------------------
