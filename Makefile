@@ -8,7 +8,7 @@ INSTALL_FLAGS ?=
 # Where Postgres looks for extension scripts (pgrx installs only the current version's).
 EXTENSION_DIR = $(shell $(PG_CONFIG) --sharedir)/extension
 
-.PHONY: setup install build test test-unit test-pg test-scenarios lint demo bench clean docker-build docker-up
+.PHONY: setup install build package test test-unit test-pg test-scenarios lint demo bench clean docker-build docker-up
 
 setup:
 	scripts/setup.sh
@@ -22,6 +22,12 @@ install: setup
 ## Builds the forwarder binary `pgpipe` (target/debug/pgpipe).
 build:
 	cargo build -p pgpipe_forwarder
+
+## target/package/pgpipe-<version>-pg$(PG_MAJOR)-<arch>.tar.gz: the extension (release,
+## `cargo pgrx package`) with every script of sql/upgrade/, the release forwarder, a
+## systemd unit and install.sh (scripts/package.sh).
+package: setup
+	PG_CONFIG=$(PG_CONFIG) scripts/package.sh
 
 ## Unit tests, #[pg_test]s in Postgres, then the scenarios against a real Postgres.
 test: test-unit test-pg test-scenarios

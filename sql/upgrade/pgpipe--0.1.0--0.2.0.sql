@@ -964,6 +964,11 @@ GRANT SELECT, DELETE ON pgpipe.dead_letters TO pgpipe_admin;
 SELECT pg_catalog.pg_extension_config_dump('pgpipe.channel_sources', '');
 
 --------------------------------------------------------------------------------
+-- The sections of this round's features follow, in merge order, each headed
+-- `-- <feature>` (see the header above).
+--------------------------------------------------------------------------------
+
+--------------------------------------------------------------------------------
 -- ordering key (issue 13): pgpipe.events.key, returned by read() and events_after(),
 -- emit(..., key => ...); column choice (issue 15): subscribe(..., columns =>,
 -- exclude_columns =>), pgpipe.subscription.column_attnums, subscriptions.columns

@@ -2,8 +2,9 @@
 //! (the `standardwebhooks` crate, not ours) verifies them, in order, with the event id as
 //! idempotency key. A 503 is retried (honouring Retry-After) until it succeeds; a 400 is
 //! not retried: the event goes to `pgpipe.dead_letters` at once, the rest keep flowing,
-//! and `pgpipe dlq replay` delivers it once the endpoint accepts it. A misconfigured
-//! receiver (401, 403, 404) is retried past the attempt budget and dead-letters nothing.
+//! and `pgpipe dlq replay`, with `listen`'s own flags, delivers it signed once the
+//! endpoint accepts it. A misconfigured receiver (401, 403, 404) is retried past the
+//! attempt budget and dead-letters nothing.
 
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -145,19 +146,30 @@ async fn signed_ordered_retried_and_dead_lettered() {
         "{out}"
     );
 
-    // The endpoint is fixed: replay delivers the dead letter and removes it.
+    // The endpoint is fixed: replay, given the very flags `listen` had (no env, no config
+    // file), delivers the dead letter signed as `listen` signs, and removes it.
     accept_all.store(true, Ordering::SeqCst);
     let (code, out, err) = pgpipe(
-        &["dlq", "replay", "--db", &db.admin_url()],
         &[
-            ("PGPIPE_WEBHOOK_URL", &hook),
-            ("PGPIPE_WEBHOOK_SIGNING_KEY", KEY),
+            "dlq",
+            "replay",
+            "--db",
+            &db.admin_url(),
+            "-u",
+            &hook,
+            "--signing-key",
+            KEY,
+            "--retries",
+            "3",
         ],
+        &[],
     );
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("webhook: 1 delivered"), "{out}");
     let last = receiver.requests().pop().unwrap();
     verify(&last);
+    let sig = last.header("x-pgpipe-signature").unwrap_or_default();
+    assert!(sig.starts_with("sha256=") && sig.len() == 71, "{sig}");
     assert_eq!(last.json()["payload"]["row"]["id"], 4);
     let (_, out, _) = pgpipe(&["dlq", "list", "--db", &db.admin_url()], &[]);
     assert_eq!(out, "no dead letters\n");
