@@ -66,7 +66,9 @@ async fn signed_ordered_retried_and_dead_lettered() {
     .await;
     let url = db.url();
     let hook = receiver.url("/hook");
+    // One lane per channel: this journey checks the order across rows (keys).
     let env = [
+        ("PGPIPE_WEBHOOK_ORDERING", "channel"),
         ("PGPIPE_WEBHOOK_BACKOFF_BASE", "50ms"),
         ("PGPIPE_WEBHOOK_BACKOFF_CAP", "200ms"),
     ];
@@ -405,6 +407,7 @@ async fn a_misconfigured_receiver_dead_letters_nothing_and_gets_everything_once_
         .flag("-u", &hook)
         .flag("--retries", "2")
         .envs(&[
+            ("PGPIPE_WEBHOOK_ORDERING", "channel"),
             ("PGPIPE_WEBHOOK_BACKOFF_BASE", "20ms"),
             ("PGPIPE_WEBHOOK_BACKOFF_CAP", "50ms"),
         ])
