@@ -26,7 +26,7 @@ pub const METRICS: &[(&str, &str)] = &[
     ),
     (
         "pgpipe_events_dropped_total",
-        "Events a live adapter (sse, ws) dropped because it or one of its clients fell behind.",
+        "Events a live adapter (sse, ws) dropped because it or one of its clients fell behind, or that were still buffered for a client when it went away.",
     ),
     (
         "pgpipe_delivery_errors_total",
