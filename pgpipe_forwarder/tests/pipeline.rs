@@ -364,3 +364,72 @@ async fn lanes_keep_each_keys_order_and_a_failing_key_holds_back_only_itself() {
         assert_eq!(released.last(), Some(&(COUNT as u64)), "batch {batch}");
     }
 }
+
+/// Answers `Failure::Hold` (the destination is misconfigured) `holds` times, then accepts.
+struct HoldingSink {
+    holds: usize,
+    delivered: Arc<Mutex<Vec<u64>>>,
+}
+
+impl Sink for HoldingSink {
+    fn deliver<'a>(&'a mut self, batch: &'a [Delivery]) -> BoxFuture<'a, Result<(), Failure>> {
+        Box::pin(async move {
+            if self.holds > 0 {
+                self.holds -= 1;
+                return Err(Failure::Hold {
+                    error: "HTTP 401 (check the credentials)".into(),
+                    retry_after: None,
+                });
+            }
+            let ns = batch
+                .iter()
+                .map(|d| d.event.payload.value()["n"].as_u64().unwrap());
+            self.delivered.lock().unwrap().extend(ns);
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_held_destination_never_uses_up_the_attempts() {
+    let delivered = Arc::new(Mutex::new(Vec::new()));
+    let released = Arc::new(Mutex::new(Vec::new()));
+    let detector = MemoryDetector {
+        count: 3,
+        window: WINDOW,
+        keys: None,
+        released: released.clone(),
+        shutdown_timeout: Duration::from_millis(300),
+    };
+    let sink = HoldingSink {
+        holds: 6,
+        delivered: delivered.clone(),
+    };
+    // Two attempts at most, and no dead letters: a counted failure would stop the adapter.
+    let policy = Policy::new(
+        1,
+        Duration::from_millis(1),
+        Duration::from_millis(2),
+        Some(2),
+    );
+    let adapter: Box<dyn Adapter> = Box::new(Durable::new("held", sink, policy, None));
+    let pipeline = Pipeline::new(
+        Box::new(detector),
+        vec![adapter],
+        WINDOW,
+        16,
+        Duration::from_secs(5),
+    );
+    let cancel = CancellationToken::new();
+    let pipeline = tokio::spawn(pipeline.run(cancel.clone()));
+    for _ in 0..500 {
+        if delivered.lock().unwrap().len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cancel.cancel();
+    pipeline.await.unwrap().unwrap();
+    assert_eq!(*delivered.lock().unwrap(), [1, 2, 3]);
+    assert_eq!(released.lock().unwrap().last(), Some(&3));
+}

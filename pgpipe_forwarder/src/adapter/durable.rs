@@ -389,6 +389,8 @@ async fn parallel<S: Sink>(
                     Outcome::Shutdown => parking = true,
                 }
             }
+            // Nothing to wait for (cannot happen with events left: idle workers took them).
+            else => break,
         }
     }
     if parking {
