@@ -160,7 +160,8 @@ END $$;
 -- operations and mode of the existing subscription. Returns the channel.
 -- mode => 'wal' captures through logical decoding in the background worker (see "WAL
 -- capture" below); replica_identity_full => true lets a table without a primary key be
--- captured that way by setting REPLICA IDENTITY FULL on it.
+-- captured that way by setting REPLICA IDENTITY FULL on it; snapshot => true also queues
+-- the rows already there as READ events (pgpipe.snapshot).
 -- Switching modes locks the table against writers for the switch, so every change is
 -- captured exactly once: by the trigger before, by the WAL after (or the other way).
 CREATE FUNCTION pgpipe.subscribe(
@@ -168,7 +169,8 @@ CREATE FUNCTION pgpipe.subscribe(
     channel    text   DEFAULT NULL,
     operations text[] DEFAULT ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE'],
     mode       text   DEFAULT 'trigger',
-    replica_identity_full boolean DEFAULT false
+    replica_identity_full boolean DEFAULT false,
+    snapshot   boolean DEFAULT false
 ) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -258,6 +260,10 @@ BEGIN
     ON CONFLICT (relid) DO UPDATE
         SET channel = excluded.channel, operations = excluded.operations,
             mode = excluded.mode, updated_at = now();
+    IF snapshot THEN
+        -- The existing rows as READ events (sql/snapshot.sql), once capture is in place.
+        PERFORM pgpipe.snapshot("table");
+    END IF;
     RETURN channel;
 END $$;
 

@@ -16,7 +16,8 @@ pub const FLUSH_ROWS: usize = 500;
 
 /// The batch INSERT. Ids are minted by the worker in commit order; the envelope is the
 /// one trigger mode builds, plus `unchanged_toast` when the WAL left values out; the
-/// change's LSN goes into `lsn`. Events sent by `pgpipe.emit()` (`msg`) keep their payload.
+/// change's LSN goes into `lsn`. Events sent by `pgpipe.emit()` (`msg`) keep their payload;
+/// those of schema changes (sql/ddl.sql, `"source": "ddl"` in the message) get source `ddl`.
 /// Everything it calls is built in and schema-qualified: it runs with the worker's
 /// rights, user code never.
 const INSERT_SQL: &str = "\
@@ -32,7 +33,10 @@ SELECT u.id, u.channel, u.op,
             ELSE pg_catalog.jsonb_build_object('op', u.op, 'schema', u.sch, 'table', u.tbl,
                      'row', u.rw, 'old', u.old, 'unchanged_toast', u.toast::pg_catalog.jsonb)
        END,
-       CASE WHEN u.msg IS NOT NULL THEN 'emit' ELSE 'wal' END,
+       CASE WHEN u.msg IS NULL THEN 'wal'
+            WHEN ((u.msg::pg_catalog.jsonb) OPERATOR(pg_catalog.->>) 'source'::pg_catalog.text) = 'ddl'
+            THEN 'ddl'
+            ELSE 'emit' END,
        u.lsn::pg_catalog.pg_lsn
 FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]), pg_catalog.unnest($2::pg_catalog.text[]),
                pg_catalog.unnest($3::pg_catalog.text[]), pg_catalog.unnest($4::pg_catalog.text[]),
