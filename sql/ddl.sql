@@ -95,3 +95,22 @@ END $$;
 CREATE EVENT TRIGGER pgpipe_capture_drop ON sql_drop
     WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
     EXECUTE FUNCTION pgpipe.capture_drop();
+
+-- ddl_command_start of a DROP: when WAL-mode tables are subscribed, let the worker queue
+-- the WAL changes committed so far first, while their tables (and owners) still exist:
+-- a change decoded after its table is gone can only carry its values as text (no owner
+-- is left to run the conversion as). Not when the transaction has written already: its
+-- own changes come after the position it would wait for.
+CREATE FUNCTION pgpipe.before_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    caught_up boolean;
+BEGIN
+    IF pg_current_xact_id_if_assigned() IS NULL
+       AND EXISTS (SELECT 1 FROM pgpipe.subscription s WHERE s.mode = 'wal') THEN
+        caught_up := pgpipe.wait_for_wal_capture('5s');
+    END IF;
+END $$;
+CREATE EVENT TRIGGER pgpipe_before_drop ON ddl_command_start
+    WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
+    EXECUTE FUNCTION pgpipe.before_drop();

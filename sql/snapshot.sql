@@ -49,11 +49,13 @@ CREATE UNIQUE INDEX snapshot_jobs_running ON pgpipe.snapshot_jobs (relid) WHERE 
 -- (pgpipe_admin: all).
 CREATE VIEW pgpipe.snapshots WITH (security_barrier) AS
 SELECT j.id,
-       coalesce(c.oid::regclass::text, format('%I.%I', j.schema_name, j.table_name)) AS "table",
+       -- Schema-qualified whatever the reader's search_path (and after a DROP).
+       coalesce(format('%I.%I', n.nspname, c.relname), format('%I.%I', j.schema_name, j.table_name)) AS "table",
        j.state, j.rows, j.chunks,
        j.started_at AS started, j.finished_at AS finished, j.error
 FROM pgpipe.snapshot_jobs j
 LEFT JOIN pg_catalog.pg_class c ON c.oid = j.relid
+LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE pg_catalog.pg_has_role(session_user, 'pgpipe_admin', 'USAGE')
    OR (c.oid IS NOT NULL AND pg_catalog.has_table_privilege(session_user, c.oid, 'SELECT'));
 

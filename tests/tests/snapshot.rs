@@ -130,7 +130,7 @@ async fn snapshot_state(client: &Client, table: &str) -> (String, i64, i64) {
         .query_one(
             "SELECT state, rows, chunks FROM pgpipe.snapshots WHERE \"table\" = $1 \
              ORDER BY id DESC LIMIT 1",
-            &[&table],
+            &[&format!("public.{table}")],
         )
         .await
         .unwrap_or_else(|e| panic!("read pgpipe.snapshots: {}", describe(&e)));

@@ -340,13 +340,17 @@ fn jsonb_array(values: &[Option<pg_sys::Datum>]) -> pg_sys::Datum {
     }
 }
 
-/// The relation's subscription (channel, operations) and owner. A table in the
-/// publication but no longer subscribed (unsubscribed after the change) keeps its change
-/// on the default channel.
+/// The relation's subscription (channel, operations) and owner. A table dropped since the
+/// change keeps its change on the channel it carried its changes on (channel_sources); one
+/// in the publication but no longer subscribed (unsubscribed after the change) on the
+/// default channel.
 fn lookup_target(client: &SpiClient<'_>, rel: &Relation) -> Target {
     let table = client
         .select(
-            "SELECT s.channel, s.operations, c.relowner \
+            "SELECT coalesce(s.channel, CASE WHEN c.oid IS NULL THEN \
+                        (SELECT pg_catalog.min(cs.channel) FROM pgpipe.channel_sources cs \
+                         WHERE cs.relid OPERATOR(pg_catalog.=) r.relid) END), \
+                    s.operations, c.relowner \
              FROM (SELECT $1::pg_catalog.oid AS relid) r \
              LEFT JOIN pgpipe.subscription s ON s.relid OPERATOR(pg_catalog.=) r.relid \
              LEFT JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) r.relid",

@@ -19,8 +19,9 @@ use super::in_transaction;
 use crate::guc;
 
 /// Consecutive failed attempts at one snapshot's chunk after which the snapshot ends as
-/// `failed` (a lock timeout or deadlock is retried; an error in the table's own code
-/// would repeat forever).
+/// `failed`: an error in the table's own code (a cast, an output function) would repeat
+/// forever. Waiting too long for a lock (a long writer, ALTER TABLE) or a deadlock with
+/// a writer is only retried.
 const MAX_ATTEMPTS: u32 = 5;
 
 /// What one step did.
@@ -52,6 +53,7 @@ impl Snapshots {
                 self.failing = None;
                 Ok(step)
             }
+            Err(message) if waited_for_a_lock(&message) => Err(message),
             Err(message) => {
                 if let Some(id) = job.get() {
                     let attempts = match self.failing {
@@ -178,4 +180,10 @@ fn chunk(client: &mut SpiClient<'_>, job: &Cell<Option<i64>>) -> Step {
         )
         .unwrap_or_else(|e| error!("pgpipe worker: snapshot {id}: queue the READ events: {e}"));
     Step::Chunk { rows: count, done }
+}
+
+/// The chunk gave up waiting for a lock (`pgpipe.snapshot_lock_timeout`) or lost a
+/// deadlock with a writer: worth retrying, whatever the number of attempts.
+fn waited_for_a_lock(message: &str) -> bool {
+    message.contains("lock timeout") || message.contains("deadlock detected")
 }
