@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from common import *  # noqa: F401,F403
+from snapshot import render_snapshot
 
 
 def fmt(x, unit=""):
@@ -300,6 +301,8 @@ def render_md(r, prev):
     elif fl:
         L.append("#### 7. Failure phase: %s" % fl.get("error"))
         L.append("")
+
+    L.extend(render_snapshot(ph))
 
     if targets:
         L.append("#### Targets")
