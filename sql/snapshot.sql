@@ -220,12 +220,12 @@ BEGIN
     SELECT s.channel INTO chan FROM pgpipe.subscription s WHERE s.relid = j.relid;
     SELECT c.relname, n.nspname INTO rel
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = j.relid;
-    -- keys: the rows' primary keys as jsonb (the envelope's key).
-    INSERT INTO pgpipe.events (channel, operation, payload, source)
+    -- keys: the rows' primary keys as jsonb (the envelope's key, as capture gives it).
+    INSERT INTO pgpipe.events (channel, operation, payload, source, key)
     SELECT chan, 'READ',
            jsonb_build_object('op', 'READ', 'schema', rel.nspname, 'table', rel.relname,
                               'row', r.rw::jsonb, 'old', NULL),
-           'snapshot'
+           'snapshot', r.k::jsonb
     FROM ROWS FROM (unnest(keys), unnest(rows)) WITH ORDINALITY AS r(k, rw, n)
     ORDER BY r.n;
     UPDATE pgpipe.snapshot_jobs s

@@ -253,7 +253,7 @@ async fn snapshots_under_writes_and_a_crash_rebuild_the_table_in_both_modes() {
     loop {
         let page = admin
             .query(
-                "SELECT position, channel, operation, payload, source \
+                "SELECT position, channel, operation, payload, source, key \
                  FROM pgpipe.read('rebuild', NULL, 1000)",
                 &[],
             )
@@ -275,6 +275,12 @@ async fn snapshots_under_writes_and_a_crash_rebuild_the_table_in_both_modes() {
                 assert_eq!(payload["schema"], "public");
                 assert_eq!(payload["table"], channel.as_str());
                 assert!(payload["old"].is_null());
+                let key: Option<Value> = row.get(5);
+                assert_eq!(
+                    key,
+                    Some(serde_json::json!({"id": payload["row"]["id"]})),
+                    "a READ event's key is its primary key"
+                );
             }
             *sources.entry((channel.clone(), source)).or_default() += 1;
             replicas

@@ -16,12 +16,15 @@ pub const FLUSH_ROWS: usize = 500;
 
 /// The batch INSERT. Ids are minted by the worker in commit order; the envelope is the
 /// one trigger mode builds, plus `unchanged_toast` when the WAL left values out; the
-/// change's LSN goes into `lsn`. Events sent by `pgpipe.emit()` (`msg`) keep their payload;
-/// those of schema changes (sql/ddl.sql, `"source": "ddl"` in the message) get source `ddl`.
+/// change's LSN goes into `lsn`. Events sent by `pgpipe.emit()` (`msg`) keep their payload
+/// and key; those of schema changes (sql/ddl.sql, `"source": "ddl"` in the message) get
+/// source `ddl`. A change's key is the primary-key columns (`keys`, a JSON array of names) of
+/// `row` — the same values trigger mode gets from `to_jsonb` of those columns — and NULL
+/// when the table has none, for TRUNCATE, or when the image lacks a key column.
 /// Everything it calls is built in and schema-qualified: it runs with the worker's
 /// rights, user code never.
 const INSERT_SQL: &str = "\
-INSERT INTO pgpipe.events (id, channel, operation, payload, source, lsn)
+INSERT INTO pgpipe.events (id, channel, operation, payload, source, lsn, key)
 SELECT u.id, u.channel, u.op,
        CASE WHEN u.msg IS NOT NULL
             THEN coalesce(
@@ -37,13 +40,23 @@ SELECT u.id, u.channel, u.op,
             WHEN ((u.msg::pg_catalog.jsonb) OPERATOR(pg_catalog.->>) 'source'::pg_catalog.text) = 'ddl'
             THEN 'ddl'
             ELSE 'emit' END,
-       u.lsn::pg_catalog.pg_lsn
+       u.lsn::pg_catalog.pg_lsn,
+       CASE WHEN u.msg IS NOT NULL
+            THEN CASE WHEN pg_catalog.jsonb_typeof((u.msg::pg_catalog.jsonb) OPERATOR(pg_catalog.->) 'key'::pg_catalog.text)
+                           OPERATOR(pg_catalog.=) 'object'::pg_catalog.text
+                      THEN (u.msg::pg_catalog.jsonb) OPERATOR(pg_catalog.->) 'key'::pg_catalog.text END
+            ELSE (SELECT CASE WHEN pg_catalog.count(*) OPERATOR(pg_catalog.=)
+                                   pg_catalog.count(u.rw OPERATOR(pg_catalog.->) k.name)
+                              THEN pg_catalog.jsonb_object_agg(k.name, u.rw OPERATOR(pg_catalog.->) k.name) END
+                  FROM pg_catalog.jsonb_array_elements_text(u.keys::pg_catalog.jsonb) AS k(name))
+       END
 FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]), pg_catalog.unnest($2::pg_catalog.text[]),
                pg_catalog.unnest($3::pg_catalog.text[]), pg_catalog.unnest($4::pg_catalog.text[]),
                pg_catalog.unnest($5::pg_catalog.text[]), pg_catalog.unnest($6::pg_catalog.jsonb[]),
                pg_catalog.unnest($7::pg_catalog.jsonb[]), pg_catalog.unnest($8::pg_catalog.text[]),
-               pg_catalog.unnest($9::pg_catalog.text[]), pg_catalog.unnest($10::pg_catalog.text[]))
-     AS u(id, channel, op, sch, tbl, rw, old, toast, msg, lsn)";
+               pg_catalog.unnest($9::pg_catalog.text[]), pg_catalog.unnest($10::pg_catalog.text[]),
+               pg_catalog.unnest($11::pg_catalog.text[]))
+     AS u(id, channel, op, sch, tbl, rw, old, toast, msg, lsn, keys)";
 
 /// A subscription as the worker needs it.
 pub struct Target {
@@ -52,6 +65,8 @@ pub struct Target {
     pub operations: Vec<String>,
     /// The table's owner; None when the table is gone.
     pub owner: Option<pg_sys::Oid>,
+    /// Its primary-key column names as a JSON array; None without a primary key.
+    pub key_columns: Option<String>,
 }
 
 /// One change to queue.
@@ -77,6 +92,7 @@ struct Pending {
     toast: Vec<Option<String>>,
     messages: Vec<Option<String>>,
     lsns: Vec<String>,
+    keys: Vec<Option<String>>,
 }
 
 impl Pending {
@@ -174,6 +190,7 @@ impl Writer {
         }
         let owned = target.owner.is_some();
         let channel = target.channel.clone();
+        let key_columns = target.key_columns.clone();
         let converter = &mut self.converter;
         let convert = |converter: &mut Converter, image: Option<&[(usize, &Value)]>| {
             image.map(|image| {
@@ -212,6 +229,7 @@ impl Writer {
         p.toast.push(toast);
         p.messages.push(None);
         p.lsns.push(change.lsn.to_string());
+        p.keys.push(key_columns);
         if self.pending.len() >= FLUSH_ROWS {
             self.flush(client);
         }
@@ -239,6 +257,7 @@ impl Writer {
         p.toast.push(None);
         p.messages.push(Some(message));
         p.lsns.push(lsn.to_string());
+        p.keys.push(None);
         if self.pending.len() >= FLUSH_ROWS {
             self.flush(client);
         }
@@ -262,6 +281,7 @@ impl Writer {
                 text_array,
                 jsonb_array,
                 jsonb_array,
+                text_array,
                 text_array,
                 text_array,
                 text_array,
@@ -290,6 +310,7 @@ impl Writer {
             pending.toast.into(),
             pending.messages.into(),
             pending.lsns.into(),
+            pending.keys.into(),
         ];
         let plan = self.insert.as_ref().expect("prepared above");
         client
@@ -340,7 +361,9 @@ fn jsonb_array(values: &[Option<pg_sys::Datum>]) -> pg_sys::Datum {
     }
 }
 
-/// The relation's subscription (channel, operations) and owner. A table dropped since the
+/// The relation's subscription (channel, operations), owner and primary key (from the
+/// catalog, not the Relation message: its key flags are the replica identity, which may
+/// be FULL or another index; trigger mode uses the primary key). A table dropped since the
 /// change keeps its change on the channel it carried its changes on (channel_sources); one
 /// in the publication but no longer subscribed (unsubscribed after the change) on the
 /// default channel.
@@ -350,7 +373,13 @@ fn lookup_target(client: &SpiClient<'_>, rel: &Relation) -> Target {
             "SELECT coalesce(s.channel, CASE WHEN c.oid IS NULL THEN \
                         (SELECT pg_catalog.min(cs.channel) FROM pgpipe.channel_sources cs \
                          WHERE cs.relid OPERATOR(pg_catalog.=) r.relid) END), \
-                    s.operations, c.relowner \
+                    s.operations, c.relowner, \
+                    (SELECT pg_catalog.to_jsonb(pg_catalog.array_agg(a.attname::pg_catalog.text \
+                                                ORDER BY a.attnum))::pg_catalog.text \
+                     FROM pg_catalog.pg_index i \
+                     JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid \
+                      AND a.attnum OPERATOR(pg_catalog.=) ANY (i.indkey::pg_catalog.int2[]) \
+                     WHERE i.indrelid OPERATOR(pg_catalog.=) r.relid AND i.indisprimary) \
              FROM (SELECT $1::pg_catalog.oid AS relid) r \
              LEFT JOIN pgpipe.subscription s ON s.relid OPERATOR(pg_catalog.=) r.relid \
              LEFT JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) r.relid",
@@ -358,14 +387,18 @@ fn lookup_target(client: &SpiClient<'_>, rel: &Relation) -> Target {
             &[pg_sys::Oid::from(rel.id).into()],
         )
         .unwrap_or_else(|e| error!("pgpipe worker: look up the subscription: {e}"));
-    let (channel, operations, owner) = table
-        .first()
+    let first = table.first();
+    let (channel, operations, owner) = first
         .get_three::<String, Vec<String>, pg_sys::Oid>()
         .unwrap_or_else(|e| error!("pgpipe worker: read the subscription: {e}"));
+    let key_columns = first
+        .get::<String>(4)
+        .unwrap_or_else(|e| error!("pgpipe worker: read the primary key: {e}"));
     Target {
         channel: channel.unwrap_or_else(|| default_channel(rel)),
         operations: operations.unwrap_or_default(),
         owner,
+        key_columns,
     }
 }
 
