@@ -205,7 +205,8 @@ async fn snapshots_under_writes_and_a_crash_rebuild_the_table_in_both_modes() {
     let (state, rows, chunks) = snapshot_state(&admin, "snap_trig").await;
     assert_eq!(state, "running", "after the crash");
     assert!(
-        chunks >= 10 && rows >= 1000,
+        // A chunk has fewer rows than the chunk size when writers deleted some of them.
+        chunks >= 10 && rows >= 10 * 80,
         "progress kept over the crash: {rows} rows, {chunks} chunks"
     );
 
