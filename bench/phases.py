@@ -19,6 +19,7 @@ from common import *  # noqa: F401,F403
 from cluster import *  # noqa: F401,F403
 from processes import *  # noqa: F401,F403
 from report import *  # noqa: F401,F403
+from snapshot import phase_snapshot
 
 
 class Bench:
@@ -667,6 +668,10 @@ $function$
         else:
             self.cl.psql("ALTER SYSTEM RESET pgpipe.notify_min_interval; SELECT pg_reload_conf();", check=False)
         time.sleep(0.3)
+
+    # ---- 8. snapshots (bench/snapshot.py) -----------------------------------------
+    def phase_snapshot(self):
+        phase_snapshot(self)
 
     # ---- 4. decoding limit -------------------------------------------------------
     def phase_decoding(self):

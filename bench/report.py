@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from common import *  # noqa: F401,F403
+from snapshot import render_snapshot
 
 
 def fmt(x, unit=""):
@@ -304,6 +305,7 @@ def render_md(r, prev):
     import delivery
     L.extend(delivery.render(ph))
     targets.extend(delivery.targets(ph))
+    L.extend(render_snapshot(ph))
 
     if targets:
         L.append("#### Targets")

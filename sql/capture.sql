@@ -216,7 +216,8 @@ END $$;
 -- operations and mode of the existing subscription. Returns the channel.
 -- mode => 'wal' captures through logical decoding in the background worker (see "WAL
 -- capture" below); replica_identity_full => true lets a table without a primary key be
--- captured that way by setting REPLICA IDENTITY FULL on it.
+-- captured that way by setting REPLICA IDENTITY FULL on it; snapshot => true also queues
+-- the rows already there as READ events (pgpipe.snapshot).
 -- columns => ARRAY[...] captures only those columns, exclude_columns => ARRAY[...] all but
 -- those (see pgpipe.captured_attnums); left-out columns never reach the queue, in `row`,
 -- `old` or `key`. The choice is resolved now: a column added later is captured only
@@ -230,7 +231,8 @@ CREATE FUNCTION pgpipe.subscribe(
     mode       text   DEFAULT 'trigger',
     replica_identity_full boolean DEFAULT false,
     columns    text[] DEFAULT NULL,
-    exclude_columns text[] DEFAULT NULL
+    exclude_columns text[] DEFAULT NULL,
+    snapshot   boolean DEFAULT false
 ) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -324,6 +326,10 @@ BEGIN
     ON CONFLICT (relid) DO UPDATE
         SET channel = excluded.channel, operations = excluded.operations,
             mode = excluded.mode, column_attnums = excluded.column_attnums, updated_at = now();
+    IF snapshot THEN
+        -- The existing rows as READ events (sql/snapshot.sql), once capture is in place.
+        PERFORM pgpipe.snapshot("table");
+    END IF;
     RETURN channel;
 END $$;
 

@@ -37,9 +37,12 @@ GRANT SELECT ON pgpipe.consumer_lag TO pgpipe_consumer;
 -- Producers: emit, and capture of the tables they own (subscribe checks the owner).
 GRANT EXECUTE ON FUNCTION
     pgpipe.emit(text, jsonb, text, jsonb),
-    pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[]),
-    pgpipe.unsubscribe(regclass)
+    pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[], boolean),
+    pgpipe.unsubscribe(regclass),
+    pgpipe.snapshot(regclass),
+    pgpipe.cancel_snapshot(regclass)
 TO pgpipe_producer;
+GRANT SELECT ON pgpipe.snapshots TO pgpipe_consumer, pgpipe_producer;
 
 -- Admins: retention, the replication slot, dead letters (pgpipe dlq list | replay |
 -- purge), and all of the above through membership.

@@ -43,6 +43,17 @@ pub static PARTITION_XIDS: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
 /// The largest `pgpipe.partition_xids`: a partition must end long before xid wraparound
 /// matters, or it is never dropped.
 const MAX_PARTITION_XIDS: i32 = 100_000_000;
+/// Rows per snapshot chunk: one worker transaction reads (and locks FOR SHARE) this many
+/// rows of the table and queues their READ events.
+pub static SNAPSHOT_CHUNK_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
+
+/// At most this many snapshot rows per second (0: no limit).
+pub static SNAPSHOT_ROWS_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
+/// How long a snapshot chunk waits for a row lock held by a writer before it gives up
+/// (and is retried): the worker does not stall WAL capture behind a long transaction.
+pub static SNAPSHOT_LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+
 /// `pgpipe.consumer_stale_after`, in seconds (an hour by default).
 pub static CONSUMER_STALE_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
 
@@ -139,6 +150,37 @@ pub fn register() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"pgpipe.snapshot_chunk_size",
+        c"Rows the pgpipe worker reads per snapshot chunk (one transaction).",
+        c"The chunk's rows are locked FOR SHARE until its READ events commit; writers of \
+          those rows wait that long.",
+        &SNAPSHOT_CHUNK_SIZE,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pgpipe.snapshot_rows_per_second",
+        c"At most this many rows per second for pgpipe snapshots; 0 means no limit.",
+        c"The worker waits between chunks to stay under it.",
+        &SNAPSHOT_ROWS_PER_SECOND,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pgpipe.snapshot_lock_timeout",
+        c"How long a snapshot chunk waits for a writer's row lock before it is retried.",
+        c"Keeps the worker (and WAL capture) from stalling behind a long transaction.",
+        &SNAPSHOT_LOCK_TIMEOUT_MS,
+        1,
+        600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
     GucRegistry::define_string_guc(
         c"pgpipe.emit_mode",
         c"How pgpipe.emit() queues events: 'queue' (directly) or 'wal'.",
@@ -220,4 +262,23 @@ fn partition_xids() -> i32 {
 #[pgrx::pg_extern(stable, parallel_safe)]
 fn consumer_stale_after() -> i32 {
     CONSUMER_STALE_AFTER_S.get()
+}
+
+/// `pgpipe.snapshot_chunk_size`.
+pub fn snapshot_chunk_size() -> i32 {
+    SNAPSHOT_CHUNK_SIZE.get().max(1)
+}
+
+/// The pause after a snapshot chunk of `rows` rows that keeps under
+/// `pgpipe.snapshot_rows_per_second`.
+pub fn snapshot_pause(rows: u64) -> Duration {
+    match SNAPSHOT_ROWS_PER_SECOND.get() {
+        limit if limit > 0 => Duration::from_secs_f64(rows as f64 / f64::from(limit)),
+        _ => Duration::ZERO,
+    }
+}
+
+/// `pgpipe.snapshot_lock_timeout`, in milliseconds.
+pub fn snapshot_lock_timeout_ms() -> i32 {
+    SNAPSHOT_LOCK_TIMEOUT_MS.get().max(1)
 }

@@ -52,6 +52,8 @@ extension_sql_file!(
     requires = ["dead_letters"]
 );
 extension_sql_file!("../sql/wal.sql", name = "wal", requires = ["replay"]);
+extension_sql_file!("../sql/snapshot.sql", name = "snapshot", requires = ["wal"]);
+extension_sql_file!("../sql/ddl.sql", name = "ddl", requires = ["snapshot"]);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 /// Registers the settings in every process that loads pgpipe; when loaded through

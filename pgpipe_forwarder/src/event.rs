@@ -16,7 +16,8 @@ pub struct Event {
     pub id: Uuid,
     /// Channel the event belongs to.
     pub channel: String,
-    /// INSERT, UPDATE, DELETE, TRUNCATE, EMIT (or the emitter's own), NOTIFY.
+    /// INSERT, UPDATE, DELETE, TRUNCATE, READ (a snapshot's rows), DDL (a schema change),
+    /// EMIT (or the emitter's own), NOTIFY.
     pub operation: String,
     /// The change (`{op, schema, table, row, old}`) or the emitted/notified payload, as
     /// JSON text ([`Payload::value`] parses it where structure is needed).
@@ -25,7 +26,8 @@ pub struct Event {
     /// without one, for emits that give none and for notifications.
     #[serde(default)]
     pub key: Option<serde_json::Value>,
-    /// `trigger`, `wal`, `emit`, `listen_notify` or `wal_replication`.
+    /// `trigger`, `wal`, `emit`, `snapshot` (READ events), `ddl` (schema changes),
+    /// `listen_notify` or `wal_replication`.
     pub source: String,
     /// When the event was captured (UTC).
     #[serde(serialize_with = "rfc3339_micros")]

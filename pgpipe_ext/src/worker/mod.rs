@@ -4,7 +4,8 @@
 //! threads: every `pgpipe.poll_interval` it reads the logical replication slot of
 //! WAL-mode subscriptions into the queue ([`wal`]); whenever committed captures set its
 //! latch it sends one `NOTIFY pgpipe_wakeup` (at most one per
-//! `pgpipe.notify_min_interval`). A failing cycle is logged, shown by `pgpipe.status()`
+//! `pgpipe.notify_min_interval`); between those it reads the chunks of running snapshots
+//! ([`snapshot`]), at most `pgpipe.snapshot_rows_per_second`. A failing cycle is logged, shown by `pgpipe.status()`
 //! and retried; the worker does not crash-loop. Postgres restarts it
 //! [`guc::WORKER_RESTART_INTERVAL`] after it exits (SIGTERM from
 //! `pg_terminate_backend`, a FATAL error, or a change of `pgpipe.database`).
@@ -12,6 +13,7 @@
 pub use pgpipe_pgoutput as pgoutput;
 mod convert;
 mod queue;
+mod snapshot;
 pub mod wal;
 
 use std::panic::AssertUnwindSafe;
@@ -25,6 +27,7 @@ use pgrx::prelude::*;
 
 use crate::guc;
 use crate::shared::{self, WorkerState, WORKER_STATUS};
+use snapshot::{Snapshots, Step};
 use wal::{ReadOutcome, WalCapture};
 
 /// How often the worker looks for a slot while there is none (or no extension).
@@ -75,6 +78,8 @@ pub extern "C-unwind" fn pgpipe_worker_main(_arg: pg_sys::Datum) {
         more: false,
         warned_leftover_slot: false,
         notify_plan: None,
+        snapshots: Snapshots::default(),
+        next_snapshot: Instant::now(),
     };
     worker.run(&database);
     // Exit code 1: Postgres restarts the worker after the restart interval (exit code 0
@@ -95,6 +100,9 @@ struct Worker {
     warned_leftover_slot: bool,
     /// `SELECT pg_notify('pgpipe_wakeup', '')`, prepared once.
     notify_plan: Option<pgrx::spi::OwnedPreparedStatement>,
+    snapshots: Snapshots,
+    /// When to read the next snapshot chunk (or look for a snapshot to run).
+    next_snapshot: Instant,
 }
 
 impl Worker {
@@ -109,6 +117,7 @@ impl Worker {
             if shared::wakeup_pending() {
                 timeout = timeout.min(self.notify_delay(now));
             }
+            timeout = timeout.min(self.next_snapshot.saturating_duration_since(now));
             if !BackgroundWorker::wait_latch(Some(timeout)) {
                 log!("pgpipe worker exiting");
                 return;
@@ -125,6 +134,10 @@ impl Worker {
                 }
             }
             let now = Instant::now();
+            if shared::wakeup_pending() {
+                // A commit that queued events may also have started a snapshot.
+                self.next_snapshot = self.next_snapshot.min(now + IDLE_POLL_INTERVAL / 10);
+            }
             if shared::wakeup_pending() && self.notify_delay(now).is_zero() && shared::take_wakeup()
             {
                 self.notify();
@@ -142,6 +155,9 @@ impl Worker {
                     _ => guc::poll_interval(),
                 };
                 self.next_poll = now + interval;
+            }
+            if now >= self.next_snapshot {
+                self.next_snapshot = Instant::now() + self.snapshot_step();
             }
             if let Some(interval) = guc::rotate_interval() {
                 let waiting = matches!(
@@ -196,6 +212,29 @@ impl Worker {
             Ok(Ok(())) => WORKER_STATUS.exclusive().notifies_sent += 1,
             Ok(Err(e)) => warning!("pgpipe worker: send the wake-up NOTIFY: {e}"),
             Err(message) => warning!("pgpipe worker: send the wake-up NOTIFY: {message}"),
+        }
+    }
+
+    /// Reads one chunk of a running snapshot; returns how long to wait before the next.
+    fn snapshot_step(&mut self) -> Duration {
+        if self.state == WorkerState::WaitingForExtension {
+            return IDLE_POLL_INTERVAL;
+        }
+        match self.snapshots.step() {
+            Ok(Step::Idle) => IDLE_POLL_INTERVAL,
+            Ok(Step::Chunk { rows, done }) => {
+                WORKER_STATUS.exclusive().events_written += rows;
+                if done {
+                    log!("pgpipe worker: a snapshot finished");
+                    Duration::ZERO
+                } else {
+                    guc::snapshot_pause(rows)
+                }
+            }
+            Err(message) => {
+                warning!("pgpipe worker: snapshot chunk: {message}; retrying");
+                IDLE_POLL_INTERVAL
+            }
         }
     }
 

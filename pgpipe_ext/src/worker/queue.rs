@@ -17,7 +17,8 @@ pub const FLUSH_ROWS: usize = 500;
 /// The batch INSERT. Ids are minted by the worker in commit order; the envelope is the
 /// one trigger mode builds, plus `unchanged_toast` when the WAL left values out; the
 /// change's LSN goes into `lsn`. Events sent by `pgpipe.emit()` (`msg`) keep their payload
-/// and key. A change's key is the primary-key columns (`keys`, a JSON array of names) of
+/// and key; those of schema changes (sql/ddl.sql, `"source": "ddl"` in the message) get
+/// source `ddl`. A change's key is the primary-key columns (`keys`, a JSON array of names) of
 /// `row` — the same values trigger mode gets from `to_jsonb` of those columns — and NULL
 /// when the table has none, for TRUNCATE, or when the image lacks a key column.
 /// Everything it calls is built in and schema-qualified: it runs with the worker's
@@ -35,7 +36,10 @@ SELECT u.id, u.channel, u.op,
             ELSE pg_catalog.jsonb_build_object('op', u.op, 'schema', u.sch, 'table', u.tbl,
                      'row', u.rw, 'old', u.old, 'unchanged_toast', u.toast::pg_catalog.jsonb)
        END,
-       CASE WHEN u.msg IS NOT NULL THEN 'emit' ELSE 'wal' END,
+       CASE WHEN u.msg IS NULL THEN 'wal'
+            WHEN ((u.msg::pg_catalog.jsonb) OPERATOR(pg_catalog.->>) 'source'::pg_catalog.text) = 'ddl'
+            THEN 'ddl'
+            ELSE 'emit' END,
        u.lsn::pg_catalog.pg_lsn,
        CASE WHEN u.msg IS NOT NULL
             THEN CASE WHEN pg_catalog.jsonb_typeof((u.msg::pg_catalog.jsonb) OPERATOR(pg_catalog.->) 'key'::pg_catalog.text)
@@ -373,13 +377,17 @@ fn jsonb_array(values: &[Option<pg_sys::Datum>]) -> pg_sys::Datum {
 
 /// The relation's subscription (channel, operations), owner and primary key (from the
 /// catalog, not the Relation message: its key flags are the replica identity, which may
-/// be FULL or another index; trigger mode uses the primary key). A table in the
-/// publication but no longer subscribed (unsubscribed after the change) keeps its change
-/// on the default channel.
+/// be FULL or another index; trigger mode uses the primary key). A table dropped since the
+/// change keeps its change on the channel it carried its changes on (channel_sources); one
+/// in the publication but no longer subscribed (unsubscribed after the change) on the
+/// default channel.
 fn lookup_target(client: &SpiClient<'_>, rel: &Relation) -> Target {
     let table = client
         .select(
-            "SELECT s.channel, s.operations, c.relowner, \
+            "SELECT coalesce(s.channel, CASE WHEN c.oid IS NULL THEN \
+                        (SELECT pg_catalog.min(cs.channel) FROM pgpipe.channel_sources cs \
+                         WHERE cs.relid OPERATOR(pg_catalog.=) r.relid) END), \
+                    s.operations, c.relowner, \
                     (SELECT pg_catalog.to_jsonb(pg_catalog.array_agg(a.attname::pg_catalog.text \
                                                 ORDER BY a.attnum))::pg_catalog.text \
                      FROM pg_catalog.pg_index i \

@@ -1,6 +1,6 @@
 //! `pgpipe status`: what the extension knows about delivery, in one look: consumers with
-//! their positions and lag, subscriptions, dead letters per adapter and the background
-//! worker's state. A table for people, `--json` for scripts.
+//! their positions and lag, subscriptions, snapshots and their progress, dead letters
+//! per adapter and the background worker's state. A table for people, `--json` for scripts.
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -102,6 +102,33 @@ async fn gather(client: &Client) -> anyhow::Result<Value> {
         })
         .collect::<Vec<_>>();
 
+    let snapshots = if queue.has_relation("pgpipe.snapshots").await {
+        match queue.snapshots().await {
+            Ok(snapshots) => Value::from(
+                snapshots
+                    .into_iter()
+                    .map(|s| {
+                        json!({
+                            "table": s.table,
+                            "state": s.state,
+                            "rows": s.rows,
+                            "chunks": s.chunks,
+                            "started": time(Some(s.started)),
+                            "finished": time(s.finished),
+                            "error": s.error,
+                        })
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            Err(e) => {
+                notes.push(format!("snapshots: {e}"));
+                Value::Null
+            }
+        }
+    } else {
+        Value::Null
+    };
+
     let dead_letters = if queue.has_relation("pgpipe.dead_letters").await {
         match queue.dead_letter_counts().await {
             Ok(counts) => Value::from(
@@ -151,6 +178,7 @@ async fn gather(client: &Client) -> anyhow::Result<Value> {
         "extension_version": version,
         "consumers": consumers,
         "subscriptions": subscriptions,
+        "snapshots": snapshots,
         "dead_letters": dead_letters,
         "worker": worker,
         "notes": notes,
@@ -257,6 +285,23 @@ fn render(report: &Value) -> String {
         ],
         &list("subscriptions"),
     );
+    match &report["snapshots"] {
+        Value::Array(rows) => table(
+            &mut out,
+            "Snapshots",
+            &[
+                ("table", "TABLE"),
+                ("state", "STATE"),
+                ("rows", "ROWS"),
+                ("chunks", "CHUNKS"),
+                ("started", "STARTED"),
+                ("finished", "FINISHED"),
+                ("error", "ERROR"),
+            ],
+            rows,
+        ),
+        _ => out.push_str("Snapshots\n  (not available)\n\n"),
+    }
     match &report["dead_letters"] {
         Value::Array(rows) => table(
             &mut out,
@@ -304,6 +349,8 @@ mod tests {
             "consumers": [{"name": "orders", "channels": ["orders", "x"], "pending_events": 3,
                            "oldest_pending_at": null, "acked_at": null, "position": "1:1://"}],
             "subscriptions": [],
+            "snapshots": [{"table": "public.orders", "state": "running", "rows": 12000, "chunks": 12,
+                           "started": "2026-01-01T00:00:00Z", "finished": null, "error": null}],
             "dead_letters": [{"adapter": "webhook", "count": 2, "last_failed_at": "2026-01-01T00:00:00Z"}],
             "worker": null,
             "notes": [],
@@ -313,6 +360,10 @@ mod tests {
         assert!(text.contains("  orders  orders,x  3"), "{text}");
         assert!(text.contains("Subscriptions\n  (none)"), "{text}");
         assert!(text.contains("  webhook  2"), "{text}");
+        assert!(
+            text.contains("  public.orders  running  12000  12      2026-01-01T00:00:00Z"),
+            "{text}"
+        );
         assert!(
             text.contains("Background worker\n  (not available)"),
             "{text}"

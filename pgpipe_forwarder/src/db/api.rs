@@ -90,6 +90,25 @@ pub struct Subscription {
     pub mode: String,
 }
 
+/// A snapshot of a table and its progress (`pgpipe status`, from `pgpipe.snapshots`).
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The table, schema-qualified.
+    pub table: String,
+    /// `running`, `done`, `failed` or `cancelled`.
+    pub state: String,
+    /// Rows queued as READ events so far.
+    pub rows: i64,
+    /// Chunks read so far.
+    pub chunks: i64,
+    /// When it was started.
+    pub started: DateTime<Utc>,
+    /// When it ended, if it did.
+    pub finished: Option<DateTime<Utc>>,
+    /// Why it failed or was cancelled, if it says.
+    pub error: Option<String>,
+}
+
 /// Dead letters of one adapter (`pgpipe status`).
 #[derive(Debug, Clone)]
 pub struct DeadLetterCount {
@@ -362,6 +381,31 @@ impl<'a> QueueClient<'a> {
                 channel: r.get(1),
                 operations: r.get(2),
                 mode: r.get(3),
+            })
+            .collect())
+    }
+
+    /// The snapshots of the tables the role may read, newest first.
+    pub async fn snapshots(&self) -> Result<Vec<Snapshot>, Error> {
+        let rows = self
+            .client
+            .query(
+                "SELECT \"table\", state, rows, chunks, started, finished, error \
+                 FROM pgpipe.snapshots ORDER BY id DESC",
+                &[],
+            )
+            .await
+            .map_err(Error::pg("read pgpipe.snapshots"))?;
+        Ok(rows
+            .iter()
+            .map(|r| Snapshot {
+                table: r.get(0),
+                state: r.get(1),
+                rows: r.get(2),
+                chunks: r.get(3),
+                started: r.get(4),
+                finished: r.get(5),
+                error: r.get(6),
             })
             .collect())
     }
