@@ -5,19 +5,29 @@ PG_CONFIG  ?= /usr/lib/postgresql/$(PG_MAJOR)/bin/pg_config
 PG_TEST_USER ?= postgres
 PGRX_TEST_DATA ?= /tmp/pgpipe-pgrx-test-data
 INSTALL_FLAGS ?=
+# Where Postgres looks for extension scripts (pgrx installs only the current version's).
+EXTENSION_DIR = $(shell $(PG_CONFIG) --sharedir)/extension
 
-.PHONY: setup install build test test-unit test-pg test-scenarios lint demo bench clean docker-build docker-up
+.PHONY: setup install build package test test-unit test-pg test-scenarios lint demo bench clean docker-build docker-up
 
 setup:
 	scripts/setup.sh
 
-## Builds the extension and installs it into the system Postgres $(PG_MAJOR).
+## Builds the extension and installs it into the Postgres of $(PG_CONFIG), with the
+## released install scripts and the upgrade scripts (sql/upgrade/) beside it.
 install: setup
 	cd pgpipe_ext && cargo pgrx install --pg-config $(PG_CONFIG) $(INSTALL_FLAGS)
+	install -m 644 sql/upgrade/*.sql $(EXTENSION_DIR)/
 
 ## Builds the forwarder binary `pgpipe` (target/debug/pgpipe).
 build:
 	cargo build -p pgpipe_forwarder
+
+## target/package/pgpipe-<version>-pg$(PG_MAJOR)-<arch>.tar.gz: the extension (release,
+## `cargo pgrx package`) with every script of sql/upgrade/, the release forwarder, a
+## systemd unit and install.sh (scripts/package.sh).
+package: setup
+	PG_CONFIG=$(PG_CONFIG) scripts/package.sh
 
 ## Unit tests, #[pg_test]s in Postgres, then the scenarios against a real Postgres.
 test: test-unit test-pg test-scenarios

@@ -2,7 +2,8 @@
 """pgpipe benchmarks (issue 7). Run through `make bench` (or scripts/bench.sh).
 
 Modules: common (settings), cluster (its Postgres), processes (forwarder, sinks,
-receivers), phases (the measurements), report (BENCHMARKS.md).
+receivers), phases (the measurements), delivery (webhook, drain and live fan-out at
+scale, issue 13), report (BENCHMARKS.md).
 
 Starts a Postgres 15 of its own (initdb in a temp dir as the `postgres` OS user, a free
 port, wal_level=logical, shared_preload_libraries=pgpipe, track_commit_timestamp=on),
@@ -18,8 +19,13 @@ Subcommands used internally as peers of the forwarder:
 
 import sys
 
+import delivery
 from phases import Bench
 from processes import receiver_main, sink_main
+
+# Phases of their own modules, by subject.
+Bench.phase_delivery = delivery.phase_delivery
+Bench.phase_live = delivery.phase_live
 
 
 if __name__ == "__main__":

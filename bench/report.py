@@ -302,6 +302,9 @@ def render_md(r, prev):
         L.append("#### 7. Failure phase: %s" % fl.get("error"))
         L.append("")
 
+    import delivery
+    L.extend(delivery.render(ph))
+    targets.extend(delivery.targets(ph))
     L.extend(render_snapshot(ph))
 
     if targets:

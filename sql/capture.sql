@@ -27,11 +27,17 @@ CREATE TABLE pgpipe.subscription (
     operations  text[]      NOT NULL,
     mode        text        NOT NULL CHECK (mode IN ('trigger', 'wal')),
     created_at  timestamptz NOT NULL DEFAULT now(),
-    updated_at  timestamptz NOT NULL DEFAULT now()
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    -- The captured columns (attribute numbers, resolved at subscribe), NULL: every column.
+    -- Numbers, not names, so a renamed column stays captured (or left out).
+    column_attnums int2[]
 );
 
+-- `columns`: the captured columns by their current names (NULL: all of them).
 CREATE VIEW pgpipe.subscriptions AS
-SELECT s.relid::regclass AS "table", s.channel, s.operations, s.mode, s.created_at, s.updated_at
+SELECT s.relid::regclass AS "table", s.channel, s.operations, s.mode, s.created_at, s.updated_at,
+       (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_catalog.pg_attribute a
+        WHERE a.attrelid = s.relid AND a.attnum = ANY (s.column_attnums) AND NOT a.attisdropped) AS columns
 FROM pgpipe.subscription s
 JOIN pg_catalog.pg_class c ON c.oid = s.relid;
 
@@ -156,12 +162,66 @@ BEGIN
     END LOOP;
 END $$;
 
+-- The attribute numbers of the columns a subscription captures: `columns`, or every
+-- column but `exclude_columns` (NULL when neither is given: all columns, also later ones).
+-- Refuses unknown columns, both lists at once, an empty choice, and leaving out a
+-- primary-key column: the primary key is every event's `key`, so it is always captured.
+CREATE FUNCTION pgpipe.captured_attnums(tbl regclass, columns text[], exclude_columns text[]) RETURNS int2[]
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    col text;
+    chosen int2[];
+    missing text;
+BEGIN
+    IF columns IS NULL AND exclude_columns IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF columns IS NOT NULL AND exclude_columns IS NOT NULL THEN
+        RAISE EXCEPTION 'pass columns or exclude_columns, not both'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH col IN ARRAY coalesce(columns, exclude_columns) LOOP
+        IF col IS NULL OR NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = tbl
+                          AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped) THEN
+            RAISE EXCEPTION 'column % of table % does not exist', coalesce(quote_ident(col), 'NULL'), tbl
+                USING ERRCODE = 'undefined_column',
+                      HINT = format('The columns of %s are: %s.', tbl,
+                          (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) FROM pg_attribute a
+                           WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped));
+        END IF;
+    END LOOP;
+    chosen := ARRAY(SELECT a.attnum FROM pg_attribute a
+                    WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+                      AND CASE WHEN columns IS NOT NULL THEN a.attname::text = ANY (columns)
+                               ELSE NOT a.attname::text = ANY (exclude_columns) END
+                    ORDER BY a.attnum);
+    IF cardinality(chosen) = 0 THEN
+        RAISE EXCEPTION 'no column of table % would be captured', tbl
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Capture at least one column.';
+    END IF;
+    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO missing
+    FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
+    WHERE i.indrelid = tbl AND i.indisprimary AND NOT a.attnum = ANY (chosen);
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'primary-key column % of table % cannot be left out', missing, tbl
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'The primary key is every event''s key (its ordering key), so its columns always reach the queue.',
+                  HINT = 'Capture the primary-key columns too, or give the table a primary key that holds nothing secret.';
+    END IF;
+    RETURN chosen;
+END $$;
+
 -- Installs capture on a table. Idempotent: subscribing again replaces the channel,
 -- operations and mode of the existing subscription. Returns the channel.
 -- mode => 'wal' captures through logical decoding in the background worker (see "WAL
 -- capture" below); replica_identity_full => true lets a table without a primary key be
 -- captured that way by setting REPLICA IDENTITY FULL on it; snapshot => true also queues
 -- the rows already there as READ events (pgpipe.snapshot).
+-- columns => ARRAY[...] captures only those columns, exclude_columns => ARRAY[...] all but
+-- those (see pgpipe.captured_attnums); left-out columns never reach the queue, in `row`,
+-- `old` or `key`. The choice is resolved now: a column added later is captured only
+-- after subscribing again (without a choice, every column is, always).
 -- Switching modes locks the table against writers for the switch, so every change is
 -- captured exactly once: by the trigger before, by the WAL after (or the other way).
 CREATE FUNCTION pgpipe.subscribe(
@@ -170,6 +230,8 @@ CREATE FUNCTION pgpipe.subscribe(
     operations text[] DEFAULT ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE'],
     mode       text   DEFAULT 'trigger',
     replica_identity_full boolean DEFAULT false,
+    columns    text[] DEFAULT NULL,
+    exclude_columns text[] DEFAULT NULL,
     snapshot   boolean DEFAULT false
 ) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -178,6 +240,7 @@ DECLARE
     ops text[];
     row_ops text[];
     denial text;
+    attnums int2[];
 BEGIN
     IF "table" IS NULL THEN
         RAISE EXCEPTION 'no table given' USING ERRCODE = 'invalid_parameter_value';
@@ -204,6 +267,7 @@ BEGIN
     channel := pgpipe.check_channel(coalesce(channel,
         CASE WHEN rel.nspname = 'public' THEN rel.relname ELSE rel.nspname || '.' || rel.relname END));
     ops := pgpipe.check_operations(operations);
+    attnums := pgpipe.captured_attnums("table", columns, exclude_columns);
     denial := pgpipe.channel_write_denial(channel, "table");
     IF denial IS NOT NULL THEN
         RAISE EXCEPTION 'cannot subscribe % to channel %: %', "table", quote_literal(channel), denial
@@ -243,9 +307,11 @@ BEGIN
         row_ops := ARRAY(SELECT o FROM unnest(ops) o WHERE o <> 'TRUNCATE');
     END IF;
     IF cardinality(row_ops) > 0 THEN
+        -- The captured columns travel as the trigger's second argument ('2 3 5').
         EXECUTE format(
-            'CREATE TRIGGER pgpipe_capture AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION pgpipe.capture_row(%L)',
-            array_to_string(row_ops, ' OR '), "table", channel);
+            'CREATE TRIGGER pgpipe_capture AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION pgpipe.capture_row(%L%s)',
+            array_to_string(row_ops, ' OR '), "table", channel,
+            CASE WHEN attnums IS NULL THEN '' ELSE format(', %L', array_to_string(attnums, ' ')) END);
     END IF;
     IF mode = 'trigger' AND 'TRUNCATE' = ANY (ops) THEN
         EXECUTE format(
@@ -255,11 +321,11 @@ BEGIN
 
     INSERT INTO pgpipe.channel_sources (channel, relid) VALUES (channel, "table")
     ON CONFLICT DO NOTHING;
-    INSERT INTO pgpipe.subscription AS s (relid, channel, operations, mode)
-    VALUES ("table", channel, ops, mode)
+    INSERT INTO pgpipe.subscription AS s (relid, channel, operations, mode, column_attnums)
+    VALUES ("table", channel, ops, mode, attnums)
     ON CONFLICT (relid) DO UPDATE
         SET channel = excluded.channel, operations = excluded.operations,
-            mode = excluded.mode, updated_at = now();
+            mode = excluded.mode, column_attnums = excluded.column_attnums, updated_at = now();
     IF snapshot THEN
         -- The existing rows as READ events (sql/snapshot.sql), once capture is in place.
         PERFORM pgpipe.snapshot("table");

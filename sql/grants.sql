@@ -37,7 +37,7 @@ GRANT SELECT ON pgpipe.consumer_lag TO pgpipe_consumer;
 -- Producers: emit, and capture of the tables they own (subscribe checks the owner).
 GRANT EXECUTE ON FUNCTION
     pgpipe.emit(text, jsonb, text, jsonb),
-    pgpipe.subscribe(regclass, text, text[], text, boolean, boolean),
+    pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[], boolean),
     pgpipe.unsubscribe(regclass),
     pgpipe.snapshot(regclass),
     pgpipe.cancel_snapshot(regclass)

@@ -158,6 +158,7 @@ DECLARE
     lower_key text;
     upper_key text;
     source text;
+    row_expr text;
 BEGIN
     LOOP
         SELECT * INTO j FROM pgpipe.snapshot_jobs s WHERE s.state = 'running'
@@ -191,6 +192,15 @@ BEGIN
     INTO key_list, key_object, key_text, lower_key, upper_key
     FROM unnest(j.key_columns) WITH ORDINALITY AS k(name, n)
     JOIN pg_attribute a ON a.attrelid = j.relid AND a.attname = k.name;
+    -- The subscription's column choice (pgpipe.captured_attnums): left-out columns never
+    -- reach the queue, in READ events either.
+    SELECT '(SELECT pg_catalog.to_jsonb(x) FROM (SELECT '
+           || string_agg(format('t.%I', a.attname), ', ' ORDER BY a.attnum) || ') x)'
+    INTO row_expr
+    FROM pgpipe.subscription s
+    JOIN pg_attribute a ON a.attrelid = s.relid AND a.attnum = ANY (s.column_attnums)
+    WHERE s.relid = j.relid AND NOT a.attisdropped;
+    row_expr := coalesce(row_expr, 'pg_catalog.to_jsonb(t)');
     -- ONLY: trigger capture sees the table's own rows, not those of inheritance
     -- children (a partitioned table's rows are all in its partitions).
     source := CASE WHEN rel.relkind = 'p' THEN '' ELSE 'ONLY ' END || j.relid::regclass::text || ' t';
@@ -198,9 +208,9 @@ BEGIN
         key_text, source,
         CASE WHEN j.last_key IS NULL THEN 'WHERE $1 IS NULL' ELSE format('WHERE (%s) > (%s)', key_list, lower_key) END,
         key_list);
-    rows_sql := format('SELECT pg_catalog.jsonb_build_object(%s)::pg_catalog.text, pg_catalog.to_jsonb(t)::pg_catalog.text '
+    rows_sql := format('SELECT pg_catalog.jsonb_build_object(%s)::pg_catalog.text, %s::pg_catalog.text '
                        'FROM %s WHERE %s AND ($2 IS NULL OR (%s) <= (%s)) ORDER BY %s FOR SHARE OF t',
-        key_object, source,
+        key_object, row_expr, source,
         CASE WHEN j.last_key IS NULL THEN '$1 IS NULL' ELSE format('(%s) > (%s)', key_list, lower_key) END,
         key_list, upper_key, key_list);
 END $$;

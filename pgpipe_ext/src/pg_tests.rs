@@ -53,6 +53,41 @@ mod tests {
             .unwrap();
     }
 
+    /// The key follows the table's primary key as it changes within one backend (the
+    /// per-relation cache is refreshed by the relcache invalidation of ALTER TABLE).
+    #[pg_test]
+    fn trigger_key_follows_the_primary_key() {
+        Spi::run("CREATE TABLE public.k (a int, b text, c numeric)").unwrap();
+        Spi::run("SELECT pgpipe.subscribe('k')").unwrap();
+        let last_key = || {
+            Spi::get_one::<pgrx::JsonB>(
+                "SELECT key FROM pgpipe.events WHERE channel = 'k' ORDER BY id DESC LIMIT 1",
+            )
+            .unwrap()
+            .map(|k| k.0)
+        };
+        Spi::run("INSERT INTO k VALUES (1, 'x', 1.50)").unwrap();
+        assert_eq!(last_key(), None, "no primary key, no key");
+        Spi::run("ALTER TABLE k ADD PRIMARY KEY (b, c)").unwrap();
+        Spi::run("INSERT INTO k VALUES (2, 'y', 2.50)").unwrap();
+        assert_eq!(last_key(), Some(serde_json::json!({"b": "y", "c": 2.50})));
+        Spi::run("DELETE FROM k WHERE a = 1").unwrap();
+        assert_eq!(
+            last_key(),
+            Some(serde_json::json!({"b": "x", "c": 1.50})),
+            "DELETE: the old row's key"
+        );
+        Spi::run("ALTER TABLE k DROP CONSTRAINT k_pkey, ADD PRIMARY KEY (a)").unwrap();
+        Spi::run("UPDATE k SET a = 3").unwrap();
+        assert_eq!(
+            last_key(),
+            Some(serde_json::json!({"a": 3})),
+            "UPDATE: the new row's key"
+        );
+        Spi::run("TRUNCATE k").unwrap();
+        assert_eq!(last_key(), None, "TRUNCATE has no key");
+    }
+
     #[pg_test]
     fn trigger_captures_typed_rows() {
         setup_orders();

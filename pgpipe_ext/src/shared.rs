@@ -54,6 +54,10 @@ pub enum WorkerState {
     SlotInvalidated = 6,
     /// The last cycle failed; see `last_error`. The worker retries every poll interval.
     Error = 7,
+    /// The extension in `pgpipe.database` is at another version than this library (its
+    /// SQL objects may not be what the worker expects): waiting for `ALTER EXTENSION
+    /// pgpipe UPDATE`; `last_error` says which versions.
+    WaitingForUpgrade = 8,
 }
 
 impl WorkerState {
@@ -68,6 +72,7 @@ impl WorkerState {
             WorkerState::SlotMissing => "slot_missing",
             WorkerState::SlotInvalidated => "slot_invalidated",
             WorkerState::Error => "error",
+            WorkerState::WaitingForUpgrade => "waiting_for_upgrade",
         }
     }
 
@@ -80,6 +85,7 @@ impl WorkerState {
             5 => WorkerState::SlotMissing,
             6 => WorkerState::SlotInvalidated,
             7 => WorkerState::Error,
+            8 => WorkerState::WaitingForUpgrade,
             _ => WorkerState::NotRunning,
         }
     }

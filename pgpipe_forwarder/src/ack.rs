@@ -8,12 +8,15 @@
 //! has finished the event it follows, so a crash can repeat only events still in flight.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::bus::Bus;
 use crate::error::Error;
+use crate::event::{Delivery, Event};
 
 /// Pure bookkeeping of the in-flight window; `P` is the source's position type.
 #[derive(Debug)]
@@ -22,6 +25,10 @@ pub struct AckTracker<P> {
     pending: VecDeque<(u64, P)>,
     /// Per durable adapter: the highest event number it finished.
     finished: Vec<u64>,
+    /// Per durable adapter with a route: the numbers of the events it gets that it has
+    /// not finished, oldest first (`None`: it gets every event). Events it does not get
+    /// count as finished by it.
+    routed: Vec<Option<VecDeque<u64>>>,
     /// The number of the last event handed out.
     last_seq: u64,
     /// Number of the event the last released position follows.
@@ -34,15 +41,37 @@ impl<P> AckTracker<P> {
         AckTracker {
             pending: VecDeque::new(),
             finished: vec![0; durable_adapters],
+            routed: vec![None; durable_adapters],
             last_seq: 0,
             released_seq: 0,
         }
     }
 
+    /// Marks the durable adapters (by number) that have a route: they get only the
+    /// events [`AckTracker::push_routed_event`] says they get.
+    pub fn set_routed(&mut self, routed: &[bool]) {
+        for (slot, &has_route) in self.routed.iter_mut().zip(routed) {
+            *slot = has_route.then(VecDeque::new);
+        }
+    }
+
     /// Numbers the next event and remembers the position after it. Returns its number.
     pub fn push_event(&mut self, position_after: P) -> u64 {
+        self.push_routed_event(position_after, |_| true)
+    }
+
+    /// [`AckTracker::push_event`] for an event that durable adapter `i` gets only when
+    /// `gets(i)` (adapters without a route get every event).
+    pub fn push_routed_event(&mut self, position_after: P, gets: impl Fn(usize) -> bool) -> u64 {
         self.last_seq += 1;
         self.pending.push_back((self.last_seq, position_after));
+        for (adapter, queue) in self.routed.iter_mut().enumerate() {
+            if let Some(queue) = queue {
+                if gets(adapter) {
+                    queue.push_back(self.last_seq);
+                }
+            }
+        }
         self.last_seq
     }
 
@@ -59,6 +88,11 @@ impl<P> AckTracker<P> {
     pub fn finished(&mut self, adapter: usize, seq: u64) {
         if let Some(done) = self.finished.get_mut(adapter) {
             *done = (*done).max(seq);
+        }
+        if let Some(Some(queue)) = self.routed.get_mut(adapter) {
+            while queue.front().is_some_and(|&s| s <= seq) {
+                queue.pop_front();
+            }
         }
     }
 
@@ -89,7 +123,16 @@ impl<P> AckTracker<P> {
 
     fn finished_by_all(&self) -> u64 {
         // With no durable adapter an event is finished once handed to the bus.
-        self.finished.iter().copied().min().unwrap_or(self.last_seq)
+        self.finished
+            .iter()
+            .zip(&self.routed)
+            .map(|(&done, routed)| match routed {
+                None => done,
+                // Done up to the first event it gets and has not finished.
+                Some(queue) => queue.front().map_or(self.last_seq, |&next| next - 1),
+            })
+            .min()
+            .unwrap_or(self.last_seq)
     }
 }
 
@@ -179,13 +222,37 @@ impl<P> InFlight<P> {
         self.max
     }
 
+    /// Marks the durable adapters that have a route (see [`Bus::routed_durables`]).
+    pub fn with_routes(mut self, routed: &[bool]) -> Self {
+        self.tracker.set_routed(routed);
+        self
+    }
+
     /// Numbers the next event and remembers the position after it.
     pub fn push_event(&mut self, position_after: P) -> u64 {
+        self.before_push();
+        self.tracker.push_event(position_after)
+    }
+
+    /// Numbers `event`, remembers the position after it and hands it to the adapters its
+    /// route reaches. Returns its number.
+    pub fn publish(&mut self, bus: &Bus, position_after: P, event: Event) -> Result<u64, Error> {
+        self.before_push();
+        let seq = self
+            .tracker
+            .push_routed_event(position_after, |adapter| bus.durable_gets(adapter, &event));
+        bus.publish(&Delivery {
+            seq,
+            event: Arc::new(event),
+        })?;
+        Ok(seq)
+    }
+
+    fn before_push(&mut self) {
         if self.room() == 1 {
             // The window fills now: the stall clock starts here.
             self.last_progress = Instant::now();
         }
-        self.tracker.push_event(position_after)
     }
 
     /// Records a position that follows no new event (see [`AckTracker::push_position`]).
@@ -290,6 +357,33 @@ mod tests {
         assert_eq!((w.room(), w.take_releasable()), (1, Some("p1")));
         drop(tx);
         assert!(matches!(w.acked().await, Err(Error::BusClosed)));
+    }
+
+    #[test]
+    fn an_event_outside_a_route_counts_as_finished_by_that_adapter() {
+        // Adapter 0 gets everything, adapter 1 only the events marked `true`.
+        let mut t = AckTracker::new(2);
+        t.set_routed(&[false, true]);
+        let push = |t: &mut AckTracker<&'static str>, p, to_1: bool| {
+            t.push_routed_event(p, |adapter| adapter == 0 || to_1)
+        };
+        let a = push(&mut t, "p1", false);
+        let b = push(&mut t, "p2", true);
+        let c = push(&mut t, "p3", false);
+        t.finished(0, a);
+        // Adapter 1 never gets a: released on adapter 0's word alone.
+        assert_eq!(t.take_releasable(), Some("p1"));
+        t.finished(0, c);
+        // b is adapter 1's and not finished: p2 and p3 wait for it.
+        assert_eq!(t.take_releasable(), None);
+        assert_eq!(t.in_flight(), 2);
+        t.finished(1, b);
+        assert_eq!(t.take_releasable(), Some("p3"));
+        assert_eq!(t.in_flight(), 0);
+        // An adapter that gets nothing never holds anything back.
+        let d = push(&mut t, "p4", false);
+        t.finished(0, d);
+        assert_eq!(t.take_releasable(), Some("p4"));
     }
 
     #[test]

@@ -6,6 +6,9 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize, Serializer};
 use uuid::Uuid;
 
+mod payload;
+pub use payload::Payload;
+
 /// One change or message, as delivered to every adapter.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
@@ -16,8 +19,9 @@ pub struct Event {
     /// INSERT, UPDATE, DELETE, TRUNCATE, READ (a snapshot's rows), DDL (a schema change),
     /// EMIT (or the emitter's own), NOTIFY.
     pub operation: String,
-    /// The change (`{op, schema, table, row, old}`) or the emitted/notified payload.
-    pub payload: serde_json::Value,
+    /// The change (`{op, schema, table, row, old}`) or the emitted/notified payload, as
+    /// JSON text ([`Payload::value`] parses it where structure is needed).
+    pub payload: Payload,
     /// The ordering key: the row's primary-key columns as a JSON object; null for tables
     /// without one, for emits that give none and for notifications.
     #[serde(default)]
@@ -77,7 +81,7 @@ mod tests {
             id: Uuid::nil(),
             channel: "orders".into(),
             operation: "INSERT".into(),
-            payload: serde_json::json!({"op": "INSERT"}),
+            payload: serde_json::json!({"op": "INSERT"}).into(),
             key: Some(serde_json::json!({"id": 1})),
             source: "trigger".into(),
             created_at: DateTime::from_timestamp(1_800_000_000, 123_456_000).unwrap(),

@@ -14,20 +14,23 @@ pub(crate) mod db;
 pub(crate) mod detector;
 pub(crate) mod error;
 pub(crate) mod event;
+pub(crate) mod format;
 pub(crate) mod health;
 pub(crate) mod metrics;
 pub(crate) mod pipeline;
+pub(crate) mod route;
 pub(crate) mod server;
 
 // The library's API; everything else is crate-private, so unused code shows.
 pub use ack::{AckTracker, Acker, InFlight};
-pub use adapter::durable::{Durable, Failure, Policy, Sink};
+pub use adapter::durable::{Durable, Failure, Ordering, Policy, Sink};
 pub use adapter::Adapter;
 pub use backoff::Backoff;
 pub use bus::Bus;
 pub use config::Config;
 pub use detector::{sleep_until_opt, Detector, DetectorIo, Reconnect};
 pub use error::{Error, Fate};
-pub use event::{Delivery, Event, Transaction};
+pub use event::{Delivery, Event, Payload, Transaction};
 pub use health::{Component, Health, Status};
 pub use pipeline::{run, Pipeline};
+pub use route::Route;

@@ -26,7 +26,7 @@ pub const METRICS: &[(&str, &str)] = &[
     ),
     (
         "pgpipe_events_dropped_total",
-        "Events a live adapter (sse, ws) dropped because it or one of its clients fell behind.",
+        "Events a live adapter (sse, ws) dropped because it or one of its clients fell behind, or that were still buffered for a client when it went away.",
     ),
     (
         "pgpipe_delivery_errors_total",
@@ -191,6 +191,12 @@ pub fn delivered(adapter: &str, n: u64) {
 /// `adapter` dropped `n` events (a live adapter or client fell behind).
 pub fn dropped(adapter: &str, n: u64) {
     get().dropped.with_label_values(&[adapter]).inc_by(n);
+}
+
+/// Events `adapter` dropped so far (for tests).
+#[cfg(test)]
+pub fn dropped_count(adapter: &str) -> u64 {
+    get().dropped.with_label_values(&[adapter]).get()
 }
 
 /// One delivery attempt of `adapter` failed.

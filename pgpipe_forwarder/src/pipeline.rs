@@ -77,7 +77,7 @@ impl Pipeline {
             } else {
                 self.live_buffer
             };
-            let input = bus.add_output(&name, is_durable, capacity);
+            let input = bus.add_output(&name, is_durable, capacity, adapter.route());
             let acker = if is_durable {
                 durable += 1;
                 Acker::new(durable - 1, ack_tx.clone())

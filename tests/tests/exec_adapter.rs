@@ -163,3 +163,63 @@ async fn a_line_that_kills_every_command_is_dead_lettered() {
     assert_eq!(letter.get::<_, i32>(1), 3);
     assert_eq!(letter.get::<_, String>(2), "4");
 }
+
+#[tokio::test]
+async fn a_command_that_cannot_run_holds_the_events_and_dead_letters_none() {
+    let db = test_db("exec_not_found").await;
+    db.execute("CREATE TABLE t (id int PRIMARY KEY); SELECT pgpipe.subscribe('t');")
+        .await;
+    let url = db.url();
+    // A typo in the command: sh exits 127 ("not found") every time, far more often than
+    // exec.max_attempts.
+    let fwd = Forwarder::listen(&url)
+        .channel("t")
+        .adapter("exec")
+        .flag("--exec-command", "no-such-pgpipe-command --json")
+        .env("PGPIPE_EXEC_BACKOFF_BASE", "20ms")
+        .env("PGPIPE_EXEC_BACKOFF_CAP", "50ms")
+        .env("PGPIPE_EXEC_MAX_ATTEMPTS", "2")
+        .spawn();
+    db.execute("INSERT INTO t SELECT generate_series(1, 3)")
+        .await;
+    let reason = "the command cannot run (sh exit status 127: command not found); fix \
+                  exec.command (--exec-command); events wait and are not dead-lettered";
+    let retried = wait_until(WAIT, async || {
+        fwd.stderr_text().matches(reason).count() >= 6
+    })
+    .await;
+    assert!(retried, "{}", fwd.stderr_text());
+    assert!(
+        fwd.stderr_text().contains("not found"),
+        "sh's own message is logged"
+    );
+    let letters = db
+        .query_one("SELECT count(*) FROM pgpipe.dead_letters", &[])
+        .await;
+    assert_eq!(letters.get::<_, i64>(0), 0, "nothing is dead-lettered");
+    let pending = db
+        .query_one(
+            "SELECT sum(pending_events)::int FROM pgpipe.consumer_lag",
+            &[],
+        )
+        .await;
+    assert_eq!(
+        pending.get::<_, i32>(0),
+        3,
+        "the events wait unacknowledged"
+    );
+    fwd.sigterm();
+    assert!(fwd.wait_exit(WAIT).await.success(), "{}", fwd.stderr_text());
+
+    // The command fixed: the waiting events arrive.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let fwd = Forwarder::listen(&url)
+        .channel("t")
+        .adapter("exec")
+        .flag("--exec-command", format!("cat >> {}", out.display()))
+        .spawn();
+    let done = wait_until(WAIT, async || row_ids(&out).len() >= 3).await;
+    assert!(done, "{:?}\n{}", row_ids(&out), fwd.stderr_text());
+    assert_eq!(row_ids(&out), [1, 2, 3]);
+}

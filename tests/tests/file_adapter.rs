@@ -122,6 +122,8 @@ async fn a_slow_webhook_holds_the_file_back_by_at_most_the_in_flight_window() {
         .adapter("webhook")
         .adapter("file")
         .flag("-u", &hook)
+        // One request at a time: the webhook is stuck on the first event.
+        .env("PGPIPE_WEBHOOK_ORDERING", "channel")
         .flag("--file-path", path.to_str().unwrap())
         .flag("--max-in-flight", "20")
         .flag("--batch-size", "10")

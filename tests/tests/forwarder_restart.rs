@@ -147,7 +147,7 @@ async fn a_second_forwarder_stands_by_and_takes_over() {
         .clone()
         .env("PGPIPE_DETECTOR_BACKOFF_BASE", "200ms")
         .spawn();
-    standby.wait_for_stderr("standing by", WAIT).await;
+    standby.wait_for_stderr("stands by", WAIT).await;
 
     db.execute("INSERT INTO t VALUES (1)").await;
     active.wait_for_events(1, WAIT).await;

@@ -2,7 +2,9 @@
 //! (the `standardwebhooks` crate, not ours) verifies them, in order, with the event id as
 //! idempotency key. A 503 is retried (honouring Retry-After) until it succeeds; a 400 is
 //! not retried: the event goes to `pgpipe.dead_letters` at once, the rest keep flowing,
-//! and `pgpipe dlq replay` delivers it once the endpoint accepts it.
+//! and `pgpipe dlq replay`, with `listen`'s own flags, delivers it signed once the
+//! endpoint accepts it. A misconfigured receiver (401, 403, 404) is retried past the
+//! attempt budget and dead-letters nothing.
 
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,7 +66,9 @@ async fn signed_ordered_retried_and_dead_lettered() {
     .await;
     let url = db.url();
     let hook = receiver.url("/hook");
+    // One lane per channel: this journey checks the order across rows (keys).
     let env = [
+        ("PGPIPE_WEBHOOK_ORDERING", "channel"),
         ("PGPIPE_WEBHOOK_BACKOFF_BASE", "50ms"),
         ("PGPIPE_WEBHOOK_BACKOFF_CAP", "200ms"),
     ];
@@ -144,19 +148,30 @@ async fn signed_ordered_retried_and_dead_lettered() {
         "{out}"
     );
 
-    // The endpoint is fixed: replay delivers the dead letter and removes it.
+    // The endpoint is fixed: replay, given the very flags `listen` had (no env, no config
+    // file), delivers the dead letter signed as `listen` signs, and removes it.
     accept_all.store(true, Ordering::SeqCst);
     let (code, out, err) = pgpipe(
-        &["dlq", "replay", "--db", &db.admin_url()],
         &[
-            ("PGPIPE_WEBHOOK_URL", &hook),
-            ("PGPIPE_WEBHOOK_SIGNING_KEY", KEY),
+            "dlq",
+            "replay",
+            "--db",
+            &db.admin_url(),
+            "-u",
+            &hook,
+            "--signing-key",
+            KEY,
+            "--retries",
+            "3",
         ],
+        &[],
     );
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("webhook: 1 delivered"), "{out}");
     let last = receiver.requests().pop().unwrap();
     verify(&last);
+    let sig = last.header("x-pgpipe-signature").unwrap_or_default();
+    assert!(sig.starts_with("sha256=") && sig.len() == 71, "{sig}");
     assert_eq!(last.json()["payload"]["row"]["id"], 4);
     let (_, out, _) = pgpipe(&["dlq", "list", "--db", &db.admin_url()], &[]);
     assert_eq!(out, "no dead letters\n");
@@ -368,4 +383,60 @@ async fn without_the_extension_a_rejected_event_is_held_not_dropped() {
         fwd.try_exit_status().is_none(),
         "the forwarder keeps running"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misconfigured_receiver_dead_letters_nothing_and_gets_everything_once_fixed() {
+    let db = test_db("webhook_misconfigured").await;
+    db.execute("CREATE TABLE t (id int PRIMARY KEY); SELECT pgpipe.subscribe('t');")
+        .await;
+    // A wrong secret (401), then a wrong path (404) and a missing grant (403), for well
+    // over --retries attempts each; then the operator fixes it.
+    let receiver = HttpReceiver::start(|_, n| match n {
+        0..=5 => Reply::status(401),
+        6..=9 => Reply::status(404),
+        10..=13 => Reply::status(403),
+        _ => Reply::status(200),
+    })
+    .await;
+    let url = db.url();
+    let hook = receiver.url("/hook");
+    let fwd = Forwarder::listen(&url)
+        .channel("t")
+        .adapter("webhook")
+        .flag("-u", &hook)
+        .flag("--retries", "2")
+        .envs(&[
+            ("PGPIPE_WEBHOOK_ORDERING", "channel"),
+            ("PGPIPE_WEBHOOK_BACKOFF_BASE", "20ms"),
+            ("PGPIPE_WEBHOOK_BACKOFF_CAP", "50ms"),
+        ])
+        .spawn();
+    db.execute("INSERT INTO t SELECT generate_series(1, 5)")
+        .await;
+    let delivered = || {
+        receiver
+            .requests()
+            .iter()
+            .filter(|r| r.status == 200)
+            .map(|r| r.json()["payload"]["row"]["id"].as_i64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let all = wait_until(WAIT, async || delivered().len() == 5).await;
+    assert!(all, "delivered {:?}\n{}", delivered(), fwd.stderr_text());
+    assert_eq!(delivered(), [1, 2, 3, 4, 5], "in order, once each");
+    let letters = db
+        .query_one("SELECT count(*) FROM pgpipe.dead_letters", &[])
+        .await;
+    assert_eq!(
+        letters.get::<_, i64>(0),
+        0,
+        "a misconfiguration is no verdict on the events"
+    );
+    let log = fwd.stderr_text();
+    assert!(
+        log.contains("check webhook.url"),
+        "the 404 names the key to check"
+    );
+    assert!(log.contains("credentials"), "the 401 names what to check");
 }

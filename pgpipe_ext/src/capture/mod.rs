@@ -11,10 +11,14 @@
 //! `row`/`old` fields are the trigger's tuples: one call of Postgres's own conversion
 //! gives exactly what `jsonb_build_object('op', TG_OP, ..., 'row', to_jsonb(NEW), ...)`
 //! gave (jsonb sorts keys; NULL becomes JSON null), and what WAL mode gives. The event's
-//! `key` is `to_jsonb` of the row's primary-key columns ([`key`]).
+//! `key` is `to_jsonb` of the row's primary-key columns ([`key`]). A subscription with a
+//! column choice passes the captured attribute numbers as the trigger's second argument
+//! (`'1 2 5'`): `row` and `old` are then records of only those columns ([`shape`]), and
+//! the others are never converted (no output function of theirs runs).
 
 mod key;
 mod queue;
+mod shape;
 
 use std::ffi::{c_char, CStr};
 use std::ptr;
@@ -128,22 +132,37 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, row_level: bool) -> pg_sys::
         });
     }
     // SAFETY: tg_trigger is set for every trigger call; tgargs holds tgnargs C strings.
-    let channel = unsafe {
+    let (channel, columns) = unsafe {
         let trigger = &*trigdata.tg_trigger;
         if trigger.tgnargs < 1 {
             protocol_error("pgpipe's capture trigger needs the channel as its argument");
         }
-        CStr::from_ptr(*trigger.tgargs)
+        let columns = (trigger.tgnargs >= 2).then(|| {
+            parse_attnums(CStr::from_ptr(*trigger.tgargs.add(1))).unwrap_or_else(|| {
+                protocol_error(
+                    "pgpipe's capture trigger: the second argument is not a list of column numbers",
+                )
+            })
+        });
+        (CStr::from_ptr(*trigger.tgargs), columns)
     };
     let rel = trigdata.tg_relation;
-    // The rows, as composite datums of the table's row type: the old row of an UPDATE
-    // is tg_trigtuple, its new row tg_newtuple; INSERT and DELETE have only tg_trigtuple.
+    // SAFETY: rel is open for the trigger call.
+    let projection = columns.as_ref().map(|columns| unsafe {
+        shape::shape(rel, shape::Columns::These(columns))
+            .unwrap_or_else(|| protocol_error("pgpipe's capture trigger: no column list"))
+    });
+    // The rows, as composite datums of the table's row type (or of the captured columns):
+    // the old row of an UPDATE is tg_trigtuple, its new row tg_newtuple; INSERT and
+    // DELETE have only tg_trigtuple.
     // SAFETY: rel and the tuples are valid for the duration of the trigger call.
     let (row, old) = unsafe {
         let desc = (*rel).rd_att;
         let as_datum = |tuple: pg_sys::HeapTuple| {
             if tuple.is_null() {
                 None
+            } else if let Some(projection) = &projection {
+                Some(shape::record(rel, tuple, projection))
             } else {
                 Some(pg_sys::heap_copy_tuple_as_datum(tuple, desc))
             }
@@ -177,7 +196,8 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, row_level: bool) -> pg_sys::
         if tuple.is_null() {
             None
         } else {
-            key::key_jsonb(rel, tuple, json_state().to_jsonb)
+            let captured = projection.as_ref().map(|p| p.attnums.as_slice());
+            key::key_jsonb(rel, tuple, captured, json_state().to_jsonb)
         }
     };
     // SAFETY: called inside the writer's transaction, in a trigger.
@@ -185,6 +205,16 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, row_level: bool) -> pg_sys::
     crate::shared::mark_wakeup();
     // AFTER triggers return NULL (a null pointer, not an SQL NULL).
     pg_sys::Datum::from(0)
+}
+
+/// `'1 2 5'` as attribute numbers; None when it is not such a list.
+fn parse_attnums(text: &CStr) -> Option<Vec<i32>> {
+    let text = text.to_str().ok()?;
+    let attnums: Option<Vec<i32>> = text
+        .split_ascii_whitespace()
+        .map(|n| n.parse::<i32>().ok().filter(|&n| n > 0))
+        .collect();
+    attnums.filter(|a| !a.is_empty())
 }
 
 /// Per-backend state of the JSON conversion, allocated once in TopMemoryContext.

@@ -147,7 +147,9 @@ impl Worker {
                 // Without a slot there is nothing to decode; a new WAL subscription
                 // creates the slot first, so looking once a second loses nothing.
                 let interval = match self.state {
-                    WorkerState::Idle | WorkerState::WaitingForExtension => {
+                    WorkerState::Idle
+                    | WorkerState::WaitingForExtension
+                    | WorkerState::WaitingForUpgrade => {
                         guc::poll_interval().max(IDLE_POLL_INTERVAL)
                     }
                     _ => guc::poll_interval(),
@@ -158,7 +160,11 @@ impl Worker {
                 self.next_snapshot = Instant::now() + self.snapshot_step();
             }
             if let Some(interval) = guc::rotate_interval() {
-                if now >= self.next_rotate && self.state != WorkerState::WaitingForExtension {
+                let waiting = matches!(
+                    self.state,
+                    WorkerState::WaitingForExtension | WorkerState::WaitingForUpgrade
+                );
+                if now >= self.next_rotate && !waiting {
                     self.next_rotate = now + interval;
                     self.rotate();
                 }
@@ -270,6 +276,16 @@ impl Worker {
                     None => self.warned_leftover_slot = false,
                 }
             }
+            ReadOutcome::OtherVersion(version) => {
+                let message = format!(
+                    "extension pgpipe in database \"{}\" is at version {version}, the loaded \
+                     library is {}: WAL capture and retention wait until ALTER EXTENSION \
+                     pgpipe UPDATE runs there",
+                    guc::database(),
+                    wal::LIBRARY_VERSION
+                );
+                self.set_state(WorkerState::WaitingForUpgrade, Some(&message));
+            }
             ReadOutcome::NoSlot => self.set_state(WorkerState::Idle, None),
             ReadOutcome::SlotMissing => self.set_state(WorkerState::SlotMissing, None),
             ReadOutcome::SlotInvalidated => self.set_state(WorkerState::SlotInvalidated, None),
@@ -328,7 +344,7 @@ impl Worker {
             status.set_state(state);
             if let Some(e) = error {
                 status.set_last_error(e);
-            } else if state == WorkerState::Streaming {
+            } else if matches!(state, WorkerState::Streaming | WorkerState::Idle) {
                 status.set_last_error("");
             }
             if !changed && (error.is_none() || repeated_error) {
@@ -360,6 +376,12 @@ impl Worker {
                 "pgpipe worker: {}; retrying every pgpipe.poll_interval",
                 error.unwrap_or("error")
             ),
+            WorkerState::WaitingForUpgrade => {
+                warning!(
+                    "pgpipe worker: {}",
+                    error.unwrap_or("waiting for an upgrade")
+                )
+            }
             WorkerState::Starting | WorkerState::NotRunning => {}
         }
     }

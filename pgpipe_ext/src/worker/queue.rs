@@ -67,6 +67,8 @@ pub struct Target {
     pub owner: Option<pg_sys::Oid>,
     /// Its primary-key column names as a JSON array; None without a primary key.
     pub key_columns: Option<String>,
+    /// The captured columns by name; None: every column.
+    pub columns: Option<HashSet<String>>,
 }
 
 /// One change to queue.
@@ -191,6 +193,18 @@ impl Writer {
         let owned = target.owner.is_some();
         let channel = target.channel.clone();
         let key_columns = target.key_columns.clone();
+        // A column choice: the others are dropped here, before any conversion.
+        let mut change = change;
+        if let Some(columns) = &target.columns {
+            let captured = |&(i, _): &(usize, &Value)| columns.contains(&rel.columns[i].name);
+            if let Some(row) = change.row.as_mut() {
+                row.retain(captured);
+            }
+            if let Some(old) = change.old.as_mut() {
+                old.retain(captured);
+            }
+            change.unchanged_toast.retain(|name| columns.contains(name));
+        }
         let converter = &mut self.converter;
         let convert = |converter: &mut Converter, image: Option<&[(usize, &Value)]>| {
             image.map(|image| {
@@ -379,7 +393,11 @@ fn lookup_target(client: &SpiClient<'_>, rel: &Relation) -> Target {
                      FROM pg_catalog.pg_index i \
                      JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid \
                       AND a.attnum OPERATOR(pg_catalog.=) ANY (i.indkey::pg_catalog.int2[]) \
-                     WHERE i.indrelid OPERATOR(pg_catalog.=) r.relid AND i.indisprimary) \
+                     WHERE i.indrelid OPERATOR(pg_catalog.=) r.relid AND i.indisprimary), \
+                    CASE WHEN s.column_attnums IS NOT NULL THEN coalesce( \
+                        (SELECT pg_catalog.array_agg(a.attname::pg_catalog.text) FROM pg_catalog.pg_attribute a \
+                         WHERE a.attrelid OPERATOR(pg_catalog.=) r.relid AND NOT a.attisdropped \
+                           AND a.attnum OPERATOR(pg_catalog.=) ANY (s.column_attnums)), '{}') END \
              FROM (SELECT $1::pg_catalog.oid AS relid) r \
              LEFT JOIN pgpipe.subscription s ON s.relid OPERATOR(pg_catalog.=) r.relid \
              LEFT JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) r.relid",
@@ -394,11 +412,16 @@ fn lookup_target(client: &SpiClient<'_>, rel: &Relation) -> Target {
     let key_columns = first
         .get::<String>(4)
         .unwrap_or_else(|e| error!("pgpipe worker: read the primary key: {e}"));
+    let columns = first
+        .get::<Vec<String>>(5)
+        .unwrap_or_else(|e| error!("pgpipe worker: read the captured columns: {e}"))
+        .map(|names| names.into_iter().collect());
     Target {
         channel: channel.unwrap_or_else(|| default_channel(rel)),
         operations: operations.unwrap_or_default(),
         owner,
         key_columns,
+        columns,
     }
 }
 

@@ -41,11 +41,17 @@ const EMIT_PREFIX: &str = "pgpipe";
 /// Rows fetched from the peek cursor at a time.
 const FETCH_SIZE: i64 = 256;
 
+/// The version of this library, which is the extension version whose SQL objects it
+/// expects (`pgpipe.control`'s `default_version`).
+pub const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
+
 /// What a read cycle found.
 pub enum ReadOutcome {
     /// `CREATE EXTENSION pgpipe` has not run in this database; `Some(slot)` when pgpipe's
     /// slot is still there (left over by DROP EXTENSION) and holds WAL.
     NoExtension(Option<String>),
+    /// The extension is at this version, not the library's ([`LIBRARY_VERSION`]).
+    OtherVersion(String),
     /// No slot and no record of one: nothing is subscribed with `mode => 'wal'`.
     NoSlot,
     /// pgpipe created a slot (there is progress for it) but it is gone.
@@ -104,16 +110,17 @@ impl WalCapture {
     }
 
     fn read_with(&mut self, client: &mut SpiClient<'_>) -> ReadOutcome {
-        let has_extension = client
+        let version = client
             .select(
-                "SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pgpipe'",
+                "SELECT (SELECT extversion::text FROM pg_catalog.pg_extension \
+                 WHERE extname = 'pgpipe')",
                 None,
                 &[],
             )
-            .map(|t| !t.is_empty())
+            .and_then(|t| t.first().get::<String>(1))
             .unwrap_or_else(|e| error!("pgpipe worker: look up the extension: {e}"));
         let slot = guc::slot_name();
-        if !has_extension {
+        let Some(version) = version else {
             let leftover = client
                 .select(
                     "SELECT 1 FROM pg_catalog.pg_replication_slots \
@@ -126,6 +133,12 @@ impl WalCapture {
             // A new extension brings a new key.
             self.message_prefix = None;
             return ReadOutcome::NoExtension(leftover.then_some(slot));
+        };
+        if version != LIBRARY_VERSION {
+            // An older schema lacks what this library reads and writes (0.1.0 has no
+            // message key, for one): the slot waits, its changes are read after the update.
+            self.message_prefix = None;
+            return ReadOutcome::OtherVersion(version);
         }
         let publication = guc::publication();
 

@@ -5,14 +5,20 @@
 //! slower than events arrive) loses the event, counted in
 //! `pgpipe_events_dropped_total{adapter}`; the pipeline and the other clients carry on.
 //!
+//! Each event is serialised once, whatever the number of clients ([`LiveEvent`]); clients
+//! share its bytes. A client that disconnects (or is disconnected for being too slow)
+//! with events still in its buffer lost them too: they are counted as dropped when its
+//! buffer goes away.
+//!
 //! The hub also remembers the last `history` events it published, in delivery order, so an
 //! SSE client reconnecting with `Last-Event-ID` gets exactly what it missed: registering a
 //! client and copying the history after its last id happen under one lock, so every event
 //! is either in the copy or in the client's buffer, never both, never neither.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -37,14 +43,84 @@ pub struct Hub {
 #[derive(Debug, Default)]
 struct Inner {
     clients: Vec<Client>,
-    history: VecDeque<Arc<Event>>,
+    history: VecDeque<Arc<LiveEvent>>,
     closed: bool,
 }
 
 #[derive(Debug)]
 struct Client {
     channel: Option<String>,
-    tx: mpsc::Sender<Arc<Event>>,
+    tx: mpsc::Sender<Arc<LiveEvent>>,
+}
+
+/// How many kinds of frame a [`LiveEvent`] caches (SSE with and without `event:`).
+const FRAME_KINDS: usize = 2;
+
+/// An event as live clients get it: its JSON serialised once, and the frames built from it
+/// once per kind, shared by every client.
+#[derive(Debug)]
+pub struct LiveEvent {
+    /// The event.
+    pub event: Arc<Event>,
+    json: Bytes,
+    frames: [OnceLock<Bytes>; FRAME_KINDS],
+}
+
+impl LiveEvent {
+    /// Serialises `event` for live clients.
+    pub fn new(event: Arc<Event>) -> Arc<LiveEvent> {
+        let json = Bytes::from(event.to_json_line());
+        Arc::new(LiveEvent {
+            event,
+            json,
+            frames: Default::default(),
+        })
+    }
+
+    /// The event as one line of JSON.
+    pub fn json(&self) -> &Bytes {
+        &self.json
+    }
+
+    /// Frame kind `kind` (below [`FRAME_KINDS`]) of this event, built by `build` on first
+    /// use and shared by every later caller.
+    pub fn frame(&self, kind: usize, build: impl FnOnce(&LiveEvent) -> Bytes) -> Bytes {
+        match self.frames.get(kind) {
+            Some(slot) => slot.get_or_init(|| build(self)).clone(),
+            None => build(self),
+        }
+    }
+}
+
+/// A client's buffer of live events. Events still in it when it is dropped (the client
+/// went away, or was disconnected for reading too slowly) are counted as dropped.
+#[derive(Debug)]
+pub struct ClientEvents {
+    adapter: &'static str,
+    rx: mpsc::Receiver<Arc<LiveEvent>>,
+}
+
+impl ClientEvents {
+    /// The next event; `None` once the adapter stopped.
+    pub async fn recv(&mut self) -> Option<Arc<LiveEvent>> {
+        self.rx.recv().await
+    }
+
+    /// The next event if one is buffered.
+    pub fn try_recv(&mut self) -> Option<Arc<LiveEvent>> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl Drop for ClientEvents {
+    fn drop(&mut self) {
+        let lost = self.rx.len();
+        if lost > 0 {
+            metrics::dropped(self.adapter, lost as u64);
+            tracing::debug!(component = "adapter", adapter = self.adapter, events = lost,
+                "client gone with events in its buffer: dropped");
+        }
+    }
 }
 
 /// What a new client has missed since the event id it named.
@@ -53,7 +129,7 @@ pub enum Missed {
     /// It named no event.
     Nothing,
     /// The events published after the one it named (possibly none), in order.
-    Events(Vec<Arc<Event>>),
+    Events(Vec<Arc<LiveEvent>>),
     /// The named event is not in the hub's history (too old, or published by an earlier
     /// run of the forwarder): the caller has to look in the queue.
     Unknown,
@@ -63,7 +139,7 @@ pub enum Missed {
 #[derive(Debug)]
 pub struct Subscription {
     /// Live events for this client, in publishing order. Closes when the adapter stops.
-    pub events: mpsc::Receiver<Arc<Event>>,
+    pub events: ClientEvents,
     /// What it missed before registering.
     pub missed: Missed,
 }
@@ -92,14 +168,18 @@ impl Hub {
         let mut inner = self.lock();
         let missed = match after {
             None => Missed::Nothing,
-            Some(id) => match inner.history.iter().rposition(|e| e.id == id) {
+            Some(id) => match inner.history.iter().rposition(|e| e.event.id == id) {
                 None => Missed::Unknown,
                 Some(at) => Missed::Events(
                     inner
                         .history
                         .iter()
                         .skip(at + 1)
-                        .filter(|e| channel.as_deref().is_none_or(|c| c == e.channel))
+                        .filter(|e| {
+                            channel
+                                .as_deref()
+                                .is_none_or(|c| c == e.event.channel)
+                        })
                         .cloned()
                         .collect(),
                 ),
@@ -108,11 +188,18 @@ impl Hub {
         if !inner.closed {
             inner.clients.push(Client { channel, tx });
         }
-        Subscription { events, missed }
+        Subscription {
+            events: ClientEvents {
+                adapter: self.adapter,
+                rx: events,
+            },
+            missed,
+        }
     }
 
     /// Hands `event` to every client of its channel without waiting.
     pub fn publish(&self, event: &Arc<Event>) {
+        let live = LiveEvent::new(event.clone());
         let mut inner = self.lock();
         let (mut delivered, mut dropped) = (0, 0);
         inner.clients.retain(|client| {
@@ -123,7 +210,7 @@ impl Hub {
             {
                 return !client.tx.is_closed();
             }
-            match client.tx.try_send(event.clone()) {
+            match client.tx.try_send(live.clone()) {
                 Ok(()) => {
                     delivered += 1;
                     true
@@ -139,7 +226,7 @@ impl Hub {
             if inner.history.len() == self.history_size {
                 inner.history.pop_front();
             }
-            inner.history.push_back(event.clone());
+            inner.history.push_back(live);
         }
         drop(inner);
         if delivered > 0 {
@@ -201,6 +288,7 @@ pub const SSE: Kind = Kind {
     validate: registry::nothing_to_check,
     redact: registry::no_secrets,
     build: build_live,
+    route: registry::every_event,
     init: None,
 };
 
@@ -212,6 +300,7 @@ pub const WS: Kind = Kind {
     validate: registry::nothing_to_check,
     redact: registry::no_secrets,
     build: build_live,
+    route: registry::every_event,
     init: None,
 };
 
@@ -272,7 +361,7 @@ mod tests {
             id: Uuid::now_v7(),
             channel: channel.into(),
             operation: "INSERT".into(),
-            payload: serde_json::json!({}),
+            payload: serde_json::json!({}).into(),
             key: None,
             source: "trigger".into(),
             created_at: Utc::now(),
@@ -288,13 +377,13 @@ mod tests {
         let events: Vec<_> = (0..4).map(|_| event("a")).collect();
         for e in &events {
             hub.publish(e);
-            assert_eq!(fast.events.recv().await.unwrap().id, e.id);
+            assert_eq!(fast.events.recv().await.unwrap().event.id, e.id);
         }
         hub.publish(&event("b"));
-        assert_eq!(slow.events.recv().await.unwrap().id, events[0].id);
-        assert_eq!(slow.events.recv().await.unwrap().id, events[1].id);
-        assert!(slow.events.try_recv().is_err(), "the rest was dropped");
-        assert!(fast.events.try_recv().is_err(), "other channel filtered");
+        assert_eq!(slow.events.recv().await.unwrap().event.id, events[0].id);
+        assert_eq!(slow.events.recv().await.unwrap().event.id, events[1].id);
+        assert!(slow.events.try_recv().is_none(), "the rest was dropped");
+        assert!(fast.events.try_recv().is_none(), "other channel filtered");
     }
 
     #[tokio::test]
@@ -309,17 +398,38 @@ mod tests {
             panic!("{:?}", sub.missed)
         };
         assert_eq!(
-            missed.iter().map(|e| e.id).collect::<Vec<_>>(),
+            missed.iter().map(|e| e.event.id).collect::<Vec<_>>(),
             [events[2].id, events[3].id]
         );
         let next = event("a");
         hub.publish(&next);
-        assert_eq!(sub.events.recv().await.unwrap().id, next.id);
+        assert_eq!(sub.events.recv().await.unwrap().event.id, next.id);
         assert!(matches!(
             hub.subscribe(None, Some(events[0].id)).missed,
             Missed::Unknown
         ));
         hub.close();
         assert!(sub.events.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_with_a_full_buffer_counts_its_events_as_dropped() {
+        let hub = Hub::new("ws", 3, 0);
+        let gone = hub.subscribe(None, None);
+        for _ in 0..2 {
+            hub.publish(&event("a"));
+        }
+        let before = metrics::dropped_count("ws");
+        drop(gone);
+        assert_eq!(metrics::dropped_count("ws") - before, 2);
+    }
+
+    #[test]
+    fn an_event_is_serialised_once_for_every_client() {
+        let live = LiveEvent::new(event("a"));
+        let a = live.frame(0, |e| Bytes::from(format!("data: {}", std::str::from_utf8(e.json()).unwrap())));
+        let b = live.frame(0, |_| Bytes::from_static(b"built again"));
+        assert_eq!(a, b);
+        assert_eq!(a.as_ptr(), b.as_ptr(), "the same bytes, shared");
     }
 }

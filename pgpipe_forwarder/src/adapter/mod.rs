@@ -9,6 +9,7 @@ use crate::ack::Acker;
 use crate::config::Config;
 use crate::error::Error;
 use crate::event::Delivery;
+use crate::route::Route;
 
 pub mod dead_letter;
 pub mod durable;
@@ -62,6 +63,56 @@ pub trait Adapter: Send {
     /// the adapter up at start and down when it fails. Adapters that can tell more (a
     /// webhook endpoint failing) keep the handle and report with it.
     fn set_health(&mut self, _health: crate::health::Component) {}
+
+    /// The events this adapter gets (its section's `channels` and `operations`).
+    fn route(&self) -> Route {
+        Route::all()
+    }
+}
+
+/// An adapter with the route its section configures.
+struct Routed {
+    inner: Box<dyn Adapter>,
+    route: Route,
+}
+
+impl Adapter for Routed {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn durable(&self) -> bool {
+        self.inner.durable()
+    }
+
+    fn run(
+        self: Box<Self>,
+        input: mpsc::Receiver<Delivery>,
+        acker: Acker,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'static, Result<(), Error>> {
+        self.inner.run(input, acker, cancel)
+    }
+
+    fn set_health(&mut self, health: crate::health::Component) {
+        self.inner.set_health(health);
+    }
+
+    fn route(&self) -> Route {
+        self.route.clone()
+    }
+}
+
+/// `adapter` restricted to `route`.
+pub fn routed(adapter: Box<dyn Adapter>, route: Route) -> Box<dyn Adapter> {
+    if route.is_all() {
+        adapter
+    } else {
+        Box::new(Routed {
+            inner: adapter,
+            route,
+        })
+    }
 }
 
 /// The adapters to run: those in `config.adapters`, then `<kind>:<name>` per list entry.

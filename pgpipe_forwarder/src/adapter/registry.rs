@@ -8,6 +8,7 @@ use super::live::Hubs;
 use super::{Adapter, KINDS};
 use crate::config::{Config, ConfigError};
 use crate::error::Error;
+use crate::route::Route;
 
 /// One kind of adapter, as its folder describes it (each folder has a `KIND`).
 pub struct Kind {
@@ -25,6 +26,9 @@ pub struct Kind {
     /// Builds adapter `name` from the single section (`entry` is `None`) or from the
     /// list entry named `entry`.
     pub build: BuildFn,
+    /// The route of the single section (`entry` is `None`) or of the list entry named
+    /// `entry`: which channels and operations it gets.
+    pub route: fn(&Config, entry: Option<&str>) -> Route,
     /// What `pgpipe init --adapter <kind>` prints for the quoted, schema-qualified table
     /// name it is given (the adapter's target table), for kinds that need one.
     pub init: Option<fn(table: &str) -> String>,
@@ -90,7 +94,8 @@ pub fn build(build: &Build<'_>, name: &str) -> Result<Box<dyn Adapter>, Error> {
             names().join(", ")
         )));
     };
-    (kind.build)(build, name, entry)
+    let adapter = (kind.build)(build, name, entry)?;
+    Ok(super::routed(adapter, (kind.route)(build.config, entry)))
 }
 
 /// Checks every kind's section and list.
@@ -224,6 +229,52 @@ pub fn section<'a, T>(
 /// For kinds without a list: no entries.
 pub fn no_entries(_: &Config) -> Vec<String> {
     Vec::new()
+}
+
+/// Checks the routes (`channels`, `operations`, which `fields` gives) of a kind's single
+/// section and of every entry of its list against the channels the forwarder reads.
+pub fn check_routes<T>(
+    config: &Config,
+    section: &'static str,
+    list: &'static str,
+    single: &T,
+    entries: &[T],
+    fields: impl Fn(&T) -> (&Vec<String>, &Vec<String>),
+) -> Result<(), ConfigError> {
+    let places = std::iter::once((Place::single(section), single)).chain(
+        entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (Place::listed(section, list, i), e)),
+    );
+    for (at, entry) in places {
+        let (channels, operations) = fields(entry);
+        crate::route::check(at, channels, operations, &config.channels)?;
+    }
+    Ok(())
+}
+
+/// For kinds without a route: every event.
+pub fn every_event(_: &Config, _: Option<&str>) -> Route {
+    Route::all()
+}
+
+/// The route of the section `entry` names (the single one for `None`); an unknown
+/// entry gets every event (building it fails with the entry's name anyway).
+pub fn route_of<T>(
+    single: &T,
+    list: &[T],
+    entry: Option<&str>,
+    entry_name: impl Fn(&T) -> &str,
+    route: impl Fn(&T) -> Route,
+) -> Route {
+    match entry {
+        None => route(single),
+        Some(wanted) => list
+            .iter()
+            .find(|e| entry_name(e) == wanted)
+            .map_or_else(Route::all, route),
+    }
 }
 
 /// For kinds without settings: nothing to check.

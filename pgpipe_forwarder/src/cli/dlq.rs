@@ -1,8 +1,9 @@
 //! `pgpipe dlq list | replay | purge`: the dead letters in `pgpipe.dead_letters`.
 //!
-//! `replay` sends dead letters through adapters built from the same configuration as
-//! `pgpipe listen` (flags of `listen` are not repeated here: use the config file or the
-//! PGPIPE_* environment), and deletes each one its adapter acknowledged. An event that
+//! `replay` sends dead letters through adapters built as `pgpipe listen` builds them: from
+//! the config file, the PGPIPE_* environment and `listen`'s own adapter flags (`-u`,
+//! `--signing-key`, `--file-path`, ...), so a replayed webhook is signed as the first
+//! delivery was. It deletes each dead letter its adapter acknowledged. An event that
 //! fails again is dead-lettered again by the adapter (a new row), and its old row goes.
 
 use std::collections::BTreeMap;
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{print_output, GlobalArgs, Run};
 use crate::ack::Acker;
-use crate::config::Config;
+use crate::config::{Config, FlagOverride};
 use crate::db::{DeadLetter, DeadLetterFilter, QueueClient};
 use crate::event::{Delivery, Event};
 
@@ -31,6 +32,7 @@ const ERROR_WIDTH: usize = 60;
 Examples:
   pgpipe dlq list --db postgres://app@db/shop
   pgpipe dlq replay --db postgres://app@db/shop --adapter webhook --id 12
+  pgpipe dlq replay --db postgres://app@db/shop -u https://hooks.example/in --signing-key \"$KEY\"
   pgpipe dlq purge --db postgres://app@db/shop --older-than 7d")]
 pub struct DlqArgs {
     /// Postgres connection URL of the database with pgpipe.dead_letters
@@ -44,6 +46,8 @@ pub struct DlqArgs {
 }
 
 /// `pgpipe dlq` subcommands.
+// Parsed once at startup: the size of the `replay` variant (listen's flags) does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum DlqCommand {
     /// List dead letters, oldest first
@@ -59,7 +63,7 @@ enum DlqCommand {
 struct Filter {
     /// Only dead letters of this adapter (list, purge); replay: deliver through this
     /// adapter instead of each letter's own
-    #[arg(long, value_name = "NAME")]
+    #[arg(short = 'a', long, value_name = "NAME")]
     adapter: Option<String>,
 
     /// Only these dead letters (repeatable or comma-separated)
@@ -83,6 +87,38 @@ struct ListArgs {
 struct ReplayArgs {
     #[command(flatten)]
     filter: Filter,
+    #[command(flatten)]
+    adapters: AdapterFlags,
+}
+
+/// `pgpipe listen`'s adapter flags: a replay builds its adapters from the same flags,
+/// environment and config file as `listen`, so it delivers (and signs) as `listen` does.
+/// A test below keeps this list equal to `listen`'s.
+#[derive(Debug, Default, Args)]
+struct AdapterFlags {
+    #[command(flatten)]
+    webhook: crate::adapter::webhook::Flags,
+    #[command(flatten)]
+    file: crate::adapter::file::Flags,
+    #[command(flatten)]
+    exec: crate::adapter::exec::Flags,
+    #[command(flatten)]
+    pg_table: crate::adapter::pg_table::Flags,
+    #[command(flatten)]
+    nats: crate::adapter::nats::Flags,
+}
+
+impl AdapterFlags {
+    /// The config keys set by the flags that were given.
+    fn overrides(&self) -> Vec<FlagOverride> {
+        let mut out = Vec::new();
+        self.webhook.overrides(&mut out);
+        self.file.overrides(&mut out);
+        self.exec.overrides(&mut out);
+        self.pg_table.overrides(&mut out);
+        self.nats.overrides(&mut out);
+        out
+    }
 }
 
 #[derive(Debug, Args)]
@@ -99,13 +135,22 @@ type Letter = DeadLetter;
 
 impl Run for DlqArgs {
     fn run(self, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-        super::with_database(global, self.db.as_deref(), |config, client| async move {
-            match self.command {
-                DlqCommand::List(args) => list(&client, args).await,
-                DlqCommand::Replay(args) => replay(&client, &config, args).await,
-                DlqCommand::Purge(args) => purge(&client, args).await,
-            }
-        })
+        let flags = match &self.command {
+            DlqCommand::Replay(args) => args.adapters.overrides(),
+            DlqCommand::List(_) | DlqCommand::Purge(_) => Vec::new(),
+        };
+        super::with_database_and(
+            global,
+            self.db.as_deref(),
+            flags,
+            |config, client| async move {
+                match self.command {
+                    DlqCommand::List(args) => list(&client, args).await,
+                    DlqCommand::Replay(args) => replay(&client, &config, args).await,
+                    DlqCommand::Purge(args) => purge(&client, args).await,
+                }
+            },
+        )
     }
 }
 
@@ -336,7 +381,55 @@ async fn purge(client: &Client, args: PurgeArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
+    use clap::{Args as _, Parser as _};
+
     use super::*;
+
+    /// The adapter flags (help heading "Adapters", besides `--adapter`) of a command.
+    fn adapter_flags(command: &clap::Command) -> BTreeSet<String> {
+        command
+            .get_arguments()
+            .filter(|a| a.get_help_heading() == Some("Adapters") && a.get_id() != "adapters")
+            .map(|a| a.get_id().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn replay_takes_every_adapter_flag_of_listen() {
+        let listen = super::super::listen::ListenArgs::augment_args(clap::Command::new("listen"));
+        let replay = ReplayArgs::augment_args(clap::Command::new("replay"));
+        assert!(adapter_flags(&listen).contains("signing_key"));
+        assert_eq!(adapter_flags(&replay), adapter_flags(&listen));
+    }
+
+    #[test]
+    fn replay_flags_become_the_same_overrides_as_listen() {
+        let cli = super::super::Cli::try_parse_from([
+            "pgpipe",
+            "dlq",
+            "replay",
+            "--db",
+            "postgres://h/db",
+            "-u",
+            "https://hooks.example/in",
+            "--signing-key",
+            "k",
+            "-a",
+            "webhook",
+        ])
+        .expect("listen's flags parse");
+        let super::super::Command::Dlq(args) = cli.command else {
+            panic!("not dlq: {:?}", cli.command);
+        };
+        let DlqCommand::Replay(replay) = args.command else {
+            panic!("not replay");
+        };
+        assert_eq!(replay.filter.adapter.as_deref(), Some("webhook"));
+        let keys: Vec<&str> = replay.adapters.overrides().iter().map(|o| o.key).collect();
+        assert_eq!(keys, ["webhook.url", "webhook.signing_key"]);
+    }
 
     #[test]
     fn table_aligns_columns() {

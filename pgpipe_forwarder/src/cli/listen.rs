@@ -55,10 +55,17 @@ pub struct ListenArgs {
     #[arg(long, value_name = "TYPE", value_parser = ["queue", "listen_notify", "wal"], help_heading = "Source")]
     detector: Option<String>,
 
-    /// Queue detector: consumer name whose position is kept in pgpipe.consumers [default:
-    /// derived from the channels] [config: detector.consumer] [env: PGPIPE_DETECTOR_CONSUMER]
+    /// Queue detector: consumer name whose position is kept in pgpipe.consumers, e.g.
+    /// orders+webhook [default: derived from the channels and adapters]
+    /// [config: detector.consumer] [env: PGPIPE_DETECTOR_CONSUMER]
     #[arg(long, value_name = "NAME", help_heading = "Source")]
     consumer: Option<String>,
+
+    /// Queue detector: where a consumer that does not exist yet starts: every retained
+    /// event (beginning) or what is committed from now on (now) [default: beginning]
+    /// [config: detector.start] [env: PGPIPE_DETECTOR_START]
+    #[arg(long, value_name = "WHERE", value_parser = ["beginning", "now"], help_heading = "Source")]
+    start: Option<String>,
 
     /// Queue detector: poll interval when no wake-up arrives [default: 50ms]
     /// [config: detector.poll_interval] [env: PGPIPE_DETECTOR_POLL_INTERVAL]
@@ -170,6 +177,7 @@ impl ListenArgs {
         set("channels", "--channel", list(&self.channels));
         set("detector.type", "--detector", string(&self.detector));
         set("detector.consumer", "--consumer", string(&self.consumer));
+        set("detector.start", "--start", string(&self.start));
         set(
             "detector.poll_interval",
             "--poll-interval",
@@ -501,10 +509,13 @@ mod tests {
                     let items: Vec<_> = items.iter().filter_map(Value::as_str).collect();
                     items.join(", ") == default
                 }
-                Value::String(s) if s.is_empty() => {
-                    ["none", "derived", "derived from the channels", "--db"]
-                        .contains(&default.as_str())
-                }
+                Value::String(s) if s.is_empty() => [
+                    "none",
+                    "derived",
+                    "derived from the channels and adapters",
+                    "--db",
+                ]
+                .contains(&default.as_str()),
                 Value::String(s) => match (
                     humantime::parse_duration(s),
                     humantime::parse_duration(&default),

@@ -230,7 +230,21 @@ where
     F: FnOnce(Config, tokio_postgres::Client) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
 {
-    let flags: Vec<FlagOverride> = db
+    with_database_and(global, db, Vec::new(), work)
+}
+
+/// [`with_database`] with more flag overrides (e.g. `dlq replay`'s adapter flags).
+pub fn with_database_and<F, Fut>(
+    global: &GlobalArgs,
+    db: Option<&str>,
+    more: Vec<FlagOverride>,
+    work: F,
+) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(Config, tokio_postgres::Client) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
+    let mut flags: Vec<FlagOverride> = db
         .map(|db| FlagOverride {
             key: "database_url",
             flag: "--db",
@@ -238,6 +252,7 @@ where
         })
         .into_iter()
         .collect();
+    flags.extend(more);
     let config = resolve_config(global, &flags)?;
     if config.database_url.trim().is_empty() {
         anyhow::bail!("no database URL: pass --db or set database_url / PGPIPE_DATABASE_URL");

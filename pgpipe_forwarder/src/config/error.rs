@@ -107,6 +107,22 @@ pub enum ConfigError {
         /// The name.
         name: String,
     },
+    /// An adapter's `channels`/`operations` route that cannot deliver what it names.
+    #[error("{key}: {message}")]
+    InvalidRoute {
+        /// Dotted key (`webhooks[1].channels`).
+        key: String,
+        /// What is wrong, and the fix.
+        message: String,
+    },
+    /// An adapter's `format` that the adapter cannot send.
+    #[error("{key}: {message}")]
+    InvalidFormat {
+        /// Dotted key (`webhook.format`).
+        key: String,
+        /// What is wrong, and the fix.
+        message: String,
+    },
     /// An empty adapter list.
     #[error(
         "no adapters: pass --adapter or set adapters (valid: {})",

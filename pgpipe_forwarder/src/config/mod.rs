@@ -132,6 +132,26 @@ pub struct Config {
     pub natss: Vec<NatsConfig>,
 }
 
+/// Where a new queue consumer starts (`detector.start`, `--start`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Start {
+    /// Every event the queue still holds.
+    Beginning,
+    /// Events committed after the consumer is created.
+    Now,
+}
+
+impl Start {
+    /// The name `pgpipe.register_consumer` takes.
+    pub fn as_sql(self) -> &'static str {
+        match self {
+            Start::Beginning => "beginning",
+            Start::Now => "now",
+        }
+    }
+}
+
 /// Detector settings (`detector.*`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -153,8 +173,13 @@ pub struct DetectorConfig {
     /// `listen_notify`: how often the idle LISTEN connection is probed.
     #[serde(with = "humantime_serde")]
     pub status_interval: Duration,
-    /// Consumer name in `pgpipe.consumers` (queue detector); empty derives it from the channels.
+    /// Consumer name in `pgpipe.consumers` (queue detector); empty derives it from the
+    /// channels and the adapters (`orders+webhook`), so forwarders with different adapters
+    /// never share a consumer by accident.
     pub consumer: String,
+    /// Where a consumer that does not exist yet starts: `beginning` (every retained event)
+    /// or `now` (events committed from now on). An existing consumer keeps its position.
+    pub start: Start,
     /// How often the queue is polled when no wake-up arrives.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
@@ -264,6 +289,7 @@ impl Default for DetectorConfig {
             all_tables: false,
             status_interval: Duration::from_secs(10),
             consumer: String::new(),
+            start: Start::Beginning,
             poll_interval: Duration::from_millis(50),
             batch_size: 1000,
             max_in_flight: 10_000,

@@ -44,7 +44,8 @@ impl Config {
             return Err(ConfigError::InvalidChannel { name: bad.clone() });
         }
 
-        if self.adapters.is_empty() {
+        // `adapters: []` with only listed entries (`webhooks:` ...) is a complete setup.
+        if crate::adapter::registry::configured(self).is_empty() {
             return Err(ConfigError::NoAdapters);
         }
         for (i, name) in self.adapters.iter().enumerate() {

@@ -164,16 +164,48 @@ impl<'a> QueueClient<'a> {
     }
 
     /// Registers `consumer` for `channels` (idempotent); returns its acknowledged position.
-    pub async fn register(&self, consumer: &str, channels: &[String]) -> Result<String, Error> {
+    pub async fn register(
+        &self,
+        consumer: &str,
+        channels: &[String],
+        start: &str,
+    ) -> Result<String, Error> {
         let channels: Option<Vec<String>> = Some(channels.to_vec());
         let row = self
             .client
             .query_one(
-                "SELECT pgpipe.register_consumer($1, $2)",
-                &[&consumer, &channels],
+                "SELECT pgpipe.register_consumer($1, $2, $3)",
+                &[&consumer, &channels, &start],
             )
             .await
             .map_err(Error::pg(format!("register consumer {consumer}")))?;
+        Ok(row.get(0))
+    }
+
+    /// Who holds `consumer`'s lease (`pid 123 (pgpipe) from 10.0.0.5`), if anyone does and
+    /// this role may see it.
+    pub async fn holder(&self, consumer: &str) -> Result<Option<String>, Error> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT holder FROM pgpipe.consumer_lag WHERE name = $1",
+                &[&consumer],
+            )
+            .await
+            .map_err(Error::pg(format!("look up consumer {consumer}")))?;
+        Ok(row.and_then(|r| r.get(0)))
+    }
+
+    /// Whether a consumer named `consumer` exists (and this role may see it).
+    pub async fn consumer_exists(&self, consumer: &str) -> Result<bool, Error> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pgpipe.consumer_lag WHERE name = $1)",
+                &[&consumer],
+            )
+            .await
+            .map_err(Error::pg(format!("look up consumer {consumer}")))?;
         Ok(row.get(0))
     }
 

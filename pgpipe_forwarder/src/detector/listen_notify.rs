@@ -30,7 +30,6 @@
 //! channel and does not say who sent a notification (README).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -46,7 +45,7 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::db;
 use crate::error::Error;
-use crate::event::{Delivery, Event};
+use crate::event::Event;
 use crate::health::Component;
 
 /// The `source` of events from this detector.
@@ -169,9 +168,8 @@ impl ListenNotifyDetector {
                 n = notifications.recv(), if room => match n {
                     Some(n) => {
                         let mut event = event_from(&n);
-                        event.key = keys.key_of(&event.payload).await?;
-                        let seq = window.push_event(());
-                        bus.publish(&Delivery { seq, event: Arc::new(event) })?;
+                        event.key = keys.key_of(event.payload.value()).await?;
+                        window.publish(bus, (), event)?;
                         window.take_releasable();
                     }
                     None => return Err(disconnected("connection closed")),
@@ -216,7 +214,7 @@ pub fn event_from(n: &Notification) -> Event {
         id: Uuid::now_v7(),
         channel: n.channel().to_string(),
         operation,
-        payload,
+        payload: payload.into(),
         key: None,
         source: SOURCE.into(),
         created_at: Utc::now(),

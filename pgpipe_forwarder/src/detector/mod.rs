@@ -48,7 +48,8 @@ impl DetectorIo {
             self.durable_adapters,
             max,
             stall_warning,
-        );
+        )
+        .with_routes(&self.bus.routed_durables());
         (self.bus, self.health, window)
     }
 }

@@ -21,7 +21,6 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::db::{self, QueueClient};
 use crate::error::Error;
-use crate::event::Delivery;
 use crate::health::Component;
 
 /// Detector name in logs and health.
@@ -44,6 +43,11 @@ pub async fn extension_installed(url: &str) -> Result<bool, Error> {
 pub struct QueueDetector {
     url: String,
     consumer: String,
+    /// The default name this forwarder's consumer had before 0.2 (the channels alone),
+    /// when the name is derived: a leftover of it is named at start.
+    legacy_consumer: Option<String>,
+    /// Where the consumer starts if it does not exist yet.
+    start: crate::config::Start,
     channels: Vec<String>,
     poll_interval: Duration,
     batch_size: u32,
@@ -77,12 +81,17 @@ enum Wake {
 
 impl QueueDetector {
     /// A detector for `config.channels`, as consumer `config.detector.consumer` (default:
-    /// the sorted channel names joined by commas).
+    /// derived from the channels and adapters, see [`consumer_name`]).
     pub fn new(config: &Config) -> Self {
         let d = &config.detector;
         QueueDetector {
             url: config.database_url.clone(),
-            consumer: consumer_name(&d.consumer, &config.channels),
+            consumer: consumer_of(config),
+            legacy_consumer: d
+                .consumer
+                .is_empty()
+                .then(|| consumer_name("", &config.channels, &[])),
+            start: d.start,
             channels: config.channels.clone(),
             poll_interval: d.poll_interval,
             batch_size: d.batch_size,
@@ -140,7 +149,9 @@ impl QueueDetector {
             return Ok(());
         }
         let queue = QueueClient::new(&client);
-        let acked = queue.register(&self.consumer, &self.channels).await?;
+        let acked = queue
+            .register(&self.consumer, &self.channels, self.start.as_sql())
+            .await?;
         // Never silence: a forgotten consumer holds every event from its position on.
         match queue.stale_consumers().await {
             Ok(stale) if !stale.is_empty() => {
@@ -273,7 +284,7 @@ impl QueueDetector {
                 // A lease lives in the consumer's row: a new consumer is registered
                 // first (nobody can hold what does not exist yet).
                 Err(e) if e.sqlstate() == Some(UNDEFINED_OBJECT) => {
-                    queue.register(&self.consumer, &self.channels).await?;
+                    self.register_new(&queue).await?;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -282,8 +293,12 @@ impl QueueDetector {
                 return Ok(true);
             }
             if !announced {
-                tracing::info!(component = "detector", detector = NAME, consumer = %self.consumer,
-                    "another forwarder holds this consumer; standing by");
+                let holder = queue.holder(&self.consumer).await.ok().flatten();
+                tracing::warn!(component = "detector", detector = NAME, consumer = %self.consumer,
+                    holder = holder.as_deref().unwrap_or("another session"),
+                    "another forwarder holds this consumer: this one stands by and delivers \
+                     nothing until it lets go. If this forwarder should get every event \
+                     itself, give it a consumer of its own with --consumer NAME");
                 announced = true;
                 health.standby(format!(
                     "another forwarder holds consumer {}",
@@ -295,6 +310,28 @@ impl QueueDetector {
                 _ = tokio::time::sleep(reconnect.first_delay()) => {}
             }
         }
+    }
+
+    /// Registers the consumer, which does not exist yet, starting where `--start` says, and
+    /// says so; names a consumer of the channels from before pgpipe 0.2 (whose default
+    /// consumer was the channels alone) that this forwarder leaves behind.
+    async fn register_new(&self, queue: &QueueClient<'_>) -> Result<(), Error> {
+        queue
+            .register(&self.consumer, &self.channels, self.start.as_sql())
+            .await?;
+        tracing::info!(component = "detector", detector = NAME, consumer = %self.consumer,
+            start = self.start.as_sql(), "created the consumer");
+        if let Some(legacy) = &self.legacy_consumer {
+            if legacy != &self.consumer && queue.consumer_exists(legacy).await.unwrap_or(false) {
+                tracing::warn!(component = "detector", detector = NAME, consumer = %self.consumer,
+                    old = %legacy,
+                    "consumer {legacy:?} of these channels exists (the default name before \
+                     pgpipe 0.2) and this forwarder does not continue it: pass --consumer \
+                     {legacy} to go on from its position, or drop it (SELECT \
+                     pgpipe.drop_consumer('{legacy}')) so it stops holding retention");
+            }
+        }
+        Ok(())
     }
 
     /// Reads one page and publishes its events. Returns how many events it published.
@@ -312,11 +349,7 @@ impl QueueDetector {
             match row.event {
                 None => progress.window.push_position(row.position.clone()),
                 Some(event) => {
-                    let seq = progress.window.push_event(row.position.clone());
-                    bus.publish(&Delivery {
-                        seq,
-                        event: Arc::new(event),
-                    })?;
+                    progress.window.publish(bus, row.position.clone(), event)?;
                     published += 1;
                 }
             }
@@ -380,16 +413,51 @@ fn wake_from(n: Option<Notification>) -> Result<Wake, Error> {
     }
 }
 
-/// The consumer name: the configured one, else the sorted channels joined by commas.
-pub fn consumer_name(configured: &str, channels: &[String]) -> String {
+/// The consumer `config` reads as (see [`consumer_name`]).
+pub fn consumer_of(config: &Config) -> String {
+    consumer_name(
+        &config.detector.consumer,
+        &config.channels,
+        &crate::adapter::names(config),
+    )
+}
+
+/// The consumer name: the configured one, else the sorted channels joined by commas, a
+/// `+` and the sorted adapters (`orders,payments+file:lake,webhook`): two forwarders on
+/// the same channels with different adapters each get every event, while a second
+/// forwarder with the same adapters stands by for the first. Without adapters (names
+/// from before 0.2) it is the channels alone.
+pub fn consumer_name(configured: &str, channels: &[String], adapters: &[String]) -> String {
     if !configured.is_empty() {
         return configured.to_string();
     }
-    let mut sorted: Vec<&str> = channels.iter().map(String::as_str).collect();
-    sorted.sort_unstable();
-    sorted.dedup();
-    sorted.join(",")
+    let sorted = |names: &[String]| {
+        let mut sorted: Vec<&str> = names.iter().map(String::as_str).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        sorted.join(",")
+    };
+    let name = if adapters.is_empty() {
+        sorted(channels)
+    } else {
+        format!("{}+{}", sorted(channels), sorted(adapters))
+    };
+    if name.len() <= MAX_CONSUMER_NAME {
+        return name;
+    }
+    // Too long for pgpipe.consumers: a readable prefix and a digest of the whole.
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(name.as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let mut prefix_end = MAX_CONSUMER_NAME - hex.len() - 1;
+    while !name.is_char_boundary(prefix_end) {
+        prefix_end -= 1;
+    }
+    format!("{}.{hex}", &name[..prefix_end])
 }
+
+/// The longest consumer name `pgpipe.consumers` takes.
+const MAX_CONSUMER_NAME: usize = 200;
 
 #[cfg(test)]
 mod tests {
@@ -397,8 +465,32 @@ mod tests {
 
     #[test]
     fn default_consumer_name_is_stable_across_channel_order() {
-        let a = consumer_name("", &["payments".into(), "orders".into(), "orders".into()]);
+        let a = consumer_name(
+            "",
+            &["payments".into(), "orders".into(), "orders".into()],
+            &[],
+        );
         assert_eq!(a, "orders,payments");
-        assert_eq!(consumer_name("mine", &["x".into()]), "mine");
+        assert_eq!(
+            consumer_name("mine", &["x".into()], &["stdout".into()]),
+            "mine"
+        );
+        let hook = consumer_name("", &["orders".into()], &["webhook".into()]);
+        let out = consumer_name("", &["orders".into()], &["stdout".into()]);
+        assert_eq!(
+            (hook.as_str(), out.as_str()),
+            ("orders+webhook", "orders+stdout")
+        );
+        let two = consumer_name(
+            "",
+            &["b".into(), "a".into()],
+            &["webhook".into(), "file:lake".into()],
+        );
+        assert_eq!(two, "a,b+file:lake,webhook");
+        let many: Vec<String> = (0..40).map(|i| format!("channel_{i:02}")).collect();
+        let long = consumer_name("", &many, &["stdout".into()]);
+        assert_eq!(long.len(), MAX_CONSUMER_NAME);
+        assert!(long.starts_with("channel_00,channel_01"));
+        assert_ne!(long, consumer_name("", &many, &["webhook".into()]));
     }
 }

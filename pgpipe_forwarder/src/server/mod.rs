@@ -94,7 +94,7 @@ impl HttpSettings {
             channels: config.channels.clone(),
             replay_max: config.sse.replay_max,
             consumer: if queue {
-                crate::detector::queue::consumer_name(&config.detector.consumer, &config.channels)
+                crate::detector::queue::consumer_of(config)
             } else {
                 String::new()
             },

@@ -23,16 +23,17 @@ use std::collections::HashSet;
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::sse::{Event as SseFrame, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures_util::stream::{self, Stream, StreamExt};
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{self, StreamExt};
 use serde::Deserialize;
 use uuid::Uuid;
 
 use super::HttpState;
-use crate::adapter::live::Missed;
+use crate::adapter::live::{LiveEvent, Missed};
 use crate::db::QueueClient;
 use crate::error::Error;
 use crate::event::Event;
@@ -118,7 +119,7 @@ async fn stream_events(
             match replay_from_queue(&state, id, channel.as_deref()).await {
                 Ok(events) => {
                     floor = Some(id);
-                    events
+                    events.into_iter().map(LiveEvent::new).collect()
                 }
                 Err(e) => {
                     tracing::info!(component = "adapter", adapter = "sse", last_event_id = %id,
@@ -136,45 +137,62 @@ async fn stream_events(
     if !replayed.is_empty() {
         crate::metrics::delivered("sse", replayed.len() as u64);
     }
-    let seen: HashSet<Uuid> = replayed.iter().map(|e| e.id).collect();
+    let seen: HashSet<Uuid> = replayed.iter().map(|e| e.event.id).collect();
 
-    let head = stream::iter(
-        notes
-            .into_iter()
-            .map(|n| SseFrame::default().comment(n))
-            .chain(replayed.iter().map(|e| frame(e, named)))
-            .collect::<Vec<_>>(),
-    );
+    let mut head = BytesMut::new();
+    for note in notes {
+        head.extend_from_slice(format!(": {note}\n\n").as_bytes());
+    }
+    for e in &replayed {
+        head.extend_from_slice(&frame(e, named));
+    }
+    let heartbeat_every = state.settings.heartbeat_interval;
+    let head = stream::once(async move { head.freeze() });
     let live = stream::unfold(
         (subscription.events, seen, guard),
-        move |(mut rx, mut seen, guard)| async move {
-            loop {
-                let event = rx.recv().await?;
+        move |(mut events, mut seen, guard)| async move {
+            let mut out = BytesMut::new();
+            let wanted = |e: &LiveEvent, seen: &mut HashSet<Uuid>| {
                 // Already sent from the queue replay (the seam): skip it once.
-                if !seen.is_empty() && seen.remove(&event.id) {
-                    continue;
+                let repeat = !seen.is_empty() && seen.remove(&e.event.id);
+                !repeat && floor.is_none_or(|last| e.event.id > last)
+            };
+            loop {
+                let next = tokio::time::timeout(heartbeat_every, events.recv()).await;
+                let event = match next {
+                    Err(_) => return Some((Bytes::from_static(HEARTBEAT), (events, seen, guard))),
+                    Ok(None) => return None,
+                    Ok(Some(event)) => event,
+                };
+                if wanted(&event, &mut seen) {
+                    out.extend_from_slice(&frame(&event, named));
                 }
-                if floor.is_some_and(|last| event.id <= last) {
-                    continue;
+                // What is already buffered goes out in the same write.
+                while out.len() < COALESCE_BYTES {
+                    let Some(event) = events.try_recv() else {
+                        break;
+                    };
+                    if wanted(&event, &mut seen) {
+                        out.extend_from_slice(&frame(&event, named));
+                    }
                 }
-                return Some((frame(&event, named), (rx, seen, guard)));
+                if !out.is_empty() {
+                    return Some((out.freeze(), (events, seen, guard)));
+                }
             }
         },
     );
     let cancel = state.cancel.clone();
-    let body: std::pin::Pin<Box<dyn Stream<Item = Result<SseFrame, Infallible>> + Send>> = Box::pin(
-        head.chain(live)
-            .take_until(cancel.cancelled_owned())
-            .map(Ok),
-    );
-    let mut response = Sse::new(body)
-        .keep_alive(
-            KeepAlive::new()
-                .interval(state.settings.heartbeat_interval)
-                .text("heartbeat"),
-        )
-        .into_response();
+    let body = head
+        .chain(live)
+        .take_until(cancel.cancelled_owned())
+        .map(Ok::<Bytes, Infallible>);
+    let mut response = Body::from_stream(body).into_response();
     let h = response.headers_mut();
+    h.insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     h.insert(
         axum::http::header::CACHE_CONTROL,
@@ -183,18 +201,37 @@ async fn stream_events(
     response
 }
 
-fn frame(event: &Event, named: bool) -> SseFrame {
-    let f = SseFrame::default()
-        .id(event.id.to_string())
-        .data(event.to_json_line());
-    // An SSE field ends at a line break (and axum refuses one): a channel that has one
-    // (listen_notify and wal channels are not checked by the extension) goes unnamed
-    // rather than break the stream; it is still in the data.
-    if named && !event.channel.contains(['\r', '\n']) {
-        f.event(&event.channel)
-    } else {
-        f
-    }
+/// The keep-alive comment sent when a stream had nothing for `sse.heartbeat_interval`.
+const HEARTBEAT: &[u8] = b": heartbeat\n\n";
+
+/// Most bytes of buffered frames written to a client at once.
+const COALESCE_BYTES: usize = 64 * 1024;
+
+/// Frame kinds cached per event (see [`LiveEvent::frame`]).
+const NAMED: usize = 0;
+const UNNAMED: usize = 1;
+
+/// The event's SSE frame, built once per event and kind for every client.
+fn frame(event: &LiveEvent, named: bool) -> Bytes {
+    // An SSE field ends at a line break: a channel that has one (listen_notify and wal
+    // channels are not checked by the extension) goes unnamed rather than break the
+    // stream; it is still in the data. The JSON line itself has none (serde escapes them).
+    let named = named && !event.event.channel.contains(['\r', '\n']);
+    event.frame(if named { NAMED } else { UNNAMED }, |e| {
+        let mut f = BytesMut::with_capacity(e.json().len() + 96);
+        f.extend_from_slice(b"id: ");
+        f.extend_from_slice(e.event.id.to_string().as_bytes());
+        f.extend_from_slice(b"\n");
+        if named {
+            f.extend_from_slice(b"event: ");
+            f.extend_from_slice(e.event.channel.as_bytes());
+            f.extend_from_slice(b"\n");
+        }
+        f.extend_from_slice(b"data: ");
+        f.extend_from_slice(e.json());
+        f.extend_from_slice(b"\n\n");
+        f.freeze()
+    })
 }
 
 /// How many connections SSE replays share, at most.
@@ -301,14 +338,18 @@ mod tests {
             id: Uuid::nil(),
             channel: "evil\r\nevent: forged".into(),
             operation: "NOTIFY".into(),
-            payload: serde_json::json!("x"),
+            payload: serde_json::json!("x").into(),
             key: None,
             source: "listen_notify".into(),
             created_at: chrono::Utc::now(),
             transaction: None,
         };
-        // axum panics on a line break in a field; the frame goes unnamed instead.
-        let _ = frame(&event, true);
-        let _ = frame(&event, false);
+        // A line break in the channel would end the field; the frame goes unnamed instead.
+        let live = LiveEvent::new(Arc::new(event));
+        let named = frame(&live, true);
+        assert_eq!(named, frame(&live, false));
+        let text = std::str::from_utf8(&named).unwrap();
+        assert!(!text.contains("\nevent:"), "{text}");
+        assert_eq!(text.matches('\n').count(), 3, "id, data, end: {text}");
     }
 }

@@ -8,18 +8,33 @@
 
 use std::sync::Arc;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use futures_util::SinkExt;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::HttpState;
-use crate::adapter::live::Hub;
+use crate::adapter::live::{Hub, LiveEvent};
 use crate::metrics::{ClientGuard, ClientKind};
 
 /// WebSocket close code "going away" (server shutting down).
 const GOING_AWAY: u16 = 1001;
+
+/// Most buffered events written to a client before one flush.
+const COALESCE_FRAMES: usize = 64;
+
+/// Writes one text frame per event (the JSON serialised once for every client, see
+/// [`LiveEvent`]), then flushes once.
+async fn send_all(socket: &mut WebSocket, events: &[Arc<LiveEvent>]) -> Result<(), axum::Error> {
+    for event in events {
+        let text = Utf8Bytes::try_from(event.json().clone())
+            .unwrap_or_else(|_| Utf8Bytes::from(event.event.to_json_line()));
+        socket.feed(Message::Text(text)).await?;
+    }
+    socket.flush().await
+}
 
 /// `GET /ws`: every channel.
 pub async fn all_channels(State(state): State<Arc<HttpState>>, ws: WebSocketUpgrade) -> Response {
@@ -76,8 +91,13 @@ async fn serve(
                     let _ = tokio::time::timeout(pong_timeout, socket.send(close)).await;
                     break "adapter stopped";
                 };
-                let text = Message::Text(event.to_json_line().into());
-                match tokio::time::timeout(pong_timeout, socket.send(text)).await {
+                // Frames already buffered go out with one flush.
+                let mut batch = vec![event];
+                while batch.len() < COALESCE_FRAMES {
+                    let Some(next) = sub.events.try_recv() else { break };
+                    batch.push(next);
+                }
+                match tokio::time::timeout(pong_timeout, send_all(&mut socket, &batch)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => break "send failed",
                     Err(_) => break "send timed out",

@@ -13,6 +13,7 @@ pub const KIND: Kind = Kind {
     list: Some("execs"),
     entries: |c| c.execs.iter().map(|e| e.name.clone()).collect(),
     validate: |c, used| {
+        registry::check_routes(c, "exec", "execs", &c.exec, &c.execs, |s| (&s.channels, &s.operations))?;
         c.exec.validate(Place::single("exec"), used)?;
         registry::check_list(
             "exec",
@@ -33,6 +34,11 @@ pub const KIND: Kind = Kind {
             &c.database_url,
             c.shutdown_timeout / 2,
         )))
+    },
+    route: |c, entry| {
+        registry::route_of(&c.exec, &c.execs, entry, |s| &s.name, |s| {
+            crate::route::Route::new(&s.channels, &s.operations)
+        })
     },
     init: None,
 };
@@ -55,6 +61,12 @@ pub struct ExecConfig {
     pub read_grace: Duration,
     /// Commands that may die while a line is in hand before that line is dead-lettered.
     pub max_attempts: u32,
+    /// Channels this adapter gets (empty: every channel the forwarder reads).
+    pub channels: Vec<String>,
+    /// Operations this adapter gets (empty: all), e.g. `[INSERT, UPDATE]`.
+    pub operations: Vec<String>,
+    /// How events are written: pgpipe, cloudevents, debezium.
+    pub format: crate::format::Format,
     /// Name of an `execs` entry (the adapter is `exec:<name>`); unused in `exec`.
     pub name: String,
 }
@@ -67,6 +79,9 @@ impl Default for ExecConfig {
             backoff_cap: Duration::from_secs(30),
             read_grace: Duration::from_millis(500),
             max_attempts: 5,
+            channels: Vec::new(),
+            operations: Vec::new(),
+            format: crate::format::Format::default(),
             name: String::new(),
         }
     }
@@ -75,6 +90,7 @@ impl Default for ExecConfig {
 impl ExecConfig {
     /// Checks the section at `at`; `used`: it runs, so its command is required.
     pub fn validate(&self, at: Place, used: bool) -> Result<(), ConfigError> {
+        self.format.check(at, false, 1)?;
         if used && self.command.trim().is_empty() {
             return Err(at.missing("a command", ConfigError::ExecWithoutCommand));
         }

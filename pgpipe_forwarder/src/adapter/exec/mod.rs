@@ -4,9 +4,13 @@
 //! running for `exec.read_grace` (or read 64 KiB more), see [`window`]. When the command
 //! exits, or a write fails, it is restarted after a backoff and every line not yet
 //! acknowledged (unread, or read just before it died) is written again to the new command,
-//! so a crashing command loses nothing; it may see a line twice. Its stderr (and stdout)
-//! go to the log, `component=exec`.
+//! so a crashing command loses nothing; it may see a line twice. A line in hand at
+//! `exec.max_attempts` crashes in a row is dead-lettered; a command the shell cannot run
+//! (exit status 126 or 127: not executable, not found) is a configuration error that
+//! blames no event: it is retried with the backoff, its events wait. Its stderr (and
+//! stdout) go to the log, `component=exec`.
 
+use crate::format::Renderer;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -54,6 +58,7 @@ pub struct Exec {
     read_grace: Duration,
     max_attempts: u32,
     dead_letters: DeadLetters,
+    renderer: Renderer,
 }
 
 /// A running child.
@@ -82,6 +87,7 @@ impl Exec {
             ),
             backoff: Backoff::new(config.backoff_base, config.backoff_cap)
                 .with_floor(Duration::from_millis(100)),
+            renderer: Renderer::new(config.format, database_url),
         }
     }
 
@@ -202,8 +208,7 @@ impl Exec {
             let lines: Vec<(u64, Vec<u8>)> = batch
                 .iter()
                 .map(|d| {
-                    let mut line =
-                        serde_json::to_vec(&*d.event).expect("an Event always serializes");
+                    let mut line = self.renderer.body(&d.event);
                     line.push(b'\n');
                     (d.seq, line)
                 })
@@ -286,6 +291,20 @@ impl Exec {
         cancel: &CancellationToken,
         input: &mut mpsc::Receiver<Delivery>,
     ) -> bool {
+        if let Some(code) = status.as_ref().ok().and_then(cannot_run) {
+            // A missing or non-executable program is a configuration problem: the events
+            // wait (unacknowledged) until the command runs, none is dead-lettered.
+            window.command_did_not_run(unwritten);
+            let reason = format!(
+                "the command cannot run (sh exit status {code}: {}); fix exec.command \
+                 (--exec-command); events wait and are not dead-lettered",
+                if code == 127 { "command not found" } else { "not executable" }
+            );
+            self.report.failed(&reason);
+            tracing::error!(component = "exec", adapter = %self.name, command = %self.command,
+                "{reason}");
+            return self.exited(status, running, cancel, input).await;
+        }
         if let Some((seq, line, crashes)) = window.command_died(unwritten, self.max_attempts) {
             match serde_json::from_slice::<Event>(&line) {
                 Ok(event) => {
@@ -333,6 +352,12 @@ impl Exec {
         park(input).await;
         false
     }
+}
+
+/// The shell's exit status when it could not run the command at all: 127 (not found)
+/// or 126 (found, not executable), as POSIX sh reports them.
+fn cannot_run(status: &ExitStatus) -> Option<i32> {
+    status.code().filter(|code| matches!(code, 126 | 127))
 }
 
 /// Writes and flushes `bytes` to the command.

@@ -110,6 +110,18 @@ impl Window {
         last
     }
 
+    /// The command could not run at all (the shell's exit status 126 or 127: not found,
+    /// not executable): every unacknowledged line, then `unwritten`, goes back to be sent
+    /// one at a time, and the failure counts against none of them; no event is to blame.
+    pub fn command_did_not_run(&mut self, unwritten: Vec<(u64, Vec<u8>)>) {
+        self.written = 0;
+        let mut again: VecDeque<(u64, Vec<u8>)> =
+            self.lines.drain(..).map(|l| (l.seq, l.bytes)).collect();
+        again.extend(self.careful.drain(..));
+        again.extend(unwritten);
+        self.careful = again;
+    }
+
     /// The command died (after `observe` took what it handled): every unacknowledged
     /// line, then `unwritten` (lines whose write failed), goes back to be sent one at a
     /// time. Returns the oldest line when it has now been in hand at `max_attempts`
@@ -119,12 +131,7 @@ impl Window {
         unwritten: Vec<(u64, Vec<u8>)>,
         max_attempts: u32,
     ) -> Option<(u64, Vec<u8>, u32)> {
-        self.written = 0;
-        let mut again: VecDeque<(u64, Vec<u8>)> =
-            self.lines.drain(..).map(|l| (l.seq, l.bytes)).collect();
-        again.extend(self.careful.drain(..));
-        again.extend(unwritten);
-        self.careful = again;
+        self.command_did_not_run(unwritten);
         let front = self.careful.front()?.0;
         if self.crash_front == Some(front) {
             self.crashes += 1;
@@ -200,6 +207,21 @@ mod tests {
         assert!(w.careful.is_empty() && w.is_empty());
         w.push(5, b"e\n".to_vec());
         assert_eq!(w.settle_all(), Some(5));
+    }
+
+    #[test]
+    fn a_command_that_cannot_run_never_gives_up_on_a_line() {
+        let mut w = Window::new(Duration::from_millis(100), 0);
+        w.push(1, b"a\n".to_vec());
+        for _ in 0..10 {
+            w.command_did_not_run(Vec::new());
+            let (seq, line) = w.careful.pop_front().unwrap();
+            assert_eq!(seq, 1);
+            w.push_careful(seq, line);
+        }
+        // The first real crash with the line in hand is its first attempt, not its 11th.
+        assert_eq!(w.command_died(Vec::new(), 2), None);
+        assert_eq!(w.command_died(Vec::new(), 2).map(|(s, _, n)| (s, n)), Some((1, 2)));
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub const KIND: Kind = Kind {
     list: Some("files"),
     entries: |c| c.files.iter().map(|f| f.name.clone()).collect(),
     validate: |c, used| {
+        registry::check_routes(c, "file", "files", &c.file, &c.files, |s| (&s.channels, &s.operations))?;
         c.file.validate(Place::single("file"), used)?;
         registry::check_list(
             "file",
@@ -28,7 +29,16 @@ pub const KIND: Kind = Kind {
     build: |b: &Build<'_>, name, entry| {
         let c = b.config;
         let section = registry::section(name, &c.file, "files", &c.files, entry, |f| &f.name)?;
-        Ok(Box::new(super::FileAdapter::adapter(name, section)?))
+        Ok(Box::new(super::FileAdapter::adapter(
+            name,
+            section,
+            &b.config.database_url,
+        )?))
+    },
+    route: |c, entry| {
+        registry::route_of(&c.file, &c.files, entry, |s| &s.name, |s| {
+            crate::route::Route::new(&s.channels, &s.operations)
+        })
     },
     init: None,
 };
@@ -67,6 +77,12 @@ pub struct FileConfig {
     /// Longest retry delay after a failed write.
     #[serde(with = "humantime_serde")]
     pub backoff_cap: Duration,
+    /// Channels this adapter gets (empty: every channel the forwarder reads).
+    pub channels: Vec<String>,
+    /// Operations this adapter gets (empty: all), e.g. `[INSERT, UPDATE]`.
+    pub operations: Vec<String>,
+    /// How events are written: pgpipe, cloudevents, debezium.
+    pub format: crate::format::Format,
     /// Name of a `files` entry (the adapter is `file:<name>`); unused in `file`.
     pub name: String,
 }
@@ -81,6 +97,9 @@ impl Default for FileConfig {
             fsync_interval: Duration::from_secs(1),
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(30),
+            channels: Vec::new(),
+            operations: Vec::new(),
+            format: crate::format::Format::default(),
             name: String::new(),
         }
     }
@@ -89,6 +108,7 @@ impl Default for FileConfig {
 impl FileConfig {
     /// Checks the section at `at`; `used`: it runs, so its path is required.
     pub fn validate(&self, at: Place, used: bool) -> Result<(), ConfigError> {
+        self.format.check(at, false, 1)?;
         if used && self.path.as_os_str().is_empty() {
             return Err(at.missing("a path", ConfigError::FileWithoutPath));
         }

@@ -11,6 +11,7 @@
 //!   cut short by a failed write or a crash is trimmed when the file is reopened, so the
 //!   file always holds whole lines.
 
+use crate::format::Renderer;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -36,13 +37,19 @@ pub struct FileAdapter {
     writer: Option<Writer>,
     fsync: FsyncPolicy,
     fsync_interval: Duration,
+    renderer: Renderer,
 }
 
 impl FileAdapter {
     /// The adapter named `name` writing as `config` says. A failed write is retried with
     /// backoff until it works (nothing is acknowledged meanwhile); nothing is refused, so
     /// there are no dead letters.
-    pub fn adapter(name: &str, config: &FileConfig) -> Result<Durable<FileAdapter>, Error> {
+    /// Lines are in `config.format`, which may name the database at `database_url`.
+    pub fn adapter(
+        name: &str,
+        config: &FileConfig,
+        database_url: &str,
+    ) -> Result<Durable<FileAdapter>, Error> {
         let sink = FileAdapter {
             name: name.to_string(),
             path: config.path.display().to_string(),
@@ -55,6 +62,7 @@ impl FileAdapter {
             }),
             fsync: config.fsync,
             fsync_interval: config.fsync_interval,
+            renderer: Renderer::new(config.format, database_url),
         };
         let policy = Policy::new(MAX_BATCH, config.backoff_base, config.backoff_cap, None);
         Ok(Durable::new(name, sink, policy, None))
@@ -67,7 +75,7 @@ impl FileAdapter {
             .iter()
             .map(|d| {
                 let start = buf.len();
-                serde_json::to_writer(&mut buf, &*d.event).expect("an Event always serializes");
+                buf.extend_from_slice(&self.renderer.body(&d.event));
                 buf.push(b'\n');
                 (start, buf.len())
             })

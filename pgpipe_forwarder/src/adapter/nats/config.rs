@@ -16,6 +16,7 @@ pub const KIND: Kind = Kind {
     list: Some("natss"),
     entries: |c| c.natss.iter().map(|n| n.name.clone()).collect(),
     validate: |c, used| {
+        registry::check_routes(c, "nats", "natss", &c.nats, &c.natss, |s| (&s.channels, &s.operations))?;
         c.nats.validate(Place::single("nats"), used)?;
         registry::check_list(
             "nats",
@@ -37,6 +38,11 @@ pub const KIND: Kind = Kind {
             section,
             &c.database_url,
         )?))
+    },
+    route: |c, entry| {
+        registry::route_of(&c.nats, &c.natss, entry, |s| &s.name, |s| {
+            crate::route::Route::new(&s.channels, &s.operations)
+        })
     },
     init: None,
 };
@@ -105,6 +111,12 @@ pub struct NatsConfig {
     pub tls_cert_file: String,
     /// PEM private key of `tls_cert_file`.
     pub tls_key_file: String,
+    /// Channels this adapter gets (empty: every channel the forwarder reads).
+    pub channels: Vec<String>,
+    /// Operations this adapter gets (empty: all), e.g. `[INSERT, UPDATE]`.
+    pub operations: Vec<String>,
+    /// How events are written: pgpipe, cloudevents, cloudevents_binary, debezium.
+    pub format: crate::format::Format,
     /// Name of a `natss` entry (the adapter is `nats:<name>`); unused in `nats`.
     pub name: String,
 }
@@ -134,6 +146,9 @@ impl Default for NatsConfig {
             tls_ca_file: String::new(),
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
+            channels: Vec::new(),
+            operations: Vec::new(),
+            format: crate::format::Format::default(),
             name: String::new(),
         }
     }
@@ -174,6 +189,7 @@ impl NatsConfig {
 
     /// Checks the section at `at`; `used`: it runs, so its URL is required.
     pub fn validate(&self, at: Place, used: bool) -> Result<(), ConfigError> {
+        self.format.check(at, true, 1)?;
         let invalid = |field: &str, message: String| ConfigError::InvalidValue {
             origin: config::Origin::Default,
             key: at.key(field),
@@ -329,6 +345,9 @@ impl fmt::Debug for NatsConfig {
             .field("tls_ca_file", &n.tls_ca_file)
             .field("tls_cert_file", &n.tls_cert_file)
             .field("tls_key_file", &n.tls_key_file)
+            .field("channels", &n.channels)
+            .field("operations", &n.operations)
+            .field("format", &n.format)
             .field("name", &n.name)
             .finish()
     }

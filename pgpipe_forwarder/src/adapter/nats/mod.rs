@@ -45,6 +45,8 @@ pub mod subject;
 pub use config::{Flags, NatsConfig, Storage, KIND};
 use subject::Template;
 
+use crate::format::Renderer;
+
 /// The nats sink (run by the delivery driver, see [`Nats::adapter`]).
 pub struct Nats {
     name: String,
@@ -56,6 +58,8 @@ pub struct Nats {
     /// The servers as logs, health and dead letters may show them.
     shown: String,
     template: Template,
+    /// Writes the message bodies (and CloudEvents binary mode's headers).
+    renderer: Renderer,
     /// Connected, with the stream checked.
     js: Option<Context>,
     /// The stream must be looked up (created) again before the next publish.
@@ -89,6 +93,7 @@ impl Nats {
             url_auth,
             shown,
             template,
+            renderer: Renderer::new(config.format, database_url),
             js: None,
             stream_unchecked: true,
         };
@@ -236,10 +241,13 @@ impl Nats {
         for d in batch {
             let event = &d.event;
             let subject = self.template.render(event);
-            let body = serde_json::to_vec(&**event).expect("events always serialize");
+            let body = self.renderer.body(event);
             let mut headers = HeaderMap::new();
             headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id.to_string().as_str());
-            headers.insert("Content-Type", "application/json");
+            headers.insert("Content-Type", self.renderer.content_type(false));
+            for (name, value) in self.renderer.headers(event) {
+                headers.insert(name.as_str(), value.as_str());
+            }
             headers.insert("Pgpipe-Channel", event.channel.as_str());
             headers.insert("Pgpipe-Operation", event.operation.as_str());
             match js
@@ -458,6 +466,7 @@ mod tests {
             url_auth: None,
             shown: redact_url_list(&config.servers()),
             template: Template::parse(&config.subject).unwrap(),
+            renderer: Renderer::new(config.format, "postgres://x@h/db"),
             config: Arc::new(config),
             js: None,
             stream_unchecked: true,

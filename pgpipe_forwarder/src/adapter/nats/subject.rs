@@ -169,7 +169,7 @@ mod tests {
             id: uuid::Uuid::nil(),
             channel: channel.into(),
             operation: operation.into(),
-            payload: serde_json::json!({}),
+            payload: serde_json::json!({}).into(),
             key: None,
             source: "trigger".into(),
             created_at: chrono::Utc::now(),

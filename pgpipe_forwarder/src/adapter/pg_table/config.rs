@@ -17,6 +17,7 @@ pub const KIND: Kind = Kind {
     list: Some("pg_tables"),
     entries: |c| c.pg_tables.iter().map(|p| p.name.clone()).collect(),
     validate: |c, used| {
+        registry::check_routes(c, "pg_table", "pg_tables", &c.pg_table, &c.pg_tables, |s| (&s.channels, &s.operations))?;
         c.pg_table.validate(Place::single("pg_table"), used)?;
         registry::check_list(
             "pg_table",
@@ -44,6 +45,11 @@ pub const KIND: Kind = Kind {
             &c.database_url,
         )))
     },
+    route: |c, entry| {
+        registry::route_of(&c.pg_table, &c.pg_tables, entry, |s| &s.name, |s| {
+            crate::route::Route::new(&s.channels, &s.operations)
+        })
+    },
     init: Some(super::table_ddl),
 };
 
@@ -63,6 +69,10 @@ pub struct PgTableConfig {
     /// Longest reconnect delay.
     #[serde(with = "humantime_serde")]
     pub backoff_cap: Duration,
+    /// Channels this adapter gets (empty: every channel the forwarder reads).
+    pub channels: Vec<String>,
+    /// Operations this adapter gets (empty: all), e.g. `[INSERT, UPDATE]`.
+    pub operations: Vec<String>,
     /// Name of a `pg_tables` entry (the adapter is `pg_table:<name>`); unused in `pg_table`.
     pub name: String,
 }
@@ -75,6 +85,8 @@ impl Default for PgTableConfig {
             batch_size: 500,
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(30),
+            channels: Vec::new(),
+            operations: Vec::new(),
             name: String::new(),
         }
     }
@@ -109,6 +121,8 @@ impl fmt::Debug for PgTableConfig {
             .field("url", &redact_url(&self.url))
             .field("table", &self.table)
             .field("batch_size", &self.batch_size)
+            .field("channels", &self.channels)
+            .field("operations", &self.operations)
             .field("name", &self.name)
             .field("backoff_base", &self.backoff_base)
             .field("backoff_cap", &self.backoff_cap)

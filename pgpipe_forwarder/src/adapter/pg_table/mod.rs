@@ -111,7 +111,7 @@ async fn insert(
     let mut ids: Vec<Uuid> = Vec::with_capacity(rows.len());
     let mut channels: Vec<&str> = Vec::with_capacity(rows.len());
     let mut operations: Vec<&str> = Vec::with_capacity(rows.len());
-    let mut payloads: Vec<&serde_json::Value> = Vec::with_capacity(rows.len());
+    let mut payloads: Vec<&crate::event::Payload> = Vec::with_capacity(rows.len());
     let mut sources: Vec<&str> = Vec::with_capacity(rows.len());
     let mut created: Vec<DateTime<Utc>> = Vec::with_capacity(rows.len());
     for d in rows {

@@ -17,6 +17,7 @@ pub const KIND: Kind = Kind {
     validate: registry::nothing_to_check,
     redact: registry::no_secrets,
     build: |_: &Build<'_>, _, _| Ok(Box::new(Stdout::adapter(tokio::io::stdout()))),
+    route: registry::every_event,
     init: None,
 };
 

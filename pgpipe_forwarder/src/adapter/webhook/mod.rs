@@ -1,9 +1,11 @@
 //! webhook: POSTs each event (or a batch of events, as a JSON array) to an HTTP endpoint.
 //!
-//! Delivery is in order and at-least-once: an event is acknowledged after a 2xx answer, or
-//! after it was recorded as a dead letter (a 4xx other than 429, or `max_retries` attempts
-//! without success). Network errors, timeouts, 429 and 5xx are retried with exponential
-//! backoff and full jitter (never less than 100 ms), or after the server's `Retry-After`.
+//! Delivery is at-least-once and in order per lane (`webhook.ordering`: a channel and key
+//! by default, with up to `webhook.concurrency` requests in flight, one per lane): an event
+//! is acknowledged after a 2xx answer, or after it was recorded as a dead letter (a verdict
+//! on the event such as 400 or 422, or `max_retries` transient failures). Which status
+//! means what, and why, is in [`retry`]. Retries wait with exponential backoff and full
+//! jitter (never less than 100 ms), or the server's `Retry-After`.
 //! The event id is the idempotency key (`Idempotency-Key`, `webhook-id`,
 //! `X-PGPipe-Event-ID`), the same on every retry and redelivery.
 
@@ -16,6 +18,7 @@ use super::dead_letter::DeadLetters;
 use super::durable::{Durable, Failure, Policy, Sink};
 use crate::config::redact_url;
 use crate::error::Error;
+use crate::format::Renderer;
 use crate::event::Delivery;
 
 mod config;
@@ -36,7 +39,9 @@ const BODY_EXCERPT: usize = 200;
 /// body must not fill the forwarder's memory (the rest is never read).
 const BODY_READ_LIMIT: usize = 4096;
 
-/// The webhook sink (run by the delivery driver, see [`Webhook::adapter`]).
+/// The webhook sink (run by the delivery driver, see [`Webhook::adapter`]). Its lanes are
+/// clones sharing one HTTP client (one connection pool).
+#[derive(Clone)]
 pub struct Webhook {
     name: String,
     client: reqwest::Client,
@@ -48,6 +53,7 @@ pub struct Webhook {
     max_attempts: u32,
     timeout: Duration,
     batch_size: usize,
+    renderer: Renderer,
 }
 
 impl Webhook {
@@ -63,19 +69,21 @@ impl Webhook {
             config.backoff_base,
             config.backoff_cap,
             Some(config.max_retries),
-        );
+        )
+        .parallel(config.concurrency, config.ordering);
         let dead_letters =
             DeadLetters::new(database_url, name, config.backoff_base, config.backoff_cap);
         Ok(Durable::new(
             name,
-            Webhook::new(name, config)?,
+            Webhook::new(name, config, database_url)?,
             policy,
             Some(dead_letters),
         ))
     }
 
-    /// The webhook sink named `name`.
-    pub fn new(name: &str, config: &WebhookConfig) -> Result<Webhook, Error> {
+    /// The webhook sink named `name`, for events read from `database_url` (which the
+    /// CloudEvents and Debezium formats name).
+    pub fn new(name: &str, config: &WebhookConfig, database_url: &str) -> Result<Webhook, Error> {
         let shown_url = redact_url(&config.url);
         let url = reqwest::Url::parse(config.url.trim()).map_err(|e| {
             Error::Config(format!("{name}: invalid webhook URL {shown_url:?}: {e}"))
@@ -129,6 +137,7 @@ impl Webhook {
             max_attempts: config.max_retries.max(1),
             timeout: config.timeout,
             batch_size: config.batch_size.max(1),
+            renderer: Renderer::new(config.format, database_url),
         })
     }
 
@@ -137,11 +146,10 @@ impl Webhook {
         let as_array = self.batch_size > 1;
         let body = if as_array {
             let events: Vec<_> = batch.iter().map(|d| &*d.event).collect();
-            serde_json::to_vec(&events)
+            self.renderer.batch_body(&events)
         } else {
-            serde_json::to_vec(&*batch[0].event)
-        }
-        .expect("events always serialize");
+            self.renderer.body(&batch[0].event)
+        };
         let first = &batch[0].event;
         let message_id = match batch {
             [one] => one.event.id.to_string(),
@@ -149,6 +157,17 @@ impl Webhook {
             [] => return Ok(()),
         };
         let mut headers = self.headers.clone();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static(self.renderer.content_type(as_array)),
+        );
+        if !as_array {
+            for (name, value) in self.renderer.headers(first) {
+                if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
+                    headers.insert(name, value);
+                }
+            }
+        }
         let mut put = |name: &'static str, value: &str| {
             if let Ok(v) = HeaderValue::from_str(value) {
                 headers.insert(name, v);
@@ -169,28 +188,34 @@ impl Webhook {
             put("x-pgpipe-signature", &signer.pgpipe(&body));
         }
 
-        match self.attempt(&headers, &message_id, &body).await {
+        match self.attempt(&headers, &message_id, body).await {
             Attempt::Delivered => {
                 tracing::debug!(component = "webhook", adapter = %self.name,
                     id = %message_id, events = batch.len(), "delivered");
                 Ok(())
+            }
+            Attempt::Refuse { error } => {
+                tracing::warn!(component = "webhook", adapter = %self.name, id = %message_id,
+                    url = %self.shown_url, error, "refused by the endpoint; not retrying");
+                Err(Failure::BadEvent { error })
             }
             Attempt::Reject { error } => {
                 tracing::warn!(component = "webhook", adapter = %self.name, id = %message_id,
                     url = %self.shown_url, error, "rejected by the endpoint; not retrying");
                 Err(Failure::Reject { error })
             }
+            Attempt::Hold { error, retry_after } => Err(Failure::Hold { error, retry_after }),
             Attempt::Retry { error, retry_after } => Err(Failure::Retry { error, retry_after }),
         }
     }
 
     /// One POST.
-    async fn attempt(&self, headers: &HeaderMap, message_id: &str, body: &[u8]) -> Attempt {
+    async fn attempt(&self, headers: &HeaderMap, message_id: &str, body: Vec<u8>) -> Attempt {
         let mut headers = headers.clone();
         if let Some(signer) = &self.signer {
             let timestamp = chrono::Utc::now().timestamp();
             headers.insert("webhook-timestamp", HeaderValue::from(timestamp));
-            if let Ok(v) = HeaderValue::from_str(&signer.standard(message_id, timestamp, body)) {
+            if let Ok(v) = HeaderValue::from_str(&signer.standard(message_id, timestamp, &body)) {
                 headers.insert("webhook-signature", v);
             }
         }
@@ -198,7 +223,7 @@ impl Webhook {
             .client
             .post(self.url.clone())
             .headers(headers)
-            .body(body.to_vec())
+            .body(body)
             .send()
             .await;
         match sent {
@@ -288,5 +313,9 @@ impl Sink for Webhook {
     fn started(&self) {
         tracing::info!(component = "webhook", adapter = %self.name, url = %self.shown_url,
             signed = self.signer.is_some(), batch_size = self.batch_size, "webhook adapter started");
+    }
+
+    fn fork(&self) -> Option<Webhook> {
+        Some(self.clone())
     }
 }

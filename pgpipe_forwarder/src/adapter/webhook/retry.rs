@@ -1,5 +1,23 @@
 //! What a webhook answer means for retrying: which statuses are retried, and how long a
 //! `Retry-After` header asks to wait.
+//!
+//! Standard Webhooks and the services it grew from (Svix, Hasura event triggers, Sequin)
+//! treat any answer but 2xx as a failed attempt and retry it; none gives up on an event
+//! because the endpoint is misconfigured. pgpipe follows them, and splits the failures by
+//! whom they are about:
+//! - a verdict on the event (400, 413, 415, 422): the receiver read this body and refuses
+//!   it; the same body would be refused again, so the event is dead-lettered at once (in a
+//!   batch, the driver finds the refused event one at a time). 410 Gone is the Standard
+//!   Webhooks way to say "stop sending": the events are dead-lettered (kept for `pgpipe
+//!   dlq replay`) instead of piling up in the queue;
+//! - the endpoint is not ready for anything (401, 403, 404, 405, 407, 421, a redirect that
+//!   is not followed): a wrong URL, token or secret, which says nothing about the event.
+//!   These are retried without an attempt limit, health shows the endpoint down with the
+//!   status, and nothing is dead-lettered, so a receiver deployed with a wrong secret does
+//!   not drain the queue into the dead letters;
+//! - transient (network errors, timeouts, 408, 425, 429, 5xx and any other status): retried
+//!   with backoff up to `webhook.max_retries` attempts, then dead-lettered (an event that
+//!   keeps crashing the receiver must not block its key for ever).
 
 use std::time::Duration;
 
@@ -20,7 +38,20 @@ pub enum Attempt {
         /// The server's `Retry-After`, when it sent one.
         retry_after: Option<Duration>,
     },
-    /// Any other status: retrying cannot help; dead-letter at once.
+    /// The endpoint answers nothing until it is fixed (401, 403, 404, ...): try again,
+    /// without an attempt limit.
+    Hold {
+        /// What went wrong, and what to check.
+        error: String,
+        /// The server's `Retry-After`, when it sent one.
+        retry_after: Option<Duration>,
+    },
+    /// The receiver refuses this event (400, 413, 415, 422): dead-letter it at once.
+    Refuse {
+        /// What went wrong.
+        error: String,
+    },
+    /// The endpoint is gone for good (410): dead-letter the whole batch.
     Reject {
         /// What went wrong.
         error: String,
@@ -40,13 +71,22 @@ pub fn classify(
     } else {
         format!("HTTP {status}: {body_excerpt}")
     };
+    let retry_after = retry_after.and_then(|v| parse_retry_after(v, now));
     match status {
         200..=299 => Attempt::Delivered,
-        429 | 500..=599 => Attempt::Retry {
-            error,
-            retry_after: retry_after.and_then(|v| parse_retry_after(v, now)),
+        400 | 413 | 415 | 422 => Attempt::Refuse { error },
+        410 => Attempt::Reject {
+            error: format!("{error} (the endpoint is gone)"),
         },
-        _ => Attempt::Reject { error },
+        401 | 403 | 407 => Attempt::Hold {
+            error: format!("{error} (check the receiver's credentials: webhook.headers, webhook.signing_key)"),
+            retry_after,
+        },
+        300..=399 | 404 | 405 | 421 => Attempt::Hold {
+            error: format!("{error} (check webhook.url)"),
+            retry_after,
+        },
+        _ => Attempt::Retry { error, retry_after },
     }
 }
 
@@ -87,18 +127,31 @@ mod tests {
             Attempt::Retry { retry_after: Some(d), .. } if d == Duration::from_secs(2)));
         assert_eq!(
             classify(400, None, "bad", now()),
-            Attempt::Reject {
+            Attempt::Refuse {
                 error: "HTTP 400: bad".into()
             }
         );
-        assert!(matches!(
-            classify(404, None, "", now()),
-            Attempt::Reject { .. }
-        ));
-        assert!(matches!(
-            classify(308, None, "", now()),
-            Attempt::Reject { .. }
-        ));
+        for verdict in [413, 415, 422] {
+            assert!(matches!(classify(verdict, None, "", now()), Attempt::Refuse { .. }));
+        }
+        assert!(matches!(classify(410, None, "", now()), Attempt::Reject { .. }));
+        // Misconfiguration is never a verdict on the event.
+        for held in [401, 403, 404, 405, 407, 421, 301, 308] {
+            assert!(
+                matches!(classify(held, None, "", now()), Attempt::Hold { .. }),
+                "{held}"
+            );
+        }
+        assert!(matches!(classify(404, None, "", now()),
+            Attempt::Hold { error, .. } if error.contains("webhook.url")));
+        assert!(matches!(classify(401, Some("5"), "", now()),
+            Attempt::Hold { error, retry_after: Some(d) } if error.contains("credentials") && d == Duration::from_secs(5)));
+        for transient in [408, 409, 425, 429, 418, 500, 502, 503, 504] {
+            assert!(
+                matches!(classify(transient, None, "", now()), Attempt::Retry { .. }),
+                "{transient}"
+            );
+        }
     }
 
     #[test]

@@ -220,7 +220,7 @@ impl ChangeBuilder {
                 id: event_id(tx.commit_time, tx.commit_lsn, tx.ordinal),
                 channel,
                 operation: op.into(),
-                payload: Value::Object(payload),
+                payload: Value::Object(payload).into(),
                 key,
                 source: SOURCE.into(),
                 created_at: tx.commit_time,
@@ -248,7 +248,7 @@ impl ChangeBuilder {
             id: event_id(tx.commit_time, tx.commit_lsn, ordinal),
             channel: TX_CHANNEL.into(),
             operation: op.into(),
-            payload: Value::Object(payload),
+            payload: Value::Object(payload).into(),
             key: None,
             source: SOURCE.into(),
             created_at: tx.commit_time,
@@ -439,7 +439,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(
-            upd[0].payload,
+            *upd[0].payload.value(),
             json!({"op": "UPDATE", "schema": "public", "table": "orders",
                    "row": {"id": 1, "total": 11, "meta": null}, "old": {"id": 1},
                    "unchanged_toast": ["doc"]})
@@ -454,14 +454,14 @@ mod tests {
             })
             .unwrap();
         assert_eq!(
-            upd[0].payload["row"],
+            upd[0].payload.value()["row"],
             json!({"id": 1, "total": 12, "doc": "big", "meta": null})
         );
         assert_eq!(
-            upd[0].payload["old"],
+            upd[0].payload.value()["old"],
             json!({"id": 1, "total": 11, "doc": "big", "meta": null})
         );
-        assert!(upd[0].payload.get("unchanged_toast").is_none());
+        assert!(upd[0].payload.value().get("unchanged_toast").is_none());
         assert_eq!(upd[0].key, Some(json!({"id": 1})));
 
         let del = b
@@ -474,8 +474,8 @@ mod tests {
             })
             .unwrap();
         assert_eq!(del[0].operation, "DELETE");
-        assert_eq!(del[0].payload["row"], json!({"id": 1}));
-        assert_eq!(del[0].payload["old"], Value::Null);
+        assert_eq!(del[0].payload.value()["row"], json!({"id": 1}));
+        assert_eq!(del[0].payload.value()["old"], Value::Null);
         assert_eq!(
             del[0].key,
             Some(json!({"id": 1})),
@@ -489,7 +489,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(
-            tr[0].payload,
+            *tr[0].payload.value(),
             json!({"op": "TRUNCATE", "schema": "public", "table": "orders", "row": null, "old": null})
         );
         assert_eq!(tr[0].key, None, "TRUNCATE has no key");
@@ -585,7 +585,7 @@ mod tests {
         let begin = b.begin(0x300, 0, 9).unwrap();
         assert_eq!(begin.operation, "BEGIN");
         assert_eq!(begin.channel, TX_CHANNEL);
-        assert_eq!(begin.payload["xid"], json!(9));
+        assert_eq!(begin.payload.value()["xid"], json!(9));
         let e = b
             .change(&Message::Insert {
                 relation: 1,
@@ -595,7 +595,7 @@ mod tests {
         assert!(e.is_empty(), "filtered by channel");
         let commit = b.commit().unwrap();
         assert_eq!(commit.operation, "COMMIT");
-        assert_eq!(commit.payload["event_count"], json!(0));
+        assert_eq!(commit.payload.value()["event_count"], json!(0));
         assert!(begin.id < commit.id);
     }
 

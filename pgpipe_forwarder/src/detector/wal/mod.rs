@@ -25,7 +25,6 @@ pub use pgpipe_pgoutput::parse_lsn;
 pub mod value;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -43,7 +42,7 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::db::{self, ConnectTarget, TlsMode};
 use crate::error::Error;
-use crate::event::{Delivery, Event};
+use crate::event::Event;
 use crate::health::Component;
 use changes::{ChangeBuilder, Options};
 use pgoutput::Message;
@@ -516,11 +515,7 @@ pub fn wal_level_error(level: &str) -> String {
 }
 
 fn publish(bus: &Bus, progress: &mut Progress, safe: u64, event: Event) -> Result<(), Error> {
-    let seq = progress.window.push_event(safe);
-    bus.publish(&Delivery {
-        seq,
-        event: Arc::new(event),
-    })
+    progress.window.publish(bus, safe, event).map(|_| ())
 }
 
 /// The primary-key column names of table `relid` (empty: none), for the events' key.

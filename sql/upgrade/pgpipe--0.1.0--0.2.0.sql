@@ -1,0 +1,1347 @@
+-- pgpipe 0.1.0 -> 0.2.0, run by ALTER EXTENSION pgpipe UPDATE (TO '0.2.0').
+--
+-- How this file grows: every SQL change of the 0.2.0 round has a section here, headed
+-- `-- <feature>`, appended at the end by the change that makes it. A section does to a
+-- database created at 0.1.0 (and updated by the sections above it) what the feature's
+-- change to sql/*.sql does to a fresh install: CREATE the new objects, CREATE OR REPLACE
+-- the changed functions with the very text of their new definition (a changed result
+-- type or parameter name takes DROP FUNCTION first), ALTER TABLE for new columns (added
+-- at the END of the table in sql/*.sql too, so both column orders agree), backfill the
+-- rows the new objects need, and the REVOKE ... FROM PUBLIC and GRANTs that
+-- sql/grants.sql gives its objects. The upgrade scenario (tests/tests/upgrade.rs)
+-- compares the catalog of a database updated by this file with a fresh 0.2.0 install
+-- and names the first object that differs, so a forgotten section fails the tests.
+--
+-- Once 0.2.0 is released this file is never edited again: the next round's changes go
+-- into pgpipe--0.2.0--0.3.0.sql.
+
+\echo Use "ALTER EXTENSION pgpipe UPDATE TO '0.2.0'" to load this file. \quit
+
+--------------------------------------------------------------------------------
+-- 0.2.0 base: roles and least privilege, consumer leases in rows, channel sources,
+-- the native capture trigger, settings read through the library, WAL message keys
+-- (the sql/pgpipe.sql of 0.1.0 split into sql/*.sql)
+--------------------------------------------------------------------------------
+
+DO $$
+DECLARE
+    r text;
+BEGIN
+    FOREACH r IN ARRAY ARRAY['pgpipe_consumer', 'pgpipe_producer', 'pgpipe_admin'] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = r) THEN
+            BEGIN
+                EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', r);
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN
+                NULL;  -- created a moment ago by CREATE EXTENSION in another database
+            END;
+        END IF;
+    END LOOP;
+    FOREACH r IN ARRAY ARRAY['pgpipe_consumer', 'pgpipe_producer'] LOOP
+        IF NOT pg_catalog.pg_has_role('pgpipe_admin', r, 'MEMBER') THEN
+            BEGIN
+                EXECUTE pg_catalog.format('GRANT %I TO pgpipe_admin', r);
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN
+                NULL;
+            END;
+        END IF;
+    END LOOP;
+END $$;
+
+-- The calling role has pgpipe_admin's rights (superusers always do).
+CREATE FUNCTION pgpipe.is_admin() RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_has_role(session_user, 'pgpipe_admin', 'USAGE')
+$$;
+
+-- Settings the SQL reads through the library (so a session cannot fake them with a
+-- placeholder of the same name), as pgrx declares them in the 0.2.0 install script.
+CREATE FUNCTION pgpipe.consumer_stale_after() RETURNS INT
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'consumer_stale_after_wrapper';
+
+CREATE FUNCTION pgpipe.partition_xids() RETURNS INT
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'partition_xids_wrapper';
+
+-- Capture (sql/capture.sql). The capture functions keep their oids, so the triggers of
+-- subscribed tables call the native trigger from now on.
+-- Row trigger: TG_ARGV[0] is the channel. Native (pgpipe_ext/src/capture/): it builds the
+-- payload with to_jsonb and writes the queue row straight into the partition of
+-- pgpipe.events, without SPI. It is deliberately NOT SECURITY DEFINER: casts and output
+-- functions of the captured columns run as the role that wrote the row, and writers need
+-- no privilege on pgpipe's tables. No NOTIFY here: NOTIFY takes a global lock at commit
+-- and would serialize writers; the committed transaction wakes the background worker.
+CREATE OR REPLACE FUNCTION pgpipe.capture_row() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'pgpipe_capture_row';
+
+-- Statement trigger for TRUNCATE (row triggers do not fire for it); the same path.
+CREATE OR REPLACE FUNCTION pgpipe.capture_truncate() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'pgpipe_capture_truncate';
+
+-- Every table that ever carried its changes on a channel. Kept after unsubscribe (and
+-- after the table is dropped): the events it queued stay in the queue, so who may read
+-- the channel is still decided by that table.
+CREATE TABLE pgpipe.channel_sources (
+    channel  text NOT NULL,
+    relid    oid  NOT NULL,
+    PRIMARY KEY (channel, relid)
+);
+COMMENT ON TABLE pgpipe.channel_sources IS
+    'pgpipe: the tables whose changes a channel carries or carried; they decide who may read and emit on it';
+-- The channels of 0.1.0: each subscription's table, and for events still queued on a
+-- channel no subscription carries any more, the table the event names (its partitioned
+-- parent for a partition; oid 0 when it was dropped, so only pgpipe_admin reads it).
+INSERT INTO pgpipe.channel_sources (channel, relid)
+SELECT s.channel, s.relid FROM pgpipe.subscription s
+ON CONFLICT DO NOTHING;
+INSERT INTO pgpipe.channel_sources (channel, relid)
+SELECT DISTINCT q.channel,
+       coalesce(CASE WHEN c.relispartition THEN pg_catalog.pg_partition_root(c.oid) ELSE c.oid END, 0)
+FROM (SELECT DISTINCT e.channel, e.payload->>'schema' AS nspname, e.payload->>'table' AS relname
+      FROM pgpipe.events e
+      WHERE e.source IN ('trigger', 'wal')
+        AND NOT EXISTS (SELECT 1 FROM pgpipe.channel_sources cs WHERE cs.channel = e.channel)) q
+LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = q.nspname
+LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = q.relname
+ON CONFLICT DO NOTHING;
+
+-- Why the calling role may not read `chan`, or NULL when it may. A channel is readable
+-- when the role may SELECT every table that carries (or carried) changes on it, without
+-- row-level security hiding rows from it: an event holds the whole row. A channel that
+-- no table ever used (emit only) is readable by every pgpipe_consumer.
+CREATE FUNCTION pgpipe.channel_read_denial(chan text) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+             WHEN c.oid IS NULL THEN
+               format('channel %s carried the changes of a table that was dropped (oid %s); only pgpipe_admin reads it',
+                      quote_literal(chan), s.relid)
+             WHEN NOT has_table_privilege(session_user, c.oid, 'SELECT') THEN
+               format('channel %s carries the changes of table %s, which role %s may not SELECT',
+                      quote_literal(chan), c.oid::regclass, quote_ident(session_user))
+             ELSE
+               format('channel %s carries the changes of table %s, whose row-level security hides rows from role %s',
+                      quote_literal(chan), c.oid::regclass, quote_ident(session_user))
+           END
+    FROM pgpipe.channel_sources s
+    LEFT JOIN pg_class c ON c.oid = s.relid
+    WHERE s.channel = chan
+      AND NOT pgpipe.is_admin()
+      AND (c.oid IS NULL
+           OR NOT has_table_privilege(session_user, c.oid, 'SELECT')
+           OR (c.relrowsecurity
+               AND NOT pg_has_role(session_user, c.relowner, 'USAGE')
+               AND NOT (SELECT r.rolbypassrls FROM pg_roles r WHERE r.rolname = session_user)))
+    ORDER BY s.relid
+    LIMIT 1
+$$;
+
+-- Refuses unless the calling role may read every channel of `chans`; NULL (all channels)
+-- only for pgpipe_admin. `what` names the action in the message.
+CREATE FUNCTION pgpipe.require_channels_readable(chans text[], what text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    chan text;
+    denial text;
+BEGIN
+    IF chans IS NULL THEN
+        IF NOT pgpipe.is_admin() THEN
+            RAISE EXCEPTION 'role % may not % every channel: only pgpipe_admin may', quote_ident(session_user), what
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'Name the channels: pgpipe.register_consumer(name, ARRAY[''orders'', ...]).';
+        END IF;
+        RETURN;
+    END IF;
+    FOREACH chan IN ARRAY chans LOOP
+        denial := pgpipe.channel_read_denial(chan);
+        IF denial IS NOT NULL THEN
+            RAISE EXCEPTION 'role % may not % channel %: %', quote_ident(session_user), what, quote_literal(chan), denial
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'The table''s owner can GRANT SELECT ON the table TO the role; or leave the channel out.';
+        END IF;
+    END LOOP;
+END $$;
+
+-- Why the calling role may not put events on `chan` (emit, or subscribe a table other
+-- than `except_table` to it), or NULL when it may: it needs INSERT, UPDATE or DELETE on
+-- every table whose changes the channel carries, so nobody forges another table's
+-- changes. A channel of a dropped table takes pgpipe_admin.
+CREATE FUNCTION pgpipe.channel_write_denial(chan text, except_table oid DEFAULT NULL) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+             WHEN c.oid IS NULL THEN
+               format('channel %s carried the changes of a table that was dropped (oid %s); only pgpipe_admin writes to it',
+                      quote_literal(chan), s.relid)
+             ELSE
+               format('channel %s carries the changes of table %s, on which role %s has no INSERT, UPDATE or DELETE right',
+                      quote_literal(chan), c.oid::regclass, quote_ident(session_user))
+           END
+    FROM pgpipe.channel_sources s
+    LEFT JOIN pg_class c ON c.oid = s.relid
+    WHERE s.channel = chan
+      AND s.relid IS DISTINCT FROM except_table
+      AND NOT pgpipe.is_admin()
+      AND (c.oid IS NULL OR NOT has_table_privilege(session_user, c.oid, 'INSERT, UPDATE, DELETE'))
+    ORDER BY s.relid
+    LIMIT 1
+$$;
+
+-- Refuses unless the calling role owns `tbl` (or is a member of its owner). Only a
+-- table's owner adds or removes its capture.
+CREATE FUNCTION pgpipe.require_table_owner(tbl regclass, what text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    owner oid := (SELECT relowner FROM pg_class WHERE oid = tbl);
+BEGIN
+    IF owner IS NULL OR NOT pg_has_role(session_user, owner, 'USAGE') THEN
+        RAISE EXCEPTION 'must be the owner of table % to % it', tbl, what
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('Run it as %s, the table''s owner (or a member of that role).',
+                                coalesce(quote_ident(owner::regrole::text), 'its owner'));
+    END IF;
+END $$;
+
+-- Drops pgpipe's capture triggers from a table (if present).
+CREATE OR REPLACE FUNCTION pgpipe.drop_capture_triggers(tbl regclass) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    trigger_name name;
+BEGIN
+    PERFORM pgpipe.require_table_owner(tbl, 'remove capture from');
+    FOR trigger_name IN
+        SELECT tgname FROM pg_trigger
+        WHERE tgrelid = tbl AND tgname IN ('pgpipe_capture', 'pgpipe_capture_truncate')
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, tbl);
+    END LOOP;
+END $$;
+
+-- Installs capture on a table. Idempotent: subscribing again replaces the channel,
+-- operations and mode of the existing subscription. Returns the channel.
+-- mode => 'wal' captures through logical decoding in the background worker (see "WAL
+-- capture" below); replica_identity_full => true lets a table without a primary key be
+-- captured that way by setting REPLICA IDENTITY FULL on it.
+-- Switching modes locks the table against writers for the switch, so every change is
+-- captured exactly once: by the trigger before, by the WAL after (or the other way).
+CREATE OR REPLACE FUNCTION pgpipe.subscribe(
+    "table"    regclass,
+    channel    text   DEFAULT NULL,
+    operations text[] DEFAULT ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE'],
+    mode       text   DEFAULT 'trigger',
+    replica_identity_full boolean DEFAULT false
+) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel record;
+    ops text[];
+    row_ops text[];
+    denial text;
+BEGIN
+    IF "table" IS NULL THEN
+        RAISE EXCEPTION 'no table given' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT c.relname, c.relkind, n.nspname INTO rel
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = "table";
+    IF rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', "table"
+            USING ERRCODE = 'wrong_object_type',
+                  HINT = 'Only ordinary and partitioned tables can be subscribed.';
+    END IF;
+    IF rel.nspname = 'pgpipe' THEN
+        RAISE EXCEPTION 'pgpipe''s own table % cannot be subscribed', "table"
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pgpipe.require_table_owner("table", 'subscribe');
+    mode := lower(coalesce(mode, ''));
+    IF mode NOT IN ('trigger', 'wal') THEN
+        RAISE EXCEPTION 'unknown mode %', quote_literal(mode)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'mode is ''trigger'' or ''wal''.';
+    END IF;
+    channel := pgpipe.check_channel(coalesce(channel,
+        CASE WHEN rel.nspname = 'public' THEN rel.relname ELSE rel.nspname || '.' || rel.relname END));
+    ops := pgpipe.check_operations(operations);
+    denial := pgpipe.channel_write_denial(channel, "table");
+    IF denial IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot subscribe % to channel %: %', "table", quote_literal(channel), denial
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Pass another channel => ''...'' (the default is the table''s name).';
+    END IF;
+    IF mode = 'wal' AND NOT pgpipe.is_admin()
+       AND NOT (SELECT r.rolreplication FROM pg_roles r WHERE r.rolname = session_user) THEN
+        -- WAL mode creates and holds a replication slot, which retains WAL for everyone.
+        RAISE EXCEPTION 'mode ''wal'' needs the REPLICATION attribute or the pgpipe_admin role (role % has neither)',
+            quote_ident(session_user)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('A superuser runs: GRANT pgpipe_admin TO %I; or use mode => ''trigger''.', session_user);
+    END IF;
+    IF mode = 'wal' THEN
+        -- First, before this transaction writes: it may have to create the slot.
+        PERFORM pgpipe.prepare_wal_capture("table", coalesce(replica_identity_full, false));
+    END IF;
+
+    -- Writers wait while capture switches over (see above).
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', "table");
+    IF EXISTS (SELECT 1 FROM pgpipe.subscription s WHERE s.relid = "table" AND s.mode = 'wal') THEN
+        -- Changing a WAL-mode subscription: let the worker queue the table's last WAL
+        -- changes under the old channel and operations first (and, when leaving WAL
+        -- mode, before the trigger's events).
+        PERFORM pgpipe.wait_for_wal_capture();
+    END IF;
+    PERFORM pgpipe.drop_capture_triggers("table");
+    IF mode = 'wal' THEN
+        IF replica_identity_full THEN
+            EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', "table");
+        END IF;
+        PERFORM pgpipe.publish("table");
+        row_ops := '{}';
+    ELSE
+        PERFORM pgpipe.unpublish("table");
+        row_ops := ARRAY(SELECT o FROM unnest(ops) o WHERE o <> 'TRUNCATE');
+    END IF;
+    IF cardinality(row_ops) > 0 THEN
+        EXECUTE format(
+            'CREATE TRIGGER pgpipe_capture AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION pgpipe.capture_row(%L)',
+            array_to_string(row_ops, ' OR '), "table", channel);
+    END IF;
+    IF mode = 'trigger' AND 'TRUNCATE' = ANY (ops) THEN
+        EXECUTE format(
+            'CREATE TRIGGER pgpipe_capture_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION pgpipe.capture_truncate(%L)',
+            "table", channel);
+    END IF;
+
+    INSERT INTO pgpipe.channel_sources (channel, relid) VALUES (channel, "table")
+    ON CONFLICT DO NOTHING;
+    INSERT INTO pgpipe.subscription AS s (relid, channel, operations, mode)
+    VALUES ("table", channel, ops, mode)
+    ON CONFLICT (relid) DO UPDATE
+        SET channel = excluded.channel, operations = excluded.operations,
+            mode = excluded.mode, updated_at = now();
+    RETURN channel;
+END $$;
+
+-- Removes capture from a table. Returns false when it was not subscribed.
+CREATE OR REPLACE FUNCTION pgpipe.unsubscribe("table" regclass) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM pgpipe.require_table_owner("table", 'unsubscribe');
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', "table");
+    IF EXISTS (SELECT 1 FROM pgpipe.subscription s WHERE s.relid = "table" AND s.mode = 'wal') THEN
+        -- The table's last WAL changes are queued under its channel first.
+        PERFORM pgpipe.wait_for_wal_capture();
+    END IF;
+    PERFORM pgpipe.drop_capture_triggers("table");
+    PERFORM pgpipe.unpublish("table");
+    DELETE FROM pgpipe.subscription WHERE relid = "table";
+    RETURN FOUND;
+END $$;
+
+-- The outbox (sql/outbox.sql).
+-- Queues an application event in the caller's transaction. Returns its id. Needs the
+-- pgpipe_producer role (sql/roles.sql).
+CREATE OR REPLACE FUNCTION pgpipe.emit(channel text, payload jsonb, operation text DEFAULT 'EMIT')
+RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_id uuid := pgpipe.uuid_generate_v7();
+    woken boolean;
+    denial text;
+BEGIN
+    IF operation IS NULL OR btrim(operation) = '' THEN
+        RAISE EXCEPTION 'operation must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    channel := pgpipe.check_channel(channel);
+    -- A channel that carries a table's changes takes write rights on that table: no
+    -- role forges another table's changes.
+    denial := pgpipe.channel_write_denial(channel);
+    IF denial IS NOT NULL THEN
+        RAISE EXCEPTION 'role % may not emit on channel %: %', quote_ident(session_user), quote_literal(channel), denial
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Emit on a channel of your own, or have the table''s owner GRANT INSERT ON it to the role.';
+    END IF;
+    IF coalesce(nullif(current_setting('pgpipe.emit_mode', true), ''), 'queue') <> 'queue' THEN
+        -- Through the WAL, in commit order with WAL-mode captures (see "WAL capture").
+        RETURN pgpipe.emit_wal(channel, coalesce(payload, 'null'::jsonb), operation);
+    END IF;
+    INSERT INTO pgpipe.events (id, channel, operation, payload, source)
+    VALUES (new_id, channel, operation, coalesce(payload, 'null'::jsonb), 'emit');
+    woken := pgpipe.mark_wakeup();
+    RETURN new_id;
+END $$;
+
+-- Consumers (sql/consumers.sql): an owner and a lease in the row. A consumer of 0.1.0
+-- belonged to nobody (every role could use it); it now belongs to the extension's owner,
+-- who hands it to a forwarder's role with
+--   UPDATE pgpipe.consumers SET owner = 'that_role'::regrole WHERE name = '...';
+ALTER TABLE pgpipe.consumers
+    ADD COLUMN owner oid,
+    ADD COLUMN holder_pid integer,
+    ADD COLUMN holder_started timestamptz,
+    ADD COLUMN claimed_at timestamptz;
+UPDATE pgpipe.consumers
+SET owner = (SELECT e.extowner FROM pg_catalog.pg_extension e WHERE e.extname = 'pgpipe');
+ALTER TABLE pgpipe.consumers ALTER COLUMN owner SET NOT NULL;
+COMMENT ON COLUMN pgpipe.consumers.channels IS 'channels the consumer reads; NULL means all (pgpipe_admin only)';
+COMMENT ON COLUMN pgpipe.consumers.owner IS 'the role that registered the consumer; only it (or pgpipe_admin) may use it';
+
+-- The consumer `name`, when the calling role owns it or is pgpipe_admin; otherwise an
+-- error naming the owner. `for_update` locks its row.
+CREATE FUNCTION pgpipe.owned_consumer(name text, what text, for_update boolean DEFAULT false)
+RETURNS pgpipe.consumers
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c pgpipe.consumers;
+BEGIN
+    IF for_update THEN
+        SELECT * INTO c FROM pgpipe.consumers WHERE consumers.name = owned_consumer.name FOR UPDATE;
+    ELSE
+        SELECT * INTO c FROM pgpipe.consumers WHERE consumers.name = owned_consumer.name;
+    END IF;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'consumer % does not exist', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Create it with pgpipe.register_consumer().';
+    END IF;
+    IF NOT pg_has_role(session_user, c.owner, 'USAGE') AND NOT pgpipe.is_admin() THEN
+        RAISE EXCEPTION 'role % may not % consumer %: it belongs to role %',
+            quote_ident(session_user), what, quote_literal(name), coalesce(quote_ident(c.owner::regrole::text), c.owner::text)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Register a consumer of your own under another name (pgpipe listen --consumer NAME).';
+    END IF;
+    RETURN c;
+END $$;
+
+-- Registers a consumer, or updates the channels of an existing one (its position is kept).
+-- start => 'beginning' reads every event still in the queue; 'now' only later ones.
+-- Returns the consumer's position.
+CREATE OR REPLACE FUNCTION pgpipe.register_consumer(name text, channels text[] DEFAULT NULL, start text DEFAULT 'beginning')
+RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c text;
+    existing pgpipe.consumers;
+BEGIN
+    IF name IS NULL OR name !~ '^[A-Za-z0-9_.:,+-]{1,200}$' THEN
+        RAISE EXCEPTION 'invalid consumer name %', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use 1 to 200 letters, digits, ''_'', ''.'', '':'', '','', ''+'' or ''-''.';
+    END IF;
+    IF channels IS NOT NULL THEN
+        FOREACH c IN ARRAY channels LOOP
+            PERFORM pgpipe.check_channel(c);
+        END LOOP;
+    END IF;
+    IF start NOT IN ('beginning', 'now') THEN
+        RAISE EXCEPTION 'invalid start %', coalesce(quote_literal(start), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'start is ''beginning'' or ''now''.';
+    END IF;
+    PERFORM pgpipe.require_channels_readable(channels, 'read');
+    IF EXISTS (SELECT 1 FROM pgpipe.consumers WHERE consumers.name = register_consumer.name) THEN
+        existing := pgpipe.owned_consumer(name, 'change', true);
+        UPDATE pgpipe.consumers SET channels = register_consumer.channels
+        WHERE consumers.name = register_consumer.name;
+        RETURN pgpipe.format_position(ROW(existing.prev, existing.cur, existing.last_id));
+    END IF;
+    INSERT INTO pgpipe.consumers (name, channels, prev, owner)
+    VALUES (register_consumer.name, register_consumer.channels,
+            CASE WHEN start = 'now' THEN pg_current_snapshot() ELSE '1:1:'::pg_snapshot END,
+            (SELECT r.oid FROM pg_roles r WHERE r.rolname = session_user))
+    ON CONFLICT ON CONSTRAINT consumers_pkey DO NOTHING
+    RETURNING pgpipe.format_position(ROW(prev, cur, last_id)) INTO c;
+    IF c IS NULL THEN
+        -- Registered by another session a moment ago.
+        RETURN pgpipe.register_consumer(name, channels, start);
+    END IF;
+    RETURN c;
+END $$;
+
+-- Removes a consumer (its owner or pgpipe_admin). Returns false when there was none.
+CREATE OR REPLACE FUNCTION pgpipe.drop_consumer(name text) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pgpipe.consumers c WHERE c.name = drop_consumer.name) THEN
+        RETURN false;
+    END IF;
+    PERFORM pgpipe.owned_consumer(name, 'drop', true);
+    DELETE FROM pgpipe.consumers c WHERE c.name = drop_consumer.name;
+    RETURN true;
+END $$;
+
+-- Takes the consumer's lease for this session, so a second forwarder for the same
+-- consumer waits as a hot standby. Returns false when another live session holds it.
+-- The lease is the holder's backend (pid and start time) in the consumer's row, not an
+-- advisory lock: any role can take an advisory lock on any key, so a lease made of one
+-- could be squatted. It ends when the holding session ends.
+CREATE OR REPLACE FUNCTION pgpipe.try_claim_consumer(name text) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c pgpipe.consumers := pgpipe.owned_consumer(name, 'claim', true);
+    me_started timestamptz := (SELECT a.backend_start FROM pg_stat_activity a WHERE a.pid = pg_backend_pid());
+BEGIN
+    IF c.holder_pid = pg_backend_pid() AND c.holder_started = me_started THEN
+        RETURN true;
+    END IF;
+    IF c.holder_pid IS NOT NULL AND EXISTS (
+            SELECT 1 FROM pg_stat_activity a
+            WHERE a.pid = c.holder_pid AND a.backend_start = c.holder_started) THEN
+        RETURN false;
+    END IF;
+    UPDATE pgpipe.consumers
+    SET holder_pid = pg_backend_pid(), holder_started = me_started, claimed_at = now()
+    WHERE consumers.name = try_claim_consumer.name;
+    RETURN true;
+END $$;
+
+-- The consumer's acknowledged position.
+CREATE OR REPLACE FUNCTION pgpipe.consumer_position(name text) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c pgpipe.consumers := pgpipe.owned_consumer(name, 'read');
+BEGIN
+    RETURN pgpipe.format_position(ROW(c.prev, c.cur, c.last_id));
+END $$;
+
+-- Reads up to max_events events after a position (default: the consumer's acknowledged
+-- one). Every row carries the position just after it; ack the last row's position once
+-- its events are handled. When there is nothing to deliver, one row comes back with only
+-- a position (id IS NULL): acking it lets the consumer move on.
+CREATE OR REPLACE FUNCTION pgpipe.read(consumer text, after text DEFAULT NULL, max_events integer DEFAULT 1000)
+RETURNS TABLE (
+    "position"  text,
+    id          uuid,
+    channel     text,
+    operation   text,
+    payload     jsonb,
+    source      text,
+    created_at  timestamptz,
+    xid         xid8,
+    lsn         pg_lsn
+)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c pgpipe.consumers;
+    chans text[];
+    pos pgpipe.read_position;
+    rows_returned integer;
+BEGIN
+    IF max_events IS NULL OR max_events < 1 THEN
+        RAISE EXCEPTION 'max_events must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    c := pgpipe.owned_consumer(consumer, 'read');
+    chans := c.channels;
+    -- On every read: a table subscribed to one of its channels since, or a grant
+    -- revoked, must not leak through an old consumer.
+    PERFORM pgpipe.require_channels_readable(chans, 'read');
+    pos := pgpipe.parse_position(coalesce(after, pgpipe.format_position(ROW(c.prev, c.cur, c.last_id))));
+    IF pos.cur IS NULL THEN
+        -- Start a new batch: everything committed from here on is visible to the query
+        -- below, which runs with a later statement snapshot.
+        pos.cur := pg_current_snapshot();
+        pos.last_id := NULL;
+    END IF;
+
+    RETURN QUERY
+    WITH page AS (
+        SELECT * FROM pgpipe.batch_first_page(pos.prev, pos.cur, chans, max_events)
+        WHERE pos.last_id IS NULL
+        UNION ALL
+        SELECT * FROM pgpipe.batch_page_after(pos.prev, pos.cur, pos.last_id, chans, max_events)
+        WHERE pos.last_id IS NOT NULL
+    ), numbered AS (
+        SELECT p.*, row_number() OVER (ORDER BY p.id) AS n, count(*) OVER () AS total
+        FROM page p
+    )
+    SELECT CASE WHEN nb.n = nb.total AND nb.total < max_events
+                THEN pos.cur::text || '//'
+                ELSE pos.prev::text || '/' || pos.cur::text || '/' || nb.id::text END,
+           nb.id, nb.channel, nb.operation, nb.payload, nb.source, nb.created_at, nb.xid, nb.lsn
+    FROM numbered nb
+    ORDER BY nb.id;
+    GET DIAGNOSTICS rows_returned = ROW_COUNT;
+
+    IF rows_returned = 0 THEN
+        -- The batch is finished: the next one starts after `cur`.
+        RETURN QUERY SELECT pos.cur::text || '//', NULL::uuid, NULL::text, NULL::text, NULL::jsonb,
+                            NULL::text, NULL::timestamptz, NULL::xid8, NULL::pg_lsn;
+    END IF;
+END $$;
+
+-- Records that everything up to `position` has been handled.
+CREATE OR REPLACE FUNCTION pgpipe.ack(consumer text, "position" text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    pos pgpipe.read_position := pgpipe.parse_position("position");
+BEGIN
+    PERFORM pgpipe.owned_consumer(consumer, 'acknowledge');
+    UPDATE pgpipe.consumers c
+    SET prev = pos.prev, cur = pos.cur, last_id = pos.last_id, acked_at = now()
+    WHERE c.name = ack.consumer;
+END $$;
+
+-- A consumer that acknowledged nothing (since it was registered) for
+-- pgpipe.consumer_stale_after: it holds retention back and nobody may be running it.
+CREATE FUNCTION pgpipe.is_stale(c pgpipe.consumers) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(c.acked_at, c.created_at) < now() - make_interval(secs => pgpipe.consumer_stale_after())
+$$;
+
+-- Each consumer's acknowledged position and how many committed events it has not yet
+-- acked; a role sees its own consumers (pgpipe_admin: all). `holder` is the session
+-- holding its lease; `stale` means no ack for pgpipe.consumer_stale_after, and
+-- `holds_retention` that it is the one keeping the oldest events in the queue.
+CREATE OR REPLACE VIEW pgpipe.consumer_lag WITH (security_barrier) AS
+SELECT c.name,
+       c.channels,
+       c.prev::text || '/' || coalesce(c.cur::text, '') || '/' || coalesce(c.last_id::text, '') AS "position",
+       c.acked_at,
+       pending.events AS pending_events,
+       pending.oldest AS oldest_pending_at,
+       c.owner::regrole AS owner,
+       holder.description AS holder,
+       pgpipe.is_stale(c) AS stale,
+       pg_snapshot_xmin(c.prev) = (SELECT min(pg_snapshot_xmin(o.prev)) FROM pgpipe.consumers o) AS holds_retention
+FROM pgpipe.consumers c
+CROSS JOIN LATERAL (
+    SELECT count(*) AS events, min(e.created_at) AS oldest
+    FROM pgpipe.events e
+    WHERE e.xid >= pg_snapshot_xmin(c.prev)
+      AND NOT pg_visible_in_snapshot(e.xid, c.prev)
+      AND (c.cur IS NULL OR c.last_id IS NULL OR NOT pg_visible_in_snapshot(e.xid, c.cur) OR e.id > c.last_id)
+      AND (c.channels IS NULL OR e.channel = ANY (c.channels))
+) pending
+LEFT JOIN LATERAL (
+    SELECT format('pid %s (%s%s)', a.pid, coalesce(nullif(a.application_name, ''), 'no application_name'),
+                  coalesce(' from ' || host(a.client_addr), '')) AS description
+    FROM pg_stat_activity a
+    WHERE a.pid = c.holder_pid AND a.backend_start = c.holder_started
+) holder ON true
+WHERE pg_has_role(session_user, c.owner, 'USAGE') OR pg_has_role(session_user, 'pgpipe_admin', 'USAGE');
+
+-- Retention (sql/retention.sql).
+-- Creates partitions ahead and removes the ones every consumer is past. Returns what it
+-- did. `partition_xids` (setting pgpipe.partition_xids, default 1000000) is the number
+-- of transaction ids a partition covers. pgpipe_admin only (sql/grants.sql).
+CREATE OR REPLACE FUNCTION pgpipe.rotate() RETURNS TABLE (action text, partition_name text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- Bounds every lock it waits for; a function-level SET, so the caller's transaction gets
+-- its own lock_timeout back afterwards.
+SET lock_timeout = '200ms' AS $$
+DECLARE
+    -- From the extension's own setting (superuser-only), not a session's placeholder.
+    size bigint := pgpipe.partition_xids();
+    next_xid bigint := pg_snapshot_xmax(pg_current_snapshot())::text::bigint;
+    horizon xid8 := pgpipe.retention_horizon();
+    lower_bound bigint;
+    p pgpipe.event_partitions;
+    stale record;
+BEGIN
+    IF size < 1000 THEN
+        RAISE EXCEPTION 'pgpipe.partition_xids must be at least 1000' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- One rotation at a time.
+    IF NOT pg_try_advisory_xact_lock(hashtextextended('pgpipe.rotate', 0)) THEN
+        RETURN;
+    END IF;
+
+    -- Keep at least one partition's worth of xids covered ahead.
+    lower_bound := (SELECT max(upper_xid)::text::bigint FROM pgpipe.event_partitions);
+    IF lower_bound IS NULL OR lower_bound < next_xid + size THEN
+        BEGIN
+            -- Rows above the last partition went to the default partition; new ranges
+            -- start after them. The lock makes that maximum final.
+            LOCK TABLE pgpipe.events_default IN ACCESS EXCLUSIVE MODE;
+            lower_bound := greatest(coalesce(lower_bound, next_xid),
+                                    (SELECT max(xid)::text::bigint + 1 FROM pgpipe.events_default));
+            WHILE lower_bound < next_xid + size LOOP
+                partition_name := 'events_' || lower_bound;
+                EXECUTE format('CREATE TABLE pgpipe.%I PARTITION OF pgpipe.events FOR VALUES FROM (%L) TO (%L)',
+                               partition_name, lower_bound, lower_bound + size);
+                INSERT INTO pgpipe.event_partitions (name, lower_xid, upper_xid)
+                VALUES (partition_name, lower_bound::text::xid8, (lower_bound + size)::text::xid8);
+                action := 'created';
+                RETURN NEXT;
+                lower_bound := lower_bound + size;
+            END LOOP;
+        EXCEPTION WHEN lock_not_available THEN
+            action := 'busy'; partition_name := NULL;
+            RETURN NEXT;
+        END;
+    END IF;
+
+    -- Never silence: a consumer nobody runs any more keeps every event from its
+    -- position on.
+    FOR stale IN
+        SELECT c.name, c.owner::regrole AS owner, coalesce(c.acked_at, c.created_at) AS since
+        FROM pgpipe.consumers c
+        WHERE pgpipe.is_stale(c)
+        ORDER BY c.name
+    LOOP
+        RAISE WARNING 'pgpipe: consumer % (role %) has acknowledged nothing since % and holds queue retention back',
+            quote_literal(stale.name), stale.owner, stale.since
+            USING HINT = format('Run its forwarder again, or drop it: SELECT pgpipe.drop_consumer(%L);', stale.name);
+    END LOOP;
+
+    IF horizon IS NULL THEN
+        RETURN;
+    END IF;
+    FOR p IN SELECT * FROM pgpipe.event_partitions WHERE upper_xid <= horizon ORDER BY lower_xid LOOP
+        partition_name := p.name;
+        -- Dropping a partition locks the parent, which writers hold all the time;
+        -- truncating locks only the partition. So: truncate first, drop when we can.
+        IF NOT p.truncated THEN
+            BEGIN
+                EXECUTE format('TRUNCATE pgpipe.%I', p.name);
+                UPDATE pgpipe.event_partitions SET truncated = true WHERE name = p.name;
+                action := 'truncated';
+                RETURN NEXT;
+            EXCEPTION WHEN lock_not_available THEN
+                CONTINUE;
+            END;
+        END IF;
+        BEGIN
+            EXECUTE format('DROP TABLE pgpipe.%I', p.name);
+            DELETE FROM pgpipe.event_partitions WHERE name = p.name;
+            action := 'dropped';
+            RETURN NEXT;
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;
+        END;
+    END LOOP;
+    BEGIN
+        IF EXISTS (SELECT 1 FROM pgpipe.events_default) THEN
+            LOCK TABLE pgpipe.events_default IN ACCESS EXCLUSIVE MODE;
+            IF NOT EXISTS (SELECT 1 FROM pgpipe.events_default WHERE xid >= horizon) THEN
+                TRUNCATE pgpipe.events_default;
+                action := 'truncated'; partition_name := 'events_default';
+                RETURN NEXT;
+            END IF;
+        END IF;
+    EXCEPTION WHEN lock_not_available THEN
+        NULL;
+    END;
+END $$;
+
+-- Dead letters (sql/dead_letters.sql).
+-- Records one dead letter (the event envelope as JSON) and returns its id. SECURITY
+-- DEFINER, like pgpipe.ack: the forwarder's role needs no rights on the table itself.
+-- Only for an event in the queue on a channel the calling role may read, and what
+-- `dlq replay` will deliver is the queue's own channel, operation and payload, never
+-- the caller's: a role cannot plant an event through the dead letters. (pgpipe_admin
+-- may record any event, e.g. one of the listen_notify detector.)
+CREATE OR REPLACE FUNCTION pgpipe.dead_letter(event jsonb, adapter text, error text, attempts integer)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_id bigint;
+    queued record;
+    event_uuid uuid;
+BEGIN
+    IF event IS NULL OR jsonb_typeof(event) <> 'object' OR NOT (event ? 'id') THEN
+        RAISE EXCEPTION 'pgpipe.dead_letter: event must be a JSON object with an "id"'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    BEGIN
+        event_uuid := (event->>'id')::uuid;
+    EXCEPTION WHEN invalid_text_representation THEN
+        RAISE EXCEPTION 'pgpipe.dead_letter: event id % is not a UUID', quote_literal(event->>'id')
+            USING ERRCODE = 'invalid_parameter_value';
+    END;
+    SELECT e.channel, e.operation, e.payload INTO queued FROM pgpipe.events e WHERE e.id = event_uuid;
+    IF FOUND THEN
+        PERFORM pgpipe.require_channels_readable(ARRAY[queued.channel], 'dead-letter an event of');
+        event := event || jsonb_build_object('channel', queued.channel, 'operation', queued.operation,
+                                             'payload', queued.payload);
+    ELSIF NOT pgpipe.is_admin() THEN
+        RAISE EXCEPTION 'pgpipe.dead_letter: event % is not in pgpipe.events', event_uuid
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'A forwarder''s role records dead letters only of queued events it may read.',
+                  HINT = 'Events of the listen_notify and wal detectors are dead-lettered by a pgpipe_admin role.';
+    END IF;
+    INSERT INTO pgpipe.dead_letters (event_id, channel, event, adapter, error, attempts)
+    VALUES (event_uuid, coalesce(event->>'channel', ''), event,
+            dead_letter.adapter, dead_letter.error, dead_letter.attempts)
+    RETURNING id INTO new_id;
+    RETURN new_id;
+END $$;
+
+-- Replay for live clients (sql/replay.sql).
+CREATE OR REPLACE FUNCTION pgpipe.events_after(event_id uuid, channels text[] DEFAULT NULL, max_events integer DEFAULT 1000)
+RETURNS TABLE (
+    id          uuid,
+    channel     text,
+    operation   text,
+    payload     jsonb,
+    source      text,
+    created_at  timestamptz,
+    xid         xid8,
+    lsn         pg_lsn
+)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    last_xid xid8;
+BEGIN
+    IF max_events IS NULL OR max_events < 1 THEN
+        RAISE EXCEPTION 'max_events must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- The same rule as pgpipe.read(): only channels the role may read; all of them only
+    -- for pgpipe_admin.
+    PERFORM pgpipe.require_channels_readable(channels, 'replay');
+    SELECT e.xid INTO last_xid FROM pgpipe.events e
+    WHERE e.id = events_after.event_id
+      AND (events_after.channels IS NULL OR e.channel = ANY (events_after.channels));
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'event % is not in the queue (retention removed it, or it never existed)',
+            coalesce(event_id::text, 'NULL')
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN QUERY
+    SELECT e.id, e.channel, e.operation, e.payload, e.source, e.created_at, e.xid, e.lsn
+    FROM pgpipe.events e
+    WHERE (e.id > events_after.event_id OR e.xid > last_xid)
+      AND (events_after.channels IS NULL OR e.channel = ANY (events_after.channels))
+    ORDER BY e.id
+    LIMIT max_events;
+END $$;
+
+-- WAL capture (sql/wal.sql). Logical decoding messages of 0.1.0 (prefix 'pgpipe', no
+-- key) are not events any more.
+-- The secret part of the prefix of pgpipe's logical decoding messages. Any role may call
+-- pg_logical_emit_message(), so the worker turns a message into an event only when its
+-- prefix is 'pgpipe:' || key; nobody but the extension's owner can read the key.
+CREATE TABLE pgpipe.wal_message_key (
+    key  text NOT NULL
+);
+INSERT INTO pgpipe.wal_message_key (key)
+SELECT md5(random()::text || clock_timestamp()::text) || md5(random()::text || pg_backend_pid()::text);
+REVOKE ALL ON pgpipe.wal_message_key FROM PUBLIC;
+
+-- pgpipe.emit() under SET pgpipe.emit_mode = 'wal': the event travels as a transactional
+-- logical decoding message (prefix 'pgpipe:<key>', see above) and the worker queues it in commit order
+-- with the WAL-mode changes of the same and other transactions. The worker mints its id
+-- then (ids must follow commit order within the worker's batches), so emit returns NULL.
+CREATE OR REPLACE FUNCTION pgpipe.emit_wal(channel text, payload jsonb, operation text) RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    mode text := coalesce(nullif(current_setting('pgpipe.emit_mode', true), ''), 'queue');
+BEGIN
+    IF mode <> 'wal' THEN
+        RAISE EXCEPTION 'unknown pgpipe.emit_mode %', quote_literal(mode)
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'pgpipe.emit_mode is ''queue'' (default) or ''wal''.';
+    END IF;
+    -- Without the slot nobody would ever read the message: refuse rather than lose it.
+    IF NOT EXISTS (SELECT 1 FROM pg_replication_slots r
+                   WHERE r.slot_name = pgpipe.slot_name() AND r.database = current_database()
+                     AND r.wal_status IS DISTINCT FROM 'lost') THEN
+        RAISE EXCEPTION 'pgpipe.emit_mode = ''wal'' needs pgpipe''s replication slot in this database'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Subscribe a table with mode => ''wal'' (or SELECT pgpipe.ensure_slot()) in this database first, or SET pgpipe.emit_mode = ''queue''.';
+    END IF;
+    PERFORM pg_logical_emit_message(true, 'pgpipe:' || (SELECT k.key FROM pgpipe.wal_message_key k LIMIT 1),
+        jsonb_build_object('channel', pgpipe.check_channel(channel), 'operation', operation, 'payload', payload)::text);
+    RETURN NULL;
+END $$;
+
+-- status() has a new column (stale_consumers): its result type changes.
+DROP FUNCTION pgpipe.status();
+-- The background worker and the slot at a glance. One row.
+--   worker_state: not_loaded (pgpipe not preloaded), not_running, starting,
+--     waiting_for_extension, idle (no WAL subscription), streaming, slot_missing,
+--     slot_invalidated, error (see last_error).
+--   slot_status: none (no WAL subscription yet), missing (dropped), invalidated, or
+--     pg_replication_slots.wal_status (reserved, extended, unreserved).
+--   lag_bytes: WAL written since the slot's confirmed position.
+--   lag_seconds: time since the worker last reached the end of the WAL.
+--   stale_consumers: consumers (the caller's own; pgpipe_admin: all) that acknowledged
+--     nothing for pgpipe.consumer_stale_after and hold retention back.
+CREATE FUNCTION pgpipe.status()
+RETURNS TABLE (
+    worker_state      text,
+    worker_pid        integer,
+    database          text,
+    slot_name         text,
+    slot_status       text,
+    confirmed_lsn     pg_lsn,
+    current_lsn       pg_lsn,
+    lag_bytes         numeric,
+    lag_seconds       double precision,
+    last_lsn          pg_lsn,
+    events_written    bigint,
+    notifies_sent     bigint,
+    worker_started_at timestamptz,
+    last_error        text,
+    detail            text,
+    stale_consumers   text[]
+)
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH w AS (SELECT * FROM pgpipe.worker_status()),
+         s AS (SELECT r.* FROM pg_replication_slots r WHERE r.slot_name = pgpipe.slot_name()),
+         p AS (SELECT wp.lsn FROM pgpipe.wal_progress wp WHERE wp.slot_name = pgpipe.slot_name()),
+         st AS (
+            SELECT w.*, s.slot_name IS NOT NULL AS slot_exists, s.confirmed_flush_lsn, s.wal_status,
+                   CASE WHEN s.slot_name IS NULL THEN CASE WHEN p.lsn IS NULL THEN 'none' ELSE 'missing' END
+                        WHEN s.wal_status = 'lost' THEN 'invalidated'
+                        ELSE coalesce(s.wal_status, 'unknown') END AS slot_status
+            FROM w LEFT JOIN s ON true LEFT JOIN p ON true
+         )
+    SELECT st.state, st.pid, st.database, pgpipe.slot_name(), st.slot_status,
+           st.confirmed_flush_lsn, pg_current_wal_lsn(),
+           pg_wal_lsn_diff(pg_current_wal_lsn(), st.confirmed_flush_lsn),
+           CASE WHEN st.slot_exists AND st.caught_up_at_us IS NOT NULL
+                THEN greatest(0, extract(epoch FROM clock_timestamp()
+                                 - to_timestamp(946684800 + st.caught_up_at_us / 1e6)))::double precision END,
+           st.last_lsn::pg_lsn, st.events_written, st.notifies_sent,
+           to_timestamp(946684800 + st.started_at_us / 1e6),
+           st.last_error,
+           CASE
+             WHEN st.slot_status = 'missing' THEN format('replication slot %I was dropped: WAL-mode changes are not captured; SELECT pgpipe.recreate_slot() starts a new one (changes in between are lost)', pgpipe.slot_name())
+             WHEN st.slot_status = 'invalidated' THEN format('replication slot %I was invalidated (max_slot_wal_keep_size): changes were lost; SELECT pgpipe.recreate_slot() starts a new one', pgpipe.slot_name())
+             WHEN st.state = 'not_loaded' THEN 'pgpipe is not in shared_preload_libraries: no background worker, no WAL capture, no wake-up NOTIFY'
+             WHEN st.state = 'waiting_for_extension' THEN format('the worker waits for CREATE EXTENSION pgpipe in database %I', st.database)
+             WHEN st.state = 'not_running' THEN 'the worker is not running (Postgres restarts it within seconds)'
+             WHEN st.database IS DISTINCT FROM current_database() THEN format('the worker serves database %I, not this one', st.database)
+             WHEN st.state = 'error' THEN 'the worker retries every pgpipe.poll_interval; see last_error and the server log'
+           END,
+           ARRAY(SELECT c.name FROM pgpipe.consumers c
+                 WHERE pgpipe.is_stale(c)
+                   AND (pg_has_role(session_user, c.owner, 'USAGE') OR pgpipe.is_admin())
+                 ORDER BY c.name)
+    FROM st
+$$;
+
+-- Privileges (sql/grants.sql): 0.1.0 let PUBLIC use the schema and execute every
+-- function; from now on only the roles of sql/roles.sql may.
+REVOKE ALL ON SCHEMA pgpipe FROM PUBLIC;
+GRANT USAGE ON SCHEMA pgpipe TO pgpipe_consumer, pgpipe_producer, pgpipe_admin;
+
+-- Tables: written only through the functions; nobody but the owner reads them directly.
+REVOKE ALL ON ALL TABLES IN SCHEMA pgpipe FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA pgpipe FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgpipe FROM PUBLIC;
+
+-- Everyone with a capability: the subscriptions, and the UUIDv7 generator.
+GRANT SELECT ON pgpipe.subscriptions TO pgpipe_consumer, pgpipe_producer;
+GRANT EXECUTE ON FUNCTION pgpipe.uuid_generate_v7() TO pgpipe_consumer, pgpipe_producer;
+
+-- Consumers: their own consumers (each function checks the owner) and the channels
+-- whose tables they may read. consumer_lag shows a role its own consumers.
+GRANT EXECUTE ON FUNCTION
+    pgpipe.register_consumer(text, text[], text),
+    pgpipe.read(text, text, integer),
+    pgpipe.ack(text, text),
+    pgpipe.try_claim_consumer(text),
+    pgpipe.consumer_position(text),
+    pgpipe.drop_consumer(text),
+    pgpipe.lag(text),
+    pgpipe.consumer_stale_after(),
+    pgpipe.is_stale(pgpipe.consumers),
+    pgpipe.events_after(uuid, text[], integer),
+    pgpipe.dead_letter(jsonb, text, text, integer),
+    pgpipe.status()
+TO pgpipe_consumer;
+GRANT SELECT ON pgpipe.consumer_lag TO pgpipe_consumer;
+
+-- Producers: emit, and capture of the tables they own (subscribe checks the owner).
+GRANT EXECUTE ON FUNCTION
+    pgpipe.emit(text, jsonb, text),
+    pgpipe.subscribe(regclass, text, text[], text, boolean),
+    pgpipe.unsubscribe(regclass)
+TO pgpipe_producer;
+
+-- Admins: retention, the replication slot, dead letters (pgpipe dlq list | replay |
+-- purge), and all of the above through membership.
+GRANT EXECUTE ON FUNCTION
+    pgpipe.rotate(),
+    pgpipe.partition_xids(),
+    pgpipe.recreate_slot(boolean),
+    pgpipe.ensure_slot(),
+    pgpipe.wait_for_wal_capture(interval)
+TO pgpipe_admin;
+GRANT SELECT, DELETE ON pgpipe.dead_letters TO pgpipe_admin;
+
+-- pg_dump keeps the channels' tables too.
+SELECT pg_catalog.pg_extension_config_dump('pgpipe.channel_sources', '');
+
+--------------------------------------------------------------------------------
+-- The sections of this round's features follow, in merge order, each headed
+-- `-- <feature>` (see the header above).
+--------------------------------------------------------------------------------
+
+--------------------------------------------------------------------------------
+-- ordering key (issue 13): pgpipe.events.key, returned by read() and events_after(),
+-- emit(..., key => ...); column choice (issue 15): subscribe(..., columns =>,
+-- exclude_columns =>), pgpipe.subscription.column_attnums, subscriptions.columns
+--------------------------------------------------------------------------------
+
+ALTER TABLE pgpipe.events ADD COLUMN key jsonb;
+ALTER TABLE pgpipe.subscription ADD COLUMN column_attnums int2[];
+
+DROP VIEW pgpipe.subscriptions;
+-- `columns`: the captured columns by their current names (NULL: all of them).
+CREATE VIEW pgpipe.subscriptions AS
+SELECT s.relid::regclass AS "table", s.channel, s.operations, s.mode, s.created_at, s.updated_at,
+       (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_catalog.pg_attribute a
+        WHERE a.attrelid = s.relid AND a.attnum = ANY (s.column_attnums) AND NOT a.attisdropped) AS columns
+FROM pgpipe.subscription s
+JOIN pg_catalog.pg_class c ON c.oid = s.relid;
+
+GRANT SELECT ON pgpipe.subscriptions TO pgpipe_consumer, pgpipe_producer;
+
+DROP FUNCTION pgpipe.read(text, text, integer);
+DROP FUNCTION pgpipe.events_after(uuid, text[], integer);
+DROP FUNCTION pgpipe.emit(text, jsonb, text);
+DROP FUNCTION pgpipe.emit_wal(text, jsonb, text);
+DROP FUNCTION pgpipe.subscribe(regclass, text, text[], text, boolean);
+
+-- Reads up to max_events events after a position (default: the consumer's acknowledged
+-- one). Every row carries the position just after it; ack the last row's position once
+-- its events are handled. When there is nothing to deliver, one row comes back with only
+-- a position (id IS NULL): acking it lets the consumer move on.
+CREATE FUNCTION pgpipe.read(consumer text, after text DEFAULT NULL, max_events integer DEFAULT 1000)
+RETURNS TABLE (
+    "position"  text,
+    id          uuid,
+    channel     text,
+    operation   text,
+    payload     jsonb,
+    source      text,
+    created_at  timestamptz,
+    xid         xid8,
+    lsn         pg_lsn,
+    key         jsonb
+)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c pgpipe.consumers;
+    chans text[];
+    pos pgpipe.read_position;
+    rows_returned integer;
+BEGIN
+    IF max_events IS NULL OR max_events < 1 THEN
+        RAISE EXCEPTION 'max_events must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    c := pgpipe.owned_consumer(consumer, 'read');
+    chans := c.channels;
+    -- On every read: a table subscribed to one of its channels since, or a grant
+    -- revoked, must not leak through an old consumer.
+    PERFORM pgpipe.require_channels_readable(chans, 'read');
+    pos := pgpipe.parse_position(coalesce(after, pgpipe.format_position(ROW(c.prev, c.cur, c.last_id))));
+    IF pos.cur IS NULL THEN
+        -- Start a new batch: everything committed from here on is visible to the query
+        -- below, which runs with a later statement snapshot.
+        pos.cur := pg_current_snapshot();
+        pos.last_id := NULL;
+    END IF;
+
+    RETURN QUERY
+    WITH page AS (
+        SELECT * FROM pgpipe.batch_first_page(pos.prev, pos.cur, chans, max_events)
+        WHERE pos.last_id IS NULL
+        UNION ALL
+        SELECT * FROM pgpipe.batch_page_after(pos.prev, pos.cur, pos.last_id, chans, max_events)
+        WHERE pos.last_id IS NOT NULL
+    ), numbered AS (
+        SELECT p.*, row_number() OVER (ORDER BY p.id) AS n, count(*) OVER () AS total
+        FROM page p
+    )
+    SELECT CASE WHEN nb.n = nb.total AND nb.total < max_events
+                THEN pos.cur::text || '//'
+                ELSE pos.prev::text || '/' || pos.cur::text || '/' || nb.id::text END,
+           nb.id, nb.channel, nb.operation, nb.payload, nb.source, nb.created_at, nb.xid, nb.lsn, nb.key
+    FROM numbered nb
+    ORDER BY nb.id;
+    GET DIAGNOSTICS rows_returned = ROW_COUNT;
+
+    IF rows_returned = 0 THEN
+        -- The batch is finished: the next one starts after `cur`.
+        RETURN QUERY SELECT pos.cur::text || '//', NULL::uuid, NULL::text, NULL::text, NULL::jsonb,
+                            NULL::text, NULL::timestamptz, NULL::xid8, NULL::pg_lsn, NULL::jsonb;
+    END IF;
+END $$;
+
+CREATE FUNCTION pgpipe.events_after(event_id uuid, channels text[] DEFAULT NULL, max_events integer DEFAULT 1000)
+RETURNS TABLE (
+    id          uuid,
+    channel     text,
+    operation   text,
+    payload     jsonb,
+    source      text,
+    created_at  timestamptz,
+    xid         xid8,
+    lsn         pg_lsn,
+    key         jsonb
+)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    last_xid xid8;
+BEGIN
+    IF max_events IS NULL OR max_events < 1 THEN
+        RAISE EXCEPTION 'max_events must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- The same rule as pgpipe.read(): only channels the role may read; all of them only
+    -- for pgpipe_admin.
+    PERFORM pgpipe.require_channels_readable(channels, 'replay');
+    SELECT e.xid INTO last_xid FROM pgpipe.events e
+    WHERE e.id = events_after.event_id
+      AND (events_after.channels IS NULL OR e.channel = ANY (events_after.channels));
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'event % is not in the queue (retention removed it, or it never existed)',
+            coalesce(event_id::text, 'NULL')
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN QUERY
+    SELECT e.id, e.channel, e.operation, e.payload, e.source, e.created_at, e.xid, e.lsn, e.key
+    FROM pgpipe.events e
+    WHERE (e.id > events_after.event_id OR e.xid > last_xid)
+      AND (events_after.channels IS NULL OR e.channel = ANY (events_after.channels))
+    ORDER BY e.id
+    LIMIT max_events;
+END $$;
+
+-- Queues an application event in the caller's transaction. Returns its id. Needs the
+-- pgpipe_producer role (sql/roles.sql). `key` is the event's ordering key (a JSON object,
+-- e.g. '{"order_id": 7}'; NULL: none): adapters keep one key's events in order.
+CREATE FUNCTION pgpipe.emit(channel text, payload jsonb, operation text DEFAULT 'EMIT', key jsonb DEFAULT NULL)
+RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_id uuid := pgpipe.uuid_generate_v7();
+    woken boolean;
+    denial text;
+BEGIN
+    IF operation IS NULL OR btrim(operation) = '' THEN
+        RAISE EXCEPTION 'operation must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF key IS NOT NULL AND jsonb_typeof(key) <> 'object' THEN
+        RAISE EXCEPTION 'key must be a JSON object or NULL, not a JSON %', jsonb_typeof(key)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass key => ''{"order_id": 7}''::jsonb, the columns that identify what the event is about.';
+    END IF;
+    channel := pgpipe.check_channel(channel);
+    -- A channel that carries a table's changes takes write rights on that table: no
+    -- role forges another table's changes.
+    denial := pgpipe.channel_write_denial(channel);
+    IF denial IS NOT NULL THEN
+        RAISE EXCEPTION 'role % may not emit on channel %: %', quote_ident(session_user), quote_literal(channel), denial
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Emit on a channel of your own, or have the table''s owner GRANT INSERT ON it to the role.';
+    END IF;
+    IF coalesce(nullif(current_setting('pgpipe.emit_mode', true), ''), 'queue') <> 'queue' THEN
+        -- Through the WAL, in commit order with WAL-mode captures (see "WAL capture").
+        RETURN pgpipe.emit_wal(channel, coalesce(payload, 'null'::jsonb), operation, key);
+    END IF;
+    INSERT INTO pgpipe.events (id, channel, operation, payload, source, key)
+    VALUES (new_id, channel, operation, coalesce(payload, 'null'::jsonb), 'emit', key);
+    woken := pgpipe.mark_wakeup();
+    RETURN new_id;
+END $$;
+
+-- pgpipe.emit() under SET pgpipe.emit_mode = 'wal': the event travels as a transactional
+-- logical decoding message (prefix 'pgpipe:<key>', see above) and the worker queues it in commit order
+-- with the WAL-mode changes of the same and other transactions. The worker mints its id
+-- then (ids must follow commit order within the worker's batches), so emit returns NULL.
+CREATE FUNCTION pgpipe.emit_wal(channel text, payload jsonb, operation text, key jsonb DEFAULT NULL) RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    mode text := coalesce(nullif(current_setting('pgpipe.emit_mode', true), ''), 'queue');
+BEGIN
+    IF mode <> 'wal' THEN
+        RAISE EXCEPTION 'unknown pgpipe.emit_mode %', quote_literal(mode)
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'pgpipe.emit_mode is ''queue'' (default) or ''wal''.';
+    END IF;
+    -- Without the slot nobody would ever read the message: refuse rather than lose it.
+    IF NOT EXISTS (SELECT 1 FROM pg_replication_slots r
+                   WHERE r.slot_name = pgpipe.slot_name() AND r.database = current_database()
+                     AND r.wal_status IS DISTINCT FROM 'lost') THEN
+        RAISE EXCEPTION 'pgpipe.emit_mode = ''wal'' needs pgpipe''s replication slot in this database'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Subscribe a table with mode => ''wal'' (or SELECT pgpipe.ensure_slot()) in this database first, or SET pgpipe.emit_mode = ''queue''.';
+    END IF;
+    PERFORM pg_logical_emit_message(true, 'pgpipe:' || (SELECT k.key FROM pgpipe.wal_message_key k LIMIT 1),
+        jsonb_build_object('channel', pgpipe.check_channel(channel), 'operation', operation, 'payload', payload,
+                           'key', key)::text);
+    RETURN NULL;
+END $$;
+
+-- The attribute numbers of the columns a subscription captures: `columns`, or every
+-- column but `exclude_columns` (NULL when neither is given: all columns, also later ones).
+-- Refuses unknown columns, both lists at once, an empty choice, and leaving out a
+-- primary-key column: the primary key is every event's `key`, so it is always captured.
+CREATE FUNCTION pgpipe.captured_attnums(tbl regclass, columns text[], exclude_columns text[]) RETURNS int2[]
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    col text;
+    chosen int2[];
+    missing text;
+BEGIN
+    IF columns IS NULL AND exclude_columns IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF columns IS NOT NULL AND exclude_columns IS NOT NULL THEN
+        RAISE EXCEPTION 'pass columns or exclude_columns, not both'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH col IN ARRAY coalesce(columns, exclude_columns) LOOP
+        IF col IS NULL OR NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = tbl
+                          AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped) THEN
+            RAISE EXCEPTION 'column % of table % does not exist', coalesce(quote_ident(col), 'NULL'), tbl
+                USING ERRCODE = 'undefined_column',
+                      HINT = format('The columns of %s are: %s.', tbl,
+                          (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) FROM pg_attribute a
+                           WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped));
+        END IF;
+    END LOOP;
+    chosen := ARRAY(SELECT a.attnum FROM pg_attribute a
+                    WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+                      AND CASE WHEN columns IS NOT NULL THEN a.attname::text = ANY (columns)
+                               ELSE NOT a.attname::text = ANY (exclude_columns) END
+                    ORDER BY a.attnum);
+    IF cardinality(chosen) = 0 THEN
+        RAISE EXCEPTION 'no column of table % would be captured', tbl
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Capture at least one column.';
+    END IF;
+    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO missing
+    FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
+    WHERE i.indrelid = tbl AND i.indisprimary AND NOT a.attnum = ANY (chosen);
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'primary-key column % of table % cannot be left out', missing, tbl
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'The primary key is every event''s key (its ordering key), so its columns always reach the queue.',
+                  HINT = 'Capture the primary-key columns too, or give the table a primary key that holds nothing secret.';
+    END IF;
+    RETURN chosen;
+END $$;
+
+-- Installs capture on a table. Idempotent: subscribing again replaces the channel,
+-- operations and mode of the existing subscription. Returns the channel.
+-- mode => 'wal' captures through logical decoding in the background worker (see "WAL
+-- capture" below); replica_identity_full => true lets a table without a primary key be
+-- captured that way by setting REPLICA IDENTITY FULL on it.
+-- columns => ARRAY[...] captures only those columns, exclude_columns => ARRAY[...] all but
+-- those (see pgpipe.captured_attnums); left-out columns never reach the queue, in `row`,
+-- `old` or `key`. The choice is resolved now: a column added later is captured only
+-- after subscribing again (without a choice, every column is, always).
+-- Switching modes locks the table against writers for the switch, so every change is
+-- captured exactly once: by the trigger before, by the WAL after (or the other way).
+CREATE FUNCTION pgpipe.subscribe(
+    "table"    regclass,
+    channel    text   DEFAULT NULL,
+    operations text[] DEFAULT ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE'],
+    mode       text   DEFAULT 'trigger',
+    replica_identity_full boolean DEFAULT false,
+    columns    text[] DEFAULT NULL,
+    exclude_columns text[] DEFAULT NULL
+) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel record;
+    ops text[];
+    row_ops text[];
+    denial text;
+    attnums int2[];
+BEGIN
+    IF "table" IS NULL THEN
+        RAISE EXCEPTION 'no table given' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT c.relname, c.relkind, n.nspname INTO rel
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = "table";
+    IF rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', "table"
+            USING ERRCODE = 'wrong_object_type',
+                  HINT = 'Only ordinary and partitioned tables can be subscribed.';
+    END IF;
+    IF rel.nspname = 'pgpipe' THEN
+        RAISE EXCEPTION 'pgpipe''s own table % cannot be subscribed', "table"
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pgpipe.require_table_owner("table", 'subscribe');
+    mode := lower(coalesce(mode, ''));
+    IF mode NOT IN ('trigger', 'wal') THEN
+        RAISE EXCEPTION 'unknown mode %', quote_literal(mode)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'mode is ''trigger'' or ''wal''.';
+    END IF;
+    channel := pgpipe.check_channel(coalesce(channel,
+        CASE WHEN rel.nspname = 'public' THEN rel.relname ELSE rel.nspname || '.' || rel.relname END));
+    ops := pgpipe.check_operations(operations);
+    attnums := pgpipe.captured_attnums("table", columns, exclude_columns);
+    denial := pgpipe.channel_write_denial(channel, "table");
+    IF denial IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot subscribe % to channel %: %', "table", quote_literal(channel), denial
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Pass another channel => ''...'' (the default is the table''s name).';
+    END IF;
+    IF mode = 'wal' AND NOT pgpipe.is_admin()
+       AND NOT (SELECT r.rolreplication FROM pg_roles r WHERE r.rolname = session_user) THEN
+        -- WAL mode creates and holds a replication slot, which retains WAL for everyone.
+        RAISE EXCEPTION 'mode ''wal'' needs the REPLICATION attribute or the pgpipe_admin role (role % has neither)',
+            quote_ident(session_user)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('A superuser runs: GRANT pgpipe_admin TO %I; or use mode => ''trigger''.', session_user);
+    END IF;
+    IF mode = 'wal' THEN
+        -- First, before this transaction writes: it may have to create the slot.
+        PERFORM pgpipe.prepare_wal_capture("table", coalesce(replica_identity_full, false));
+    END IF;
+
+    -- Writers wait while capture switches over (see above).
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', "table");
+    IF EXISTS (SELECT 1 FROM pgpipe.subscription s WHERE s.relid = "table" AND s.mode = 'wal') THEN
+        -- Changing a WAL-mode subscription: let the worker queue the table's last WAL
+        -- changes under the old channel and operations first (and, when leaving WAL
+        -- mode, before the trigger's events).
+        PERFORM pgpipe.wait_for_wal_capture();
+    END IF;
+    PERFORM pgpipe.drop_capture_triggers("table");
+    IF mode = 'wal' THEN
+        IF replica_identity_full THEN
+            EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', "table");
+        END IF;
+        PERFORM pgpipe.publish("table");
+        row_ops := '{}';
+    ELSE
+        PERFORM pgpipe.unpublish("table");
+        row_ops := ARRAY(SELECT o FROM unnest(ops) o WHERE o <> 'TRUNCATE');
+    END IF;
+    IF cardinality(row_ops) > 0 THEN
+        -- The captured columns travel as the trigger's second argument ('2 3 5').
+        EXECUTE format(
+            'CREATE TRIGGER pgpipe_capture AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION pgpipe.capture_row(%L%s)',
+            array_to_string(row_ops, ' OR '), "table", channel,
+            CASE WHEN attnums IS NULL THEN '' ELSE format(', %L', array_to_string(attnums, ' ')) END);
+    END IF;
+    IF mode = 'trigger' AND 'TRUNCATE' = ANY (ops) THEN
+        EXECUTE format(
+            'CREATE TRIGGER pgpipe_capture_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION pgpipe.capture_truncate(%L)',
+            "table", channel);
+    END IF;
+
+    INSERT INTO pgpipe.channel_sources (channel, relid) VALUES (channel, "table")
+    ON CONFLICT DO NOTHING;
+    INSERT INTO pgpipe.subscription AS s (relid, channel, operations, mode, column_attnums)
+    VALUES ("table", channel, ops, mode, attnums)
+    ON CONFLICT (relid) DO UPDATE
+        SET channel = excluded.channel, operations = excluded.operations,
+            mode = excluded.mode, column_attnums = excluded.column_attnums, updated_at = now();
+    RETURN channel;
+END $$;
+
+REVOKE ALL ON FUNCTION
+    pgpipe.read(text, text, integer),
+    pgpipe.events_after(uuid, text[], integer),
+    pgpipe.emit(text, jsonb, text, jsonb),
+    pgpipe.emit_wal(text, jsonb, text, jsonb),
+    pgpipe.captured_attnums(regclass, text[], text[]),
+    pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[])
+FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    pgpipe.read(text, text, integer),
+    pgpipe.events_after(uuid, text[], integer)
+TO pgpipe_consumer;
+GRANT EXECUTE ON FUNCTION
+    pgpipe.emit(text, jsonb, text, jsonb),
+    pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[])
+TO pgpipe_producer;
