@@ -1345,3 +1345,519 @@ GRANT EXECUTE ON FUNCTION
     pgpipe.emit(text, jsonb, text, jsonb),
     pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[])
 TO pgpipe_producer;
+
+--------------------------------------------------------------------------------
+-- snapshots and schema-change events (issue 16): pgpipe.snapshot_jobs, the
+-- pgpipe.snapshots view, snapshot(), cancel_snapshot(), the worker's chunk functions,
+-- subscribe(..., snapshot => true); DDL events (sql/ddl.sql: table_columns(),
+-- queue_ddl_event(), the event triggers pgpipe_capture_ddl, pgpipe_capture_drop and
+-- pgpipe_before_drop)
+--------------------------------------------------------------------------------
+
+-- pgpipe: snapshots, the existing rows of a subscribed table as READ events.
+--
+-- pgpipe.snapshot('orders') queues one event per row already in the table, operation
+-- 'READ' and source 'snapshot', on the table's channel, in chunks of
+-- pgpipe.snapshot_chunk_size rows read by the background worker in key order (keyset
+-- over the primary key), at most pgpipe.snapshot_rows_per_second. Writers go on while it
+-- runs, in trigger and in WAL mode.
+--
+-- Why applying the delivered events in order yields the table (README "Snapshots"): a
+-- chunk is read with SELECT ... FOR SHARE in the same transaction that queues its READ
+-- events and records its progress. A change of one of its rows either committed before
+-- the chunk locked the row (the READ then carries that change or a later one, and every
+-- later change of the row is delivered after the READ) or waits for the chunk's commit
+-- (its event is minted, and in WAL mode decoded, after the chunk committed, so the queue
+-- orders it after the READ). Per row, the stream of events is in commit order, so the
+-- last event applied is the newest state.
+--
+-- Resumable: a chunk's READ events and its progress (last_key) commit together; after a
+-- crash or restart the worker goes on from the last finished chunk.
+--
+-- Tables without a primary key are refused: an UPDATE or DELETE of a row without a key
+-- names no row a consumer could apply it to, so no snapshot of such a table could be
+-- kept consistent with the stream.
+
+CREATE TABLE pgpipe.snapshot_jobs (
+    id            bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    relid         oid         NOT NULL,
+    schema_name   text        NOT NULL,
+    table_name    text        NOT NULL,
+    -- The primary key's columns, in index order: the keyset the chunks walk.
+    key_columns   text[]      NOT NULL,
+    state         text        NOT NULL DEFAULT 'running'
+                              CHECK (state IN ('running', 'done', 'failed', 'cancelled')),
+    -- The key (as text, one element per key column) up to which rows are queued.
+    last_key      text[],
+    rows          bigint      NOT NULL DEFAULT 0,
+    chunks        bigint      NOT NULL DEFAULT 0,
+    requested_by  oid         NOT NULL,
+    started_at    timestamptz NOT NULL DEFAULT now(),
+    finished_at   timestamptz,
+    error         text
+);
+COMMENT ON TABLE pgpipe.snapshot_jobs IS
+    'pgpipe: snapshots of subscribed tables (READ events), their progress; see pgpipe.snapshots';
+-- One running snapshot per table.
+CREATE UNIQUE INDEX snapshot_jobs_running ON pgpipe.snapshot_jobs (relid) WHERE state = 'running';
+
+-- Every snapshot with its progress; a role sees those of tables it may SELECT
+-- (pgpipe_admin: all).
+CREATE VIEW pgpipe.snapshots WITH (security_barrier) AS
+SELECT j.id,
+       -- Schema-qualified whatever the reader's search_path (and after a DROP).
+       coalesce(format('%I.%I', n.nspname, c.relname), format('%I.%I', j.schema_name, j.table_name)) AS "table",
+       j.state, j.rows, j.chunks,
+       j.started_at AS started, j.finished_at AS finished, j.error
+FROM pgpipe.snapshot_jobs j
+LEFT JOIN pg_catalog.pg_class c ON c.oid = j.relid
+LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE pg_catalog.pg_has_role(session_user, 'pgpipe_admin', 'USAGE')
+   OR (c.oid IS NOT NULL AND pg_catalog.has_table_privilege(session_user, c.oid, 'SELECT'));
+
+-- The primary key's columns of a table, in index order (NULL without one).
+CREATE FUNCTION pgpipe.key_columns(tbl regclass) RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT array_agg(a.attname::text ORDER BY k.n)
+    FROM pg_index i
+    CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
+    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+    WHERE i.indrelid = tbl AND i.indisprimary
+    HAVING count(*) > 0
+$$;
+
+-- Starts a snapshot of a subscribed table: the background worker queues its rows as READ
+-- events. Only the table's owner may. Returns the snapshot's id (that of the running one
+-- when there is one already).
+CREATE FUNCTION pgpipe.snapshot("table" regclass) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel record;
+    keys text[];
+    worker record;
+    job bigint;
+BEGIN
+    IF "table" IS NULL THEN
+        RAISE EXCEPTION 'no table given' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pgpipe.require_table_owner("table", 'snapshot');
+    SELECT c.relname, n.nspname INTO rel
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = "table";
+    IF NOT EXISTS (SELECT 1 FROM pgpipe.subscription s WHERE s.relid = "table") THEN
+        RAISE EXCEPTION 'table % is not subscribed', "table"
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A snapshot''s READ events go on the table''s channel, and only capture keeps them up to date.',
+                  HINT = format('Subscribe it with the snapshot: SELECT pgpipe.subscribe(%L, snapshot => true);', "table"::text);
+    END IF;
+    keys := pgpipe.key_columns("table");
+    IF keys IS NULL THEN
+        RAISE EXCEPTION 'table % has no primary key, so it cannot be snapshotted', "table"
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'The snapshot reads the table in primary-key order, and a consumer needs the key to apply later UPDATEs and DELETEs to the rows it read.',
+                  HINT = 'Add a primary key (ALTER TABLE ... ADD PRIMARY KEY); the change events of the table flow without one.';
+    END IF;
+    SELECT * INTO worker FROM pgpipe.worker_status();
+    IF NOT worker.preloaded THEN
+        RAISE EXCEPTION 'snapshots need the pgpipe background worker, which runs only when pgpipe is preloaded'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Add pgpipe to shared_preload_libraries and restart Postgres.';
+    END IF;
+    IF coalesce(nullif(current_setting('pgpipe.database', true), ''), 'postgres') <> current_database() THEN
+        RAISE EXCEPTION 'the pgpipe background worker serves database %, not %, so it cannot run the snapshot',
+            quote_ident(coalesce(nullif(current_setting('pgpipe.database', true), ''), 'postgres')), quote_ident(current_database())
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('Set pgpipe.database = %L in postgresql.conf and reload.', current_database());
+    END IF;
+    SELECT j.id INTO job FROM pgpipe.snapshot_jobs j WHERE j.relid = "table" AND j.state = 'running';
+    IF FOUND THEN
+        RAISE NOTICE 'a snapshot of % is already running (id %)', "table", job;
+        RETURN job;
+    END IF;
+    INSERT INTO pgpipe.snapshot_jobs (relid, schema_name, table_name, key_columns, requested_by)
+    VALUES ("table", rel.nspname, rel.relname, keys,
+            (SELECT r.oid FROM pg_roles r WHERE r.rolname = session_user))
+    RETURNING id INTO job;
+    -- Wakes the worker at commit, which then starts on it.
+    PERFORM pgpipe.mark_wakeup();
+    RETURN job;
+END $$;
+
+-- Cancels the running snapshot of a table (its owner). Events already queued stay.
+-- Returns false when none was running.
+CREATE FUNCTION pgpipe.cancel_snapshot("table" regclass) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM pgpipe.require_table_owner("table", 'cancel the snapshot of');
+    UPDATE pgpipe.snapshot_jobs j SET state = 'cancelled', finished_at = now()
+    WHERE j.relid = "table" AND j.state = 'running';
+    RETURN FOUND;
+END $$;
+
+-- For the worker: the next running snapshot to read a chunk of, locked, with the two
+-- queries of a chunk. Skips (and ends) snapshots whose table is gone, unsubscribed or
+-- has another key now. The queries run as the table's owner:
+--   bounds_sql ($1 last key text[], $2 chunk size): the key of the chunk's last row by
+--     the statement's snapshot, no row when fewer rows are left;
+--   rows_sql ($1 last key, $2 upper key text[] or NULL): the chunk's rows locked FOR
+--     SHARE, as (key jsonb text, row jsonb text). Rows whose key a concurrent UPDATE moved
+--     out of (last, upper] are left to the chunk that covers their new key.
+CREATE FUNCTION pgpipe.snapshot_next_chunk(
+    OUT job bigint, OUT owner oid, OUT last_key text[], OUT bounds_sql text, OUT rows_sql text)
+RETURNS record
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    j pgpipe.snapshot_jobs;
+    rel record;
+    key_list text;
+    key_object text;
+    key_text text;
+    lower_key text;
+    upper_key text;
+    source text;
+    row_expr text;
+BEGIN
+    LOOP
+        SELECT * INTO j FROM pgpipe.snapshot_jobs s WHERE s.state = 'running'
+        ORDER BY s.id LIMIT 1 FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            RETURN;
+        END IF;
+        SELECT c.oid, c.relowner, c.relkind INTO rel FROM pg_class c WHERE c.oid = j.relid;
+        IF rel.oid IS NULL THEN
+            UPDATE pgpipe.snapshot_jobs SET state = 'failed', finished_at = now(), error = 'the table was dropped'
+            WHERE id = j.id;
+        ELSIF NOT EXISTS (SELECT 1 FROM pgpipe.subscription s WHERE s.relid = j.relid) THEN
+            UPDATE pgpipe.snapshot_jobs SET state = 'cancelled', finished_at = now(), error = 'the table was unsubscribed'
+            WHERE id = j.id;
+        ELSIF pgpipe.key_columns(j.relid) IS DISTINCT FROM j.key_columns THEN
+            UPDATE pgpipe.snapshot_jobs SET state = 'failed', finished_at = now(),
+                error = 'the table''s primary key changed; start a new snapshot'
+            WHERE id = j.id;
+        ELSE
+            EXIT;
+        END IF;
+    END LOOP;
+    job := j.id;
+    owner := rel.relowner;
+    last_key := j.last_key;
+    SELECT string_agg(format('t.%I', a.attname), ', ' ORDER BY k.n),
+           string_agg(format('%L, t.%I', a.attname, a.attname), ', ' ORDER BY k.n),
+           string_agg(format('t.%I::pg_catalog.text', a.attname), ', ' ORDER BY k.n),
+           string_agg(format('$1[%s]::%s', k.n, format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY k.n),
+           string_agg(format('$2[%s]::%s', k.n, format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY k.n)
+    INTO key_list, key_object, key_text, lower_key, upper_key
+    FROM unnest(j.key_columns) WITH ORDINALITY AS k(name, n)
+    JOIN pg_attribute a ON a.attrelid = j.relid AND a.attname = k.name;
+    -- The subscription's column choice (pgpipe.captured_attnums): left-out columns never
+    -- reach the queue, in READ events either.
+    SELECT '(SELECT pg_catalog.to_jsonb(x) FROM (SELECT '
+           || string_agg(format('t.%I', a.attname), ', ' ORDER BY a.attnum) || ') x)'
+    INTO row_expr
+    FROM pgpipe.subscription s
+    JOIN pg_attribute a ON a.attrelid = s.relid AND a.attnum = ANY (s.column_attnums)
+    WHERE s.relid = j.relid AND NOT a.attisdropped;
+    row_expr := coalesce(row_expr, 'pg_catalog.to_jsonb(t)');
+    -- ONLY: trigger capture sees the table's own rows, not those of inheritance
+    -- children (a partitioned table's rows are all in its partitions).
+    source := CASE WHEN rel.relkind = 'p' THEN '' ELSE 'ONLY ' END || j.relid::regclass::text || ' t';
+    bounds_sql := format('SELECT ARRAY[%s] FROM %s %s ORDER BY %s OFFSET $2 - 1 LIMIT 1',
+        key_text, source,
+        CASE WHEN j.last_key IS NULL THEN 'WHERE $1 IS NULL' ELSE format('WHERE (%s) > (%s)', key_list, lower_key) END,
+        key_list);
+    rows_sql := format('SELECT pg_catalog.jsonb_build_object(%s)::pg_catalog.text, %s::pg_catalog.text '
+                       'FROM %s WHERE %s AND ($2 IS NULL OR (%s) <= (%s)) ORDER BY %s FOR SHARE OF t',
+        key_object, row_expr, source,
+        CASE WHEN j.last_key IS NULL THEN '$1 IS NULL' ELSE format('(%s) > (%s)', key_list, lower_key) END,
+        key_list, upper_key, key_list);
+END $$;
+
+-- For the worker: queues a chunk's rows as READ events on the table's channel and records
+-- the chunk (in the worker's transaction, with the rows still locked). upper_key NULL:
+-- it was the last chunk. The one place READ events are written.
+CREATE FUNCTION pgpipe.queue_read_events(job bigint, keys text[], rows text[], upper_key text[])
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    j pgpipe.snapshot_jobs;
+    chan text;
+    rel record;
+BEGIN
+    SELECT * INTO j FROM pgpipe.snapshot_jobs s WHERE s.id = job FOR UPDATE;
+    SELECT s.channel INTO chan FROM pgpipe.subscription s WHERE s.relid = j.relid;
+    SELECT c.relname, n.nspname INTO rel
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = j.relid;
+    -- keys: the rows' primary keys as jsonb (the envelope's key, as capture gives it).
+    INSERT INTO pgpipe.events (channel, operation, payload, source, key)
+    SELECT chan, 'READ',
+           jsonb_build_object('op', 'READ', 'schema', rel.nspname, 'table', rel.relname,
+                              'row', r.rw::jsonb, 'old', NULL),
+           'snapshot', r.k::jsonb
+    FROM ROWS FROM (unnest(keys), unnest(rows)) WITH ORDINALITY AS r(k, rw, n)
+    ORDER BY r.n;
+    UPDATE pgpipe.snapshot_jobs s
+    SET rows = s.rows + coalesce(cardinality(queue_read_events.rows), 0),
+        chunks = s.chunks + 1,
+        last_key = coalesce(upper_key, s.last_key),
+        state = CASE WHEN upper_key IS NULL THEN 'done' ELSE s.state END,
+        finished_at = CASE WHEN upper_key IS NULL THEN now() END
+    WHERE s.id = job;
+    IF coalesce(cardinality(rows), 0) > 0 THEN
+        PERFORM pgpipe.mark_wakeup();
+    END IF;
+END $$;
+
+-- For the worker: a snapshot that keeps failing ends as failed, with the error.
+CREATE FUNCTION pgpipe.fail_snapshot(job bigint, error text) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    UPDATE pgpipe.snapshot_jobs s SET state = 'failed', finished_at = now(), error = fail_snapshot.error
+    WHERE s.id = job AND s.state = 'running'
+$$;
+
+DROP FUNCTION pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[]);
+CREATE FUNCTION pgpipe.subscribe(
+    "table"    regclass,
+    channel    text   DEFAULT NULL,
+    operations text[] DEFAULT ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE'],
+    mode       text   DEFAULT 'trigger',
+    replica_identity_full boolean DEFAULT false,
+    columns    text[] DEFAULT NULL,
+    exclude_columns text[] DEFAULT NULL,
+    snapshot   boolean DEFAULT false
+) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel record;
+    ops text[];
+    row_ops text[];
+    denial text;
+    attnums int2[];
+BEGIN
+    IF "table" IS NULL THEN
+        RAISE EXCEPTION 'no table given' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT c.relname, c.relkind, n.nspname INTO rel
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = "table";
+    IF rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', "table"
+            USING ERRCODE = 'wrong_object_type',
+                  HINT = 'Only ordinary and partitioned tables can be subscribed.';
+    END IF;
+    IF rel.nspname = 'pgpipe' THEN
+        RAISE EXCEPTION 'pgpipe''s own table % cannot be subscribed', "table"
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pgpipe.require_table_owner("table", 'subscribe');
+    mode := lower(coalesce(mode, ''));
+    IF mode NOT IN ('trigger', 'wal') THEN
+        RAISE EXCEPTION 'unknown mode %', quote_literal(mode)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'mode is ''trigger'' or ''wal''.';
+    END IF;
+    channel := pgpipe.check_channel(coalesce(channel,
+        CASE WHEN rel.nspname = 'public' THEN rel.relname ELSE rel.nspname || '.' || rel.relname END));
+    ops := pgpipe.check_operations(operations);
+    attnums := pgpipe.captured_attnums("table", columns, exclude_columns);
+    denial := pgpipe.channel_write_denial(channel, "table");
+    IF denial IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot subscribe % to channel %: %', "table", quote_literal(channel), denial
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Pass another channel => ''...'' (the default is the table''s name).';
+    END IF;
+    IF mode = 'wal' AND NOT pgpipe.is_admin()
+       AND NOT (SELECT r.rolreplication FROM pg_roles r WHERE r.rolname = session_user) THEN
+        -- WAL mode creates and holds a replication slot, which retains WAL for everyone.
+        RAISE EXCEPTION 'mode ''wal'' needs the REPLICATION attribute or the pgpipe_admin role (role % has neither)',
+            quote_ident(session_user)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('A superuser runs: GRANT pgpipe_admin TO %I; or use mode => ''trigger''.', session_user);
+    END IF;
+    IF mode = 'wal' THEN
+        -- First, before this transaction writes: it may have to create the slot.
+        PERFORM pgpipe.prepare_wal_capture("table", coalesce(replica_identity_full, false));
+    END IF;
+
+    -- Writers wait while capture switches over (see above).
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', "table");
+    IF EXISTS (SELECT 1 FROM pgpipe.subscription s WHERE s.relid = "table" AND s.mode = 'wal') THEN
+        -- Changing a WAL-mode subscription: let the worker queue the table's last WAL
+        -- changes under the old channel and operations first (and, when leaving WAL
+        -- mode, before the trigger's events).
+        PERFORM pgpipe.wait_for_wal_capture();
+    END IF;
+    PERFORM pgpipe.drop_capture_triggers("table");
+    IF mode = 'wal' THEN
+        IF replica_identity_full THEN
+            EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', "table");
+        END IF;
+        PERFORM pgpipe.publish("table");
+        row_ops := '{}';
+    ELSE
+        PERFORM pgpipe.unpublish("table");
+        row_ops := ARRAY(SELECT o FROM unnest(ops) o WHERE o <> 'TRUNCATE');
+    END IF;
+    IF cardinality(row_ops) > 0 THEN
+        -- The captured columns travel as the trigger's second argument ('2 3 5').
+        EXECUTE format(
+            'CREATE TRIGGER pgpipe_capture AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION pgpipe.capture_row(%L%s)',
+            array_to_string(row_ops, ' OR '), "table", channel,
+            CASE WHEN attnums IS NULL THEN '' ELSE format(', %L', array_to_string(attnums, ' ')) END);
+    END IF;
+    IF mode = 'trigger' AND 'TRUNCATE' = ANY (ops) THEN
+        EXECUTE format(
+            'CREATE TRIGGER pgpipe_capture_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION pgpipe.capture_truncate(%L)',
+            "table", channel);
+    END IF;
+
+    INSERT INTO pgpipe.channel_sources (channel, relid) VALUES (channel, "table")
+    ON CONFLICT DO NOTHING;
+    INSERT INTO pgpipe.subscription AS s (relid, channel, operations, mode, column_attnums)
+    VALUES ("table", channel, ops, mode, attnums)
+    ON CONFLICT (relid) DO UPDATE
+        SET channel = excluded.channel, operations = excluded.operations,
+            mode = excluded.mode, column_attnums = excluded.column_attnums, updated_at = now();
+    IF snapshot THEN
+        -- The existing rows as READ events (sql/snapshot.sql), once capture is in place.
+        PERFORM pgpipe.snapshot("table");
+    END IF;
+    RETURN channel;
+END $$;
+
+-- pgpipe: schema-change events (operation 'DDL', source 'ddl').
+--
+-- An event trigger queues one event per command that changes a subscribed table (ALTER
+-- TABLE: columns added, dropped, renamed or retyped, the table renamed, ...; DROP TABLE)
+-- on the table's channel, with the command tag and the table's column list after it.
+-- Order with the table's data changes: in trigger mode the event is written in the
+-- command's transaction (ALTER TABLE and DROP TABLE hold an ACCESS EXCLUSIVE lock, so no
+-- write of the table is concurrent with it); in WAL mode it travels through the WAL as
+-- one of pgpipe's logical decoding messages, so the worker queues it in commit order
+-- with the table's changes. The statement's text is not included: current_query() holds
+-- the whole string the client sent, which may carry other statements (and secrets).
+
+-- The columns of a table as the DDL event lists them.
+CREATE FUNCTION pgpipe.table_columns(tbl oid) RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'name', a.attname, 'type', format_type(a.atttypid, a.atttypmod),
+               'not_null', a.attnotnull, 'position', a.attnum) ORDER BY a.attnum), '[]'::jsonb)
+    FROM pg_attribute a
+    WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+$$;
+
+-- Queues a DDL event of a subscribed table: into the queue (trigger mode), or through
+-- the WAL (WAL mode, see pgpipe.emit_wal) so that it keeps its place among the changes.
+CREATE FUNCTION pgpipe.queue_ddl_event(s pgpipe.subscription, payload jsonb) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    woken boolean;
+BEGIN
+    IF s.mode = 'wal' THEN
+        PERFORM pg_logical_emit_message(true, 'pgpipe:' || (SELECT k.key FROM pgpipe.wal_message_key k LIMIT 1),
+            jsonb_build_object('channel', s.channel, 'operation', 'DDL', 'payload', payload,
+                               'source', 'ddl')::text);
+    ELSE
+        INSERT INTO pgpipe.events (channel, operation, payload, source)
+        VALUES (s.channel, 'DDL', payload, 'ddl');
+        woken := pgpipe.mark_wakeup();
+    END IF;
+END $$;
+
+-- ddl_command_end: a DDL event for every subscribed table the command changed.
+CREATE FUNCTION pgpipe.capture_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cmd record;
+    s pgpipe.subscription;
+    rel record;
+BEGIN
+    FOR cmd IN
+        SELECT DISTINCT d.objid, d.command_tag
+        FROM pg_event_trigger_ddl_commands() d
+        WHERE d.classid = 'pg_class'::regclass
+    LOOP
+        SELECT * INTO s FROM pgpipe.subscription sub WHERE sub.relid = cmd.objid;
+        CONTINUE WHEN NOT FOUND;
+        SELECT c.relname, n.nspname INTO rel
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = cmd.objid;
+        PERFORM pgpipe.queue_ddl_event(s, jsonb_build_object(
+            'op', 'DDL', 'schema', rel.nspname, 'table', rel.relname,
+            'command', cmd.command_tag, 'columns', pgpipe.table_columns(cmd.objid),
+            'primary_key', to_jsonb(pgpipe.key_columns(cmd.objid))));
+    END LOOP;
+END $$;
+CREATE EVENT TRIGGER pgpipe_capture_ddl ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION pgpipe.capture_ddl();
+
+-- sql_drop: a subscribed table that is dropped gets a last DDL event ('DROP TABLE',
+-- columns null) and a NOTICE saying its capture is gone. (The subscription row itself is
+-- removed by pgpipe_forget_dropped_tables, which fires after this trigger: event
+-- triggers of one event fire in name order.)
+CREATE FUNCTION pgpipe.capture_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    d record;
+    s pgpipe.subscription;
+BEGIN
+    FOR d IN
+        SELECT o.objid, o.schema_name, o.object_name
+        FROM pg_event_trigger_dropped_objects() o
+        WHERE o.classid = 'pg_class'::regclass AND o.objsubid = 0 AND o.object_type = 'table'
+    LOOP
+        SELECT * INTO s FROM pgpipe.subscription sub WHERE sub.relid = d.objid;
+        CONTINUE WHEN NOT FOUND;
+        PERFORM pgpipe.queue_ddl_event(s, jsonb_build_object(
+            'op', 'DDL', 'schema', d.schema_name, 'table', d.object_name,
+            'command', 'DROP TABLE', 'columns', NULL, 'primary_key', NULL));
+        UPDATE pgpipe.snapshot_jobs j SET state = 'cancelled', finished_at = now(), error = 'the table was dropped'
+        WHERE j.relid = d.objid AND j.state = 'running';
+        RAISE NOTICE 'pgpipe: table %.% was subscribed on channel %; its capture is removed',
+            quote_ident(d.schema_name), quote_ident(d.object_name), quote_literal(s.channel)
+            USING DETAIL = 'A last event with operation DDL and command DROP TABLE is queued on the channel.';
+    END LOOP;
+END $$;
+CREATE EVENT TRIGGER pgpipe_capture_drop ON sql_drop
+    WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
+    EXECUTE FUNCTION pgpipe.capture_drop();
+
+-- ddl_command_start of a DROP: when WAL-mode tables are subscribed, let the worker queue
+-- the WAL changes committed so far first, while their tables (and owners) still exist:
+-- a change decoded after its table is gone can only carry its values as text (no owner
+-- is left to run the conversion as). Not when the transaction has written already: its
+-- own changes come after the position it would wait for.
+CREATE FUNCTION pgpipe.before_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    caught_up boolean;
+BEGIN
+    IF pg_current_xact_id_if_assigned() IS NULL
+       AND EXISTS (SELECT 1 FROM pgpipe.subscription s WHERE s.mode = 'wal') THEN
+        caught_up := pgpipe.wait_for_wal_capture('5s');
+    END IF;
+END $$;
+CREATE EVENT TRIGGER pgpipe_before_drop ON ddl_command_start
+    WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
+    EXECUTE FUNCTION pgpipe.before_drop();
+
+REVOKE ALL ON FUNCTION
+    pgpipe.key_columns(regclass),
+    pgpipe.snapshot(regclass),
+    pgpipe.cancel_snapshot(regclass),
+    pgpipe.snapshot_next_chunk(),
+    pgpipe.queue_read_events(bigint, text[], text[], text[]),
+    pgpipe.fail_snapshot(bigint, text),
+    pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[], boolean),
+    pgpipe.table_columns(oid),
+    pgpipe.queue_ddl_event(pgpipe.subscription, jsonb),
+    pgpipe.capture_ddl(),
+    pgpipe.capture_drop(),
+    pgpipe.before_drop()
+FROM PUBLIC;
+REVOKE ALL ON pgpipe.snapshot_jobs, pgpipe.snapshots FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[], boolean),
+    pgpipe.snapshot(regclass),
+    pgpipe.cancel_snapshot(regclass)
+TO pgpipe_producer;
+GRANT SELECT ON pgpipe.snapshots TO pgpipe_consumer, pgpipe_producer;
