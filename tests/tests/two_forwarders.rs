@@ -4,7 +4,9 @@
 //! `orders+stdout`). A third forwarder identical to the first stands by, with a warning
 //! that names the holder and `--consumer`. `--start now` makes a new consumer skip what is
 //! already queued; a consumer left from before 0.2 (named after the channels alone) is
-//! named at start instead of silently holding retention.
+//! named at start instead of silently holding retention. Never silence: a channel no
+//! subscription carries (a typo, the original's `pgpipe:orders`) and `listen_notify` on a
+//! channel the extension captures are warned about at start, with the fix.
 
 use std::time::Duration;
 
@@ -98,6 +100,39 @@ async fn a_debugging_forwarder_does_not_take_the_webhooks_events() {
         f.sigterm();
     }
     for f in [&production, &debugging, &standby, &late] {
+        assert!(f.wait_exit(WAIT).await.success(), "{}", f.stderr_text());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_nothing_produces_are_named_at_start() {
+    let db = test_db("unproduced_channels").await;
+    db.execute("CREATE TABLE orders (id int PRIMARY KEY); SELECT pgpipe.subscribe('orders');")
+        .await;
+    let url = db.url();
+    // The original pgpipe's channel name, and a typo: nothing produces either.
+    let fwd = Forwarder::listen(&url)
+        .channel("pgpipe:orders")
+        .channel("ordrs")
+        .spawn();
+    let log = fwd
+        .wait_for_stderr("only pgpipe.emit('ordrs', ...) produces events", WAIT)
+        .await;
+    assert!(
+        log.contains("original pgpipe's NOTIFY channel name") && log.contains("--channel orders"),
+        "{log}"
+    );
+    // listen_notify on a channel the extension captures delivers nothing: said so.
+    let notify = Forwarder::listen(&url)
+        .channel("orders")
+        .detector("listen_notify")
+        .spawn();
+    let log = notify
+        .wait_for_stderr("listen_notify will deliver nothing", WAIT)
+        .await;
+    assert!(log.contains("--detector queue"), "{log}");
+    for f in [&fwd, &notify] {
+        f.sigterm();
         assert!(f.wait_exit(WAIT).await.success(), "{}", f.stderr_text());
     }
 }

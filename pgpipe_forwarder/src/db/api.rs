@@ -196,6 +196,21 @@ impl<'a> QueueClient<'a> {
         Ok(row.and_then(|r| r.get(0)))
     }
 
+    /// The channels of `channels` that no subscription carries (only `pgpipe.emit` could
+    /// produce events on them).
+    pub async fn unsubscribed_channels(&self, channels: &[String]) -> Result<Vec<String>, Error> {
+        let rows = self
+            .client
+            .query(
+                "SELECT c FROM unnest($1::text[]) AS c \
+                 WHERE NOT EXISTS (SELECT 1 FROM pgpipe.subscriptions s WHERE s.channel = c)",
+                &[&channels],
+            )
+            .await
+            .map_err(Error::pg("look up subscriptions"))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     /// Whether a consumer named `consumer` exists (and this role may see it).
     pub async fn consumer_exists(&self, consumer: &str) -> Result<bool, Error> {
         let row = self

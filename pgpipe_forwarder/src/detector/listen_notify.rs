@@ -54,6 +54,27 @@ pub const SOURCE: &str = "listen_notify";
 /// Operation of a notification whose payload names none.
 pub const DEFAULT_OPERATION: &str = "NOTIFY";
 
+/// Never silence: the extension's capture never NOTIFYs, so LISTENing on the channels of
+/// its subscriptions delivers nothing. Says so, and what to use instead.
+async fn warn_if_captured_by_the_extension(client: &tokio_postgres::Client, channels: &[String]) {
+    let captured = client
+        .query(
+            "SELECT s.channel FROM pgpipe.subscriptions s WHERE s.channel = ANY ($1::text[])",
+            &[&channels],
+        )
+        .await;
+    let Ok(rows) = captured else {
+        return; // no extension here (or no right to see its subscriptions)
+    };
+    let captured: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    if !captured.is_empty() {
+        tracing::warn!(component = "detector", detector = SOURCE, channels = ?captured,
+            "the pgpipe extension captures these channels into its queue and never NOTIFYs \
+             them: listen_notify will deliver nothing. Use --detector queue (or leave \
+             --detector out; detector.type: queue)");
+    }
+}
+
 /// LISTENs on channels; see the module documentation.
 pub struct ListenNotifyDetector {
     url: String,
@@ -130,6 +151,7 @@ impl ListenNotifyDetector {
         reconnect.connected();
         tracing::info!(component = "detector", detector = SOURCE, channels = ?self.channels,
             "listening (at-most-once: notifications sent while disconnected are lost)");
+        warn_if_captured_by_the_extension(&client, &self.channels).await;
 
         let mut probe = tokio::time::interval(self.probe_interval);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

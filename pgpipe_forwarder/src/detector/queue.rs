@@ -174,6 +174,7 @@ impl QueueDetector {
         health.up();
         tracing::info!(component = "detector", detector = NAME, consumer = %self.consumer,
             channels = ?self.channels, "reading the pgpipe queue");
+        self.warn_unproduced_channels(&queue).await;
 
         let mut poll = tokio::time::interval(self.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -308,6 +309,27 @@ impl QueueDetector {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(false),
                 _ = tokio::time::sleep(reconnect.first_delay()) => {}
+            }
+        }
+    }
+
+    /// Never silence: names every channel that no subscription carries, where only
+    /// `pgpipe.emit` would produce events (and the original pgpipe's `pgpipe:<table>`
+    /// channel names, which the extension does not use).
+    async fn warn_unproduced_channels(&self, queue: &QueueClient<'_>) {
+        let Ok(unsubscribed) = queue.unsubscribed_channels(&self.channels).await else {
+            return;
+        };
+        for channel in unsubscribed {
+            match channel.strip_prefix("pgpipe:") {
+                Some(table) => tracing::warn!(component = "detector", detector = NAME, %channel,
+                    "no subscription carries channel {channel:?}: that is the original pgpipe's \
+                     NOTIFY channel name; the extension's channel is the table's name: use \
+                     --channel {table} (after SELECT pgpipe.subscribe('{table}'))"),
+                None => tracing::warn!(component = "detector", detector = NAME, %channel,
+                    "no subscription carries channel {channel:?}: only pgpipe.emit('{channel}', ...) \
+                     produces events on it. To capture a table, SELECT pgpipe.subscribe('<table>', \
+                     channel => '{channel}')"),
             }
         }
     }
