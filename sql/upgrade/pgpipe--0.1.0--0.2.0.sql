@@ -1855,6 +1855,7 @@ REVOKE ALL ON FUNCTION
     pgpipe.before_drop()
 FROM PUBLIC;
 REVOKE ALL ON pgpipe.snapshot_jobs, pgpipe.snapshots FROM PUBLIC;
+REVOKE ALL ON SEQUENCE pgpipe.snapshot_jobs_id_seq FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[], boolean),
     pgpipe.snapshot(regclass),
