@@ -138,6 +138,7 @@ impl ListenNotifyDetector {
         let (client, mut notifications) =
             db::connect_with(&self.url, db::Notifications::Bounded(buffer)).await?;
         reconnect.reached();
+        warn_if_captured_by_the_extension(&client, &self.channels).await;
         let listen: String = self
             .channels
             .iter()
@@ -151,7 +152,6 @@ impl ListenNotifyDetector {
         reconnect.connected();
         tracing::info!(component = "detector", detector = SOURCE, channels = ?self.channels,
             "listening (at-most-once: notifications sent while disconnected are lost)");
-        warn_if_captured_by_the_extension(&client, &self.channels).await;
 
         let mut probe = tokio::time::interval(self.probe_interval);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
