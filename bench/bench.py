@@ -2,7 +2,8 @@
 """pgpipe benchmarks (issue 7). Run through `make bench` (or scripts/bench.sh).
 
 Modules: common (settings), cluster (its Postgres), processes (forwarder, sinks,
-receivers), phases (the measurements), report (BENCHMARKS.md).
+receivers), phases (the measurements), scale (NATS and consumer groups), report
+(BENCHMARKS.md).
 
 Starts a Postgres 15 of its own (initdb in a temp dir as the `postgres` OS user, a free
 port, wal_level=logical, shared_preload_libraries=pgpipe, track_commit_timestamp=on),

@@ -19,9 +19,10 @@ from common import *  # noqa: F401,F403
 from cluster import *  # noqa: F401,F403
 from processes import *  # noqa: F401,F403
 from report import *  # noqa: F401,F403
+from scale import ScalePhases
 
 
-class Bench:
+class Bench(ScalePhases):
     def __init__(self):
         self.cl = Cluster()
         self.work = os.path.join(self.cl.dir, "work")

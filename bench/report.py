@@ -301,6 +301,10 @@ def render_md(r, prev):
         L.append("#### 7. Failure phase: %s" % fl.get("error"))
         L.append("")
 
+    # Scale-out phases (bench/scale.py).
+    from scale import render_scale_md
+    L.extend(render_scale_md(r))
+
     if targets:
         L.append("#### Targets")
         L.append("")

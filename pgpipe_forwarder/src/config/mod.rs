@@ -155,6 +155,16 @@ pub struct DetectorConfig {
     pub status_interval: Duration,
     /// Consumer name in `pgpipe.consumers` (queue detector); empty derives it from the channels.
     pub consumer: String,
+    /// Queue detector: consumer group to join (`--group`); its members share the events by
+    /// key. Empty: no group, this forwarder reads everything as `consumer`.
+    pub group: String,
+    /// Queue detector: this forwarder's member name in the group; empty derives a unique
+    /// one (`<group>.<host>.<pid>`).
+    pub group_member: String,
+    /// Queue detector: a group member not heard from for this long is replaced (its
+    /// session ending replaces it at once).
+    #[serde(with = "humantime_serde")]
+    pub group_member_timeout: Duration,
     /// How often the queue is polled when no wake-up arrives.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
@@ -264,6 +274,9 @@ impl Default for DetectorConfig {
             all_tables: false,
             status_interval: Duration::from_secs(10),
             consumer: String::new(),
+            group: String::new(),
+            group_member: String::new(),
+            group_member_timeout: Duration::from_secs(30),
             poll_interval: Duration::from_millis(50),
             batch_size: 1000,
             max_in_flight: 10_000,
