@@ -230,7 +230,8 @@ RETURNS TABLE (
     source      text,
     created_at  timestamptz,
     xid         xid8,
-    lsn         pg_lsn
+    lsn         pg_lsn,
+    key         jsonb
 )
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -269,7 +270,7 @@ BEGIN
     SELECT CASE WHEN nb.n = nb.total AND nb.total < max_events
                 THEN pos.cur::text || '//'
                 ELSE pos.prev::text || '/' || pos.cur::text || '/' || nb.id::text END,
-           nb.id, nb.channel, nb.operation, nb.payload, nb.source, nb.created_at, nb.xid, nb.lsn
+           nb.id, nb.channel, nb.operation, nb.payload, nb.source, nb.created_at, nb.xid, nb.lsn, nb.key
     FROM numbered nb
     ORDER BY nb.id;
     GET DIAGNOSTICS rows_returned = ROW_COUNT;
@@ -277,7 +278,7 @@ BEGIN
     IF rows_returned = 0 THEN
         -- The batch is finished: the next one starts after `cur`.
         RETURN QUERY SELECT pos.cur::text || '//', NULL::uuid, NULL::text, NULL::text, NULL::jsonb,
-                            NULL::text, NULL::timestamptz, NULL::xid8, NULL::pg_lsn;
+                            NULL::text, NULL::timestamptz, NULL::xid8, NULL::pg_lsn, NULL::jsonb;
     END IF;
 END $$;
 

@@ -50,7 +50,7 @@ GRANT SELECT ON pgpipe.group_members TO pgpipe_consumer;
 
 -- Producers: emit, and capture of the tables they own (subscribe checks the owner).
 GRANT EXECUTE ON FUNCTION
-    pgpipe.emit(text, jsonb, text),
+    pgpipe.emit(text, jsonb, text, jsonb),
     pgpipe.subscribe(regclass, text, text[], text, boolean),
     pgpipe.unsubscribe(regclass)
 TO pgpipe_producer;

@@ -55,13 +55,11 @@ COMMENT ON TABLE pgpipe.consumer_groups IS
     'pgpipe consumer groups: members share the events of their channels by key; see pgpipe.group_members';
 CREATE INDEX consumers_group_name_idx ON pgpipe.consumers (group_name) WHERE group_name IS NOT NULL;
 
--- The slot (1..slots) of an event: by its key, or by its transaction when it has none.
--- The key comes through to_jsonb so that this works before and after the queue has its
--- `key` column.
+-- The slot (1..slots) of an event: by its key, or by its transaction when it has none
+-- (jsonb's text form is canonical, so equal keys hash alike).
 CREATE FUNCTION pgpipe.group_slot(e pgpipe.events, slots integer) RETURNS integer
-LANGUAGE sql STABLE AS $$
-    SELECT 1 + ((hashtextextended(coalesce(nullif(to_jsonb(e) -> 'key', 'null'::jsonb)::text,
-                                           'xid:' || e.xid::text), 0)
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT 1 + ((hashtextextended(coalesce(nullif(e.key, 'null'::jsonb)::text, 'xid:' || e.xid::text), 0)
                  & 9223372036854775807) % slots)::integer
 $$;
 
@@ -422,8 +420,7 @@ BEGIN
         FROM page p
     )
     SELECT prefix || CASE WHEN nb.n = nb.total AND nb.total < max_events THEN 'done' ELSE nb.id::text END,
-           nb.id, nb.channel, nb.operation, nb.payload, nb.source, nb.created_at, nb.xid, nb.lsn,
-           nullif(to_jsonb(nb) -> 'key', 'null'::jsonb)
+           nb.id, nb.channel, nb.operation, nb.payload, nb.source, nb.created_at, nb.xid, nb.lsn, nb.key
     FROM numbered nb
     ORDER BY nb.id;
     GET DIAGNOSTICS rows_returned = ROW_COUNT;

@@ -16,6 +16,10 @@ CREATE TABLE pgpipe.events (
     created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
     xid         xid8        NOT NULL DEFAULT pg_current_xact_id(),
     lsn         pg_lsn,
+    -- The ordering key: the row's primary-key columns as an object (NULL for tables
+    -- without one, TRUNCATE, and emits that give none). Last, so the read functions'
+    -- SETOF pgpipe.events rows keep their order.
+    key         jsonb,
     -- A key of a partitioned table must hold the partition key; id alone is unique anyway.
     PRIMARY KEY (id, xid)
 ) PARTITION BY RANGE (xid);

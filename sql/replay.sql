@@ -27,7 +27,8 @@ RETURNS TABLE (
     source      text,
     created_at  timestamptz,
     xid         xid8,
-    lsn         pg_lsn
+    lsn         pg_lsn,
+    key         jsonb
 )
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -48,7 +49,7 @@ BEGIN
             USING ERRCODE = 'no_data_found';
     END IF;
     RETURN QUERY
-    SELECT e.id, e.channel, e.operation, e.payload, e.source, e.created_at, e.xid, e.lsn
+    SELECT e.id, e.channel, e.operation, e.payload, e.source, e.created_at, e.xid, e.lsn, e.key
     FROM pgpipe.events e
     WHERE (e.id > events_after.event_id OR e.xid > last_xid)
       AND (events_after.channels IS NULL OR e.channel = ANY (events_after.channels))

@@ -170,7 +170,7 @@ REVOKE ALL ON pgpipe.wal_message_key FROM PUBLIC;
 -- logical decoding message (prefix 'pgpipe:<key>', see above) and the worker queues it in commit order
 -- with the WAL-mode changes of the same and other transactions. The worker mints its id
 -- then (ids must follow commit order within the worker's batches), so emit returns NULL.
-CREATE FUNCTION pgpipe.emit_wal(channel text, payload jsonb, operation text) RETURNS uuid
+CREATE FUNCTION pgpipe.emit_wal(channel text, payload jsonb, operation text, key jsonb DEFAULT NULL) RETURNS uuid
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     mode text := coalesce(nullif(current_setting('pgpipe.emit_mode', true), ''), 'queue');
@@ -188,7 +188,8 @@ BEGIN
                   HINT = 'Subscribe a table with mode => ''wal'' (or SELECT pgpipe.ensure_slot()) in this database first, or SET pgpipe.emit_mode = ''queue''.';
     END IF;
     PERFORM pg_logical_emit_message(true, 'pgpipe:' || (SELECT k.key FROM pgpipe.wal_message_key k LIMIT 1),
-        jsonb_build_object('channel', pgpipe.check_channel(channel), 'operation', operation, 'payload', payload)::text);
+        jsonb_build_object('channel', pgpipe.check_channel(channel), 'operation', operation, 'payload', payload,
+                           'key', key)::text);
     RETURN NULL;
 END $$;
 

@@ -120,7 +120,6 @@ async fn alive_members(db: &TestDb) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the queue's key column (branch shape): keyless events are shared by transaction"]
 async fn three_members_share_by_key_and_survive_a_kill_9_and_a_leave() {
     let db = test_db("groups_kill9").await;
     db.execute(&format!(

@@ -101,6 +101,14 @@ async fn trigger_changes_and_payload_rule_through_stdout() {
     );
     assert_eq!(events[2]["operation"], "DELETE");
     assert_eq!(events[2]["payload"]["truncated"], json!(true));
+    // The table's primary key, looked up once: also for payloads cut to the key.
+    for e in &events[..3] {
+        assert_eq!(e["key"], json!({"id": 1}), "{e}");
+    }
+    // Notifications that are no table change have no key.
+    for e in &events[3..] {
+        assert_eq!(e["key"], Value::Null, "{e}");
+    }
 
     let raw: Vec<(&str, Value)> = events[3..]
         .iter()

@@ -23,13 +23,16 @@ async fn every_operation_arrives_in_the_envelope() {
     let db = test_db("capture").await;
     db.execute(
         "CREATE TABLE orders (id int PRIMARY KEY, status text, total numeric(10,2), paid bool, meta jsonb, tags text[]);
-         SELECT pgpipe.subscribe('orders');",
+         SELECT pgpipe.subscribe('orders');
+         CREATE TABLE notes (body text);
+         SELECT pgpipe.subscribe('notes');",
     )
     .await;
     let url = db.url();
     let fwd = Forwarder::listen(&url)
         .channel("orders")
         .channel("billing")
+        .channel("notes")
         .spawn();
 
     db.execute(
@@ -37,11 +40,13 @@ async fn every_operation_arrives_in_the_envelope() {
            UPDATE orders SET status = 'paid', paid = true WHERE id = 1;
            DELETE FROM orders WHERE id = 1;
            TRUNCATE orders;
-           SELECT pgpipe.emit('billing', '{"invoice": 7}', 'INVOICED');"#,
+           SELECT pgpipe.emit('billing', '{"invoice": 7}', 'INVOICED', '{"invoice_id": 7}');
+           SELECT pgpipe.emit('billing', '{"note": 1}');
+           INSERT INTO notes VALUES ('no primary key');"#,
     )
     .await;
-    let events = fwd.wait_for_events(5, WAIT).await;
-    assert_eq!(events.len(), 5, "exactly the five changes: {events:#?}");
+    let events = fwd.wait_for_events(7, WAIT).await;
+    assert_eq!(events.len(), 7, "exactly the seven changes: {events:#?}");
 
     let schema = envelope_schema();
     for event in &events {
@@ -67,38 +72,59 @@ async fn every_operation_arrives_in_the_envelope() {
     let mut paid = row.clone();
     paid["status"] = json!("paid");
     paid["paid"] = json!(true);
+    let key = json!({"id": 1});
     let expect = [
         (
             "orders",
             "INSERT",
             "trigger",
             json!({"op": "INSERT", "schema": "public", "table": "orders", "row": row, "old": null}),
+            key.clone(),
         ),
         (
             "orders",
             "UPDATE",
             "trigger",
             json!({"op": "UPDATE", "schema": "public", "table": "orders", "row": paid, "old": row}),
+            key.clone(),
         ),
         (
             "orders",
             "DELETE",
             "trigger",
             json!({"op": "DELETE", "schema": "public", "table": "orders", "row": paid, "old": null}),
+            key,
         ),
         (
             "orders",
             "TRUNCATE",
             "trigger",
             json!({"op": "TRUNCATE", "schema": "public", "table": "orders", "row": null, "old": null}),
+            Value::Null,
         ),
-        ("billing", "INVOICED", "emit", json!({"invoice": 7})),
+        (
+            "billing",
+            "INVOICED",
+            "emit",
+            json!({"invoice": 7}),
+            json!({"invoice_id": 7}),
+        ),
+        ("billing", "EMIT", "emit", json!({"note": 1}), Value::Null),
+        (
+            "notes",
+            "INSERT",
+            "trigger",
+            json!({"op": "INSERT", "schema": "public", "table": "notes", "row": {"body": "no primary key"}, "old": null}),
+            Value::Null,
+        ),
     ];
-    for (event, (channel, operation, source, payload)) in events.iter().zip(expect) {
+    for (event, (channel, operation, source, payload, key)) in events.iter().zip(expect) {
         assert_eq!(event["channel"], channel, "{event:#}");
         assert_eq!(event["operation"], operation, "{event:#}");
         assert_eq!(event["source"], source, "{event:#}");
         assert_eq!(event["payload"], payload, "{event:#}");
+        // Always present: null when there is no key.
+        assert_eq!(event.get("key"), Some(&key), "{event:#}");
     }
     // Numbers stay numbers in the JSON text itself, not only after parsing.
     let line = &fwd.stdout_lines()[0];
@@ -135,6 +161,10 @@ async fn bad_input_is_refused_with_the_problem_named() {
             "unknown mode 'logical'",
         ),
         ("SELECT pgpipe.emit('', '{}')", "invalid channel name ''"),
+        (
+            "SELECT pgpipe.emit('x', '{}', key => '[1]')",
+            "key must be a JSON object or NULL, not a JSON array",
+        ),
         (
             "SELECT * FROM pgpipe.read('nobody')",
             "consumer 'nobody' does not exist",

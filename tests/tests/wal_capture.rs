@@ -53,17 +53,17 @@ const WRITES: &str = "
     DELETE FROM {t} WHERE id = 1;
     TRUNCATE {t};";
 
-/// (operation, payload without "table") of a channel's events, in queue order.
-async fn events(client: &Client, channel: &str) -> Vec<(String, Value)> {
+/// (operation, payload without "table", key) of a channel's events, in queue order.
+async fn events(client: &Client, channel: &str) -> Vec<(String, Value, Option<Value>)> {
     client
         .query(
-            "SELECT operation, payload - 'table' FROM pgpipe.events WHERE channel = $1 ORDER BY id",
+            "SELECT operation, payload - 'table', key FROM pgpipe.events WHERE channel = $1 ORDER BY id",
             &[&channel],
         )
         .await
         .unwrap()
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect()
 }
 
@@ -107,6 +107,14 @@ async fn trigger_and_wal_capture_give_identical_payloads() {
     for (n, (t, w)) in trigger.iter().zip(&wal).enumerate() {
         assert_eq!(t, w, "event {n} differs between trigger and WAL capture");
     }
+    // The key is the primary key (not REPLICA IDENTITY FULL's every column): the new
+    // row's, the old row's for DELETE (id 2 became 4), none for TRUNCATE.
+    let keys: Vec<Option<Value>> = trigger.iter().map(|(_, _, k)| k.clone()).collect();
+    let id = |n: i32| Some(serde_json::json!({ "id": n }));
+    assert_eq!(
+        keys,
+        vec![id(1), id(2), id(3), id(1), id(3), id(4), id(1), None]
+    );
     let sources: Vec<String> = client
         .query(
             "SELECT DISTINCT source || ':' || (lsn IS NOT NULL)::text FROM pgpipe.events WHERE channel = 'rich_wal'",
@@ -118,6 +126,49 @@ async fn trigger_and_wal_capture_give_identical_payloads() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(sources, vec!["wal:true".to_string()]);
+
+    // A composite primary key, captured by both modes, and a table without one.
+    client
+        .batch_execute(
+            "CREATE TABLE lines_trg (order_id int, sku text, qty int, PRIMARY KEY (sku, order_id));
+             CREATE TABLE lines_wal (LIKE lines_trg INCLUDING ALL);
+             CREATE TABLE nokey_wal (v text);
+             ALTER TABLE nokey_wal REPLICA IDENTITY FULL;
+             SELECT pgpipe.subscribe('lines_trg');
+             SELECT pgpipe.subscribe('lines_wal', mode => 'wal');
+             SELECT pgpipe.subscribe('nokey_wal', mode => 'wal');
+             INSERT INTO lines_trg VALUES (7, 'a-1', 2);
+             INSERT INTO lines_wal VALUES (7, 'a-1', 2);
+             DELETE FROM lines_trg;
+             DELETE FROM lines_wal;
+             INSERT INTO nokey_wal VALUES ('x');",
+        )
+        .await
+        .unwrap();
+    let arrived = wait_until(Duration::from_secs(20), async || {
+        events(&client, "lines_wal").await.len() == 2
+            && events(&client, "nokey_wal").await.len() == 1
+    })
+    .await;
+    assert!(
+        arrived,
+        "lines_wal: {:#?}",
+        events(&client, "lines_wal").await
+    );
+    let line_key = Some(serde_json::json!({"order_id": 7, "sku": "a-1"}));
+    for channel in ["lines_trg", "lines_wal"] {
+        let keys: Vec<Option<Value>> = events(&client, channel)
+            .await
+            .into_iter()
+            .map(|e| e.2)
+            .collect();
+        assert_eq!(keys, vec![line_key.clone(), line_key.clone()], "{channel}");
+    }
+    assert_eq!(
+        events(&client, "nokey_wal").await[0].2,
+        None,
+        "no primary key, no key"
+    );
 
     // Without REPLICA IDENTITY FULL the old image is the key, and an unchanged TOASTed
     // value cannot be filled: it is left out and named.
@@ -135,7 +186,12 @@ async fn trigger_and_wal_capture_give_identical_payloads() {
     })
     .await;
     assert!(arrived, "docs events: {:#?}", events(&client, "docs").await);
-    let update = &events(&client, "docs").await[1].1;
+    let (_, update, key) = &events(&client, "docs").await[1];
+    assert_eq!(
+        key,
+        &Some(serde_json::json!({"id": 1})),
+        "key under the default identity"
+    );
     assert_eq!(update["row"], serde_json::json!({"id": 1, "title": "b"}));
     assert_eq!(update["old"], serde_json::json!({"id": 1}));
     assert_eq!(update["unchanged_toast"], serde_json::json!(["body"]));
@@ -243,7 +299,7 @@ async fn emit_through_the_wal_keeps_commit_order_with_wal_captures() {
         .unwrap();
     let id: Option<uuid::Uuid> = client
         .query_one(
-            "SELECT pgpipe.emit('acct', '{\"note\": 1.50}', 'OPENED')",
+            "SELECT pgpipe.emit('acct', '{\"note\": 1.50}', 'OPENED', key => '{\"id\": 1}')",
             &[],
         )
         .await
@@ -261,7 +317,7 @@ async fn emit_through_the_wal_keeps_commit_order_with_wal_captures() {
     .await;
     let got = events(&client, "acct").await;
     assert!(arrived, "acct events: {got:#?}");
-    let ops: Vec<&str> = got.iter().map(|(op, _)| op.as_str()).collect();
+    let ops: Vec<&str> = got.iter().map(|(op, ..)| op.as_str()).collect();
     assert_eq!(
         ops,
         ["INSERT", "OPENED", "UPDATE"],
@@ -271,6 +327,13 @@ async fn emit_through_the_wal_keeps_commit_order_with_wal_captures() {
         got[1].1.to_string(),
         r#"{"note":1.50}"#,
         "payload as emitted, digits kept"
+    );
+    let keys: Vec<Option<Value>> = got.iter().map(|e| e.2.clone()).collect();
+    let key = Some(serde_json::json!({"id": 1}));
+    assert_eq!(
+        keys,
+        vec![key.clone(), key.clone(), key],
+        "emit's key travels through the WAL"
     );
     let row = client
         .query_one(
@@ -341,7 +404,7 @@ async fn forged_logical_messages_never_become_events() {
     .await;
     let got = events(&client, "forged").await;
     assert!(arrived, "forged events: {got:#?}");
-    let ops: Vec<&str> = got.iter().map(|(op, _)| op.as_str()).collect();
+    let ops: Vec<&str> = got.iter().map(|(op, ..)| op.as_str()).collect();
     assert_eq!(
         ops,
         ["REAL", "INSERT"],

@@ -145,6 +145,10 @@ async fn typed_changes_from_a_database_without_the_extension() {
         json!({"id": 1}),
         "DELETE: the key"
     );
+    for e in &events[..3] {
+        assert_eq!(e["key"], json!({"id": 1}), "{e}");
+    }
+    assert_eq!(events[5]["key"], Value::Null, "TRUNCATE has no key");
     assert_eq!(events[3]["transaction"]["seq"], json!(1));
     assert_eq!(events[4]["transaction"]["seq"], json!(2));
     assert_eq!(
@@ -294,7 +298,12 @@ async fn payloads_equal_the_extension_capture() {
         assert_eq!(w["operation"], x["operation"]);
         assert_eq!(w["payload"], x["payload"], "same change, same payload");
         assert_eq!(w["source"], "wal_replication");
+        // The primary key, not REPLICA IDENTITY FULL's every column.
+        assert_eq!(w["key"], x["key"], "same change, same key");
     }
+    let keys: Vec<&Value> = from_wal.iter().map(|e| &e["key"]).collect();
+    let id = json!({"id": 1});
+    assert_eq!(keys, [&id, &id, &id, &Value::Null]);
 
     wal.sigterm();
     queue.sigterm();

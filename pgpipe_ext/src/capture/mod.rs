@@ -10,8 +10,10 @@
 //! The payload is `to_jsonb` of an envelope record `(op, schema, table, row, old)` whose
 //! `row`/`old` fields are the trigger's tuples: one call of Postgres's own conversion
 //! gives exactly what `jsonb_build_object('op', TG_OP, ..., 'row', to_jsonb(NEW), ...)`
-//! gave (jsonb sorts keys; NULL becomes JSON null), and what WAL mode gives.
+//! gave (jsonb sorts keys; NULL becomes JSON null), and what WAL mode gives. The event's
+//! `key` is `to_jsonb` of the row's primary-key columns ([`key`]).
 
+mod key;
 mod queue;
 
 use std::ffi::{c_char, CStr};
@@ -164,8 +166,22 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, row_level: bool) -> pg_sys::
     // User code (casts, output functions) runs here, before any queue relation is open.
     // SAFETY: the names are NUL-terminated strings valid for this call.
     let payload = unsafe { envelope_to_jsonb(op, schema, table, row, old) };
+    // The key of the row the event is about: the new row, the old one for DELETE.
+    // SAFETY: the tuple is a row of rel, valid for the trigger call.
+    let key = unsafe {
+        let tuple = match op {
+            Op::Update => trigdata.tg_newtuple,
+            Op::Insert | Op::Delete => trigdata.tg_trigtuple,
+            Op::Truncate => ptr::null_mut(),
+        };
+        if tuple.is_null() {
+            None
+        } else {
+            key::key_jsonb(rel, tuple, json_state().to_jsonb)
+        }
+    };
     // SAFETY: called inside the writer's transaction, in a trigger.
-    unsafe { queue::insert_event(channel, op.name(), payload) };
+    unsafe { queue::insert_event(channel, op.name(), payload, key) };
     crate::shared::mark_wakeup();
     // AFTER triggers return NULL (a null pointer, not an SQL NULL).
     pg_sys::Datum::from(0)

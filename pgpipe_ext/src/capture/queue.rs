@@ -21,7 +21,7 @@ use super::raise;
 
 /// Most indexes a queue partition may have (it has two).
 const MAX_INDEXES: usize = 8;
-/// Most columns (live or dropped) a queue partition may have (it has eight).
+/// Most columns (live or dropped) a queue partition may have (it has nine).
 const MAX_COLUMNS: usize = 64;
 
 /// The index set of the partition written last, kept across transactions: building an
@@ -193,6 +193,7 @@ enum Column {
     Source,
     CreatedAt,
     Xid,
+    Key,
     /// `lsn` (WAL events only) and any column capture does not know: NULL.
     Null,
 }
@@ -206,6 +207,7 @@ fn column(name: &CStr) -> Column {
         b"source" => Column::Source,
         b"created_at" => Column::CreatedAt,
         b"xid" => Column::Xid,
+        b"key" => Column::Key,
         _ => Column::Null,
     }
 }
@@ -217,11 +219,17 @@ fn text_datum(s: &[u8]) -> pg_sys::Datum {
     })
 }
 
-/// Inserts one event (source 'trigger') into the queue, in the current transaction.
+/// Inserts one event (source 'trigger') into the queue, in the current transaction;
+/// `key` is its ordering key (jsonb), None for no key.
 ///
 /// # Safety
 /// Inside a transaction that may write (a trigger's).
-pub unsafe fn insert_event(channel: &CStr, operation: &str, payload: pg_sys::Datum) {
+pub unsafe fn insert_event(
+    channel: &CStr,
+    operation: &str,
+    payload: pg_sys::Datum,
+    key: Option<pg_sys::Datum>,
+) {
     // The defaults of pgpipe.events: uuid_generate_v7(), clock_timestamp(),
     // pg_current_xact_id() (the top-level transaction's full id).
     let id = pgrx::IntoDatum::into_datum(crate::uuid7::uuid_generate_v7())
@@ -270,6 +278,7 @@ pub unsafe fn insert_event(channel: &CStr, operation: &str, payload: pg_sys::Dat
                 Column::Source => Some(text_datum(b"trigger")),
                 Column::CreatedAt => Some(pg_sys::Datum::from(now)),
                 Column::Xid => Some(pg_sys::Datum::from(xid)),
+                Column::Key => key,
                 Column::Null => None,
             };
             match value {

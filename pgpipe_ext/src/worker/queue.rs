@@ -16,11 +16,14 @@ pub const FLUSH_ROWS: usize = 500;
 
 /// The batch INSERT. Ids are minted by the worker in commit order; the envelope is the
 /// one trigger mode builds, plus `unchanged_toast` when the WAL left values out; the
-/// change's LSN goes into `lsn`. Events sent by `pgpipe.emit()` (`msg`) keep their payload.
+/// change's LSN goes into `lsn`. Events sent by `pgpipe.emit()` (`msg`) keep their payload
+/// and key. A change's key is the primary-key columns (`keys`, a JSON array of names) of
+/// `row` — the same values trigger mode gets from `to_jsonb` of those columns — and NULL
+/// when the table has none, for TRUNCATE, or when the image lacks a key column.
 /// Everything it calls is built in and schema-qualified: it runs with the worker's
 /// rights, user code never.
 const INSERT_SQL: &str = "\
-INSERT INTO pgpipe.events (id, channel, operation, payload, source, lsn)
+INSERT INTO pgpipe.events (id, channel, operation, payload, source, lsn, key)
 SELECT u.id, u.channel, u.op,
        CASE WHEN u.msg IS NOT NULL
             THEN coalesce(
@@ -33,13 +36,23 @@ SELECT u.id, u.channel, u.op,
                      'row', u.rw, 'old', u.old, 'unchanged_toast', u.toast::pg_catalog.jsonb)
        END,
        CASE WHEN u.msg IS NOT NULL THEN 'emit' ELSE 'wal' END,
-       u.lsn::pg_catalog.pg_lsn
+       u.lsn::pg_catalog.pg_lsn,
+       CASE WHEN u.msg IS NOT NULL
+            THEN CASE WHEN pg_catalog.jsonb_typeof((u.msg::pg_catalog.jsonb) OPERATOR(pg_catalog.->) 'key'::pg_catalog.text)
+                           OPERATOR(pg_catalog.=) 'object'::pg_catalog.text
+                      THEN (u.msg::pg_catalog.jsonb) OPERATOR(pg_catalog.->) 'key'::pg_catalog.text END
+            ELSE (SELECT CASE WHEN pg_catalog.count(*) OPERATOR(pg_catalog.=)
+                                   pg_catalog.count(u.rw OPERATOR(pg_catalog.->) k.name)
+                              THEN pg_catalog.jsonb_object_agg(k.name, u.rw OPERATOR(pg_catalog.->) k.name) END
+                  FROM pg_catalog.jsonb_array_elements_text(u.keys::pg_catalog.jsonb) AS k(name))
+       END
 FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]), pg_catalog.unnest($2::pg_catalog.text[]),
                pg_catalog.unnest($3::pg_catalog.text[]), pg_catalog.unnest($4::pg_catalog.text[]),
                pg_catalog.unnest($5::pg_catalog.text[]), pg_catalog.unnest($6::pg_catalog.jsonb[]),
                pg_catalog.unnest($7::pg_catalog.jsonb[]), pg_catalog.unnest($8::pg_catalog.text[]),
-               pg_catalog.unnest($9::pg_catalog.text[]), pg_catalog.unnest($10::pg_catalog.text[]))
-     AS u(id, channel, op, sch, tbl, rw, old, toast, msg, lsn)";
+               pg_catalog.unnest($9::pg_catalog.text[]), pg_catalog.unnest($10::pg_catalog.text[]),
+               pg_catalog.unnest($11::pg_catalog.text[]))
+     AS u(id, channel, op, sch, tbl, rw, old, toast, msg, lsn, keys)";
 
 /// A subscription as the worker needs it.
 pub struct Target {
@@ -48,6 +61,8 @@ pub struct Target {
     pub operations: Vec<String>,
     /// The table's owner; None when the table is gone.
     pub owner: Option<pg_sys::Oid>,
+    /// Its primary-key column names as a JSON array; None without a primary key.
+    pub key_columns: Option<String>,
 }
 
 /// One change to queue.
@@ -73,6 +88,7 @@ struct Pending {
     toast: Vec<Option<String>>,
     messages: Vec<Option<String>>,
     lsns: Vec<String>,
+    keys: Vec<Option<String>>,
 }
 
 impl Pending {
@@ -170,6 +186,7 @@ impl Writer {
         }
         let owned = target.owner.is_some();
         let channel = target.channel.clone();
+        let key_columns = target.key_columns.clone();
         let converter = &mut self.converter;
         let convert = |converter: &mut Converter, image: Option<&[(usize, &Value)]>| {
             image.map(|image| {
@@ -208,6 +225,7 @@ impl Writer {
         p.toast.push(toast);
         p.messages.push(None);
         p.lsns.push(change.lsn.to_string());
+        p.keys.push(key_columns);
         if self.pending.len() >= FLUSH_ROWS {
             self.flush(client);
         }
@@ -235,6 +253,7 @@ impl Writer {
         p.toast.push(None);
         p.messages.push(Some(message));
         p.lsns.push(lsn.to_string());
+        p.keys.push(None);
         if self.pending.len() >= FLUSH_ROWS {
             self.flush(client);
         }
@@ -258,6 +277,7 @@ impl Writer {
                 text_array,
                 jsonb_array,
                 jsonb_array,
+                text_array,
                 text_array,
                 text_array,
                 text_array,
@@ -286,6 +306,7 @@ impl Writer {
             pending.toast.into(),
             pending.messages.into(),
             pending.lsns.into(),
+            pending.keys.into(),
         ];
         let plan = self.insert.as_ref().expect("prepared above");
         client
@@ -336,13 +357,21 @@ fn jsonb_array(values: &[Option<pg_sys::Datum>]) -> pg_sys::Datum {
     }
 }
 
-/// The relation's subscription (channel, operations) and owner. A table in the
+/// The relation's subscription (channel, operations), owner and primary key (from the
+/// catalog, not the Relation message: its key flags are the replica identity, which may
+/// be FULL or another index; trigger mode uses the primary key). A table in the
 /// publication but no longer subscribed (unsubscribed after the change) keeps its change
 /// on the default channel.
 fn lookup_target(client: &SpiClient<'_>, rel: &Relation) -> Target {
     let table = client
         .select(
-            "SELECT s.channel, s.operations, c.relowner \
+            "SELECT s.channel, s.operations, c.relowner, \
+                    (SELECT pg_catalog.to_jsonb(pg_catalog.array_agg(a.attname::pg_catalog.text \
+                                                ORDER BY a.attnum))::pg_catalog.text \
+                     FROM pg_catalog.pg_index i \
+                     JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid \
+                      AND a.attnum OPERATOR(pg_catalog.=) ANY (i.indkey::pg_catalog.int2[]) \
+                     WHERE i.indrelid OPERATOR(pg_catalog.=) r.relid AND i.indisprimary) \
              FROM (SELECT $1::pg_catalog.oid AS relid) r \
              LEFT JOIN pgpipe.subscription s ON s.relid OPERATOR(pg_catalog.=) r.relid \
              LEFT JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) r.relid",
@@ -350,14 +379,18 @@ fn lookup_target(client: &SpiClient<'_>, rel: &Relation) -> Target {
             &[pg_sys::Oid::from(rel.id).into()],
         )
         .unwrap_or_else(|e| error!("pgpipe worker: look up the subscription: {e}"));
-    let (channel, operations, owner) = table
-        .first()
+    let first = table.first();
+    let (channel, operations, owner) = first
         .get_three::<String, Vec<String>, pg_sys::Oid>()
         .unwrap_or_else(|e| error!("pgpipe worker: read the subscription: {e}"));
+    let key_columns = first
+        .get::<String>(4)
+        .unwrap_or_else(|e| error!("pgpipe worker: read the primary key: {e}"));
     Target {
         channel: channel.unwrap_or_else(|| default_channel(rel)),
         operations: operations.unwrap_or_default(),
         owner,
+        key_columns,
     }
 }
 

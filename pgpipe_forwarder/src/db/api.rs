@@ -10,7 +10,7 @@ use crate::error::Error;
 use crate::event::{Event, Transaction};
 
 /// The event columns, in the order [`event_from_row`] reads them from `offset` on.
-const EVENT_COLUMNS: &str = "id, channel, operation, payload, source, created_at, xid::text";
+const EVENT_COLUMNS: &str = "id, channel, operation, payload, source, created_at, xid::text, key";
 
 /// One row of a `pgpipe.read` page: the position after it, and its event (none for a
 /// row that only moves the position past an empty batch).
@@ -618,7 +618,7 @@ fn event_from_row(id: Uuid, row: &Row, offset: usize) -> Result<Event, Error> {
         channel: row.get(offset + 1),
         operation: row.get(offset + 2),
         payload: row.get(offset + 3),
-        key: None,
+        key: row.get(offset + 7),
         source: row.get(offset + 4),
         created_at: row.get::<_, DateTime<Utc>>(offset + 5),
         transaction,

@@ -11,6 +11,15 @@
 //! (plain text, arrays, numbers, an empty payload) is carried as a JSON string with
 //! operation `NOTIFY`. Ids are UUIDv7 minted by the forwarder on receipt.
 //!
+//! Key: a payload that is a table change (`op` INSERT, UPDATE or DELETE, a string
+//! `table`, optionally `schema`, and a `row` object, as `pgpipe init --detector
+//! listen_notify`'s trigger sends) gets the table's primary-key columns of `row` as its
+//! `key`. The primary key is looked up once per table on a second connection (the
+//! LISTEN connection's notification buffer may hold a query's answer back) and cached
+//! for the session; everything else — no such table, no primary key, a key column
+//! missing from `row` (a payload cut to the key for NOTIFY's size limit keeps it) — has
+//! a null key.
+//!
 //! Flow control: NOTIFY cannot be paused at the source. While `max_in_flight` events wait
 //! for durable adapters, the detector stops taking notifications off the connection's
 //! buffer, which is bounded (`max_in_flight` notifications): when it is full the
@@ -20,12 +29,13 @@
 //! Anyone who can NOTIFY can forge events here: Postgres lets every role notify every
 //! channel and does not say who sent a notification (README).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use futures_util::future::BoxFuture;
-use tokio_postgres::Notification;
+use tokio_postgres::{Client, Notification};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -128,6 +138,7 @@ impl ListenNotifyDetector {
         // The probe runs beside the receiving, never instead of it: the connection's
         // notification buffer is bounded, and a full one holds the probe's answer back.
         let mut probing: Option<BoxFuture<'_, bool>> = None;
+        let mut keys = KeyLookup::new(&self.url);
         loop {
             let room = window.room() > 0;
             tokio::select! {
@@ -157,8 +168,10 @@ impl ListenNotifyDetector {
                 }
                 n = notifications.recv(), if room => match n {
                     Some(n) => {
+                        let mut event = event_from(&n);
+                        event.key = keys.key_of(&event.payload).await?;
                         let seq = window.push_event(());
-                        bus.publish(&Delivery { seq, event: Arc::new(event_from(&n)) })?;
+                        bus.publish(&Delivery { seq, event: Arc::new(event) })?;
                         window.take_releasable();
                     }
                     None => return Err(disconnected("connection closed")),
@@ -209,6 +222,91 @@ pub fn event_from(n: &Notification) -> Event {
         created_at: Utc::now(),
         transaction: None,
     }
+}
+
+/// Primary keys of the tables whose changes arrive, looked up on a connection of its own
+/// (opened on first need) and cached per `(schema, table)`.
+struct KeyLookup<'a> {
+    url: &'a str,
+    client: Option<Client>,
+    /// None: the table has no primary key (or does not exist).
+    tables: HashMap<(Option<String>, String), Option<Vec<String>>>,
+}
+
+impl<'a> KeyLookup<'a> {
+    fn new(url: &'a str) -> Self {
+        KeyLookup {
+            url,
+            client: None,
+            tables: HashMap::new(),
+        }
+    }
+
+    /// The key of a change payload (see the module documentation).
+    async fn key_of(
+        &mut self,
+        payload: &serde_json::Value,
+    ) -> Result<Option<serde_json::Value>, Error> {
+        let Some((schema, table)) = changed_table(payload) else {
+            return Ok(None);
+        };
+        let name = (schema.map(str::to_string), table.to_string());
+        if !self.tables.contains_key(&name) {
+            let columns = self.primary_key(schema, table).await?;
+            self.tables.insert(name.clone(), columns);
+        }
+        Ok(self.tables[&name]
+            .as_deref()
+            .and_then(|columns| key_from_row(&payload["row"], columns)))
+    }
+
+    async fn primary_key(
+        &mut self,
+        schema: Option<&str>,
+        table: &str,
+    ) -> Result<Option<Vec<String>>, Error> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            let (client, _) = db::connect(self.url).await?;
+            self.client = Some(client);
+        }
+        let client = self.client.as_ref().expect("connected above");
+        // A schema-less payload resolves the table as an unqualified name would.
+        let row = client
+            .query_one(
+                "SELECT (SELECT array_agg(a.attname::text ORDER BY a.attnum)
+                         FROM pg_catalog.pg_index i
+                         JOIN pg_catalog.pg_attribute a
+                           ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
+                         WHERE i.indisprimary
+                           AND i.indrelid = pg_catalog.to_regclass(
+                                 CASE WHEN $1::text IS NULL THEN pg_catalog.quote_ident($2)
+                                      ELSE pg_catalog.quote_ident($1) || '.' || pg_catalog.quote_ident($2) END))",
+                &[&schema, &table],
+            )
+            .await
+            .map_err(Error::pg(format!("look up the primary key of table {table}")))?;
+        Ok(row.get(0))
+    }
+}
+
+/// `(schema, table)` of a payload that is a table change with a row, else None.
+fn changed_table(payload: &serde_json::Value) -> Option<(Option<&str>, &str)> {
+    let op = payload.get("op")?.as_str()?;
+    if !matches!(op, "INSERT" | "UPDATE" | "DELETE") || !payload.get("row")?.is_object() {
+        return None;
+    }
+    let table = payload.get("table")?.as_str()?;
+    let schema = payload.get("schema").and_then(serde_json::Value::as_str);
+    Some((schema, table))
+}
+
+/// The object of `columns` taken from `row`; None when one is missing.
+fn key_from_row(row: &serde_json::Value, columns: &[String]) -> Option<serde_json::Value> {
+    let key: Option<serde_json::Map<String, serde_json::Value>> = columns
+        .iter()
+        .map(|c| row.get(c).map(|v| (c.clone(), v.clone())))
+        .collect();
+    key.map(serde_json::Value::Object)
 }
 
 /// The payload rule: `(operation, payload)` for a NOTIFY payload text.
@@ -288,6 +386,35 @@ mod tests {
             serde_json::to_string(&payload).unwrap(),
             r#"{"total":10.50,"big":12345678901234567890123}"#
         );
+    }
+
+    #[test]
+    fn keys_come_from_the_row_of_table_changes() {
+        let change = json!({"op": "UPDATE", "schema": "s", "table": "t", "row": {"id": 1, "b": 2, "x": null}});
+        assert_eq!(changed_table(&change), Some((Some("s"), "t")));
+        let cols = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            key_from_row(&change["row"], &cols(&["id", "b"])),
+            Some(json!({"id": 1, "b": 2}))
+        );
+        assert_eq!(
+            key_from_row(&change["row"], &cols(&["x"])),
+            Some(json!({"x": null}))
+        );
+        assert_eq!(key_from_row(&change["row"], &cols(&["id", "gone"])), None);
+        assert_eq!(
+            changed_table(&json!({"op": "DELETE", "table": "t", "row": {}})),
+            Some((None, "t"))
+        );
+        for other in [
+            json!({"op": "TRUNCATE", "table": "t", "row": null}),
+            json!({"op": "INSERT", "table": "t", "row": null, "truncated": true}),
+            json!({"op": "INSERT", "row": {"id": 1}}),
+            json!({"op": "NOTIFY", "table": "t", "row": {"id": 1}}),
+            json!("text"),
+        ] {
+            assert_eq!(changed_table(&other), None, "{other}");
+        }
     }
 
     #[test]

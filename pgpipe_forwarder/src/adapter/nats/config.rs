@@ -57,7 +57,7 @@ pub enum Storage {
 pub struct NatsConfig {
     /// Server URL(s), comma-separated (`--nats-url`; `nats://`, `tls://`); required.
     pub url: String,
-    /// Subject template: `{channel}` and `{operation}` are filled in (`--nats-subject`).
+    /// Subject template: `{channel}`, `{operation}` and `{key}` are filled in (`--nats-subject`).
     pub subject: String,
     /// JetStream stream the subjects belong to, created when missing (`--nats-stream`).
     pub stream: String,
@@ -343,7 +343,7 @@ pub struct Flags {
     #[arg(long, value_name = "URL", help_heading = "Adapters")]
     nats_url: Option<String>,
 
-    /// NATS subject template, {channel} and {operation} filled in [default: pgpipe.{channel}]
+    /// NATS subject template, {channel}, {operation} and {key} filled in [default: pgpipe.{channel}]
     /// [config: nats.subject] [env: PGPIPE_NATS_SUBJECT]
     #[arg(long, value_name = "TEMPLATE", help_heading = "Adapters")]
     nats_subject: Option<String>,
@@ -415,8 +415,8 @@ mod tests {
                 "nats.url: \"http://h:4222\": scheme http:// is not nats:// or tls://",
             ),
             (
-                NatsConfig { subject: "pgpipe.{key}".into(), ..with_url() },
-                "nats.subject: {key} is not available yet",
+                NatsConfig { subject: "pgpipe.{table}".into(), ..with_url() },
+                "nats.subject: unknown placeholder {table}",
             ),
             (
                 NatsConfig { subject: "{channel}.cdc".into(), ..with_url() },

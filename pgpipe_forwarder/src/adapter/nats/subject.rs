@@ -1,12 +1,18 @@
 //! Subject templates (`nats.subject`): `pgpipe.{channel}` by default, with the
-//! placeholders `{channel}` and `{operation}`, and the stream subjects derived from them.
+//! placeholders `{channel}`, `{operation}` and `{key}`, and the stream subjects derived
+//! from them.
+//!
+//! `{key}` is one subject token made of the event's key: its values in the order of the
+//! column names (sorted), joined by `,`; strings as they are, other values as compact
+//! JSON; `_` when the event has no key. `{"id": 7}` gives `7`, `{"a": "x", "b": 2}`
+//! gives `x,2`. Characters a token may not hold (spaces, `.`, `*`, `>`) become `_`, so
+//! distinct keys can share a subject (`"a.b"` and `"a_b"`): route and filter by it, and
+//! read the exact key from the message body.
 
 use crate::event::Event;
 
 /// Placeholders a subject template may use.
-// TODO(issue 14): `{key}` once the event envelope carries a `key` field (the
-// delivery-at-scale issue); until then a template using it is refused at load.
-pub const PLACEHOLDERS: &[&str] = &["channel", "operation"];
+pub const PLACEHOLDERS: &[&str] = &["channel", "operation", "key"];
 
 /// One piece of a parsed template.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +23,8 @@ enum Part {
     Channel,
     /// `{operation}`.
     Operation,
+    /// `{key}` (see the module documentation).
+    Key,
 }
 
 /// A parsed, checked subject template.
@@ -56,11 +64,7 @@ impl Template {
             parts.push(match name {
                 "channel" => Part::Channel,
                 "operation" => Part::Operation,
-                "key" => {
-                    return Err("{key} is not available yet: events carry no key field \
-                                (use {channel} and {operation})"
-                        .into())
-                }
+                "key" => Part::Key,
                 other => {
                     return Err(format!(
                         "unknown placeholder {{{other}}} (known: {})",
@@ -96,6 +100,7 @@ impl Template {
                 Part::Literal(text) => out.push_str(text),
                 Part::Channel => push_value(&mut out, &event.channel, true),
                 Part::Operation => push_value(&mut out, &event.operation, false),
+                Part::Key => push_value(&mut out, &key_token(event.key.as_ref()), false),
             }
         }
         out
@@ -121,6 +126,26 @@ impl std::fmt::Display for Template {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.source)
     }
+}
+
+/// The text of `{key}` before token escaping (see the module documentation).
+fn key_token(key: Option<&serde_json::Value>) -> String {
+    let Some(serde_json::Value::Object(columns)) = key else {
+        return match key {
+            None | Some(serde_json::Value::Null) => String::new(),
+            Some(other) => other.to_string(),
+        };
+    };
+    let mut names: Vec<&String> = columns.keys().collect();
+    names.sort();
+    names
+        .iter()
+        .map(|name| match &columns[name.as_str()] {
+            serde_json::Value::String(text) => text.clone(),
+            other => other.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Appends `value` as (part of) a subject token; `dots` keeps `.` (a channel's hierarchy).
@@ -174,6 +199,22 @@ mod tests {
     }
 
     #[test]
+    fn key_is_one_token() {
+        let t = Template::parse("cdc.{channel}.{key}").unwrap();
+        let with_key = |key: serde_json::Value| {
+            let mut e = event("orders", "INSERT");
+            e.key = Some(key);
+            t.render(&e)
+        };
+        assert_eq!(with_key(serde_json::json!({"id": 7})), "cdc.orders.7");
+        assert_eq!(with_key(serde_json::json!({"b": 2, "a": "x"})), "cdc.orders.x,2");
+        assert_eq!(with_key(serde_json::json!({"id": "a.b *>"})), "cdc.orders.a_b___");
+        assert_eq!(with_key(serde_json::json!({"id": 1.5, "n": null})), "cdc.orders.1_5,null");
+        assert_eq!(t.render(&event("orders", "INSERT")), "cdc.orders._");
+        assert_eq!(t.stream_subjects(), Some(vec!["cdc.>".to_string()]));
+    }
+
+    #[test]
     fn stream_subjects_need_a_literal_prefix() {
         let fixed = Template::parse("all.events").unwrap();
         assert_eq!(fixed.stream_subjects(), Some(vec!["all.events".to_string()]));
@@ -194,7 +235,6 @@ mod tests {
             ("pgpipe.{channel", "without its '}'"),
             ("pgpipe.channel}", "without its '{'"),
             ("pgpipe.{table}", "unknown placeholder {table}"),
-            ("pgpipe.{key}", "events carry no key"),
         ] {
             let err = Template::parse(template).unwrap_err();
             assert!(err.contains(needle), "{template:?}: {err}");

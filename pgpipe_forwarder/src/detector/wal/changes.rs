@@ -11,6 +11,12 @@
 //! - Unchanged TOASTed values (not sent by Postgres for an UPDATE that did not touch
 //!   them) are taken from the old row when it was sent (REPLICA IDENTITY FULL); otherwise
 //!   they are left out of `row` and named in `payload.unchanged_toast`.
+//! - Key: the table's primary-key columns of `row` (the old row for DELETE), as the
+//!   extension's capture gives them; null for a table without a primary key, for
+//!   TRUNCATE and when `row` lacks a key column (an unchanged TOASTed key value, or a
+//!   DELETE under REPLICA IDENTITY USING INDEX of another index). The primary key comes
+//!   from the catalog: the Relation message's key flags are the replica identity, which
+//!   may be FULL.
 //! - Ids: UUIDv7 derived from the commit (time, LSN) and the change's ordinal within its
 //!   transaction, so a change delivered again after a restart carries the same id.
 
@@ -54,10 +60,11 @@ struct Tx {
     emitted: u64,
 }
 
-/// A table's shape and how each column converts.
+/// A table's shape, how each column converts, and its primary-key column names.
 struct Table {
     relation: Relation,
     kinds: Vec<Kind>,
+    primary_key: Vec<String>,
 }
 
 /// Turns a transaction's messages into events.
@@ -87,9 +94,17 @@ impl ChangeBuilder {
         }
     }
 
-    /// Records a relation's shape with the conversion of each of its columns.
-    pub fn relation(&mut self, relation: Relation, kinds: Vec<Kind>) {
-        self.tables.insert(relation.id, Table { relation, kinds });
+    /// Records a relation's shape with the conversion of each of its columns and its
+    /// primary key (empty: none).
+    pub fn relation(&mut self, relation: Relation, kinds: Vec<Kind>, primary_key: Vec<String>) {
+        self.tables.insert(
+            relation.id,
+            Table {
+                relation,
+                kinds,
+                primary_key,
+            },
+        );
     }
 
     /// Whether a transaction is open (between BEGIN and COMMIT).
@@ -177,6 +192,7 @@ impl ChangeBuilder {
         };
         let mut events = Vec::with_capacity(changes.len());
         for (relation, op, row, old, toast) in changes {
+            let key = self.tables[&relation].primary_key_of(&row);
             let tx = self
                 .tx
                 .as_mut()
@@ -205,7 +221,7 @@ impl ChangeBuilder {
                 channel,
                 operation: op.into(),
                 payload: Value::Object(payload),
-                key: None,
+                key,
                 source: SOURCE.into(),
                 created_at: tx.commit_time,
                 transaction: self.options.tx_metadata.then_some(Transaction {
@@ -274,6 +290,20 @@ impl Table {
             row.insert(column.name.clone(), value);
         }
         (row, toast)
+    }
+
+    /// The event's key: the primary-key columns of `row`; None without a primary key or
+    /// when `row` (null for TRUNCATE) lacks one of them.
+    fn primary_key_of(&self, row: &Value) -> Option<Value> {
+        if self.primary_key.is_empty() {
+            return None;
+        }
+        let key: Option<Map<String, Value>> = self
+            .primary_key
+            .iter()
+            .map(|c| row.get(c).map(|v| (c.clone(), v.clone())))
+            .collect();
+        key.map(Value::Object)
     }
 
     /// The key columns of `row`, or null when the table has no replica identity key.
@@ -376,7 +406,7 @@ mod tests {
     fn builder(options: Options) -> ChangeBuilder {
         let mut b = ChangeBuilder::new(options);
         let (rel, kinds) = orders();
-        b.relation(rel, kinds);
+        b.relation(rel, kinds, vec!["id".into()]);
         b
     }
 
@@ -398,6 +428,7 @@ mod tests {
             r#"{"op":"INSERT","schema":"public","table":"orders","row":{"id":1,"total":10.50,"doc":"big","meta":{"k":"v"}},"old":null}"#
         );
         assert!(ins[0].transaction.is_none());
+        assert_eq!(ins[0].key, Some(json!({"id": 1})));
 
         // Default identity, key unchanged: no old tuple; old = the key; TOAST omitted.
         let upd = b
@@ -431,6 +462,7 @@ mod tests {
             json!({"id": 1, "total": 11, "doc": "big", "meta": null})
         );
         assert!(upd[0].payload.get("unchanged_toast").is_none());
+        assert_eq!(upd[0].key, Some(json!({"id": 1})));
 
         let del = b
             .change(&Message::Delete {
@@ -444,6 +476,11 @@ mod tests {
         assert_eq!(del[0].operation, "DELETE");
         assert_eq!(del[0].payload["row"], json!({"id": 1}));
         assert_eq!(del[0].payload["old"], Value::Null);
+        assert_eq!(
+            del[0].key,
+            Some(json!({"id": 1})),
+            "DELETE: the old row's key"
+        );
 
         let tr = b
             .change(&Message::Truncate {
@@ -455,6 +492,7 @@ mod tests {
             tr[0].payload,
             json!({"op": "TRUNCATE", "schema": "public", "table": "orders", "row": null, "old": null})
         );
+        assert_eq!(tr[0].key, None, "TRUNCATE has no key");
         assert!(b.commit().is_none());
         assert!(!b.in_transaction());
         let ids: Vec<Uuid> = [&ins, &upd, &del, &tr].iter().map(|e| e[0].id).collect();
@@ -462,6 +500,43 @@ mod tests {
         sorted.sort();
         assert_eq!(ids, sorted, "ids of one transaction sort in change order");
         assert!(ids.iter().all(|id| id.get_version_num() == 7));
+    }
+
+    #[test]
+    fn keys_follow_the_primary_key_not_the_replica_identity() {
+        // REPLICA IDENTITY FULL flags every column as key; the primary key is (id, doc).
+        let (mut rel, kinds) = orders();
+        rel.columns.iter_mut().for_each(|c| c.key = true);
+        let mut b = ChangeBuilder::new(Options::default());
+        b.relation(rel.clone(), kinds.clone(), vec!["id".into(), "doc".into()]);
+        b.begin(0x100, 0, 700);
+        let ins = b
+            .change(&Message::Insert {
+                relation: 1,
+                new: vec![t("1"), t("2"), t("d"), Datum::Null],
+            })
+            .unwrap();
+        assert_eq!(ins[0].key, Some(json!({"id": 1, "doc": "d"})));
+        // A key column left out of the row (unchanged TOAST): no key rather than a wrong one.
+        let upd = b
+            .change(&Message::Update {
+                relation: 1,
+                old: None,
+                new: vec![t("1"), t("3"), Datum::UnchangedToast, Datum::Null],
+            })
+            .unwrap();
+        assert_eq!(upd[0].key, None);
+        // Without a primary key: null.
+        let mut b = ChangeBuilder::new(Options::default());
+        b.relation(rel, kinds, Vec::new());
+        b.begin(0x100, 0, 700);
+        let ins = b
+            .change(&Message::Insert {
+                relation: 1,
+                new: vec![t("1"), t("2"), t("d"), Datum::Null],
+            })
+            .unwrap();
+        assert_eq!(ins[0].key, None);
     }
 
     #[test]

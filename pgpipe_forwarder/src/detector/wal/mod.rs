@@ -243,7 +243,8 @@ impl WalDetector {
                                     for column in &relation.columns {
                                         column_kinds.push(kind_of(&client, &mut kinds, column.type_oid).await?);
                                     }
-                                    builder.relation(relation, column_kinds);
+                                    let primary_key = primary_key(&client, relation.id).await?;
+                                    builder.relation(relation, column_kinds, primary_key);
                                 }
                                 Some(change) => {
                                     let events = builder
@@ -520,6 +521,24 @@ fn publish(bus: &Bus, progress: &mut Progress, safe: u64, event: Event) -> Resul
         seq,
         event: Arc::new(event),
     })
+}
+
+/// The primary-key column names of table `relid` (empty: none), for the events' key.
+async fn primary_key(client: &Client, relid: u32) -> Result<Vec<String>, Error> {
+    let row = client
+        .query_one(
+            "SELECT coalesce((SELECT array_agg(a.attname::text ORDER BY a.attnum) \
+                              FROM pg_catalog.pg_index i \
+                              JOIN pg_catalog.pg_attribute a \
+                                ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[]) \
+                              WHERE i.indrelid = $1 AND i.indisprimary), '{}')",
+            &[&relid],
+        )
+        .await
+        .map_err(Error::pg(format!(
+            "look up the primary key of relation {relid}"
+        )))?;
+    Ok(row.get(0))
 }
 
 /// How values of type `oid` convert; user types are looked up once (domains convert as
