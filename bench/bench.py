@@ -3,7 +3,7 @@
 
 Modules: common (settings), cluster (its Postgres), processes (forwarder, sinks,
 receivers), phases (the measurements), delivery (webhook, drain and live fan-out at
-scale, issue 13), report (BENCHMARKS.md).
+scale, issue 13), scale (NATS and consumer groups), report (BENCHMARKS.md).
 
 Starts a Postgres 15 of its own (initdb in a temp dir as the `postgres` OS user, a free
 port, wal_level=logical, shared_preload_libraries=pgpipe, track_commit_timestamp=on),

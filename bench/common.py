@@ -37,7 +37,7 @@ def env_list(name, default):
 # Parameters (environment). Defaults keep `make bench` around 15 minutes on 2 cores.
 P = {
     "phases": env_list("BENCH_PHASES",
-                       "capture,breakdown,perf,e2e,latency,fanout,delivery,live,failure,snapshot,capture_wal,decoding"),
+                       "capture,breakdown,perf,e2e,latency,fanout,delivery,live,failure,nats,groups,snapshot,capture_wal,decoding"),
     "capture_secs": env_int("BENCH_CAPTURE_SECS", 5),
     "rounds": env_int("BENCH_ROUNDS", 3),
     "clients": [int(c) for c in env_list("BENCH_CLIENTS", "1,8,32")],

@@ -20,9 +20,10 @@ from cluster import *  # noqa: F401,F403
 from processes import *  # noqa: F401,F403
 from report import *  # noqa: F401,F403
 from snapshot import phase_snapshot
+from scale import ScalePhases
 
 
-class Bench:
+class Bench(ScalePhases):
     def __init__(self):
         self.cl = Cluster()
         self.work = os.path.join(self.cl.dir, "work")

@@ -306,6 +306,9 @@ def render_md(r, prev):
     L.extend(delivery.render(ph))
     targets.extend(delivery.targets(ph))
     L.extend(render_snapshot(ph))
+    # Scale-out phases (bench/scale.py).
+    from scale import render_scale_md
+    L.extend(render_scale_md(r))
 
     if targets:
         L.append("#### Targets")

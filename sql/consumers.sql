@@ -28,7 +28,14 @@ CREATE TABLE pgpipe.consumers (
     -- pid and start time, so a reused pid is not mistaken for the holder.
     holder_pid      integer,
     holder_started  timestamptz,
-    claimed_at      timestamptz
+    claimed_at      timestamptz,
+    -- Consumer groups (sql/groups.sql): the group this consumer is a member of, its
+    -- acknowledged group position, how many events the group gave it, and when it last
+    -- called (its liveness beside its lease).
+    group_name      text,
+    group_position  text,
+    group_events    bigint      NOT NULL DEFAULT 0,
+    seen_at         timestamptz
 );
 COMMENT ON COLUMN pgpipe.consumers.channels IS 'channels the consumer reads; NULL means all (pgpipe_admin only)';
 COMMENT ON COLUMN pgpipe.consumers.owner IS 'the role that registered the consumer; only it (or pgpipe_admin) may use it';
@@ -291,7 +298,8 @@ END $$;
 -- pgpipe.consumer_stale_after: it holds retention back and nobody may be running it.
 CREATE FUNCTION pgpipe.is_stale(c pgpipe.consumers) RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce(c.acked_at, c.created_at) < now() - make_interval(secs => pgpipe.consumer_stale_after())
+    -- A group member waiting for others acknowledges nothing new but is seen (seen_at).
+    SELECT greatest(c.acked_at, c.seen_at, c.created_at) < now() - make_interval(secs => pgpipe.consumer_stale_after())
 $$;
 
 -- Each consumer's acknowledged position and how many committed events it has not yet

@@ -33,6 +33,20 @@ GRANT EXECUTE ON FUNCTION
     pgpipe.status()
 TO pgpipe_consumer;
 GRANT SELECT ON pgpipe.consumer_lag TO pgpipe_consumer;
+-- Consumer groups: a member is a consumer of the joining role; the group is its maker's.
+GRANT EXECUTE ON FUNCTION
+    pgpipe.join_group(text, text, text[], text, interval),
+    pgpipe.read_group(text, text, integer),
+    pgpipe.ack_group(text, text),
+    pgpipe.group_heartbeat(text),
+    pgpipe.leave_group(text),
+    pgpipe.drop_group(text),
+    -- used by the group_members view, which runs them as its reader
+    pgpipe.group_member_alive(pgpipe.consumers, interval),
+    pgpipe.group_current_slots(pgpipe.consumer_groups),
+    pgpipe.group_version_slots(pgpipe.consumer_groups, integer)
+TO pgpipe_consumer;
+GRANT SELECT ON pgpipe.group_members TO pgpipe_consumer;
 
 -- Producers: emit, and capture of the tables they own (subscribe checks the owner).
 GRANT EXECUTE ON FUNCTION
@@ -59,3 +73,4 @@ GRANT SELECT, DELETE ON pgpipe.dead_letters TO pgpipe_admin;
 SELECT pg_catalog.pg_extension_config_dump('pgpipe.subscription', '');
 SELECT pg_catalog.pg_extension_config_dump('pgpipe.channel_sources', '');
 SELECT pg_catalog.pg_extension_config_dump('pgpipe.consumers', '');
+SELECT pg_catalog.pg_extension_config_dump('pgpipe.consumer_groups', '');

@@ -21,10 +21,15 @@ CREATE TABLE pgpipe.event_partitions (
 );
 
 -- The oldest transaction id some consumer may still need; NULL without consumers
--- (then nothing is removed).
+-- (then nothing is removed). A consumer group waits for every member: its `prev` moves
+-- only when all of them finished a batch, and it counts even while no member runs.
 CREATE FUNCTION pgpipe.retention_horizon() RETURNS xid8
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT min(pg_snapshot_xmin(prev)) FROM pgpipe.consumers
+    SELECT min(x) FROM (
+        SELECT pg_snapshot_xmin(prev) AS x FROM pgpipe.consumers
+        UNION ALL
+        SELECT pg_snapshot_xmin(prev) FROM pgpipe.consumer_groups
+    ) horizons
 $$;
 
 -- Creates partitions ahead and removes the ones every consumer is past. Returns what it

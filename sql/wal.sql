@@ -262,6 +262,8 @@ REVOKE ALL ON FUNCTION pgpipe.recreate_slot(boolean), pgpipe.ensure_slot(),
 --   lag_seconds: time since the worker last reached the end of the WAL.
 --   stale_consumers: consumers (the caller's own; pgpipe_admin: all) that acknowledged
 --     nothing for pgpipe.consumer_stale_after and hold retention back.
+--   consumer_groups: the members of the caller's consumer groups (pgpipe_admin: all),
+--     each with alive, the slots it holds in the open batch, its events and share.
 CREATE FUNCTION pgpipe.status()
 RETURNS TABLE (
     worker_state      text,
@@ -279,7 +281,8 @@ RETURNS TABLE (
     worker_started_at timestamptz,
     last_error        text,
     detail            text,
-    stale_consumers   text[]
+    stale_consumers   text[],
+    consumer_groups   jsonb
 )
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     WITH w AS (SELECT * FROM pgpipe.worker_status()),
@@ -313,6 +316,11 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 
            ARRAY(SELECT c.name FROM pgpipe.consumers c
                  WHERE pgpipe.is_stale(c)
                    AND (pg_has_role(session_user, c.owner, 'USAGE') OR pgpipe.is_admin())
-                 ORDER BY c.name)
+                 ORDER BY c.name),
+           (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                       'group', m."group", 'member', m.member, 'alive', m.alive, 'batch', m.batch,
+                       'slots', m.slots, 'events', m.events, 'share', m.share, 'holder', m.holder)
+                       ORDER BY m."group", m.member), '[]'::jsonb)
+            FROM pgpipe.group_members m)
     FROM st
 $$;

@@ -37,9 +37,14 @@ extension_sql_file!(
     requires = ["outbox", guc::consumer_stale_after]
 );
 extension_sql_file!(
+    "../sql/groups.sql",
+    name = "groups",
+    requires = ["consumers"]
+);
+extension_sql_file!(
     "../sql/retention.sql",
     name = "retention",
-    requires = ["consumers"]
+    requires = ["groups"]
 );
 extension_sql_file!(
     "../sql/dead_letters.sql",

@@ -66,6 +66,23 @@ pub struct ListenArgs {
     /// [config: detector.start] [env: PGPIPE_DETECTOR_START]
     #[arg(long, value_name = "WHERE", value_parser = ["beginning", "now"], help_heading = "Source")]
     start: Option<String>,
+    /// Queue detector: join consumer group NAME; forwarders with the same group and
+    /// channels share the events, each key on one member [config: detector.group]
+    /// [env: PGPIPE_DETECTOR_GROUP]
+    #[arg(long, value_name = "NAME", help_heading = "Source")]
+    group: Option<String>,
+
+    /// Queue detector: this forwarder's member name in --group (derived from the group,
+    /// host and pid when not given) [config: detector.group_member]
+    /// [env: PGPIPE_DETECTOR_GROUP_MEMBER]
+    #[arg(long, value_name = "NAME", help_heading = "Source")]
+    group_member: Option<String>,
+
+    /// Queue detector: a group member not heard from for this long is replaced
+    /// [default: 30s] [config: detector.group_member_timeout]
+    /// [env: PGPIPE_DETECTOR_GROUP_MEMBER_TIMEOUT]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = "Source")]
+    group_member_timeout: Option<Duration>,
 
     /// Queue detector: poll interval when no wake-up arrives [default: 50ms]
     /// [config: detector.poll_interval] [env: PGPIPE_DETECTOR_POLL_INTERVAL]
@@ -178,6 +195,17 @@ impl ListenArgs {
         set("detector.type", "--detector", string(&self.detector));
         set("detector.consumer", "--consumer", string(&self.consumer));
         set("detector.start", "--start", string(&self.start));
+        set("detector.group", "--group", string(&self.group));
+        set(
+            "detector.group_member",
+            "--group-member",
+            string(&self.group_member),
+        );
+        set(
+            "detector.group_member_timeout",
+            "--group-member-timeout",
+            duration(&self.group_member_timeout),
+        );
         set(
             "detector.poll_interval",
             "--poll-interval",
@@ -358,6 +386,48 @@ mod tests {
             super::super::Command::Listen(l) => (cli.global, l),
             other => panic!("not listen: {other:?}"),
         }
+    }
+
+    #[test]
+    fn group_flags_set_the_detector_keys() {
+        let (_, l) = listen_args(&[
+            "listen",
+            "--db",
+            "postgres://h/db",
+            "-c",
+            "orders",
+            "--group",
+            "billing",
+            "--group-member",
+            "billing-1",
+            "--group-member-timeout",
+            "5s",
+        ]);
+        let no_env = |_: &str| None;
+        let c = config::load(&Config::default(), None, &no_env, &l.overrides()).expect("valid");
+        assert_eq!(c.detector.group, "billing");
+        assert_eq!(c.detector.group_member, "billing-1");
+        assert_eq!(c.detector.group_member_timeout, Duration::from_secs(5));
+
+        let (_, l) = listen_args(&[
+            "listen",
+            "--db",
+            "postgres://h/db",
+            "-c",
+            "orders",
+            "--group",
+            "billing",
+            "--detector",
+            "wal",
+            "--publication",
+            "p",
+        ]);
+        let err = config::load(&Config::default(), None, &no_env, &l.overrides()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("only works with the queue detector"),
+            "{err}"
+        );
     }
 
     #[test]

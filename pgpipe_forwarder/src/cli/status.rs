@@ -1,6 +1,7 @@
 //! `pgpipe status`: what the extension knows about delivery, in one look: consumers with
-//! their positions and lag, subscriptions, snapshots and their progress, dead letters
-//! per adapter and the background worker's state. A table for people, `--json` for scripts.
+//! their positions and lag, consumer groups with their members and shares, subscriptions,
+//! snapshots and their progress, dead letters per adapter and the background worker's
+//! state. A table for people, `--json` for scripts.
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -87,6 +88,35 @@ async fn gather(client: &Client) -> anyhow::Result<Value> {
             })
         })
         .collect::<Vec<_>>();
+
+    // Consumer groups came with extension 0.2.0.
+    let groups = if queue.has_relation("pgpipe.group_members").await {
+        match queue.group_members().await {
+            Ok(members) => Value::from(
+                members
+                    .into_iter()
+                    .map(|m| {
+                        json!({
+                            "group": m.group,
+                            "member": m.member,
+                            "alive": m.alive,
+                            "batch": m.batch,
+                            "slots": m.slots,
+                            "events": m.events,
+                            "share": m.share,
+                            "holder": m.holder,
+                        })
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            Err(e) => {
+                notes.push(format!("consumer groups: {e}"));
+                Value::Null
+            }
+        }
+    } else {
+        Value::Null
+    };
 
     let subscriptions = queue
         .subscriptions()
@@ -177,6 +207,7 @@ async fn gather(client: &Client) -> anyhow::Result<Value> {
     Ok(json!({
         "extension_version": version,
         "consumers": consumers,
+        "group_members": groups,
         "subscriptions": subscriptions,
         "snapshots": snapshots,
         "dead_letters": dead_letters,
@@ -274,6 +305,22 @@ fn render(report: &Value) -> String {
             );
         }
     }
+    if let Value::Array(rows) = &report["group_members"] {
+        table(
+            &mut out,
+            "Consumer group members",
+            &[
+                ("group", "GROUP"),
+                ("member", "MEMBER"),
+                ("alive", "ALIVE"),
+                ("slots", "SLOTS"),
+                ("events", "EVENTS"),
+                ("share", "SHARE"),
+                ("holder", "HELD BY"),
+            ],
+            rows,
+        );
+    }
     table(
         &mut out,
         "Subscriptions",
@@ -348,6 +395,8 @@ mod tests {
             "extension_version": "0.1.0",
             "consumers": [{"name": "orders", "channels": ["orders", "x"], "pending_events": 3,
                            "oldest_pending_at": null, "acked_at": null, "position": "1:1://"}],
+            "group_members": [{"group": "billing", "member": "billing.h.7", "alive": true,
+                               "slots": 2, "events": 10, "share": 0.5, "holder": null}],
             "subscriptions": [],
             "snapshots": [{"table": "public.orders", "state": "running", "rows": 12000, "chunks": 12,
                            "started": "2026-01-01T00:00:00Z", "finished": null, "error": null}],
@@ -359,6 +408,10 @@ mod tests {
         assert!(text.contains("  NAME    CHANNELS  LAG (EVENTS)"), "{text}");
         assert!(text.contains("  orders  orders,x  3"), "{text}");
         assert!(text.contains("Subscriptions\n  (none)"), "{text}");
+        assert!(
+            text.contains("  billing  billing.h.7  true   2      10      0.5"),
+            "{text}"
+        );
         assert!(text.contains("  webhook  2"), "{text}");
         assert!(
             text.contains("  public.orders  running  12000  12      2026-01-01T00:00:00Z"),

@@ -198,6 +198,29 @@ pub enum ConfigError {
         /// The name.
         name: String,
     },
+    /// A consumer group or member name the extension would refuse.
+    #[error(
+        "{key}: invalid name {name:?}: use 1 to 200 letters, digits, '_', '.', ':', ',', '+' \
+         or '-'"
+    )]
+    InvalidGroupName {
+        /// Dotted key.
+        key: &'static str,
+        /// The name.
+        name: String,
+    },
+    /// A member name without a group.
+    #[error("detector.group_member (--group-member) needs detector.group (--group NAME)")]
+    MemberWithoutGroup,
+    /// A group setting with a detector other than `queue`.
+    #[error(
+        "{setting} only works with the queue detector (the pgpipe extension's consumer groups); \
+         drop it or use --detector queue"
+    )]
+    GroupNeedsQueue {
+        /// The setting, as key and flag.
+        setting: &'static str,
+    },
     /// A count or size below its minimum.
     #[error("{key} must be at least {min}, got {value}")]
     TooSmall {

@@ -180,6 +180,16 @@ pub struct DetectorConfig {
     /// Where a consumer that does not exist yet starts: `beginning` (every retained event)
     /// or `now` (events committed from now on). An existing consumer keeps its position.
     pub start: Start,
+    /// Queue detector: consumer group to join (`--group`); its members share the events by
+    /// key. Empty: no group, this forwarder reads everything as `consumer`.
+    pub group: String,
+    /// Queue detector: this forwarder's member name in the group; empty derives a unique
+    /// one (`<group>.<host>.<pid>`).
+    pub group_member: String,
+    /// Queue detector: a group member not heard from for this long is replaced (its
+    /// session ending replaces it at once).
+    #[serde(with = "humantime_serde")]
+    pub group_member_timeout: Duration,
     /// How often the queue is polled when no wake-up arrives.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
@@ -290,6 +300,9 @@ impl Default for DetectorConfig {
             status_interval: Duration::from_secs(10),
             consumer: String::new(),
             start: Start::Beginning,
+            group: String::new(),
+            group_member: String::new(),
+            group_member_timeout: Duration::from_secs(30),
             poll_interval: Duration::from_millis(50),
             batch_size: 1000,
             max_in_flight: 10_000,

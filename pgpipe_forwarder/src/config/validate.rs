@@ -37,6 +37,8 @@ impl Config {
             });
         }
 
+        self.validate_group()?;
+
         if self.channels.is_empty() && !wal {
             return Err(ConfigError::NoChannels);
         }
@@ -64,6 +66,13 @@ impl Config {
         at_least("bus.buffer_size", self.bus.buffer_size as u64, 1)?;
 
         nonzero("detector.poll_interval", d.poll_interval)?;
+        if d.group_member_timeout < Duration::from_secs(1) {
+            return Err(ConfigError::TooSmall {
+                key: "detector.group_member_timeout (seconds)".into(),
+                min: 1,
+                value: d.group_member_timeout.as_secs(),
+            });
+        }
         nonzero("detector.ack_stall_warning", d.ack_stall_warning)?;
         nonzero("detector.status_interval", d.status_interval)?;
         nonzero("sse.heartbeat_interval", self.sse.heartbeat_interval)?;
@@ -172,6 +181,45 @@ pub fn check_header(key: &str, name: &str, value: &str) -> Result<(), ConfigErro
 }
 
 /// A channel name: 1 to 63 characters of ASCII letters, digits, `_`, `.`, `:` and `-`.
+impl Config {
+    /// A group needs the queue detector and names the extension accepts.
+    fn validate_group(&self) -> Result<(), ConfigError> {
+        let d = &self.detector;
+        let names = [
+            (&d.group, "detector.group"),
+            (&d.group_member, "detector.group_member"),
+        ];
+        for (name, key) in names {
+            if !name.is_empty() && !valid_group_name(name) {
+                return Err(ConfigError::InvalidGroupName {
+                    key,
+                    name: name.clone(),
+                });
+            }
+        }
+        if d.group.is_empty() {
+            if !d.group_member.is_empty() {
+                return Err(ConfigError::MemberWithoutGroup);
+            }
+            return Ok(());
+        }
+        if !matches!(d.kind, DetectorKind::Queue | DetectorKind::Auto) {
+            return Err(ConfigError::GroupNeedsQueue {
+                setting: "detector.group (--group)",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A consumer (group, member) name as `pgpipe.consumers` accepts it.
+pub fn valid_group_name(name: &str) -> bool {
+    (1..=200).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | ',' | '+' | '-'))
+}
+
 pub fn valid_channel(name: &str) -> bool {
     (1..=MAX_CHANNEL_LEN).contains(&name.len())
         && name

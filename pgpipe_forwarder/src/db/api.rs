@@ -77,6 +77,27 @@ pub struct ConsumerLag {
     pub holds_retention: Option<bool>,
 }
 
+/// One member of a consumer group (`pgpipe.group_members`).
+#[derive(Debug, Clone)]
+pub struct GroupMember {
+    /// The group.
+    pub group: String,
+    /// The member (a consumer name).
+    pub member: String,
+    /// Its session holds its lease and it was seen within the group's member timeout.
+    pub alive: Option<bool>,
+    /// The group's open (or last) batch.
+    pub batch: i64,
+    /// Slots it holds in the open batch.
+    pub slots: i64,
+    /// Events the group gave it.
+    pub events: i64,
+    /// Its fraction of the group's events.
+    pub share: Option<f64>,
+    /// The session holding its lease.
+    pub holder: Option<String>,
+}
+
 /// One captured table (`pgpipe.subscriptions`).
 #[derive(Debug, Clone)]
 pub struct Subscription {
@@ -265,6 +286,109 @@ impl<'a> QueueClient<'a> {
             .await
             .map_err(Error::pg(format!("ack consumer {consumer}")))?;
         Ok(())
+    }
+
+    /// Joins consumer group `group` as `member` for `channels` (the group is made on first
+    /// use) and takes the member's lease; returns its position, `None` while another
+    /// session holds this member.
+    pub async fn join_group(
+        &self,
+        group: &str,
+        member: &str,
+        channels: &[String],
+        member_timeout: std::time::Duration,
+    ) -> Result<Option<String>, Error> {
+        let channels: Option<Vec<String>> = Some(channels.to_vec());
+        let row = self
+            .client
+            .query_one(
+                "SELECT pgpipe.join_group($1, $2, $3, 'beginning', make_interval(secs => $4))",
+                &[&group, &member, &channels, &member_timeout.as_secs_f64()],
+            )
+            .await
+            .map_err(Error::pg(format!(
+                "join consumer group {group} as {member}"
+            )))?;
+        Ok(row.get(0))
+    }
+
+    /// Reads at most `limit` rows of `member`'s share after `position`.
+    pub async fn read_group(
+        &self,
+        member: &str,
+        position: &str,
+        limit: i32,
+    ) -> Result<Vec<QueueRow>, Error> {
+        let sql = format!("SELECT position, {EVENT_COLUMNS} FROM pgpipe.read_group($1, $2, $3)");
+        let rows = self
+            .client
+            .query(&sql, &[&member, &position, &limit])
+            .await
+            .map_err(Error::pg(format!(
+                "read the queue as group member {member}"
+            )))?;
+        rows.iter()
+            .map(|row| {
+                let id: Option<Uuid> = row.get(1);
+                Ok(QueueRow {
+                    position: row.get(0),
+                    event: id.map(|id| event_from_row(id, row, 1)).transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Acknowledges `position` for group member `member`.
+    pub async fn ack_group(&self, member: &str, position: &str) -> Result<(), Error> {
+        self.client
+            .execute("SELECT pgpipe.ack_group($1, $2)", &[&member, &position])
+            .await
+            .map_err(Error::pg(format!("ack group member {member}")))?;
+        Ok(())
+    }
+
+    /// Tells the group that `member` is alive while it reads nothing.
+    pub async fn group_heartbeat(&self, member: &str) -> Result<(), Error> {
+        self.client
+            .execute("SELECT pgpipe.group_heartbeat($1)", &[&member])
+            .await
+            .map_err(Error::pg(format!("keep group member {member} alive")))?;
+        Ok(())
+    }
+
+    /// Leaves the group `member` belongs to (its unfinished share goes to the others).
+    pub async fn leave_group(&self, member: &str) -> Result<(), Error> {
+        self.client
+            .execute("SELECT pgpipe.leave_group($1)", &[&member])
+            .await
+            .map_err(Error::pg(format!("leave the consumer group as {member}")))?;
+        Ok(())
+    }
+
+    /// Every consumer group member this role may see (`pgpipe.group_members`).
+    pub async fn group_members(&self) -> Result<Vec<GroupMember>, Error> {
+        let rows = self
+            .client
+            .query(
+                "SELECT \"group\", member, alive, batch, slots, events, share::float8, holder \
+                 FROM pgpipe.group_members ORDER BY 1, 2",
+                &[],
+            )
+            .await
+            .map_err(Error::pg("read pgpipe.group_members"))?;
+        Ok(rows
+            .iter()
+            .map(|r| GroupMember {
+                group: r.get(0),
+                member: r.get(1),
+                alive: r.get(2),
+                batch: r.get(3),
+                slots: r.get(4),
+                events: r.get(5),
+                share: r.get(6),
+                holder: r.get(7),
+            })
+            .collect())
     }
 
     /// Runs queue retention (`pgpipe.rotate()`); returns `(action, partition)` rows.

@@ -209,6 +209,8 @@ pub trait Detector: Send {
 /// pgpipe extension is installed in the database.
 pub async fn build(config: &Config) -> Result<Box<dyn Detector>, Error> {
     let kind = match config.detector.kind {
+        // A consumer group lives in the extension: without it the queue detector says so.
+        DetectorKind::Auto if !config.detector.group.is_empty() => DetectorKind::Queue,
         DetectorKind::Auto => {
             let kind = if queue::extension_installed(&config.database_url).await? {
                 DetectorKind::Queue

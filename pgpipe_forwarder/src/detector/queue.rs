@@ -5,6 +5,12 @@
 //! (`pgpipe.try_claim_consumer`), so a second forwarder for the same consumer stands by.
 //! It reads when woken by the extension's NOTIFY on `pgpipe_wakeup`, after a full page,
 //! and every `poll_interval` (a NOTIFY sent while reconnecting is lost).
+//!
+//! With `detector.group` it is a member of a consumer group instead
+//! (`pgpipe.join_group` / `read_group` / `ack_group`, sql/groups.sql): it reads only its
+//! share of each batch, acknowledges a finished share at once (the next batch waits for
+//! every member), wakes on `pgpipe_group` when a batch closes, and leaves the group on a
+//! clean stop.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +38,8 @@ const UNDEFINED_OBJECT: &str = "42704";
 
 /// The channel the extension's background worker notifies after commits that queued events.
 pub const WAKEUP_CHANNEL: &str = "pgpipe_wakeup";
+/// The channel a consumer group's batch closing (or reassignment) is announced on.
+pub const GROUP_CHANNEL: &str = "pgpipe_group";
 
 /// Whether the pgpipe extension is installed in the database at `url`.
 pub async fn extension_installed(url: &str) -> Result<bool, Error> {
@@ -42,12 +50,14 @@ pub async fn extension_installed(url: &str) -> Result<bool, Error> {
 /// Reads the pgpipe queue as one named consumer.
 pub struct QueueDetector {
     url: String,
+    /// The consumer, or the member's name in `group`.
     consumer: String,
     /// The default name this forwarder's consumer had before 0.2 (the channels alone),
     /// when the name is derived: a leftover of it is named at start.
     legacy_consumer: Option<String>,
     /// Where the consumer starts if it does not exist yet.
     start: crate::config::Start,
+    group: Option<Group>,
     channels: Vec<String>,
     poll_interval: Duration,
     batch_size: u32,
@@ -57,6 +67,12 @@ pub struct QueueDetector {
     idle_ack_interval: Duration,
     retention_interval: Duration,
     shutdown_timeout: Duration,
+}
+
+/// Membership of a consumer group.
+struct Group {
+    name: String,
+    member_timeout: Duration,
 }
 
 /// Progress that survives reconnects.
@@ -69,6 +85,10 @@ struct Progress {
     /// `window.released_seq()` at the last written ack.
     written_seq: u64,
     last_write: Instant,
+    /// The last position written (a group member writes every new one at once).
+    last_written: Option<String>,
+    /// When a group member last told the group it is alive.
+    last_heartbeat: Instant,
 }
 
 enum Wake {
@@ -84,14 +104,22 @@ impl QueueDetector {
     /// derived from the channels and adapters, see [`consumer_name`]).
     pub fn new(config: &Config) -> Self {
         let d = &config.detector;
+        let group = (!d.group.is_empty()).then(|| Group {
+            name: d.group.clone(),
+            member_timeout: d.group_member_timeout,
+        });
+        let consumer = if group.is_some() {
+            member_name(&d.group, &d.group_member, std::process::id())
+        } else {
+            consumer_of(config)
+        };
         QueueDetector {
             url: config.database_url.clone(),
-            consumer: consumer_of(config),
-            legacy_consumer: d
-                .consumer
-                .is_empty()
+            consumer,
+            legacy_consumer: (group.is_none() && d.consumer.is_empty())
                 .then(|| consumer_name("", &config.channels, &[])),
             start: d.start,
+            group,
             channels: config.channels.clone(),
             poll_interval: d.poll_interval,
             batch_size: d.batch_size,
@@ -112,6 +140,8 @@ impl QueueDetector {
             unwritten_ack: None,
             written_seq: 0,
             last_write: Instant::now(),
+            last_written: None,
+            last_heartbeat: Instant::now(),
         };
         let mut reconnect = Reconnect::new(
             NAME,
@@ -145,13 +175,21 @@ impl QueueDetector {
         let (client, mut notifications) = db::connect(&self.url).await?;
         reconnect.reached();
         self.check_extension(&client).await?;
-        if !self.claim(&client, health, reconnect, cancel).await? {
-            return Ok(());
-        }
         let queue = QueueClient::new(&client);
-        let acked = queue
-            .register(&self.consumer, &self.channels, self.start.as_sql())
-            .await?;
+        let acked = match &self.group {
+            Some(group) => match self.join(&client, group, health, reconnect, cancel).await? {
+                Some(position) => position,
+                None => return Ok(()),
+            },
+            None => {
+                if !self.claim(&client, health, reconnect, cancel).await? {
+                    return Ok(());
+                }
+                queue
+                    .register(&self.consumer, &self.channels, self.start.as_sql())
+                    .await?
+            }
+        };
         // Never silence: a forgotten consumer holds every event from its position on.
         match queue.stale_consumers().await {
             Ok(stale) if !stale.is_empty() => {
@@ -169,11 +207,22 @@ impl QueueDetector {
             .batch_execute(&format!("LISTEN {WAKEUP_CHANNEL}"))
             .await
             .map_err(Error::pg(format!("listen on {WAKEUP_CHANNEL}")))?;
+        if self.group.is_some() {
+            client
+                .batch_execute(&format!("LISTEN {GROUP_CHANNEL}"))
+                .await
+                .map_err(Error::pg(format!("listen on {GROUP_CHANNEL}")))?;
+        }
         let mut read_position = progress.read_position.clone().unwrap_or(acked);
         reconnect.connected();
         health.up();
-        tracing::info!(component = "detector", detector = NAME, consumer = %self.consumer,
-            channels = ?self.channels, "reading the pgpipe queue");
+        match &self.group {
+            Some(group) => tracing::info!(component = "detector", detector = NAME,
+                group = %group.name, member = %self.consumer, channels = ?self.channels,
+                "reading the pgpipe queue as a consumer group member"),
+            None => tracing::info!(component = "detector", detector = NAME,
+                consumer = %self.consumer, channels = ?self.channels, "reading the pgpipe queue"),
+        }
         self.warn_unproduced_channels(&queue).await;
 
         let mut poll = tokio::time::interval(self.poll_interval);
@@ -215,7 +264,10 @@ impl QueueDetector {
                 _ = rotate.tick(), if retention => Wake::Rotate,
             };
             match wake {
-                Wake::Read => want_read = true,
+                Wake::Read => {
+                    want_read = true;
+                    self.heartbeat(&queue, progress).await?;
+                }
                 Wake::Rotate => {
                     // Retention failing must not stop delivery; a broken connection
                     // shows up on the next read anyway.
@@ -254,6 +306,72 @@ impl QueueDetector {
             }
         }
         self.write_ack(&queue, progress, true).await?;
+        if self.group.is_some() {
+            // What this member did not finish goes to the others now, not after a timeout.
+            queue.leave_group(&self.consumer).await?;
+            tracing::info!(component = "detector", detector = NAME, member = %self.consumer,
+                "left the consumer group");
+        }
+        Ok(())
+    }
+
+    /// Joins the consumer group, waiting as a standby while another forwarder holds this
+    /// member name. Returns the member's position, `None` when shutdown came first.
+    async fn join(
+        &self,
+        client: &Client,
+        group: &Group,
+        health: &Component,
+        reconnect: &Reconnect,
+        cancel: &CancellationToken,
+    ) -> Result<Option<String>, Error> {
+        let queue = QueueClient::new(client);
+        let mut announced = false;
+        loop {
+            let joined = queue
+                .join_group(
+                    &group.name,
+                    &self.consumer,
+                    &self.channels,
+                    group.member_timeout,
+                )
+                .await?;
+            if joined.is_some() {
+                return Ok(joined);
+            }
+            if !announced {
+                tracing::info!(component = "detector", detector = NAME, member = %self.consumer,
+                    "another forwarder holds this group member name; standing by");
+                announced = true;
+                health.standby(format!(
+                    "another forwarder holds member {} of group {}",
+                    self.consumer, group.name
+                ));
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(reconnect.first_delay()) => {}
+            }
+        }
+    }
+
+    /// A group member whose window is full reads nothing: it tells the group it is
+    /// alive, well within the member timeout.
+    async fn heartbeat(
+        &self,
+        queue: &QueueClient<'_>,
+        progress: &mut Progress,
+    ) -> Result<(), Error> {
+        let Some(group) = &self.group else {
+            return Ok(());
+        };
+        if progress.window.room() > 0
+            || progress.last_heartbeat.elapsed() < group.member_timeout / 10
+        {
+            return Ok(());
+        }
+        queue.group_heartbeat(&self.consumer).await?;
+        progress.last_heartbeat = Instant::now();
         Ok(())
     }
 
@@ -365,7 +483,17 @@ impl QueueDetector {
         read_position: &mut String,
         limit: i32,
     ) -> Result<usize, Error> {
-        let rows = queue.read(&self.consumer, read_position, limit).await?;
+        let rows = match self.group {
+            Some(_) => {
+                queue
+                    .read_group(&self.consumer, read_position, limit)
+                    .await?
+            }
+            None => queue.read(&self.consumer, read_position, limit).await?,
+        };
+        if self.group.is_some() {
+            progress.last_heartbeat = Instant::now();
+        }
         let mut published = 0;
         for row in rows {
             match row.event {
@@ -396,13 +524,25 @@ impl QueueDetector {
             return Ok(());
         };
         let events_released = progress.window.released_seq() > progress.written_seq;
-        if !(force || events_released || progress.last_write.elapsed() >= self.idle_ack_interval) {
+        // A member's finished share closes the batch for the whole group: written at once.
+        let group_moved = self.group.is_some() && progress.last_written.as_ref() != Some(position);
+        if !(force
+            || events_released
+            || group_moved
+            || progress.last_write.elapsed() >= self.idle_ack_interval)
+        {
             return Ok(());
         }
-        queue.ack(&self.consumer, position).await?;
+        if self.group.is_some() {
+            if progress.last_written.as_ref() != Some(position) {
+                queue.ack_group(&self.consumer, position).await?;
+            }
+        } else {
+            queue.ack(&self.consumer, position).await?;
+        }
         progress.written_seq = progress.window.released_seq();
         progress.last_write = Instant::now();
-        progress.unwritten_ack = None;
+        progress.last_written = progress.unwritten_ack.take();
         Ok(())
     }
 }
@@ -481,9 +621,56 @@ pub fn consumer_name(configured: &str, channels: &[String], adapters: &[String])
 /// The longest consumer name `pgpipe.consumers` takes.
 const MAX_CONSUMER_NAME: usize = 200;
 
+/// A group member's name: the configured one, else `<group>.<host>.<pid>`, unique per
+/// running forwarder (a restarted one joins as a new member; the old one is cleaned up).
+pub fn member_name(group: &str, configured: &str, pid: u32) -> String {
+    if !configured.is_empty() {
+        return configured.to_string();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    let host = if host.is_empty() {
+        "host".to_string()
+    } else {
+        host
+    };
+    let mut name = format!("{group}.{host}.{pid}");
+    // The consumer name limit; the pid at the end keeps it unique.
+    if name.len() > 200 {
+        let tail = format!(".{pid}");
+        name.truncate(200 - tail.len());
+        name.push_str(&tail);
+    }
+    name
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn member_names_are_unique_per_process_and_valid() {
+        let a = member_name("billing", "", 41);
+        let b = member_name("billing", "", 42);
+        assert_ne!(a, b);
+        assert!(a.starts_with("billing.") && a.ends_with(".41"), "{a}");
+        let allowed = |c: char| c.is_ascii_alphanumeric() || "_.:,+-".contains(c);
+        assert!(a.chars().all(allowed), "{a}");
+        assert_eq!(member_name("billing", "m1", 41), "m1");
+        let long = member_name(&"g".repeat(199), "", 7);
+        assert!(long.len() <= 200 && long.ends_with(".7"), "{long}");
+    }
 
     #[test]
     fn default_consumer_name_is_stable_across_channel_order() {
