@@ -118,10 +118,16 @@ impl Component {
         let previous = state
             .components
             .insert(self.name.to_string(), status.clone());
+        let running = state.running;
         drop(state);
         if previous.as_ref() != Some(&status) {
             match &status {
                 Status::Up => tracing::info!(component = "health", part = %self.name, "up"),
+                // A clean stop is no warning: every part goes down with "stopped" once the
+                // pipeline no longer runs.
+                Status::Down(reason) if !running && reason == "stopped" => {
+                    tracing::info!(component = "health", part = %self.name, "stopped")
+                }
                 Status::Down(reason) => {
                     tracing::warn!(component = "health", part = %self.name, reason = %reason, "down")
                 }
