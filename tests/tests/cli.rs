@@ -101,7 +101,7 @@ async fn mistakes_fail_fast_with_the_problem_named() {
         ),
         (
             vec!["listen", "--db", "postgres://127.0.0.1:1/x", "-c", "a"],
-            "connect to postgres",
+            "connect to postgres at 127.0.0.1:1",
         ),
         (
             vec![

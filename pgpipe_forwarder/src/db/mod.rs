@@ -176,10 +176,13 @@ pub async fn connect_with(
         _ => SslMode::Require,
     });
     let tls = MakeRustlsConnect::new(tls_config(target.tls, target.root_cert.as_deref())?);
+    // Name the server (never the user or password): "connection refused" alone does not
+    // say which host and port were tried.
+    let server = server_of(&config);
     let (client, mut connection) = config
         .connect(tls)
         .await
-        .map_err(Error::pg("connect to postgres"))?;
+        .map_err(Error::pg(format!("connect to postgres at {server}")))?;
     let capacity = match notifications {
         Notifications::Coalesce => 1,
         Notifications::Bounded(n) => n.max(1),
@@ -395,5 +398,29 @@ mod tests {
             err.to_string().contains("unknown sslmode \"always\""),
             "{err}"
         );
+    }
+}
+
+/// The hosts and ports `config` connects to, for error messages (`db.internal:5432`).
+fn server_of(config: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let ports = config.get_ports();
+    let servers: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match host {
+                Host::Tcp(name) if name.contains(':') => format!("[{name}]:{port}"),
+                Host::Tcp(name) => format!("{name}:{port}"),
+                Host::Unix(dir) => format!("{}/.s.PGSQL.{port}", dir.display()),
+            }
+        })
+        .collect();
+    if servers.is_empty() {
+        "the default server (localhost:5432)".to_string()
+    } else {
+        servers.join(", ")
     }
 }

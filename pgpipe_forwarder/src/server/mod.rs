@@ -393,9 +393,19 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> Result<(SocketAddr, JoinHandle<()>), Error> {
     let socket = parse_listen_addr(addr).map_err(Error::Config)?;
-    let listener = TcpListener::bind(socket)
-        .await
-        .map_err(Error::io(format!("listen on {addr}")))?;
+    // Name the setting, so "address already in use" says what to change.
+    let setting = match kind {
+        "http" => "--sse-addr / sse.addr",
+        _ => "--metrics-addr / metrics_addr",
+    };
+    let listener = TcpListener::bind(socket).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!(": another process listens there; give {setting} a free port")
+        } else {
+            format!(" ({setting})")
+        };
+        Error::io(format!("listen on {addr}{hint}"))(e)
+    })?;
     let local = listener
         .local_addr()
         .map_err(Error::io(format!("listen on {addr}")))?;
