@@ -369,6 +369,30 @@ impl ServerCertVerifier for ChainOnly {
     }
 }
 
+/// The hosts and ports `config` connects to, for error messages (`db.internal:5432`).
+fn server_of(config: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let ports = config.get_ports();
+    let servers: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match host {
+                Host::Tcp(name) if name.contains(':') => format!("[{name}]:{port}"),
+                Host::Tcp(name) => format!("{name}:{port}"),
+                Host::Unix(dir) => format!("{}/.s.PGSQL.{port}", dir.display()),
+            }
+        })
+        .collect();
+    if servers.is_empty() {
+        "the default server (localhost:5432)".to_string()
+    } else {
+        servers.join(", ")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,29 +422,5 @@ mod tests {
             err.to_string().contains("unknown sslmode \"always\""),
             "{err}"
         );
-    }
-}
-
-/// The hosts and ports `config` connects to, for error messages (`db.internal:5432`).
-fn server_of(config: &tokio_postgres::Config) -> String {
-    use tokio_postgres::config::Host;
-    let ports = config.get_ports();
-    let servers: Vec<String> = config
-        .get_hosts()
-        .iter()
-        .enumerate()
-        .map(|(i, host)| {
-            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-            match host {
-                Host::Tcp(name) if name.contains(':') => format!("[{name}]:{port}"),
-                Host::Tcp(name) => format!("{name}:{port}"),
-                Host::Unix(dir) => format!("{}/.s.PGSQL.{port}", dir.display()),
-            }
-        })
-        .collect();
-    if servers.is_empty() {
-        "the default server (localhost:5432)".to_string()
-    } else {
-        servers.join(", ")
     }
 }
