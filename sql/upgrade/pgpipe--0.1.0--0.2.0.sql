@@ -970,8 +970,9 @@ SELECT pg_catalog.pg_extension_config_dump('pgpipe.channel_sources', '');
 
 --------------------------------------------------------------------------------
 -- ordering key (issue 13): pgpipe.events.key, returned by read() and events_after(),
--- emit(..., key => ...); column choice (issue 15): subscribe(..., columns =>,
--- exclude_columns =>), pgpipe.subscription.column_attnums, subscriptions.columns
+-- emit(..., key => ...); column choice (issue 15): pgpipe.subscription.column_attnums,
+-- subscriptions.columns, captured_attnums (subscribe's columns => and exclude_columns =>
+-- come with its last definition, in the snapshots section below)
 --------------------------------------------------------------------------------
 
 ALTER TABLE pgpipe.events ADD COLUMN key jsonb;
@@ -1214,137 +1215,18 @@ BEGIN
     RETURN chosen;
 END $$;
 
--- Installs capture on a table. Idempotent: subscribing again replaces the channel,
--- operations and mode of the existing subscription. Returns the channel.
--- mode => 'wal' captures through logical decoding in the background worker (see "WAL
--- capture" below); replica_identity_full => true lets a table without a primary key be
--- captured that way by setting REPLICA IDENTITY FULL on it.
--- columns => ARRAY[...] captures only those columns, exclude_columns => ARRAY[...] all but
--- those (see pgpipe.captured_attnums); left-out columns never reach the queue, in `row`,
--- `old` or `key`. The choice is resolved now: a column added later is captured only
--- after subscribing again (without a choice, every column is, always).
--- Switching modes locks the table against writers for the switch, so every change is
--- captured exactly once: by the trigger before, by the WAL after (or the other way).
-CREATE FUNCTION pgpipe.subscribe(
-    "table"    regclass,
-    channel    text   DEFAULT NULL,
-    operations text[] DEFAULT ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE'],
-    mode       text   DEFAULT 'trigger',
-    replica_identity_full boolean DEFAULT false,
-    columns    text[] DEFAULT NULL,
-    exclude_columns text[] DEFAULT NULL
-) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    rel record;
-    ops text[];
-    row_ops text[];
-    denial text;
-    attnums int2[];
-BEGIN
-    IF "table" IS NULL THEN
-        RAISE EXCEPTION 'no table given' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    SELECT c.relname, c.relkind, n.nspname INTO rel
-    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE c.oid = "table";
-    IF rel.relkind NOT IN ('r', 'p') THEN
-        RAISE EXCEPTION '% is not a table', "table"
-            USING ERRCODE = 'wrong_object_type',
-                  HINT = 'Only ordinary and partitioned tables can be subscribed.';
-    END IF;
-    IF rel.nspname = 'pgpipe' THEN
-        RAISE EXCEPTION 'pgpipe''s own table % cannot be subscribed', "table"
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    PERFORM pgpipe.require_table_owner("table", 'subscribe');
-    mode := lower(coalesce(mode, ''));
-    IF mode NOT IN ('trigger', 'wal') THEN
-        RAISE EXCEPTION 'unknown mode %', quote_literal(mode)
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'mode is ''trigger'' or ''wal''.';
-    END IF;
-    channel := pgpipe.check_channel(coalesce(channel,
-        CASE WHEN rel.nspname = 'public' THEN rel.relname ELSE rel.nspname || '.' || rel.relname END));
-    ops := pgpipe.check_operations(operations);
-    attnums := pgpipe.captured_attnums("table", columns, exclude_columns);
-    denial := pgpipe.channel_write_denial(channel, "table");
-    IF denial IS NOT NULL THEN
-        RAISE EXCEPTION 'cannot subscribe % to channel %: %', "table", quote_literal(channel), denial
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = 'Pass another channel => ''...'' (the default is the table''s name).';
-    END IF;
-    IF mode = 'wal' AND NOT pgpipe.is_admin()
-       AND NOT (SELECT r.rolreplication FROM pg_roles r WHERE r.rolname = session_user) THEN
-        -- WAL mode creates and holds a replication slot, which retains WAL for everyone.
-        RAISE EXCEPTION 'mode ''wal'' needs the REPLICATION attribute or the pgpipe_admin role (role % has neither)',
-            quote_ident(session_user)
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = format('A superuser runs: GRANT pgpipe_admin TO %I; or use mode => ''trigger''.', session_user);
-    END IF;
-    IF mode = 'wal' THEN
-        -- First, before this transaction writes: it may have to create the slot.
-        PERFORM pgpipe.prepare_wal_capture("table", coalesce(replica_identity_full, false));
-    END IF;
-
-    -- Writers wait while capture switches over (see above).
-    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', "table");
-    IF EXISTS (SELECT 1 FROM pgpipe.subscription s WHERE s.relid = "table" AND s.mode = 'wal') THEN
-        -- Changing a WAL-mode subscription: let the worker queue the table's last WAL
-        -- changes under the old channel and operations first (and, when leaving WAL
-        -- mode, before the trigger's events).
-        PERFORM pgpipe.wait_for_wal_capture();
-    END IF;
-    PERFORM pgpipe.drop_capture_triggers("table");
-    IF mode = 'wal' THEN
-        IF replica_identity_full THEN
-            EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', "table");
-        END IF;
-        PERFORM pgpipe.publish("table");
-        row_ops := '{}';
-    ELSE
-        PERFORM pgpipe.unpublish("table");
-        row_ops := ARRAY(SELECT o FROM unnest(ops) o WHERE o <> 'TRUNCATE');
-    END IF;
-    IF cardinality(row_ops) > 0 THEN
-        -- The captured columns travel as the trigger's second argument ('2 3 5').
-        EXECUTE format(
-            'CREATE TRIGGER pgpipe_capture AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION pgpipe.capture_row(%L%s)',
-            array_to_string(row_ops, ' OR '), "table", channel,
-            CASE WHEN attnums IS NULL THEN '' ELSE format(', %L', array_to_string(attnums, ' ')) END);
-    END IF;
-    IF mode = 'trigger' AND 'TRUNCATE' = ANY (ops) THEN
-        EXECUTE format(
-            'CREATE TRIGGER pgpipe_capture_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION pgpipe.capture_truncate(%L)',
-            "table", channel);
-    END IF;
-
-    INSERT INTO pgpipe.channel_sources (channel, relid) VALUES (channel, "table")
-    ON CONFLICT DO NOTHING;
-    INSERT INTO pgpipe.subscription AS s (relid, channel, operations, mode, column_attnums)
-    VALUES ("table", channel, ops, mode, attnums)
-    ON CONFLICT (relid) DO UPDATE
-        SET channel = excluded.channel, operations = excluded.operations,
-            mode = excluded.mode, column_attnums = excluded.column_attnums, updated_at = now();
-    RETURN channel;
-END $$;
-
 REVOKE ALL ON FUNCTION
     pgpipe.read(text, text, integer),
     pgpipe.events_after(uuid, text[], integer),
     pgpipe.emit(text, jsonb, text, jsonb),
     pgpipe.emit_wal(text, jsonb, text, jsonb),
-    pgpipe.captured_attnums(regclass, text[], text[]),
-    pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[])
+    pgpipe.captured_attnums(regclass, text[], text[])
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     pgpipe.read(text, text, integer),
     pgpipe.events_after(uuid, text[], integer)
 TO pgpipe_consumer;
-GRANT EXECUTE ON FUNCTION
-    pgpipe.emit(text, jsonb, text, jsonb),
-    pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[])
-TO pgpipe_producer;
+GRANT EXECUTE ON FUNCTION pgpipe.emit(text, jsonb, text, jsonb) TO pgpipe_producer;
 
 --------------------------------------------------------------------------------
 -- snapshots (issue 16): pgpipe.snapshot_jobs, pgpipe.snapshots, snapshot(),
@@ -1727,8 +1609,6 @@ END $$;
 CREATE EVENT TRIGGER pgpipe_before_drop ON ddl_command_start
     WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
     EXECUTE FUNCTION pgpipe.before_drop();
-
-DROP FUNCTION pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[]);
 
 -- Installs capture on a table. Idempotent: subscribing again replaces the channel,
 -- operations and mode of the existing subscription. Returns the channel.
