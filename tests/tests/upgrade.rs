@@ -287,14 +287,28 @@ async fn a_database_created_at_0_1_0_is_updated_with_its_events_consumers_and_de
         "SELECT pgpipe.register_consumer('reader', ARRAY['orders'])",
     )
     .await;
-    assert_eq!(
-        count(
-            &reader,
-            "SELECT count(*) FROM pgpipe.read('reader') WHERE channel = 'orders'"
-        )
-        .await,
-        4
-    );
+    // Read batch after batch: a transaction still open elsewhere (the worker's) can end
+    // the first batch early; the position carries the rest.
+    let mut read_events = 0;
+    let mut after: Option<String> = None;
+    wait_until(Duration::from_secs(15), async || {
+        let rows = reader
+            .query(
+                "SELECT channel, position FROM pgpipe.read('reader', $1)",
+                &[&after],
+            )
+            .await
+            .unwrap();
+        for row in &rows {
+            if row.get::<_, Option<String>>(0).as_deref() == Some("orders") {
+                read_events += 1;
+            }
+            after = row.get(1);
+        }
+        read_events >= 4
+    })
+    .await;
+    assert_eq!(read_events, 4);
     let refused = reader
         .batch_execute("SELECT * FROM pgpipe.read('old_fwd')")
         .await
