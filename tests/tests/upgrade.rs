@@ -291,7 +291,7 @@ async fn a_database_created_at_0_1_0_is_updated_with_its_events_consumers_and_de
     // the first batch early; the position carries the rest.
     let mut read_events = 0;
     let mut after: Option<String> = None;
-    wait_until(Duration::from_secs(15), async || {
+    let _all_read = wait_until(Duration::from_secs(15), async || {
         let rows = reader
             .query(
                 "SELECT channel, position FROM pgpipe.read('reader', $1)",
