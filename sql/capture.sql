@@ -212,6 +212,55 @@ BEGIN
     RETURN chosen;
 END $$;
 
+-- The channel of a subscription: `channel`, or the table's name (schema-qualified
+-- outside public) when none is given; checked, with a hint when the name made it.
+CREATE FUNCTION pgpipe.subscription_channel(tbl regclass, channel text) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    derived text;
+BEGIN
+    IF channel IS NOT NULL THEN
+        RETURN pgpipe.check_channel(channel);
+    END IF;
+    SELECT CASE WHEN n.nspname = 'public' THEN c.relname ELSE n.nspname || '.' || c.relname END INTO derived
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = tbl;
+    IF derived !~ '^[A-Za-z0-9_.:-]{1,63}$' THEN
+        RAISE EXCEPTION 'invalid channel name %: the default channel is the table''s name, and % is no valid channel name',
+            quote_literal(derived), tbl
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = format('Pass a channel of 1 to 63 letters, digits, ''_'', ''.'', '':'' or ''-'': SELECT pgpipe.subscribe(%L, channel => %L);',
+                                tbl::text, left(regexp_replace(derived, '[^A-Za-z0-9_.:-]+', '_', 'g'), 63));
+    END IF;
+    RETURN pgpipe.check_channel(derived);
+END $$;
+
+-- Refuses to subscribe a partition of a subscribed table, or a partitioned table one of
+-- whose partitions is subscribed: the parent's capture covers its partitions (its events
+-- name the parent), so the partition's changes would be captured twice.
+CREATE FUNCTION pgpipe.check_partitions(tbl regclass) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    other regclass;
+BEGIN
+    SELECT s.relid INTO other FROM pgpipe.subscription s
+    WHERE s.relid IN (SELECT a.relid FROM pg_partition_ancestors(tbl) a) AND s.relid <> tbl;
+    IF other IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot subscribe %: it is a partition of %, which is subscribed', tbl, other
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = format('The changes of %s are captured as events of %s already (named after %s).', tbl, other, other),
+                  HINT = format('Subscribe one of the two: keep %s, or SELECT pgpipe.unsubscribe(%L); first.', other, other::text);
+    END IF;
+    SELECT s.relid INTO other FROM pgpipe.subscription s
+    WHERE s.relid IN (SELECT t.relid FROM pg_partition_tree(tbl) t) AND s.relid <> tbl;
+    IF other IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot subscribe %: its partition % is subscribed', tbl, other
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = format('A subscription of %s captures the changes of its partitions, so those of %s would be captured twice.', tbl, other),
+                  HINT = format('Subscribe one of the two: keep %s, or SELECT pgpipe.unsubscribe(%L); first.', other, other::text);
+    END IF;
+END $$;
+
 -- Installs capture on a table. Idempotent: subscribing again replaces the channel,
 -- operations and mode of the existing subscription. Returns the channel.
 -- mode => 'wal' captures through logical decoding in the background worker (see "WAL
@@ -258,14 +307,14 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     PERFORM pgpipe.require_table_owner("table", 'subscribe');
+    PERFORM pgpipe.check_partitions("table");
     mode := lower(coalesce(mode, ''));
     IF mode NOT IN ('trigger', 'wal') THEN
         RAISE EXCEPTION 'unknown mode %', quote_literal(mode)
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'mode is ''trigger'' or ''wal''.';
     END IF;
-    channel := pgpipe.check_channel(coalesce(channel,
-        CASE WHEN rel.nspname = 'public' THEN rel.relname ELSE rel.nspname || '.' || rel.relname END));
+    channel := pgpipe.subscription_channel("table", channel);
     ops := pgpipe.check_operations(operations);
     attnums := pgpipe.captured_attnums("table", columns, exclude_columns);
     denial := pgpipe.channel_write_denial(channel, "table");
@@ -332,6 +381,46 @@ BEGIN
     END IF;
     RETURN channel;
 END $$;
+
+-- The table a name means, as regclass input resolves it (through the caller's
+-- search_path, unquoted names folded to lower case); when it means none but the name
+-- with its case kept does ('MixedCase' for "MixedCase"), the error says how to write it.
+CREATE FUNCTION pgpipe.table_named(name text) RETURNS regclass
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    code text;
+    message text;
+    quoted text;
+BEGIN
+    RETURN name::pg_catalog.regclass;
+EXCEPTION WHEN undefined_table OR invalid_schema_name THEN
+    GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, message = MESSAGE_TEXT;
+    quoted := (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(u.part), '.' ORDER BY u.n)
+               FROM pg_catalog.unnest(pg_catalog.string_to_array(name, '.')) WITH ORDINALITY AS u(part, n));
+    IF pg_catalog.strpos(name, '"') = 0 AND pg_catalog.to_regclass(quoted) IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message,
+            HINT = pg_catalog.format('Unquoted names are folded to lower case: to name table %s, double-quote it: %L.',
+                                     pg_catalog.to_regclass(quoted), quoted);
+    END IF;
+    RAISE;
+END $$;
+
+-- subscribe() with the table's name as text, which an unquoted literal picks
+-- (subscribe('orders')): the regclass version, with table_named's hint when the name's
+-- case matters. Takes the same arguments.
+CREATE FUNCTION pgpipe.subscribe(
+    "table"    text,
+    channel    text   DEFAULT NULL,
+    operations text[] DEFAULT ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE'],
+    mode       text   DEFAULT 'trigger',
+    replica_identity_full boolean DEFAULT false,
+    columns    text[] DEFAULT NULL,
+    exclude_columns text[] DEFAULT NULL,
+    snapshot   boolean DEFAULT false
+) RETURNS text
+LANGUAGE sql AS $$
+    SELECT pgpipe.subscribe(pgpipe.table_named($1), $2, $3, $4, $5, $6, $7, $8)
+$$;
 
 -- Removes capture from a table. Returns false when it was not subscribed.
 CREATE FUNCTION pgpipe.unsubscribe("table" regclass) RETURNS boolean

@@ -52,6 +52,8 @@ GRANT SELECT ON pgpipe.group_members TO pgpipe_consumer;
 GRANT EXECUTE ON FUNCTION
     pgpipe.emit(text, jsonb, text, jsonb),
     pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[], boolean),
+    pgpipe.subscribe(text, text, text[], text, boolean, text[], text[], boolean),
+    pgpipe.table_named(text),
     pgpipe.unsubscribe(regclass),
     pgpipe.snapshot(regclass),
     pgpipe.cancel_snapshot(regclass)

@@ -36,11 +36,19 @@ $$;
 -- The publication exists before any slot: pgoutput fails on a publication that did not
 -- exist yet at the position it decodes. publish_via_partition_root: changes of a
 -- partitioned table come under its own name.
+-- Below wal_level = logical, CREATE PUBLICATION warns about "subscriptions", which
+-- trigger mode (the default) has nothing to do with: that warning is silenced. (A
+-- NOTICE cannot say what is true instead: CREATE EXTENSION shows WARNINGs and worse
+-- only.) WAL mode itself refuses with the fix: see prepare_wal_capture.
 DO $$
+DECLARE
+    quiet text := pg_catalog.current_setting('client_min_messages');
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = pgpipe.publication_name()) THEN
+        PERFORM pg_catalog.set_config('client_min_messages', 'error', true);
         EXECUTE pg_catalog.format('CREATE PUBLICATION %I WITH (publish_via_partition_root = true)',
                                   pgpipe.publication_name());
+        PERFORM pg_catalog.set_config('client_min_messages', quiet, true);
     END IF;
 END $$;
 

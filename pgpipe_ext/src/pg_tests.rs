@@ -167,6 +167,92 @@ mod tests {
         Spi::run("SELECT pgpipe.subscribe('orders', 'no spaces')").unwrap();
     }
 
+    /// The message and hint of the error `sql` raises.
+    fn error_of(sql: &str) -> String {
+        Spi::run(
+            "CREATE OR REPLACE FUNCTION pg_temp.error_of(sql text) RETURNS text LANGUAGE plpgsql AS $$
+             DECLARE m text; h text; c text;
+             BEGIN
+                 EXECUTE sql;
+                 RETURN 'no error';
+             EXCEPTION WHEN OTHERS THEN
+                 GET STACKED DIAGNOSTICS m = MESSAGE_TEXT, h = PG_EXCEPTION_HINT, c = RETURNED_SQLSTATE;
+                 RETURN c || ': ' || m || ' HINT: ' || h;
+             END $$",
+        )
+        .unwrap();
+        Spi::get_one_with_args::<String>("SELECT pg_temp.error_of($1)", &[sql.into()])
+            .unwrap()
+            .unwrap()
+    }
+
+    #[pg_test]
+    fn a_mixed_case_name_gets_a_hint_to_quote_it() {
+        Spi::run(r#"CREATE SCHEMA "Shop"; CREATE TABLE "Shop"."MixedCase" (id int PRIMARY KEY)"#)
+            .unwrap();
+        let e = error_of("SELECT pgpipe.subscribe('Shop.MixedCase')");
+        assert!(
+            e.starts_with("3F000: schema \"shop\" does not exist"),
+            "{e}"
+        );
+        assert!(
+            e.contains(
+                r#"to name table "Shop"."MixedCase", double-quote it: '"Shop"."MixedCase"'."#
+            ),
+            "{e}"
+        );
+        Spi::run(r#"SET LOCAL search_path = "Shop", public"#).unwrap();
+        let e = error_of("SELECT pgpipe.subscribe('MixedCase', mode => 'trigger')");
+        assert!(
+            e.starts_with("42P01: relation \"mixedcase\" does not exist"),
+            "{e}"
+        );
+        assert!(e.contains(r#"double-quote it: '"MixedCase"'."#), "{e}");
+        // Quoted, by regclass, by name => and without a table of that name at all.
+        let channel = Spi::get_one::<String>(r#"SELECT pgpipe.subscribe('"MixedCase"')"#).unwrap();
+        assert_eq!(channel.as_deref(), Some("Shop.MixedCase"));
+        let channel = Spi::get_one::<String>(
+            r#"SELECT pgpipe.subscribe('"MixedCase"'::regclass, channel => 'mc')"#,
+        )
+        .unwrap();
+        assert_eq!(channel.as_deref(), Some("mc"));
+        let channel =
+            Spi::get_one::<String>(r#"SELECT pgpipe.subscribe("table" => '"Shop"."MixedCase"')"#)
+                .unwrap();
+        assert_eq!(channel.as_deref(), Some("Shop.MixedCase"));
+        let e = error_of("SELECT pgpipe.subscribe('nothing_like_it')");
+        assert_eq!(
+            e, "42P01: relation \"nothing_like_it\" does not exist HINT: ",
+            "no hint"
+        );
+        let e = error_of("SELECT pgpipe.subscribe(NULL)");
+        assert!(e.contains("no table given"), "{e}");
+    }
+
+    #[pg_test]
+    fn a_table_name_that_is_no_channel_gets_a_hint_to_pass_channel() {
+        Spi::run(r#"CREATE TABLE "Order Items" (id int PRIMARY KEY)"#).unwrap();
+        let e = error_of(r#"SELECT pgpipe.subscribe('"Order Items"')"#);
+        assert!(e.starts_with("22023: invalid channel name 'Order Items': the default channel is the table's name"), "{e}");
+        assert!(
+            e.contains(
+                r#"SELECT pgpipe.subscribe('public."Order Items"', channel => 'Order_Items');"#
+            ),
+            "{e}"
+        );
+        let channel = Spi::get_one::<String>(
+            r#"SELECT pgpipe.subscribe('"Order Items"', channel => 'Order_Items')"#,
+        )
+        .unwrap();
+        assert_eq!(channel.as_deref(), Some("Order_Items"));
+        // A channel given that is no valid name: the plain message, no hint about `channel =>`.
+        let e = error_of(r#"SELECT pgpipe.subscribe('"Order Items"', channel => 'a b')"#);
+        assert!(
+            e.starts_with("22023: invalid channel name 'a b'") && !e.contains("channel =>"),
+            "{e}"
+        );
+    }
+
     #[pg_test]
     fn emit_queues_an_event_with_its_operation() {
         let id = Spi::get_one::<pgrx::Uuid>("SELECT pgpipe.emit('billing', '{\"invoice\": 7}')")

@@ -51,6 +51,39 @@ async fn init_sql_and_a_config_file_set_up_a_working_forwarder() {
     assert_eq!(events[0]["channel"], "shop:orders");
     assert_eq!(events[0]["payload"]["schema"], "shop");
     assert_eq!(events[0]["payload"]["table"], "Orders");
+
+    // Any name Postgres accepts, as written: a schema with '-', a table with a space, and
+    // (in double quotes) one with a dot and a double quote.
+    db.execute(
+        r#"CREATE SCHEMA "my-shop"; CREATE TABLE "my-shop"."Order Items" (id int PRIMARY KEY);
+           CREATE TABLE "my-shop"."v1.""x""" (id int PRIMARY KEY);"#,
+    )
+    .await;
+    for (table, channel) in [
+        ("my-shop.Order Items", "shop:items"),
+        (r#""my-shop"."v1.""x""""#, "shop:x"),
+    ] {
+        let (code, sql, stderr) = pgpipe(&["init", "--table", table, "--channel", channel]);
+        assert_eq!(code, 0, "{table}: {stderr}");
+        db.execute(&sql).await;
+    }
+    let subscribed: Vec<String> = db
+        .query(
+            r#"SELECT "table"::text || '=' || channel FROM pgpipe.subscriptions WHERE channel LIKE 'shop:%' ORDER BY channel"#,
+            &[],
+        )
+        .await
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        subscribed,
+        [
+            r#""my-shop"."Order Items"=shop:items"#,
+            r#"shop."Orders"=shop:orders"#,
+            r#""my-shop"."v1.""x"""=shop:x"#,
+        ]
+    );
 }
 
 #[tokio::test]
@@ -126,8 +159,12 @@ async fn mistakes_fail_fast_with_the_problem_named() {
             "the pgpipe extension is not installed",
         ),
         (
-            vec!["init", "--table", "orders; DROP TABLE x"],
+            vec!["init", "--table", "shop.orders.x"],
             "invalid table name",
+        ),
+        (
+            vec!["init", "--table", "my-shop.Order Items"],
+            "pass --channel NAME, e.g. --channel Order_Items",
         ),
     ];
     for (args, expected) in cases {

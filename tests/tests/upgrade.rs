@@ -8,7 +8,8 @@
 //!
 //! Failure that matters: the library is newer than the schema. The background worker
 //! sees the old version, says so (`waiting_for_upgrade` and the command to run) and
-//! leaves the slot alone until the update.
+//! leaves the slot alone until the update; a forwarder started against the old schema
+//! exits 1 naming both versions and `ALTER EXTENSION pgpipe UPDATE`.
 //!
 //! Structural: the catalog of a database updated from 0.1.0 equals a fresh 0.2.0 install
 //! (`pg_dump --schema-only --binary-upgrade`, which lists the extension's own objects,
@@ -162,6 +163,22 @@ async fn a_database_created_at_0_1_0_is_updated_with_its_events_consumers_and_de
         .iter()
         .map(|r| r.get(0))
         .collect();
+
+    // A 0.2.0 forwarder on the 0.1.0 schema stops at once and names the command.
+    let early = Forwarder::listen(&pg.url("postgres"))
+        .channel("orders")
+        .flag("--consumer", "old_fwd")
+        .spawn();
+    assert_eq!(
+        early.wait_exit(Duration::from_secs(20)).await.code(),
+        Some(1)
+    );
+    let stderr = early.stderr_text();
+    assert!(
+        stderr.contains(&format!("at version {OLD}"))
+            && stderr.contains("ALTER EXTENSION pgpipe UPDATE"),
+        "{stderr}"
+    );
 
     execute(&db, "ALTER EXTENSION pgpipe UPDATE").await;
     assert_eq!(

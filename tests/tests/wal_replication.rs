@@ -252,6 +252,45 @@ async fn misconfiguration_is_refused_with_the_fix() {
         stderr.contains("ALTER SYSTEM SET wal_level = logical") && stderr.contains("restart"),
         "{stderr}"
     );
+    // The extension on that server: no WARNING about "subscriptions" (Postgres' own, for
+    // the publication pgpipe creates), nothing at all; trigger mode works, and WAL mode
+    // is refused naming wal_level and trigger mode.
+    let psql = std::path::PathBuf::from(
+        std::env::var("PGPIPE_PG_BIN").unwrap_or_else(|_| pgpipe_tests::DEFAULT_PG_BIN.into()),
+    )
+    .join("psql");
+    let out = std::process::Command::new(psql)
+        .args([db.url().as_str(), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c"])
+        .arg("CREATE EXTENSION pgpipe")
+        .output()
+        .expect("run psql");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert_eq!(
+        said, "",
+        "CREATE EXTENSION on wal_level = replica says nothing"
+    );
+    db.execute("SELECT pgpipe.subscribe('t'); INSERT INTO t VALUES (1)")
+        .await;
+    let queued = db
+        .query_one(
+            "SELECT count(*) FROM pgpipe.events WHERE channel = 't'",
+            &[],
+        )
+        .await;
+    assert_eq!(queued.get::<_, i64>(0), 1, "trigger mode works");
+    let refused = db
+        .client()
+        .await
+        .batch_execute("SELECT pgpipe.subscribe('t', mode => 'wal')")
+        .await
+        .expect_err("WAL mode needs wal_level = logical");
+    let refused = pgpipe_tests::describe(&refused);
+    assert!(
+        refused.contains("mode 'wal' needs wal_level = logical (it is replica)")
+            && refused.contains("or use mode => 'trigger'"),
+        "{refused}"
+    );
 
     // A publication that does not exist is named, with how to create it.
     let db = TempPg::shared()

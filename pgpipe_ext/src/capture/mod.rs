@@ -15,8 +15,12 @@
 //! column choice passes the captured attribute numbers as the trigger's second argument
 //! (`'1 2 5'`): `row` and `old` are then records of only those columns ([`shape`]), and
 //! the others are never converted (no output function of theirs runs).
+//!
+//! On a partition (the trigger is a clone of a partitioned table's), the event names the
+//! subscribed table, with its key and column choice mapped onto the partition ([`origin`]).
 
 mod key;
+mod origin;
 mod queue;
 mod shape;
 
@@ -132,7 +136,7 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, row_level: bool) -> pg_sys::
         });
     }
     // SAFETY: tg_trigger is set for every trigger call; tgargs holds tgnargs C strings.
-    let (channel, columns) = unsafe {
+    let (channel, columns, origin) = unsafe {
         let trigger = &*trigdata.tg_trigger;
         if trigger.tgnargs < 1 {
             protocol_error("pgpipe's capture trigger needs the channel as its argument");
@@ -144,11 +148,18 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, row_level: bool) -> pg_sys::
                 )
             })
         });
-        (CStr::from_ptr(*trigger.tgargs), columns)
+        // SAFETY: tg_relation is the open relation the trigger fired on.
+        let origin = origin::origin(trigdata.tg_relation, trigger, columns.as_deref());
+        (CStr::from_ptr(*trigger.tgargs), columns, origin)
     };
     let rel = trigdata.tg_relation;
+    // A partition's columns in its own numbers.
+    let columns = match &origin {
+        Some(origin) => origin.columns.as_deref(),
+        None => columns.as_deref(),
+    };
     // SAFETY: rel is open for the trigger call.
-    let projection = columns.as_ref().map(|columns| unsafe {
+    let projection = columns.map(|columns| unsafe {
         shape::shape(rel, shape::Columns::These(columns))
             .unwrap_or_else(|| protocol_error("pgpipe's capture trigger: no column list"))
     });
@@ -178,9 +189,18 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, row_level: bool) -> pg_sys::
     };
     // SAFETY: rel is the open relation the trigger fired on.
     let (schema, table) = unsafe {
-        let form = &*(*rel).rd_rel;
-        let schema = pg_sys::get_namespace_name(form.relnamespace);
-        (schema, form.relname.data.as_ptr())
+        match &origin {
+            // A partition's events name its subscribed table, as WAL mode does.
+            Some(origin) => (
+                pg_sys::pstrdup(origin.schema_name.as_ptr()) as *const c_char,
+                pg_sys::pstrdup(origin.table_name.as_ptr()) as *const c_char,
+            ),
+            None => {
+                let form = &*(*rel).rd_rel;
+                let schema = pg_sys::get_namespace_name(form.relnamespace);
+                (schema as *const c_char, form.relname.data.as_ptr())
+            }
+        }
     };
     // User code (casts, output functions) runs here, before any queue relation is open.
     // SAFETY: the names are NUL-terminated strings valid for this call.
@@ -193,11 +213,16 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, row_level: bool) -> pg_sys::
             Op::Insert | Op::Delete => trigdata.tg_trigtuple,
             Op::Truncate => ptr::null_mut(),
         };
-        if tuple.is_null() {
-            None
-        } else {
-            let captured = projection.as_ref().map(|p| p.attnums.as_slice());
-            key::key_jsonb(rel, tuple, captured, json_state().to_jsonb)
+        let columns = match &origin {
+            Some(origin) => origin.key.as_deref().map(shape::Columns::Key),
+            None => Some(shape::Columns::PrimaryKey),
+        };
+        match columns {
+            Some(columns) if !tuple.is_null() => {
+                let captured = projection.as_ref().map(|p| p.attnums.as_slice());
+                key::key_jsonb(rel, tuple, columns, captured, json_state().to_jsonb)
+            }
+            _ => None,
         }
     };
     // SAFETY: called inside the writer's transaction, in a trigger.

@@ -18,6 +18,9 @@ pub enum Columns<'a> {
     PrimaryKey,
     /// These columns (a subscription's choice), by attribute number.
     These(&'a [i32]),
+    /// These columns as the key: a partition's columns of its subscribed table's primary
+    /// key (see [`super::origin`]).
+    Key(&'a [i32]),
 }
 
 impl Columns<'_> {
@@ -25,6 +28,7 @@ impl Columns<'_> {
         match self {
             Columns::PrimaryKey => 0,
             Columns::These(_) => 1,
+            Columns::Key(_) => 2,
         }
     }
 }
@@ -84,7 +88,7 @@ pub unsafe fn shape(rel: pg_sys::Relation, columns: Columns<'_>) -> Option<Shape
     let cache_key = (relid, columns.purpose());
     let requested: &[i32] = match columns {
         Columns::PrimaryKey => &[],
-        Columns::These(these) => these,
+        Columns::These(these) | Columns::Key(these) => these,
     };
     let cached = SHAPES.with_borrow(|shapes| {
         shapes
@@ -98,7 +102,7 @@ pub unsafe fn shape(rel: pg_sys::Relation, columns: Columns<'_>) -> Option<Shape
     let attnums = match columns {
         // SAFETY: rel is open.
         Columns::PrimaryKey => unsafe { primary_key(rel) },
-        Columns::These(these) => Some(these.to_vec()),
+        Columns::These(these) | Columns::Key(these) => Some(these.to_vec()),
     };
     let previous = SHAPES
         .with_borrow_mut(|shapes| shapes.remove(&cache_key))

@@ -1,12 +1,13 @@
 //! `pgpipe init`: prints the SQL that sets a table up for capture.
 //!
-//! Names are checked before they are printed, and quoted anyway: identifiers with
+//! Names are taken as written (case kept) and quoted in the SQL printed: identifiers with
 //! `quote_ident` rules (double quotes when not a plain lower-case name or a keyword),
-//! literals with doubled single quotes.
+//! literals with doubled single quotes. Every name Postgres accepts can be given: a part
+//! with a `.` or `"` in it is written in double quotes, as in SQL.
 
 use std::process::ExitCode;
 
-use anyhow::bail;
+use anyhow::{anyhow, bail};
 use clap::Args;
 
 use super::{print_output, GlobalArgs, Run};
@@ -17,7 +18,9 @@ const MAX_IDENTIFIER_LEN: usize = 63;
 
 /// Shown after `pgpipe init --help`.
 const AFTER_HELP: &str = "\
-Names are taken literally: --table Orders means the table \"Orders\", not orders.
+Names are taken literally: --table Orders means the table \"Orders\", not orders, and
+--table 'Order Items' the table \"Order Items\". A name with a '.' or '\"' in it is
+written in double quotes, as in SQL: --table '\"my.schema\".\"Order \"\"A\"\"\"'.
 
 Examples:
   pgpipe init --table orders | psql \"$DATABASE_URL\"
@@ -37,9 +40,8 @@ Examples:
         --detector wal: create the publication that `pgpipe listen --detector wal` replicates."
 )]
 pub struct InitArgs {
-    /// Table to capture, optionally schema-qualified (schema.table); each part is a letter or
-    /// `_` followed by letters, digits, `_` or `$`
-    /// (not needed with --adapter)
+    /// Table to capture, optionally schema-qualified (schema.table), case kept; a part with
+    /// `.` or `"` in double quotes (not needed with --adapter)
     #[arg(
         long,
         value_name = "TABLE",
@@ -95,6 +97,27 @@ impl InitArgs {
         }
         let table = parse_table(&self.table)?;
         match self.detector.as_str() {
+            // The extension names the channel after the table (schema.table outside
+            // public): say so now when that is no valid channel.
+            "queue" if self.channel.is_none() && !valid_channel(&table.join(".")) => {
+                let name = table.last().expect("a table name");
+                let suggestion: String = name
+                    .chars()
+                    .map(|c| {
+                        if valid_channel(&c.to_string()) {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
+                    .take(63)
+                    .collect();
+                bail!(
+                    "the default channel {:?} (the table's name) is not a valid channel name: pass \
+                     --channel NAME, e.g. --channel {suggestion}",
+                    table.join(".")
+                )
+            }
             "queue" => {
                 if self.publication.is_some() {
                     bail!("--publication only applies to --detector wal");
@@ -230,16 +253,57 @@ CREATE TRIGGER pgpipe_notify_truncate AFTER TRUNCATE ON {target}
     )
 }
 
-/// Splits `schema.table` (or `table`) into checked identifiers.
+/// Splits `schema.table` (or `table`) into its names, as written and case kept: a part in
+/// double quotes may hold anything (`""` is one `"`), an unquoted one anything but `.` and
+/// `"`. Refused: an empty part, more than two, an unclosed quote, NUL, over 63 bytes.
 fn parse_table(table: &str) -> anyhow::Result<Vec<String>> {
-    let parts: Vec<&str> = table.split('.').collect();
-    if parts.len() > 2 || !parts.iter().all(|p| valid_identifier(p)) {
-        bail!(
-            "invalid table name {table:?}: use table or schema.table, each a letter or '_' \
-             followed by letters, digits, '_' or '$', at most {MAX_IDENTIFIER_LEN} characters"
-        );
+    let refuse = |why: &str| {
+        anyhow!(
+            "invalid table name {table:?}: {why}; write table or schema.table, a part with '.' \
+             or '\"' in double quotes ('\"' doubled), at most {MAX_IDENTIFIER_LEN} bytes each"
+        )
+    };
+    let mut parts = Vec::new();
+    let mut chars = table.chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.next_if_eq(&'"').is_some() {
+            loop {
+                match chars.next() {
+                    None => return Err(refuse("a double quote is not closed")),
+                    Some('"') if chars.next_if_eq(&'"').is_some() => part.push('"'),
+                    Some('"') => break,
+                    Some(c) => part.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|&c| c != '.') {
+                if c == '"' {
+                    return Err(refuse("a double quote inside an unquoted name"));
+                }
+                part.push(c);
+            }
+        }
+        if part.is_empty() {
+            return Err(refuse("an empty name"));
+        }
+        if part.contains('\0') {
+            return Err(refuse("a NUL character"));
+        }
+        if part.len() > MAX_IDENTIFIER_LEN {
+            return Err(refuse("a name longer than Postgres keeps"));
+        }
+        parts.push(part);
+        match chars.next() {
+            None => break,
+            Some('.') => {}
+            Some(_) => return Err(refuse("text after a closing double quote")),
+        }
     }
-    Ok(parts.into_iter().map(str::to_owned).collect())
+    if parts.len() > 2 {
+        return Err(refuse("more parts than schema and table"));
+    }
+    Ok(parts)
 }
 
 /// `[A-Za-z_][A-Za-z0-9_$]*`, at most 63 bytes.
@@ -252,10 +316,12 @@ fn valid_identifier(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
 }
 
-/// `pgpipe_<schema>_<table>`, lower-cased, cut to 63 bytes.
+/// `pgpipe_<schema>_<table>`, lower-cased, cut to 63 bytes (at a character's boundary).
 fn default_publication(table: &[String]) -> String {
     let mut name = format!("pgpipe_{}", table.join("_")).to_ascii_lowercase();
-    name.truncate(MAX_IDENTIFIER_LEN);
+    while name.len() > MAX_IDENTIFIER_LEN {
+        name.pop();
+    }
     name
 }
 
@@ -365,10 +431,12 @@ mod tests {
             .sql()
             .unwrap()
             .contains("subscribe('\"order\"')"));
-        assert!(init("My.t$1")
+        let mut a = init("My.t$1");
+        a.channel = Some("t".into());
+        assert!(a
             .sql()
             .unwrap()
-            .contains("subscribe('\"My\".\"t$1\"')"));
+            .contains("subscribe('\"My\".\"t$1\"', 't')"));
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
         assert_eq!(quote_ident("user"), "\"user\"");
         assert_eq!(quote_ident("users"), "users");
@@ -380,19 +448,76 @@ mod tests {
     }
 
     #[test]
+    fn every_name_postgres_accepts_is_quoted() {
+        for (name, subscribed) in [
+            ("1abc", "'\"1abc\"'"),
+            ("a-b", "'\"a-b\"'"),
+            ("Order Items", "'\"Order Items\"'"),
+            ("x'y", "'\"x''y\"'"),
+            ("\"a\"", "'a'"),
+            (
+                "\"my.schema\".\"Order \"\"A\"\"\"",
+                "'\"my.schema\".\"Order \"\"A\"\"\"'",
+            ),
+            ("Shop.\"x.y\"", "'\"Shop\".\"x.y\"'"),
+            ("café", "'\"café\"'"),
+            ("orders; DROP TABLE x", "'\"orders; DROP TABLE x\"'"),
+        ] {
+            let mut a = init(name);
+            a.channel = Some("c".into());
+            let sql = a.sql().unwrap_or_else(|e| panic!("{name:?}: {e}"));
+            assert!(
+                sql.contains(&format!("SELECT pgpipe.subscribe({subscribed}, 'c');")),
+                "{name:?}: {sql}"
+            );
+        }
+        let mut a = init("my-shop.Order Items");
+        a.detector = "wal".into();
+        assert_eq!(
+            a.sql().unwrap(),
+            "CREATE PUBLICATION \"pgpipe_my-shop_order items\" FOR TABLE \"my-shop\".\"Order Items\";\n"
+        );
+        let mut a = init(&"é".repeat(30));
+        a.detector = "wal".into();
+        assert!(
+            a.sql().is_ok(),
+            "the default publication is cut at a character"
+        );
+    }
+
+    #[test]
+    fn a_table_name_that_is_no_channel_asks_for_channel() {
+        let e = err(&init("Order Items"));
+        assert!(
+            e.contains("pass --channel NAME, e.g. --channel Order_Items"),
+            "{e}"
+        );
+        let mut a = init("Order Items");
+        a.channel = Some("items".into());
+        assert!(a.sql().is_ok());
+    }
+
+    #[test]
     fn bad_names_are_refused() {
         for bad in [
-            "1abc",
-            "a-b",
             "a.b.c",
-            "a b",
-            "x'y",
             "a.",
             ".a",
-            "\"a\"",
+            "",
+            "\"a",
+            "\"a\"b",
+            "a\"b",
+            "\"\"",
+            "a\0b",
             &"x".repeat(64),
         ] {
-            assert!(err(&init(bad)).starts_with("invalid table name"), "{bad:?}");
+            let mut a = init(bad);
+            a.adapter = Some("pg_table".into());
+            a.pg_table_name = Some(bad.into());
+            assert!(err(&a).starts_with("invalid table name"), "{bad:?}");
+            if !bad.is_empty() {
+                assert!(err(&init(bad)).starts_with("invalid table name"), "{bad:?}");
+            }
         }
         let mut a = init("orders");
         a.channel = Some("bad channel'".into());
@@ -443,7 +568,7 @@ mod tests {
         );
         a.pg_table_name = Some("audit.Events".into());
         assert!(a.sql().unwrap().contains("audit.\"Events\" ("));
-        a.pg_table_name = Some("a;b".into());
+        a.pg_table_name = Some("a.b.c".into());
         assert!(err(&a).starts_with("invalid table name"));
         assert!(err(&init("")).contains("pass --table"));
         let mut a = init("orders");

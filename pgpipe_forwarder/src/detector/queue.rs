@@ -47,6 +47,25 @@ pub async fn extension_installed(url: &str) -> Result<bool, Error> {
     QueueClient::new(&client).has_extension().await
 }
 
+/// The oldest extension version (`pg_extension.extversion`) whose SQL API this forwarder
+/// uses: leases in rows, consumer groups, `register_consumer`'s start.
+pub const MIN_EXTENSION_VERSION: &str = "0.2.0";
+
+/// Refuses an extension schema older than [`MIN_EXTENSION_VERSION`]: a database created
+/// with an older pgpipe and not updated since (the library is new, its SQL is not).
+fn check_extension_version(version: &str) -> Result<(), Error> {
+    let parse = |v: &str| -> Vec<u64> { v.split('.').map(|p| p.parse().unwrap_or(0)).collect() };
+    if parse(version) < parse(MIN_EXTENSION_VERSION) {
+        return Err(Error::Extension(format!(
+            "the pgpipe extension in this database is at version {version}, and this forwarder \
+             ({}) needs {MIN_EXTENSION_VERSION} or later: run ALTER EXTENSION pgpipe UPDATE in this \
+             database (as its owner; it keeps queued events and consumers)",
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+    Ok(())
+}
+
 /// Reads the pgpipe queue as one named consumer.
 pub struct QueueDetector {
     url: String,
@@ -376,14 +395,14 @@ impl QueueDetector {
     }
 
     async fn check_extension(&self, client: &Client) -> Result<(), Error> {
-        if !QueueClient::new(client).has_extension().await? {
+        let Some(version) = QueueClient::new(client).extension_version().await? else {
             return Err(Error::Extension(
                 "the pgpipe extension is not installed in this database: run CREATE EXTENSION pgpipe, \
                  or use --detector listen_notify"
                     .into(),
             ));
-        }
-        Ok(())
+        };
+        check_extension_version(&version)
     }
 
     /// Takes the consumer's lease, waiting as a standby while another forwarder holds it.
@@ -701,5 +720,15 @@ mod tests {
         assert_eq!(long.len(), MAX_CONSUMER_NAME);
         assert!(long.starts_with("channel_00,channel_01"));
         assert_ne!(long, consumer_name("", &many, &["webhook".into()]));
+    }
+
+    #[test]
+    fn an_older_extension_schema_is_refused_with_the_update_command() {
+        let old = check_extension_version("0.1.0").unwrap_err().to_string();
+        assert!(old.contains("version 0.1.0"), "{old}");
+        assert!(old.contains("ALTER EXTENSION pgpipe UPDATE"), "{old}");
+        for ok in ["0.2.0", "0.2.1", "0.10.0", "1.0"] {
+            assert!(check_extension_version(ok).is_ok(), "{ok}");
+        }
     }
 }
