@@ -51,7 +51,7 @@ GRANT SELECT ON pgpipe.group_members TO pgpipe_consumer;
 -- Producers: emit, and capture of the tables they own (subscribe checks the owner).
 GRANT EXECUTE ON FUNCTION
     pgpipe.emit(text, jsonb, text, jsonb),
-    pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[], boolean),
+    pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[], boolean, text),
     pgpipe.unsubscribe(regclass),
     pgpipe.snapshot(regclass),
     pgpipe.cancel_snapshot(regclass)
