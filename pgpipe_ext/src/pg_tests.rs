@@ -536,11 +536,11 @@ mod tests {
         };
         assert_eq!(
             sql("new"),
-            "(((new.\"Total\" > (100)::numeric) AND (new.status <> 'x'::text)) AND (new.id IS NOT NULL))"
+            "((new.\"Total\" > (100)::numeric) AND (new.status <> 'x'::text) AND (new.id IS NOT NULL))"
         );
         assert_eq!(
             sql("t"),
-            "(((t.\"Total\" > (100)::numeric) AND (t.status <> 'x'::text)) AND (t.id IS NOT NULL))"
+            "((t.\"Total\" > (100)::numeric) AND (t.status <> 'x'::text) AND (t.id IS NOT NULL))"
         );
         // Where the caller's search_path would find another operator, the built-in one is
         // printed qualified.

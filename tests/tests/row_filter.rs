@@ -296,6 +296,37 @@ async fn both_modes_capture_the_same_filtered_events() {
     );
     assert_eq!(wal, trg, "WAL mode, INSERT only");
 
+    // With a column choice: a DELETE out of the filter carries the chosen columns of the
+    // old row. TRUNCATE has no rows and is not filtered.
+    for (table, mode) in [("rf_trg", "trigger"), ("rf_wal", "wal")] {
+        ok(
+            &client,
+            &format!(
+                "SELECT pgpipe.subscribe('{table}', mode => '{mode}', columns => ARRAY['id', 'total'], \"where\" => 'total > 100')"
+            ),
+        )
+        .await;
+        ok(
+            &client,
+            &format!("UPDATE {table} SET total = 5 WHERE id = 6"),
+        )
+        .await;
+        ok(&client, &format!("TRUNCATE {table}")).await;
+    }
+    let [trg, wal] = both(&client, "rf", 13).await;
+    assert_eq!(
+        trg[11],
+        (
+            "DELETE".to_string(),
+            json!({"id": 6, "total": 101}),
+            Value::Null,
+            key(6)
+        ),
+        "trigger mode, columns and filter"
+    );
+    assert_eq!(trg[12].0, "TRUNCATE");
+    assert_eq!(wal, trg, "WAL mode, columns and filter");
+
     // Subscribing again without a filter captures every row again, and leaves no filter
     // behind (no WHEN trigger, the publication's entry without WHERE).
     for (table, mode) in [("rf_trg", "trigger"), ("rf_wal", "wal")] {
@@ -310,9 +341,9 @@ async fn both_modes_capture_the_same_filtered_events() {
         )
         .await;
     }
-    let [trg, wal] = both(&client, "rf", 12).await;
+    let [trg, wal] = both(&client, "rf", 14).await;
     assert_eq!(
-        trg[11],
+        trg[13],
         (
             "INSERT".to_string(),
             row(8, "small", json!(1)),
