@@ -30,14 +30,20 @@ CREATE TABLE pgpipe.subscription (
     updated_at  timestamptz NOT NULL DEFAULT now(),
     -- The captured columns (attribute numbers, resolved at subscribe), NULL: every column.
     -- Numbers, not names, so a renamed column stays captured (or left out).
-    column_attnums int2[]
+    column_attnums int2[],
+    -- The row filter (subscribe's "where" =>) as Postgres parsed and checked it (see
+    -- pgpipe.check_row_filter), NULL: every row. A tree, not text: columns are numbers in
+    -- it, so a renamed column stays filtered on.
+    row_filter  pg_node_tree
 );
 
--- `columns`: the captured columns by their current names (NULL: all of them).
+-- `columns`: the captured columns by their current names (NULL: all of them); `where`:
+-- the row filter as Postgres prints it (NULL: every row).
 CREATE VIEW pgpipe.subscriptions AS
 SELECT s.relid::regclass AS "table", s.channel, s.operations, s.mode, s.created_at, s.updated_at,
        (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_catalog.pg_attribute a
-        WHERE a.attrelid = s.relid AND a.attnum = ANY (s.column_attnums) AND NOT a.attisdropped) AS columns
+        WHERE a.attrelid = s.relid AND a.attnum = ANY (s.column_attnums) AND NOT a.attisdropped) AS columns,
+       pg_catalog.pg_get_expr(s.row_filter, s.relid) AS "where"
 FROM pgpipe.subscription s
 JOIN pg_catalog.pg_class c ON c.oid = s.relid;
 
@@ -147,7 +153,8 @@ BEGIN
     END IF;
 END $$;
 
--- Drops pgpipe's capture triggers from a table (if present).
+-- Drops pgpipe's capture triggers from a table (if present): every trigger named
+-- pgpipe_capture... that runs pgpipe's capture functions (see pgpipe.create_row_triggers).
 CREATE FUNCTION pgpipe.drop_capture_triggers(tbl regclass) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -156,7 +163,9 @@ BEGIN
     PERFORM pgpipe.require_table_owner(tbl, 'remove capture from');
     FOR trigger_name IN
         SELECT tgname FROM pg_trigger
-        WHERE tgrelid = tbl AND tgname IN ('pgpipe_capture', 'pgpipe_capture_truncate')
+        WHERE tgrelid = tbl AND tgname LIKE 'pgpipe\_capture%'
+          AND tgfoid IN ('pgpipe.capture_row()'::regprocedure, 'pgpipe.capture_truncate()'::regprocedure)
+        ORDER BY tgname
     LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, tbl);
     END LOOP;
@@ -261,6 +270,179 @@ BEGIN
     END IF;
 END $$;
 
+-- Row filters: subscribe(..., "where" => 'total > 100') captures only the rows that match.
+-- A filter may hold exactly what Postgres accepts in a publication's row filter (CREATE
+-- PUBLICATION ... WHERE): the table's columns, constants, built-in immutable operators
+-- and functions, built-in types; no user-defined function, operator, type or collation,
+-- no subquery, aggregate, window function or system column. Why: in WAL mode Postgres's
+-- own pgoutput evaluates the filter inside pgpipe's background worker, a superuser
+-- process, and refuses user code there by construction; trigger mode (a WHEN clause,
+-- evaluated as the writer) takes the same rule, so both modes give the same events.
+-- So no filter ever runs user code with elevated rights, and checking one runs none:
+-- Postgres parses and checks it as it checks a publication's.
+--
+-- pgpipe.check_row_filter returns the filter as Postgres stored it (the prqual of a
+-- scratch publication, dropped at once), NULL without one. Everything afterwards (the
+-- publication, the triggers' WHEN clauses, snapshots, pgpipe.subscriptions) works from
+-- that tree, never from the caller's text, which only ever goes inside the scratch
+-- CREATE PUBLICATION: one statement (a ';' is refused), in a subtransaction. In WAL
+-- mode (`wal`) a filter on a column outside the replica identity is refused too:
+-- Postgres would then fail every UPDATE and DELETE of the table (pgpipe's publication
+-- publishes them for all its tables, whichever operations a subscription captures).
+-- The WARNING that wal_level is too low for publications is silenced for this step.
+CREATE FUNCTION pgpipe.check_row_filter(tbl regclass, filter text, wal boolean, replica_identity_full boolean)
+RETURNS pg_node_tree
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET client_min_messages = error AS $$
+DECLARE
+    scratch text := format('pgpipe_row_filter_check_%s', pg_backend_pid());
+    hint text := 'A row filter may use the table''s columns, constants and built-in immutable operators and functions '
+                 'of built-in types, as a publication''s WHERE may: no user-defined functions, operators, types or '
+                 'collations, no subqueries, aggregates, window functions or system columns.';
+    shown text := '"' || filter || '"';
+    depth int := 0;
+    ch text;
+    qual pg_node_tree;
+    used text[];
+    state text;
+    message text;
+    detail text;
+    pg_hint text;
+    offender record;
+BEGIN
+    IF filter IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF btrim(filter) = '' THEN
+        RAISE EXCEPTION 'row filter of table % is empty', tbl
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass a condition such as "where" => ''total > 100'', or leave "where" out to capture every row.';
+    END IF;
+    -- The text goes inside WHERE ( ... ): it must not end that statement or close the
+    -- parenthesis early. Quoted strings and identifiers are skipped when counting.
+    IF strpos(filter, ';') > 0 THEN
+        RAISE EXCEPTION 'row filter % of table % is not valid: it contains a ";"', shown, tbl
+            USING ERRCODE = 'syntax_error', HINT = hint;
+    END IF;
+    FOREACH ch IN ARRAY regexp_split_to_array(
+            regexp_replace(filter, '''([^'']|'''')*''|"([^"]|"")*"', '', 'g'), '') LOOP
+        depth := depth + CASE ch WHEN '(' THEN 1 WHEN ')' THEN -1 ELSE 0 END;
+        EXIT WHEN depth < 0;
+    END LOOP;
+    IF depth <> 0 THEN
+        RAISE EXCEPTION 'row filter % of table % is not valid: its parentheses do not match', shown, tbl
+            USING ERRCODE = 'syntax_error', HINT = hint;
+    END IF;
+    BEGIN
+        EXECUTE format(E'CREATE PUBLICATION %I FOR TABLE %s WHERE (%s\n) WITH (publish_via_partition_root = true)',
+                       scratch, tbl, filter);
+        SELECT pr.prqual,
+               ARRAY(SELECT a.attname::text FROM pg_depend d
+                     JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+                     WHERE d.classid = 'pg_publication_rel'::regclass AND d.objid = pr.oid
+                       AND d.refclassid = 'pg_class'::regclass AND d.refobjid = tbl AND d.refobjsubid > 0
+                     ORDER BY a.attnum)
+        INTO qual, used
+        FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+        WHERE p.pubname = scratch AND pr.prrelid = tbl;
+        EXECUTE format('DROP PUBLICATION %I', scratch);
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS state = RETURNED_SQLSTATE, message = MESSAGE_TEXT,
+                                detail = PG_EXCEPTION_DETAIL, pg_hint = PG_EXCEPTION_HINT;
+        message := format('row filter %s of table %s is not valid: %s', shown, tbl, message);
+        hint := concat_ws(' ', nullif(pg_hint, ''), hint);
+        IF detail = '' THEN
+            RAISE EXCEPTION USING MESSAGE = message, ERRCODE = state, HINT = hint;
+        END IF;
+        RAISE EXCEPTION USING MESSAGE = message, ERRCODE = state, DETAIL = detail, HINT = hint;
+    END;
+    IF qual IS NULL THEN
+        RAISE EXCEPTION 'row filter % of table % is not valid', shown, tbl
+            USING ERRCODE = 'syntax_error', HINT = hint;
+    END IF;
+    IF wal THEN
+        -- Postgres checks the table, or each of its partitions (where rows are written),
+        -- against its own replica identity; FULL holds every column.
+        SELECT p.relid::regclass AS rel, string_agg(quote_ident(col.name), ', ' ORDER BY col.n) AS names
+        INTO offender
+        FROM (SELECT tbl::oid AS relid UNION SELECT t.relid FROM pg_partition_tree(tbl) t WHERE t.isleaf) p
+        JOIN pg_class c ON c.oid = p.relid
+        CROSS JOIN unnest(used) WITH ORDINALITY AS col(name, n)
+        WHERE c.relkind <> 'p'
+          AND c.relreplident <> 'f' AND NOT (replica_identity_full AND p.relid = tbl)
+          AND NOT EXISTS (
+              SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
+              WHERE i.indrelid = p.relid AND a.attname = col.name
+                AND CASE c.relreplident WHEN 'd' THEN i.indisprimary WHEN 'i' THEN i.indisreplident ELSE false END)
+        GROUP BY p.relid
+        ORDER BY p.relid
+        LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'row filter % of table % uses column % outside the replica identity of %, which mode ''wal'' cannot filter on',
+                shown, tbl, offender.names, offender.rel
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      DETAIL = 'Postgres refuses UPDATE and DELETE on a published table whose row filter uses a column outside its replica identity.',
+                      HINT = CASE WHEN offender.rel = tbl
+                                  THEN 'Pass replica_identity_full => true (REPLICA IDENTITY FULL), filter on the primary-key columns only, or use mode => ''trigger''.'
+                                  ELSE format('Run ALTER TABLE %s REPLICA IDENTITY FULL, filter on the primary-key columns only, or use mode => ''trigger''.', offender.rel)
+                             END;
+        END IF;
+    END IF;
+    RETURN qual;
+END $$;
+
+-- A stored row filter as SQL whose columns are qualified by `alias` (new, old, t): the
+-- WHEN clauses of the capture triggers and the snapshot's WHERE. Native
+-- (pgpipe_ext/src/capture/filter.rs): Postgres's own deparser, so the text means the tree.
+CREATE FUNCTION pgpipe.row_filter_sql(filter pg_node_tree, tbl regclass, alias text) RETURNS text
+LANGUAGE c STABLE STRICT AS 'MODULE_PATHNAME', 'pgpipe_row_filter_sql';
+
+-- Creates the row triggers of a trigger-mode subscription for the row operations `ops`.
+-- Their arguments, positional: the channel; the captured columns ('2 3 5'; '' or none:
+-- every column); the event's operation when it is not the one that fired (an UPDATE that
+-- moves a row into or out of the row filter is an INSERT or a DELETE).
+-- Without a row filter one trigger, pgpipe_capture, fires for them all. With one, each
+-- case has its own trigger whose WHEN clause holds the filter, so a row that does not
+-- match costs no trigger call; the filter is TRUE or it does not match (NULL: no), as in
+-- a publication. `ops` are the events' operations: an UPDATE into the filter is captured
+-- when INSERT is, one out of it when DELETE is (as WAL mode, where pgoutput turns them
+-- into an INSERT and a DELETE before the worker sees them).
+CREATE FUNCTION pgpipe.create_row_triggers(tbl regclass, channel text, ops text[], attnums int2[], row_filter pg_node_tree)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    columns text := coalesce(array_to_string(attnums, ' '), '');
+    new_matches text;
+    old_matches text;
+    t record;
+BEGIN
+    IF row_filter IS NULL THEN
+        IF cardinality(ops) > 0 THEN
+            EXECUTE format(
+                'CREATE TRIGGER pgpipe_capture AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION pgpipe.capture_row(%L%s)',
+                array_to_string(ops, ' OR '), tbl, channel,
+                CASE WHEN attnums IS NULL THEN '' ELSE format(', %L', columns) END);
+        END IF;
+        RETURN;
+    END IF;
+    new_matches := format('(%s) IS TRUE', pgpipe.row_filter_sql(row_filter, tbl, 'new'));
+    old_matches := format('(%s) IS TRUE', pgpipe.row_filter_sql(row_filter, tbl, 'old'));
+    FOR t IN
+        SELECT * FROM (VALUES
+            ('pgpipe_capture_insert', 'INSERT', 'INSERT', new_matches, NULL),
+            ('pgpipe_capture_update', 'UPDATE', 'UPDATE', old_matches || ' AND ' || new_matches, NULL),
+            ('pgpipe_capture_update_in', 'UPDATE', 'INSERT', 'NOT ' || old_matches || ' AND ' || new_matches, 'INSERT'),
+            ('pgpipe_capture_update_out', 'UPDATE', 'DELETE', old_matches || ' AND NOT ' || new_matches, 'DELETE'),
+            ('pgpipe_capture_delete', 'DELETE', 'DELETE', old_matches, NULL)
+        ) AS v(name, fires_on, operation, condition, event_operation)
+        WHERE v.operation = ANY (ops)
+    LOOP
+        EXECUTE format(
+            'CREATE TRIGGER %I AFTER %s ON %s FOR EACH ROW WHEN (%s) EXECUTE FUNCTION pgpipe.capture_row(%L, %L%s)',
+            t.name, t.fires_on, tbl, t.condition, channel, columns,
+            CASE WHEN t.event_operation IS NULL THEN '' ELSE format(', %L', t.event_operation) END);
+    END LOOP;
+END $$;
+
 -- Installs capture on a table. Idempotent: subscribing again replaces the channel,
 -- operations and mode of the existing subscription. Returns the channel.
 -- mode => 'wal' captures through logical decoding in the background worker (see "WAL
@@ -271,6 +453,8 @@ END $$;
 -- those (see pgpipe.captured_attnums); left-out columns never reach the queue, in `row`,
 -- `old` or `key`. The choice is resolved now: a column added later is captured only
 -- after subscribing again (without a choice, every column is, always).
+-- "where" => 'total > 100' captures only the rows that match (pgpipe.check_row_filter,
+-- pgpipe.create_row_triggers; README "Row filters").
 -- Switching modes locks the table against writers for the switch, so every change is
 -- captured exactly once: by the trigger before, by the WAL after (or the other way).
 CREATE FUNCTION pgpipe.subscribe(
@@ -281,7 +465,8 @@ CREATE FUNCTION pgpipe.subscribe(
     replica_identity_full boolean DEFAULT false,
     columns    text[] DEFAULT NULL,
     exclude_columns text[] DEFAULT NULL,
-    snapshot   boolean DEFAULT false
+    snapshot   boolean DEFAULT false,
+    "where"    text   DEFAULT NULL
 ) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -290,6 +475,7 @@ DECLARE
     row_ops text[];
     denial text;
     attnums int2[];
+    row_filter pg_node_tree;
 BEGIN
     IF "table" IS NULL THEN
         RAISE EXCEPTION 'no table given' USING ERRCODE = 'invalid_parameter_value';
@@ -335,6 +521,8 @@ BEGIN
         -- First, before this transaction writes: it may have to create the slot.
         PERFORM pgpipe.prepare_wal_capture("table", coalesce(replica_identity_full, false));
     END IF;
+    -- After that: checking the filter writes (a scratch publication).
+    row_filter := pgpipe.check_row_filter("table", "where", mode = 'wal', coalesce(replica_identity_full, false));
 
     -- Writers wait while capture switches over (see above).
     EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', "table");
@@ -349,19 +537,13 @@ BEGIN
         IF replica_identity_full THEN
             EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', "table");
         END IF;
-        PERFORM pgpipe.publish("table");
+        PERFORM pgpipe.publish("table", row_filter);
         row_ops := '{}';
     ELSE
         PERFORM pgpipe.unpublish("table");
         row_ops := ARRAY(SELECT o FROM unnest(ops) o WHERE o <> 'TRUNCATE');
     END IF;
-    IF cardinality(row_ops) > 0 THEN
-        -- The captured columns travel as the trigger's second argument ('2 3 5').
-        EXECUTE format(
-            'CREATE TRIGGER pgpipe_capture AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION pgpipe.capture_row(%L%s)',
-            array_to_string(row_ops, ' OR '), "table", channel,
-            CASE WHEN attnums IS NULL THEN '' ELSE format(', %L', array_to_string(attnums, ' ')) END);
-    END IF;
+    PERFORM pgpipe.create_row_triggers("table", channel, row_ops, attnums, row_filter);
     IF mode = 'trigger' AND 'TRUNCATE' = ANY (ops) THEN
         EXECUTE format(
             'CREATE TRIGGER pgpipe_capture_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION pgpipe.capture_truncate(%L)',
@@ -370,11 +552,12 @@ BEGIN
 
     INSERT INTO pgpipe.channel_sources (channel, relid) VALUES (channel, "table")
     ON CONFLICT DO NOTHING;
-    INSERT INTO pgpipe.subscription AS s (relid, channel, operations, mode, column_attnums)
-    VALUES ("table", channel, ops, mode, attnums)
+    INSERT INTO pgpipe.subscription AS s (relid, channel, operations, mode, column_attnums, row_filter)
+    VALUES ("table", channel, ops, mode, attnums, row_filter)
     ON CONFLICT (relid) DO UPDATE
         SET channel = excluded.channel, operations = excluded.operations,
-            mode = excluded.mode, column_attnums = excluded.column_attnums, updated_at = now();
+            mode = excluded.mode, column_attnums = excluded.column_attnums,
+            row_filter = excluded.row_filter, updated_at = now();
     IF snapshot THEN
         -- The existing rows as READ events (sql/snapshot.sql), once capture is in place.
         PERFORM pgpipe.snapshot("table");
@@ -416,10 +599,11 @@ CREATE FUNCTION pgpipe.subscribe(
     replica_identity_full boolean DEFAULT false,
     columns    text[] DEFAULT NULL,
     exclude_columns text[] DEFAULT NULL,
-    snapshot   boolean DEFAULT false
+    snapshot   boolean DEFAULT false,
+    "where"    text   DEFAULT NULL
 ) RETURNS text
 LANGUAGE sql AS $$
-    SELECT pgpipe.subscribe(pgpipe.table_named($1), $2, $3, $4, $5, $6, $7, $8)
+    SELECT pgpipe.subscribe(pgpipe.table_named($1), $2, $3, $4, $5, $6, $7, $8, $9)
 $$;
 
 -- Removes capture from a table. Returns false when it was not subscribed.

@@ -51,8 +51,8 @@ GRANT SELECT ON pgpipe.group_members TO pgpipe_consumer;
 -- Producers: emit, and capture of the tables they own (subscribe checks the owner).
 GRANT EXECUTE ON FUNCTION
     pgpipe.emit(text, jsonb, text, jsonb),
-    pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[], boolean),
-    pgpipe.subscribe(text, text, text[], text, boolean, text[], text[], boolean),
+    pgpipe.subscribe(regclass, text, text[], text, boolean, text[], text[], boolean, text),
+    pgpipe.subscribe(text, text, text[], text, boolean, text[], text[], boolean, text),
     pgpipe.table_named(text),
     pgpipe.unsubscribe(regclass),
     pgpipe.snapshot(regclass),

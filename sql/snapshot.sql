@@ -13,7 +13,9 @@
 -- later change of the row is delivered after the READ) or waits for the chunk's commit
 -- (its event is minted, and in WAL mode decoded, after the chunk committed, so the queue
 -- orders it after the READ). Per row, the stream of events is in commit order, so the
--- last event applied is the newest state.
+-- last event applied is the newest state. With a row filter only matching rows are read;
+-- a row that comes to match later arrives as an INSERT (an UPDATE into the filter), one
+-- that stops matching as a DELETE, so the same holds for the filtered table.
 --
 -- Resumable: a chunk's READ events and its progress (last_key) commit together; after a
 -- crash or restart the worker goes on from the last finished chunk.
@@ -159,6 +161,7 @@ DECLARE
     upper_key text;
     source text;
     row_expr text;
+    filter text;
 BEGIN
     LOOP
         SELECT * INTO j FROM pgpipe.snapshot_jobs s WHERE s.state = 'running'
@@ -201,18 +204,22 @@ BEGIN
     JOIN pg_attribute a ON a.attrelid = s.relid AND a.attnum = ANY (s.column_attnums)
     WHERE s.relid = j.relid AND NOT a.attisdropped;
     row_expr := coalesce(row_expr, 'pg_catalog.to_jsonb(t)');
+    -- The subscription's row filter: only matching rows are read (and count for a chunk).
+    SELECT format(' AND (%s) IS TRUE', pgpipe.row_filter_sql(s.row_filter, s.relid, 't')) INTO filter
+    FROM pgpipe.subscription s WHERE s.relid = j.relid AND s.row_filter IS NOT NULL;
+    filter := coalesce(filter, '');
     -- ONLY: trigger capture sees the table's own rows, not those of inheritance
     -- children (a partitioned table's rows are all in its partitions).
     source := CASE WHEN rel.relkind = 'p' THEN '' ELSE 'ONLY ' END || j.relid::regclass::text || ' t';
-    bounds_sql := format('SELECT ARRAY[%s] FROM %s %s ORDER BY %s OFFSET $2 - 1 LIMIT 1',
+    bounds_sql := format('SELECT ARRAY[%s] FROM %s %s%s ORDER BY %s OFFSET $2 - 1 LIMIT 1',
         key_text, source,
         CASE WHEN j.last_key IS NULL THEN 'WHERE $1 IS NULL' ELSE format('WHERE (%s) > (%s)', key_list, lower_key) END,
-        key_list);
+        filter, key_list);
     rows_sql := format('SELECT pg_catalog.jsonb_build_object(%s)::pg_catalog.text, %s::pg_catalog.text '
-                       'FROM %s WHERE %s AND ($2 IS NULL OR (%s) <= (%s)) ORDER BY %s FOR SHARE OF t',
+                       'FROM %s WHERE %s AND ($2 IS NULL OR (%s) <= (%s))%s ORDER BY %s FOR SHARE OF t',
         key_object, row_expr, source,
         CASE WHEN j.last_key IS NULL THEN '$1 IS NULL' ELSE format('(%s) > (%s)', key_list, lower_key) END,
-        key_list, upper_key, key_list);
+        key_list, upper_key, filter, key_list);
 END $$;
 
 -- For the worker: queues a chunk's rows as READ events on the table's channel and records

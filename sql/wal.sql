@@ -201,14 +201,25 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- Adds a table to pgpipe's publication (if not there yet).
-CREATE FUNCTION pgpipe.publish(tbl regclass) RETURNS void
+-- Puts a table into pgpipe's publication with a row filter (a tree from
+-- pgpipe.check_row_filter; NULL: none), replacing the table's entry when its filter
+-- differs. Only this table's entry changes, in the caller's transaction: the new filter
+-- holds from its commit on.
+CREATE FUNCTION pgpipe.publish(tbl regclass, row_filter pg_node_tree DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    current pg_node_tree;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
-                   WHERE p.pubname = pgpipe.publication_name() AND pr.prrelid = tbl) THEN
-        EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', pgpipe.publication_name(), tbl);
+    SELECT pr.prqual INTO current FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+    WHERE p.pubname = pgpipe.publication_name() AND pr.prrelid = tbl;
+    IF FOUND THEN
+        IF pg_get_expr(current, tbl) IS NOT DISTINCT FROM pg_get_expr(row_filter, tbl) THEN
+            RETURN;
+        END IF;
+        EXECUTE format('ALTER PUBLICATION %I DROP TABLE %s', pgpipe.publication_name(), tbl);
     END IF;
+    EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s%s', pgpipe.publication_name(), tbl,
+        CASE WHEN row_filter IS NULL THEN '' ELSE format(' WHERE (%s)', pg_get_expr(row_filter, tbl)) END);
 END $$;
 
 -- Removes a table from pgpipe's publication (if there).
@@ -258,7 +269,7 @@ BEGIN
     RETURN created;
 END $$;
 REVOKE ALL ON FUNCTION pgpipe.recreate_slot(boolean), pgpipe.ensure_slot(),
-    pgpipe.prepare_wal_capture(regclass, boolean), pgpipe.publish(regclass), pgpipe.unpublish(regclass) FROM PUBLIC;
+    pgpipe.prepare_wal_capture(regclass, boolean), pgpipe.publish(regclass, pg_node_tree), pgpipe.unpublish(regclass) FROM PUBLIC;
 
 -- The background worker and the slot at a glance. One row.
 --   worker_state: not_loaded (pgpipe not preloaded), not_running, starting,

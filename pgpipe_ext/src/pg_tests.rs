@@ -599,4 +599,49 @@ mod tests {
         .0;
         assert_eq!(payload["row"], serde_json::json!({"id": 1, "tag": "b"}));
     }
+
+    /// A row filter as Postgres stored it, printed with every column qualified by the
+    /// alias (quoted where needed) and built-in names as the pinned search_path sees
+    /// them; a user's operator of the same name in the caller's search_path changes
+    /// nothing.
+    #[pg_test]
+    fn row_filter_sql_qualifies_the_columns() {
+        Spi::run(
+            "CREATE TABLE public.f (id int PRIMARY KEY, \"Total\" numeric, status text);
+             CREATE FUNCTION public.never(text, text) RETURNS boolean LANGUAGE sql AS 'SELECT false';
+             CREATE OPERATOR public.<> (LEFTARG = text, RIGHTARG = text, FUNCTION = public.never);",
+        )
+        .unwrap();
+        let sql = |alias: &str| {
+            Spi::get_one::<String>(&format!(
+                "SELECT pgpipe.row_filter_sql(pgpipe.check_row_filter('public.f', \
+                 '\"Total\" > 100 AND status <> ''x'' AND id IS NOT NULL', false, false), 'public.f', '{alias}')"
+            ))
+            .unwrap()
+            .unwrap()
+        };
+        assert_eq!(
+            sql("new"),
+            "((new.\"Total\" > (100)::numeric) AND (new.status <> 'x'::text) AND (new.id IS NOT NULL))"
+        );
+        assert_eq!(
+            sql("t"),
+            "((t.\"Total\" > (100)::numeric) AND (t.status <> 'x'::text) AND (t.id IS NOT NULL))"
+        );
+        // Where the caller's search_path would find another operator, the built-in one is
+        // printed qualified.
+        Spi::run("SET LOCAL search_path = public, pg_catalog").unwrap();
+        assert!(
+            sql("old").contains("(old.status OPERATOR(pg_catalog.<>) 'x'::text)"),
+            "{}",
+            sql("old")
+        );
+        // The trigger's WHEN clause uses the built-in <>, not public.<>: a row that
+        // matches is captured.
+        Spi::run("SELECT pgpipe.subscribe('public.f', \"where\" => 'status <> ''x''')").unwrap();
+        Spi::run("INSERT INTO public.f VALUES (1, 5, 'a'), (2, 5, 'x')").unwrap();
+        let captured =
+            Spi::get_one::<i64>("SELECT count(*) FROM pgpipe.events WHERE channel = 'f'").unwrap();
+        assert_eq!(captured, Some(1));
+    }
 }

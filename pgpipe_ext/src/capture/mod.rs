@@ -18,6 +18,13 @@
 //!
 //! On a partition (the trigger is a clone of a partitioned table's), the event names the
 //! subscribed table, with its key and column choice mapped onto the partition ([`origin`]).
+//!
+//! The trigger's arguments, positional: the channel; the captured columns (`'1 2 5'`,
+//! empty or absent: every column); the event's operation when it is not the one that
+//! fired (`INSERT` or `DELETE`, for the triggers of a row filter that fire on an UPDATE
+//! moving a row into or out of the filter: see `pgpipe.create_row_triggers`). An
+//! UPDATE captured as an INSERT carries the new row, one captured as a DELETE the old
+//! row, as a real INSERT or DELETE does (and as pgoutput sends them in WAL mode).
 
 mod key;
 mod origin;
@@ -70,6 +77,9 @@ macro_rules! function_info_v1 {
         }
     };
 }
+
+// After the macro, which it uses.
+mod filter;
 
 function_info_v1!(pg_finfo_pgpipe_capture_row);
 function_info_v1!(pg_finfo_pgpipe_capture_truncate);
@@ -136,21 +146,35 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, row_level: bool) -> pg_sys::
         });
     }
     // SAFETY: tg_trigger is set for every trigger call; tgargs holds tgnargs C strings.
-    let (channel, columns, origin) = unsafe {
+    let (channel, columns, event_op, origin) = unsafe {
         let trigger = &*trigdata.tg_trigger;
         if trigger.tgnargs < 1 {
             protocol_error("pgpipe's capture trigger needs the channel as its argument");
         }
-        let columns = (trigger.tgnargs >= 2).then(|| {
+        let columns = if trigger.tgnargs >= 2 {
             parse_attnums(CStr::from_ptr(*trigger.tgargs.add(1))).unwrap_or_else(|| {
                 protocol_error(
                     "pgpipe's capture trigger: the second argument is not a list of column numbers",
                 )
             })
-        });
+        } else {
+            None
+        };
+        let event_op = if trigger.tgnargs >= 3 {
+            match (op, CStr::from_ptr(*trigger.tgargs.add(2)).to_bytes()) {
+                (_, b"") => op,
+                (Op::Update, b"INSERT") => Op::Insert,
+                (Op::Update, b"DELETE") => Op::Delete,
+                _ => protocol_error(
+                    "pgpipe's capture trigger: the third argument turns an UPDATE into INSERT or DELETE",
+                ),
+            }
+        } else {
+            op
+        };
         // SAFETY: tg_relation is the open relation the trigger fired on.
         let origin = origin::origin(trigdata.tg_relation, trigger, columns.as_deref());
-        (CStr::from_ptr(*trigger.tgargs), columns, origin)
+        (CStr::from_ptr(*trigger.tgargs), columns, event_op, origin)
     };
     let rel = trigdata.tg_relation;
     // A partition's columns in its own numbers.
@@ -163,9 +187,17 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, row_level: bool) -> pg_sys::
         shape::shape(rel, shape::Columns::These(columns))
             .unwrap_or_else(|| protocol_error("pgpipe's capture trigger: no column list"))
     });
-    // The rows, as composite datums of the table's row type (or of the captured columns):
-    // the old row of an UPDATE is tg_trigtuple, its new row tg_newtuple; INSERT and
-    // DELETE have only tg_trigtuple.
+    // The tuples of the event: (row, old). The old row of an UPDATE is tg_trigtuple, its
+    // new row tg_newtuple; INSERT and DELETE have only tg_trigtuple. An UPDATE captured as
+    // an INSERT is its new row, one captured as a DELETE its old row.
+    let (row_tuple, old_tuple) = match (op, event_op) {
+        (Op::Update, Op::Update) => (trigdata.tg_newtuple, trigdata.tg_trigtuple),
+        (Op::Update, Op::Insert) => (trigdata.tg_newtuple, ptr::null_mut()),
+        (Op::Insert | Op::Delete | Op::Update, _) => (trigdata.tg_trigtuple, ptr::null_mut()),
+        (Op::Truncate, _) => (ptr::null_mut(), ptr::null_mut()),
+    };
+    let op = event_op;
+    // The rows, as composite datums of the table's row type (or of the captured columns).
     // SAFETY: rel and the tuples are valid for the duration of the trigger call.
     let (row, old) = unsafe {
         let desc = (*rel).rd_att;
@@ -178,14 +210,7 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, row_level: bool) -> pg_sys::
                 Some(pg_sys::heap_copy_tuple_as_datum(tuple, desc))
             }
         };
-        match op {
-            Op::Insert | Op::Delete => (as_datum(trigdata.tg_trigtuple), None),
-            Op::Update => (
-                as_datum(trigdata.tg_newtuple),
-                as_datum(trigdata.tg_trigtuple),
-            ),
-            Op::Truncate => (None, None),
-        }
+        (as_datum(row_tuple), as_datum(old_tuple))
     };
     // SAFETY: rel is the open relation the trigger fired on.
     let (schema, table) = unsafe {
@@ -205,14 +230,11 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, row_level: bool) -> pg_sys::
     // User code (casts, output functions) runs here, before any queue relation is open.
     // SAFETY: the names are NUL-terminated strings valid for this call.
     let payload = unsafe { envelope_to_jsonb(op, schema, table, row, old) };
-    // The key of the row the event is about: the new row, the old one for DELETE.
+    // The key of the row the event is about: its `row` (the new row, the old one for
+    // DELETE).
     // SAFETY: the tuple is a row of rel, valid for the trigger call.
     let key = unsafe {
-        let tuple = match op {
-            Op::Update => trigdata.tg_newtuple,
-            Op::Insert | Op::Delete => trigdata.tg_trigtuple,
-            Op::Truncate => ptr::null_mut(),
-        };
+        let tuple = row_tuple;
         let columns = match &origin {
             Some(origin) => origin.key.as_deref().map(shape::Columns::Key),
             None => Some(shape::Columns::PrimaryKey),
@@ -232,14 +254,15 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, row_level: bool) -> pg_sys::
     pg_sys::Datum::from(0)
 }
 
-/// `'1 2 5'` as attribute numbers; None when it is not such a list.
-fn parse_attnums(text: &CStr) -> Option<Vec<i32>> {
+/// `'1 2 5'` as attribute numbers, `''` as Some(None) (every column); None when it is
+/// not such a list.
+fn parse_attnums(text: &CStr) -> Option<Option<Vec<i32>>> {
     let text = text.to_str().ok()?;
-    let attnums: Option<Vec<i32>> = text
+    let attnums: Vec<i32> = text
         .split_ascii_whitespace()
         .map(|n| n.parse::<i32>().ok().filter(|&n| n > 0))
-        .collect();
-    attnums.filter(|a| !a.is_empty())
+        .collect::<Option<_>>()?;
+    Some((!attnums.is_empty()).then_some(attnums))
 }
 
 /// Per-backend state of the JSON conversion, allocated once in TopMemoryContext.
