@@ -216,11 +216,16 @@ def phase_live(self):
                 r = json.loads(out.strip().splitlines()[-1])
             except (ValueError, IndexError):
                 r = {"error": "peer said: %s %s" % (out[-500:], open(peer_err).read()[-500:])}
-            dropped = 0
+            dropped = delivered = 0
             for line in metrics.splitlines():
                 if line.startswith("pgpipe_events_dropped_total") and ('"%s"' % kind) in line:
                     dropped += int(float(line.split()[-1]))
-            r.update({"produced": produced, "dropped_metric": dropped, "rss_mb": rnd(mem.get("VmRSS")),
+                if line.startswith("pgpipe_events_delivered_total") and ('"%s"' % kind) in line:
+                    delivered += int(float(line.split()[-1]))
+            # Handed to client buffers (delivered) + dropped = produced x clients when
+            # every client was connected throughout; what a client did not see beyond the
+            # drops was lost between its buffer and its socket.
+            r.update({"produced": produced, "dropped_metric": dropped, "delivered_metric": delivered, "rss_mb": rnd(mem.get("VmRSS")),
                       "forwarder_cpu_s": rnd(cpu, 2),
                       "forwarder_cpu_us_per_event_per_client": rnd(cpu * 1e6 / max(1, produced * n), 3),
                       "writer_sched_lag_avg_ms": pbr.get("sched_lag_avg_ms"), "load": loadavg()})
