@@ -6,14 +6,18 @@
 //! Postgres's publication semantics: an UPDATE into the filter is an INSERT of the new
 //! row, one out of it a DELETE of the old row. `operations` applies to those resulting
 //! operations; a snapshot queues only matching rows; `pgpipe.subscriptions` shows the
-//! filter; subscribing again without one captures every row again.
+//! filter; subscribing again without one captures every row again. A renamed filtered
+//! column: capture, the view and a snapshot follow the new name. pg_dump of a database
+//! with a filtered subscription restores into a fresh one (the filter is stored as
+//! text), whose restored triggers keep filtering.
 //!
 //! Failure that matters: an invalid filter or an unknown column is refused with
 //! Postgres's own message naming the filter and the table; a user-defined function in
 //! the filter, and text that tries to end the statement, are refused; WAL mode with a
 //! filter on a column outside the default replica identity is refused with the fix; a
 //! role that does not own the table cannot subscribe it with a filter. The previous
-//! subscription holds after each refusal.
+//! subscription holds after each refusal. A snapshot that has only the stored text to
+//! filter by, which names a column renamed since, is refused saying to subscribe again.
 
 use std::time::Duration;
 
