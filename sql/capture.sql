@@ -31,11 +31,46 @@ CREATE TABLE pgpipe.subscription (
     -- The captured columns (attribute numbers, resolved at subscribe), NULL: every column.
     -- Numbers, not names, so a renamed column stays captured (or left out).
     column_attnums int2[],
-    -- The row filter (subscribe's "where" =>) as Postgres parsed and checked it (see
-    -- pgpipe.check_row_filter), NULL: every row. A tree, not text: columns are numbers in
-    -- it, so a renamed column stays filtered on.
-    row_filter  pg_node_tree
+    -- The row filter (subscribe's "where" =>), NULL: every row. SQL text as Postgres
+    -- printed the filter it parsed and checked (pgpipe.check_row_filter), names
+    -- qualified where pg_catalog does not find them. Text, not a tree: this table's rows
+    -- are dumped (pg_extension_config_dump) and a pg_node_tree can be neither restored
+    -- nor read by another major version. What captures is the tree Postgres keeps with
+    -- the triggers or the publication (current after a column rename, dumped and
+    -- upgraded with them): see pgpipe.subscription_row_filter.
+    row_filter  text
 );
+
+-- A subscription's row filter as SQL (NULL: none), from what Postgres keeps current, so
+-- a renamed column is printed by its new name: in WAL mode the table's entry in pgpipe's
+-- publication, in trigger mode the WHEN clause of one of its capture triggers
+-- (pgpipe.when_filter_sql). Only when neither is there (a trigger-mode subscription of
+-- TRUNCATE alone has no row trigger) the stored text. `alias` qualifies the columns
+-- (t.total, for a snapshot's query); '' leaves them as they are.
+CREATE FUNCTION pgpipe.subscription_row_filter(tbl oid, alias text) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s pgpipe.subscription;
+    live text;
+BEGIN
+    SELECT * INTO s FROM pgpipe.subscription x WHERE x.relid = tbl;
+    IF s.row_filter IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF s.mode = 'wal' THEN
+        SELECT pgpipe.row_filter_sql(pr.prqual, pr.prrelid, alias) INTO live
+        FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+        WHERE p.pubname = pgpipe.publication_name() AND pr.prrelid = tbl;
+    ELSE
+        SELECT pgpipe.when_filter_sql(t.tgqual, t.tgrelid, alias) INTO live
+        FROM pg_trigger t
+        WHERE t.tgrelid = tbl AND t.tgqual IS NOT NULL
+          AND t.tgname IN ('pgpipe_capture_insert', 'pgpipe_capture_update', 'pgpipe_capture_update_in',
+                           'pgpipe_capture_update_out', 'pgpipe_capture_delete')
+        ORDER BY t.tgname LIMIT 1;
+    END IF;
+    RETURN coalesce(live, s.row_filter);
+END $$;
 
 -- `columns`: the captured columns by their current names (NULL: all of them); `where`:
 -- the row filter as Postgres prints it (NULL: every row).
@@ -43,7 +78,7 @@ CREATE VIEW pgpipe.subscriptions AS
 SELECT s.relid::regclass AS "table", s.channel, s.operations, s.mode, s.created_at, s.updated_at,
        (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_catalog.pg_attribute a
         WHERE a.attrelid = s.relid AND a.attnum = ANY (s.column_attnums) AND NOT a.attisdropped) AS columns,
-       pg_catalog.pg_get_expr(s.row_filter, s.relid) AS "where"
+       pgpipe.subscription_row_filter(s.relid, '') AS "where"
 FROM pgpipe.subscription s
 JOIN pg_catalog.pg_class c ON c.oid = s.relid;
 
@@ -283,8 +318,8 @@ END $$;
 --
 -- pgpipe.check_row_filter returns the filter as Postgres stored it (the prqual of a
 -- scratch publication, dropped at once), NULL without one. Everything afterwards (the
--- publication, the triggers' WHEN clauses, snapshots, pgpipe.subscriptions) works from
--- that tree, never from the caller's text, which only ever goes inside the scratch
+-- publication, the triggers' WHEN clauses, the text pgpipe.subscription keeps) is made
+-- from that tree, never from the caller's text, which only ever goes inside the scratch
 -- CREATE PUBLICATION: one statement (a ';' is refused), in a subtransaction. In WAL
 -- mode (`wal`) a filter on a column outside the replica identity is refused too:
 -- Postgres would then fail every UPDATE and DELETE of the table (pgpipe's publication
@@ -390,11 +425,16 @@ BEGIN
     RETURN qual;
 END $$;
 
--- A stored row filter as SQL whose columns are qualified by `alias` (new, old, t): the
--- WHEN clauses of the capture triggers and the snapshot's WHERE. Native
+-- A row filter's tree as SQL whose columns are qualified by `alias` (new, old, t; '':
+-- unqualified): the WHEN clauses of the capture triggers, the snapshot's WHERE. Native
 -- (pgpipe_ext/src/capture/filter.rs): Postgres's own deparser, so the text means the tree.
 CREATE FUNCTION pgpipe.row_filter_sql(filter pg_node_tree, tbl regclass, alias text) RETURNS text
 LANGUAGE c STABLE STRICT AS 'MODULE_PATHNAME', 'pgpipe_row_filter_sql';
+
+-- The row filter in the WHEN clause of a capture trigger of pgpipe.create_row_triggers
+-- (pg_trigger.tgqual) as SQL, as row_filter_sql; NULL when the clause holds none.
+CREATE FUNCTION pgpipe.when_filter_sql("when" pg_node_tree, tbl regclass, alias text) RETURNS text
+LANGUAGE c STABLE STRICT AS 'MODULE_PATHNAME', 'pgpipe_when_filter_sql';
 
 -- Creates the row triggers of a trigger-mode subscription for the row operations `ops`.
 -- Their arguments, positional: the channel; the captured columns ('2 3 5'; '' or none:
@@ -552,8 +592,9 @@ BEGIN
 
     INSERT INTO pgpipe.channel_sources (channel, relid) VALUES (channel, "table")
     ON CONFLICT DO NOTHING;
+    -- The filter as text (search_path is pg_catalog: other schemas' names are qualified).
     INSERT INTO pgpipe.subscription AS s (relid, channel, operations, mode, column_attnums, row_filter)
-    VALUES ("table", channel, ops, mode, attnums, row_filter)
+    VALUES ("table", channel, ops, mode, attnums, pg_get_expr(row_filter, "table"))
     ON CONFLICT (relid) DO UPDATE
         SET channel = excluded.channel, operations = excluded.operations,
             mode = excluded.mode, column_attnums = excluded.column_attnums,

@@ -14,6 +14,8 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgpipe FROM PUBLIC;
 
 -- Everyone with a capability: the subscriptions, and the UUIDv7 generator.
 GRANT SELECT ON pgpipe.subscriptions TO pgpipe_consumer, pgpipe_producer;
+-- (Its "where" column: a view's functions run as the role reading it.)
+GRANT EXECUTE ON FUNCTION pgpipe.subscription_row_filter(oid, text) TO pgpipe_consumer, pgpipe_producer;
 GRANT EXECUTE ON FUNCTION pgpipe.uuid_generate_v7() TO pgpipe_consumer, pgpipe_producer;
 
 -- Consumers: their own consumers (each function checks the owner) and the channels

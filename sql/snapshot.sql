@@ -82,6 +82,8 @@ DECLARE
     keys text[];
     worker record;
     job bigint;
+    filter text;
+    message text;
 BEGIN
     IF "table" IS NULL THEN
         RAISE EXCEPTION 'no table given' USING ERRCODE = 'invalid_parameter_value';
@@ -101,6 +103,21 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   DETAIL = 'The snapshot reads the table in primary-key order, and a consumer needs the key to apply later UPDATEs and DELETEs to the rows it read.',
                   HINT = 'Add a primary key (ALTER TABLE ... ADD PRIMARY KEY); the change events of the table flow without one.';
+    END IF;
+    -- The row filter comes from the triggers or the publication, which Postgres keeps
+    -- current; without either (trigger mode capturing TRUNCATE alone) from the text
+    -- stored at subscribe, which names the columns as they were then.
+    filter := pgpipe.subscription_row_filter("table", 't');
+    IF filter IS NOT NULL THEN
+        BEGIN
+            EXECUTE format('SELECT FROM ONLY %s t WHERE (%s) LIMIT 0', "table", filter);
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS message = MESSAGE_TEXT;
+            RAISE EXCEPTION 'the row filter of table % no longer fits the table: %', "table", message
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      DETAIL = format('The filter as subscribed: %s.', filter),
+                      HINT = 'A column it names was renamed or dropped since: subscribe the table again with its filter (pgpipe.subscribe(..., "where" => ...)), then snapshot.';
+        END;
     END IF;
     SELECT * INTO worker FROM pgpipe.worker_status();
     IF NOT worker.preloaded THEN
@@ -205,9 +222,9 @@ BEGIN
     WHERE s.relid = j.relid AND NOT a.attisdropped;
     row_expr := coalesce(row_expr, 'pg_catalog.to_jsonb(t)');
     -- The subscription's row filter: only matching rows are read (and count for a chunk).
-    SELECT format(' AND (%s) IS TRUE', pgpipe.row_filter_sql(s.row_filter, s.relid, 't')) INTO filter
-    FROM pgpipe.subscription s WHERE s.relid = j.relid AND s.row_filter IS NOT NULL;
-    filter := coalesce(filter, '');
+    -- From the triggers or the publication (pgpipe.subscription_row_filter), current
+    -- after a column rename.
+    filter := coalesce(' AND (' || pgpipe.subscription_row_filter(j.relid, 't') || ') IS TRUE', '');
     -- ONLY: trigger capture sees the table's own rows, not those of inheritance
     -- children (a partitioned table's rows are all in its partitions).
     source := CASE WHEN rel.relkind = 'p' THEN '' ELSE 'ONLY ' END || j.relid::regclass::text || ' t';

@@ -644,4 +644,51 @@ mod tests {
             Spi::get_one::<i64>("SELECT count(*) FROM pgpipe.events WHERE channel = 'f'").unwrap();
         assert_eq!(captured, Some(1));
     }
+    /// The filter read back from each capture trigger's WHEN clause (on OLD, on NEW, both,
+    /// under NOT) is the filter subscribe stored, with the columns' current names; the
+    /// view prints it unqualified.
+    #[pg_test]
+    fn when_filter_sql_reads_the_filter_of_every_capture_trigger() {
+        Spi::run(
+            "CREATE TABLE public.w (id int PRIMARY KEY, total numeric, status text);
+             SELECT pgpipe.subscribe('public.w', \"where\" => 'total > 100 OR status = ''vip''');",
+        )
+        .unwrap();
+        let stored = Spi::get_one::<String>(
+            "SELECT row_filter FROM pgpipe.subscription WHERE relid = 'public.w'::regclass",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            stored,
+            "((total > (100)::numeric) OR (status = 'vip'::text))"
+        );
+        Spi::run("ALTER TABLE public.w RENAME COLUMN total TO amount").unwrap();
+        let read = Spi::get_one::<Vec<String>>(
+            "SELECT array_agg(tgname || ': ' || pgpipe.when_filter_sql(tgqual, tgrelid, 't') ORDER BY tgname)
+             FROM pg_trigger WHERE tgrelid = 'public.w'::regclass AND tgqual IS NOT NULL",
+        )
+        .unwrap()
+        .unwrap();
+        let expected: Vec<String> = [
+            "pgpipe_capture_delete",
+            "pgpipe_capture_insert",
+            "pgpipe_capture_update",
+            "pgpipe_capture_update_in",
+            "pgpipe_capture_update_out",
+        ]
+        .iter()
+        .map(|name| format!("{name}: ((t.amount > (100)::numeric) OR (t.status = 'vip'::text))"))
+        .collect();
+        assert_eq!(read, expected);
+        let shown = Spi::get_one::<String>(
+            "SELECT \"where\" FROM pgpipe.subscriptions WHERE \"table\" = 'public.w'::regclass",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            shown,
+            "((amount > (100)::numeric) OR (status = 'vip'::text))"
+        );
+    }
 }

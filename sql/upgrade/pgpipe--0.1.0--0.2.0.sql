@@ -648,20 +648,53 @@ SELECT pg_catalog.pg_extension_config_dump('pgpipe.channel_sources', '');
 ALTER TABLE pgpipe.events ADD COLUMN key jsonb;
 ALTER TABLE pgpipe.subscription ADD COLUMN column_attnums int2[];
 -- Row filters (issue 15; their functions are in the section "row filters" at the end).
-ALTER TABLE pgpipe.subscription ADD COLUMN row_filter pg_node_tree;
+ALTER TABLE pgpipe.subscription ADD COLUMN row_filter text;
 
 DROP VIEW pgpipe.subscriptions;
+-- A subscription's row filter as SQL (NULL: none), from what Postgres keeps current, so
+-- a renamed column is printed by its new name: in WAL mode the table's entry in pgpipe's
+-- publication, in trigger mode the WHEN clause of one of its capture triggers
+-- (pgpipe.when_filter_sql). Only when neither is there (a trigger-mode subscription of
+-- TRUNCATE alone has no row trigger) the stored text. `alias` qualifies the columns
+-- (t.total, for a snapshot's query); '' leaves them as they are.
+CREATE FUNCTION pgpipe.subscription_row_filter(tbl oid, alias text) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s pgpipe.subscription;
+    live text;
+BEGIN
+    SELECT * INTO s FROM pgpipe.subscription x WHERE x.relid = tbl;
+    IF s.row_filter IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF s.mode = 'wal' THEN
+        SELECT pgpipe.row_filter_sql(pr.prqual, pr.prrelid, alias) INTO live
+        FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+        WHERE p.pubname = pgpipe.publication_name() AND pr.prrelid = tbl;
+    ELSE
+        SELECT pgpipe.when_filter_sql(t.tgqual, t.tgrelid, alias) INTO live
+        FROM pg_trigger t
+        WHERE t.tgrelid = tbl AND t.tgqual IS NOT NULL
+          AND t.tgname IN ('pgpipe_capture_insert', 'pgpipe_capture_update', 'pgpipe_capture_update_in',
+                           'pgpipe_capture_update_out', 'pgpipe_capture_delete')
+        ORDER BY t.tgname LIMIT 1;
+    END IF;
+    RETURN coalesce(live, s.row_filter);
+END $$;
+
 -- `columns`: the captured columns by their current names (NULL: all of them); `where`:
 -- the row filter as Postgres prints it (NULL: every row).
 CREATE VIEW pgpipe.subscriptions AS
 SELECT s.relid::regclass AS "table", s.channel, s.operations, s.mode, s.created_at, s.updated_at,
        (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_catalog.pg_attribute a
         WHERE a.attrelid = s.relid AND a.attnum = ANY (s.column_attnums) AND NOT a.attisdropped) AS columns,
-       pg_catalog.pg_get_expr(s.row_filter, s.relid) AS "where"
+       pgpipe.subscription_row_filter(s.relid, '') AS "where"
 FROM pgpipe.subscription s
 JOIN pg_catalog.pg_class c ON c.oid = s.relid;
 
 GRANT SELECT ON pgpipe.subscriptions TO pgpipe_consumer, pgpipe_producer;
+REVOKE ALL ON FUNCTION pgpipe.subscription_row_filter(oid, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgpipe.subscription_row_filter(oid, text) TO pgpipe_consumer, pgpipe_producer;
 
 DROP FUNCTION pgpipe.read(text, text, integer);
 DROP FUNCTION pgpipe.events_after(uuid, text[], integer);
@@ -990,6 +1023,8 @@ DECLARE
     keys text[];
     worker record;
     job bigint;
+    filter text;
+    message text;
 BEGIN
     IF "table" IS NULL THEN
         RAISE EXCEPTION 'no table given' USING ERRCODE = 'invalid_parameter_value';
@@ -1009,6 +1044,21 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   DETAIL = 'The snapshot reads the table in primary-key order, and a consumer needs the key to apply later UPDATEs and DELETEs to the rows it read.',
                   HINT = 'Add a primary key (ALTER TABLE ... ADD PRIMARY KEY); the change events of the table flow without one.';
+    END IF;
+    -- The row filter comes from the triggers or the publication, which Postgres keeps
+    -- current; without either (trigger mode capturing TRUNCATE alone) from the text
+    -- stored at subscribe, which names the columns as they were then.
+    filter := pgpipe.subscription_row_filter("table", 't');
+    IF filter IS NOT NULL THEN
+        BEGIN
+            EXECUTE format('SELECT FROM ONLY %s t WHERE (%s) LIMIT 0', "table", filter);
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS message = MESSAGE_TEXT;
+            RAISE EXCEPTION 'the row filter of table % no longer fits the table: %', "table", message
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      DETAIL = format('The filter as subscribed: %s.', filter),
+                      HINT = 'A column it names was renamed or dropped since: subscribe the table again with its filter (pgpipe.subscribe(..., "where" => ...)), then snapshot.';
+        END;
     END IF;
     SELECT * INTO worker FROM pgpipe.worker_status();
     IF NOT worker.preloaded THEN
@@ -1113,9 +1163,9 @@ BEGIN
     WHERE s.relid = j.relid AND NOT a.attisdropped;
     row_expr := coalesce(row_expr, 'pg_catalog.to_jsonb(t)');
     -- The subscription's row filter: only matching rows are read (and count for a chunk).
-    SELECT format(' AND (%s) IS TRUE', pgpipe.row_filter_sql(s.row_filter, s.relid, 't')) INTO filter
-    FROM pgpipe.subscription s WHERE s.relid = j.relid AND s.row_filter IS NOT NULL;
-    filter := coalesce(filter, '');
+    -- From the triggers or the publication (pgpipe.subscription_row_filter), current
+    -- after a column rename.
+    filter := coalesce(' AND (' || pgpipe.subscription_row_filter(j.relid, 't') || ') IS TRUE', '');
     -- ONLY: trigger capture sees the table's own rows, not those of inheritance
     -- children (a partitioned table's rows are all in its partitions).
     source := CASE WHEN rel.relkind = 'p' THEN '' ELSE 'ONLY ' END || j.relid::regclass::text || ' t';
@@ -1396,8 +1446,9 @@ BEGIN
 
     INSERT INTO pgpipe.channel_sources (channel, relid) VALUES (channel, "table")
     ON CONFLICT DO NOTHING;
+    -- The filter as text (search_path is pg_catalog: other schemas' names are qualified).
     INSERT INTO pgpipe.subscription AS s (relid, channel, operations, mode, column_attnums, row_filter)
-    VALUES ("table", channel, ops, mode, attnums, row_filter)
+    VALUES ("table", channel, ops, mode, attnums, pg_get_expr(row_filter, "table"))
     ON CONFLICT (relid) DO UPDATE
         SET channel = excluded.channel, operations = excluded.operations,
             mode = excluded.mode, column_attnums = excluded.column_attnums,
@@ -2218,9 +2269,10 @@ TO pgpipe_producer;
 
 --------------------------------------------------------------------------------
 -- row filters (issue 15): subscribe(..., "where" => ...), pgpipe.subscription.row_filter
--- and subscriptions."where" (with the column choice's section above), check_row_filter,
--- row_filter_sql, create_row_triggers, publish with a filter; drop_capture_triggers,
--- subscribe and snapshot_next_chunk are edited where they are defined above
+-- and subscriptions."where" (with subscription_row_filter, in the column choice's section
+-- above), check_row_filter, row_filter_sql, when_filter_sql, create_row_triggers, publish
+-- with a filter; drop_capture_triggers, subscribe and snapshot_next_chunk are edited
+-- where they are defined above
 --------------------------------------------------------------------------------
 
 DROP FUNCTION pgpipe.publish(regclass);
@@ -2258,8 +2310,8 @@ END $$;
 --
 -- pgpipe.check_row_filter returns the filter as Postgres stored it (the prqual of a
 -- scratch publication, dropped at once), NULL without one. Everything afterwards (the
--- publication, the triggers' WHEN clauses, snapshots, pgpipe.subscriptions) works from
--- that tree, never from the caller's text, which only ever goes inside the scratch
+-- publication, the triggers' WHEN clauses, the text pgpipe.subscription keeps) is made
+-- from that tree, never from the caller's text, which only ever goes inside the scratch
 -- CREATE PUBLICATION: one statement (a ';' is refused), in a subtransaction. In WAL
 -- mode (`wal`) a filter on a column outside the replica identity is refused too:
 -- Postgres would then fail every UPDATE and DELETE of the table (pgpipe's publication
@@ -2365,11 +2417,16 @@ BEGIN
     RETURN qual;
 END $$;
 
--- A stored row filter as SQL whose columns are qualified by `alias` (new, old, t): the
--- WHEN clauses of the capture triggers and the snapshot's WHERE. Native
+-- A row filter's tree as SQL whose columns are qualified by `alias` (new, old, t; '':
+-- unqualified): the WHEN clauses of the capture triggers, the snapshot's WHERE. Native
 -- (pgpipe_ext/src/capture/filter.rs): Postgres's own deparser, so the text means the tree.
 CREATE FUNCTION pgpipe.row_filter_sql(filter pg_node_tree, tbl regclass, alias text) RETURNS text
 LANGUAGE c STABLE STRICT AS 'MODULE_PATHNAME', 'pgpipe_row_filter_sql';
+
+-- The row filter in the WHEN clause of a capture trigger of pgpipe.create_row_triggers
+-- (pg_trigger.tgqual) as SQL, as row_filter_sql; NULL when the clause holds none.
+CREATE FUNCTION pgpipe.when_filter_sql("when" pg_node_tree, tbl regclass, alias text) RETURNS text
+LANGUAGE c STABLE STRICT AS 'MODULE_PATHNAME', 'pgpipe_when_filter_sql';
 
 -- Creates the row triggers of a trigger-mode subscription for the row operations `ops`.
 -- Their arguments, positional: the channel; the captured columns ('2 3 5'; '' or none:
