@@ -256,6 +256,30 @@ async fn a_database_created_at_0_1_0_is_updated_with_its_events_consumers_and_de
         text(&db, "SELECT l.lanname::text FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_language l ON l.oid = p.prolang WHERE t.tgrelid = 'orders'::regclass AND t.tgname = 'pgpipe_capture'").await,
         "c"
     );
+    // Least privilege: PUBLIC lost the schema and every function; a role with
+    // pgpipe_consumer and SELECT on the table reads it as in a fresh install. Its
+    // consumer is registered before the old one acknowledges the rest, so retention
+    // keeps the events it reads below (otherwise a rotation in between may drop them).
+    execute(
+        &db,
+        "CREATE ROLE upgrade_stranger LOGIN;
+         CREATE ROLE upgrade_reader LOGIN IN ROLE pgpipe_consumer;
+         GRANT SELECT ON orders TO upgrade_reader;",
+    )
+    .await;
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM pg_namespace n, aclexplode(n.nspacl) a WHERE n.nspname = 'pgpipe' AND a.grantee = 0").await
+            + count(&db, "SELECT count(*) FROM pg_proc p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a WHERE p.pronamespace = 'pgpipe'::regnamespace AND a.grantee = 0").await,
+        0,
+        "PUBLIC holds no right on schema pgpipe or its functions"
+    );
+    let stranger = pg_client_as(&pg, "upgrade_stranger").await;
+    let reader = pg_client_as(&pg, "upgrade_reader").await;
+    execute(
+        &reader,
+        "SELECT pgpipe.register_consumer('reader', ARRAY['orders'])",
+    )
+    .await;
     let fwd = Forwarder::listen(&pg.url("postgres"))
         .channel("orders")
         .flag("--consumer", "old_fwd")
@@ -272,22 +296,6 @@ async fn a_database_created_at_0_1_0_is_updated_with_its_events_consumers_and_de
     fwd.sigterm();
     assert!(fwd.wait_exit(Duration::from_secs(10)).await.success());
 
-    // Least privilege: PUBLIC lost the schema and every function; a role with
-    // pgpipe_consumer and SELECT on the table reads it as in a fresh install.
-    execute(
-        &db,
-        "CREATE ROLE upgrade_stranger LOGIN;
-         CREATE ROLE upgrade_reader LOGIN IN ROLE pgpipe_consumer;
-         GRANT SELECT ON orders TO upgrade_reader;",
-    )
-    .await;
-    assert_eq!(
-        count(&db, "SELECT count(*) FROM pg_namespace n, aclexplode(n.nspacl) a WHERE n.nspname = 'pgpipe' AND a.grantee = 0").await
-            + count(&db, "SELECT count(*) FROM pg_proc p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a WHERE p.pronamespace = 'pgpipe'::regnamespace AND a.grantee = 0").await,
-        0,
-        "PUBLIC holds no right on schema pgpipe or its functions"
-    );
-    let stranger = pg_client_as(&pg, "upgrade_stranger").await;
     let refused = stranger
         .batch_execute("SELECT pgpipe.register_consumer('mine', ARRAY['orders'])")
         .await
@@ -298,12 +306,6 @@ async fn a_database_created_at_0_1_0_is_updated_with_its_events_consumers_and_de
         "{}",
         describe(&refused)
     );
-    let reader = pg_client_as(&pg, "upgrade_reader").await;
-    execute(
-        &reader,
-        "SELECT pgpipe.register_consumer('reader', ARRAY['orders'])",
-    )
-    .await;
     // Read batch after batch: a transaction still open elsewhere (the worker's) can end
     // the first batch early; the position carries the rest.
     let mut read_events = 0;
