@@ -12,6 +12,7 @@
 
 pub use pgpipe_pgoutput as pgoutput;
 mod convert;
+mod decoder;
 mod queue;
 mod snapshot;
 pub mod wal;
@@ -255,8 +256,8 @@ impl Worker {
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(message) => {
-                self.wal.reset();
                 self.set_state(WorkerState::Error, Some(&message));
+                self.wal.reset();
                 return;
             }
         };
@@ -291,27 +292,35 @@ impl Worker {
             ReadOutcome::SlotInvalidated => self.set_state(WorkerState::SlotInvalidated, None),
             ReadOutcome::Read(batch) => {
                 let hold = guc::DEBUG_NO_ADVANCE.get();
-                let advance_started = Instant::now();
-                if let Some(target) = batch.advance_to.filter(|_| !hold) {
-                    if let Err(message) = in_transaction(|| wal::advance_slot(target)) {
-                        self.set_state(WorkerState::Error, Some(&message));
-                        return;
+                let confirm_started = Instant::now();
+                match batch.advance_to {
+                    Some(target) if !hold => {
+                        let wal = &mut self.wal;
+                        if let Err(message) =
+                            in_transaction(AssertUnwindSafe(|| wal.confirm(target)))
+                        {
+                            self.wal.reset();
+                            self.set_state(WorkerState::Error, Some(&message));
+                            return;
+                        }
                     }
+                    // Not confirmed: the next read must see the same changes again.
+                    _ if hold => self.wal.forget_decoder(),
+                    _ => {}
                 }
                 if batch.events > 0 {
-                    // What each read costs (log_min_messages = debug1): the peek and the
-                    // advance both decode from the restart LSN.
+                    // What each read costs (log_min_messages = debug1).
                     debug1!(
-                        "pgpipe worker: read {} events; decoded from {} (restart) over {} \
-                         (confirmed) to {}: peek {:.1} ms, convert+insert {:.1} ms, advance \
+                        "pgpipe worker: read {} events; decoded from {} (start) over {} \
+                         (confirmed) to {}: decode {:.1} ms, convert+insert {:.1} ms, confirm \
                          {:.1} ms",
                         batch.events,
-                        pgoutput::format_lsn(batch.restart),
+                        pgoutput::format_lsn(batch.decoded_from),
                         pgoutput::format_lsn(batch.confirmed),
                         pgoutput::format_lsn(batch.advance_to.unwrap_or(batch.confirmed)),
                         batch.decode_time.as_secs_f64() * 1e3,
                         batch.write_time.as_secs_f64() * 1e3,
-                        advance_started.elapsed().as_secs_f64() * 1e3,
+                        confirm_started.elapsed().as_secs_f64() * 1e3,
                     );
                 }
                 self.more = batch.more && !hold;

@@ -1,17 +1,17 @@
-//! WAL capture: the worker reads its logical replication slot (pgoutput) through SQL and
-//! turns the changes of tables in pgpipe's publication into events.
+//! WAL capture: the worker decodes its logical replication slot (pgoutput, through a
+//! decoding context it keeps, see [`decoder`](super::decoder)) and turns the changes of
+//! tables in pgpipe's publication into events.
 //!
 //! Exactly once into the queue, in commit order:
-//! 1. In one transaction, peek the slot (`pg_logical_slot_peek_binary_changes`, which
-//!    returns whole source transactions in commit order and consumes nothing), insert one
-//!    event per change and record the end LSN of the last source transaction in
-//!    `pgpipe.wal_progress`. Source transactions whose commit lies before that recorded LSN
-//!    were written by an earlier attempt and are skipped. The progress row is updated
-//!    compare-and-set, so two writers can never both commit the same changes. (A unique
-//!    key on the events' LSN cannot do it: `pgpipe.events` is partitioned by the xid of
-//!    the inserting transaction, which differs between attempts.)
-//! 2. After that commit, advance the slot (`pg_replication_slot_advance`). A crash between
-//!    1 and 2 only means the next peek returns transactions that step 1 then skips.
+//! 1. In one transaction, decode whole source transactions in commit order (nothing is
+//!    consumed yet), insert their events and record the end LSN of the last source
+//!    transaction in `pgpipe.wal_progress`. Source transactions whose commit lies before
+//!    that recorded LSN were written by an earlier attempt and are skipped. The progress
+//!    row is updated compare-and-set, so two writers can never both commit the same
+//!    changes. (A unique key on the events' LSN cannot do it: `pgpipe.events` is
+//!    partitioned by the xid of the inserting transaction, which differs between attempts.)
+//! 2. After that commit, confirm the slot up to where the read got. A crash between 1 and
+//!    2 only means that the next decoding returns transactions that step 1 then skips.
 //!
 //! Column values arrive as text; [`convert`](super::convert) turns them into JSON as the
 //! table's owner, and [`queue`](super::queue) inserts the events in batches.
@@ -29,6 +29,7 @@ use super::pgoutput::{
 type Lsn = u64;
 /// The old image of an UPDATE or DELETE: key columns only, or the full row.
 type OldTuple = (OldKind, Tuple);
+use super::decoder::{self, Decoder};
 use super::queue::{Change, Target, Writer};
 use super::raise;
 use crate::guc;
@@ -38,8 +39,6 @@ use crate::guc;
 /// only the extension's owner can read. Any role may call `pg_logical_emit_message()`;
 /// only messages with the key become events.
 const EMIT_PREFIX: &str = "pgpipe";
-/// Rows fetched from the peek cursor at a time.
-const FETCH_SIZE: i64 = 256;
 
 /// The version of this library, which is the extension version whose SQL objects it
 /// expects (`pgpipe.control`'s `default_version`).
@@ -74,9 +73,9 @@ pub struct Batch {
     pub advance_to: Option<Lsn>,
     /// End LSN of the last source transaction written.
     pub last_commit: Option<Lsn>,
-    /// The slot's restart LSN before this read: the peek decoded from there.
-    pub restart: Lsn,
-    /// Time spent fetching from the peek (decoding) and converting + inserting.
+    /// Where this read started decoding (the slot's restart LSN for a new context).
+    pub decoded_from: Lsn,
+    /// Time spent decoding and converting + inserting.
     pub decode_time: std::time::Duration,
     pub write_time: std::time::Duration,
 }
@@ -89,6 +88,8 @@ pub struct WalCapture {
     /// connection to the extension; None until read (or when there is no key).
     message_prefix: Option<Option<String>>,
     writer: Writer,
+    /// The decoding context, kept across reads.
+    decoder: Option<Decoder>,
 }
 
 /// The source transaction being read.
@@ -102,6 +103,25 @@ impl WalCapture {
     pub fn reset(&mut self) {
         self.writer.reset_caches();
         self.message_prefix = None;
+        // The context may be anywhere: a new one decodes again from the slot.
+        decoder::release_slot();
+        self.decoder = None;
+    }
+
+    /// Confirms the slot up to `lsn` after the read's transaction committed; a new
+    /// decoding context starts next time if the slot moved meanwhile.
+    pub fn confirm(&mut self, lsn: Lsn) {
+        if let Some(decoder) = self.decoder.as_mut() {
+            if !decoder.confirm(lsn) {
+                self.decoder = None;
+            }
+        }
+    }
+
+    /// Drops the decoding context: the next read decodes from the slot's position again
+    /// (after a read that is not confirmed, `pgpipe.debug_no_advance`).
+    pub fn forget_decoder(&mut self) {
+        self.decoder = None;
     }
 
     /// Reads the slot once and writes the events, inside the caller's transaction.
@@ -176,30 +196,18 @@ impl WalCapture {
             }
         };
 
-        let upto = client
-            .select(
-                "SELECT pg_catalog.pg_current_wal_flush_lsn()::text",
-                None,
-                &[],
-            )
-            .and_then(|t| t.first().get_one::<String>())
-            .ok()
-            .flatten()
-            .and_then(|s| parse_lsn(&s))
-            .unwrap_or_else(|| error!("pgpipe worker: could not read the WAL flush position"));
-        let batch = guc::batch_size();
-
-        let mut cursor = client.open_cursor(
-            "SELECT lsn::text, data FROM pg_catalog.pg_logical_slot_peek_binary_changes(\
-                $1, $2::pg_lsn, $3, 'proto_version', '1', \
-                'publication_names', pg_catalog.quote_ident($4), 'messages', 'true')",
-            &[
-                slot.as_str().into(),
-                format_lsn(upto).into(),
-                i32::try_from(batch).unwrap_or(i32::MAX).into(),
-                publication.as_str().into(),
-            ],
-        );
+        let batch = usize::try_from(guc::batch_size()).unwrap_or(usize::MAX);
+        // The decoding context of the last read, if the slot is where it left it.
+        if !self.decoder.as_mut().is_some_and(Decoder::reacquire) {
+            self.decoder = None;
+            self.decoder = Some(Decoder::start(&slot, &publication));
+        }
+        let decoder = self.decoder.as_mut().expect("made above");
+        let decode_started = std::time::Instant::now();
+        let decoded = decoder.read(batch);
+        // Not held while the queue is written (see decoder).
+        decoder.release();
+        let decode_time = decode_started.elapsed();
 
         if self.message_prefix.is_none() {
             self.message_prefix = Some(read_message_prefix(client));
@@ -208,37 +216,19 @@ impl WalCapture {
             relations,
             writer,
             message_prefix,
+            ..
         } = self;
         let message_prefix = message_prefix.as_ref().and_then(Option::as_deref);
-        let mut rows: i64 = 0;
         let mut events: u64 = 0;
         let mut xact: Option<SourceXact> = None;
-        let mut last_end: Option<Lsn> = None;
         let mut last_commit: Option<Lsn> = None;
         let mut targets: HashMap<u32, Target> = HashMap::new();
         writer.begin();
-        let mut decode_time = std::time::Duration::ZERO;
         let started = std::time::Instant::now();
-        loop {
-            // The cursor runs as the worker: never inside an owner's restricted context.
-            writer.unrestrict();
-            let fetch_started = std::time::Instant::now();
-            let chunk: Vec<(String, Vec<u8>)> = cursor
-                .fetch(FETCH_SIZE)
-                .unwrap_or_else(|e| error!("pgpipe worker: read the slot: {e}"))
-                .map(|row| {
-                    (
-                        row.get::<String>(1).ok().flatten().unwrap_or_default(),
-                        row.get::<Vec<u8>>(2).ok().flatten().unwrap_or_default(),
-                    )
-                })
-                .collect();
-            decode_time += fetch_started.elapsed();
-            if chunk.is_empty() {
-                break;
-            }
-            for (lsn, data) in &chunk {
-                rows += 1;
+        {
+            for (lsn, data) in &decoded.messages {
+                let lsn = format_lsn(*lsn);
+                let lsn = lsn.as_str();
                 let decoded = pgoutput::decode(data).unwrap_or_else(|e| {
                     raise(
                         PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
@@ -260,7 +250,6 @@ impl WalCapture {
                         if xact.take().is_some_and(|x| !x.skip) {
                             last_commit = Some(end_lsn);
                         }
-                        last_end = Some(end_lsn);
                     }
                     Message::Relation(relation) => {
                         targets.remove(&relation.id);
@@ -360,7 +349,6 @@ impl WalCapture {
                 }
             }
         }
-        drop(cursor);
         writer.flush(client);
 
         if let Some(end) = last_commit {
@@ -375,21 +363,16 @@ impl WalCapture {
                 )
                 .unwrap_or_else(|e| error!("pgpipe worker: notify: {e}"));
         }
-        let more = rows >= batch;
-        let target = if more {
-            last_end
-        } else {
-            Some(last_end.map_or(upto, |end| end.max(upto)))
-        };
         ReadOutcome::Read(Batch {
             events,
-            more,
+            more: decoded.more,
             confirmed,
-            advance_to: target.filter(|&t| t > confirmed),
+            // Every transaction that committed before `reached` is now in the queue.
+            advance_to: Some(decoded.reached).filter(|&t| t > confirmed),
             last_commit,
-            restart: slot_row.restart,
+            decoded_from: decoded.from,
             decode_time,
-            write_time: started.elapsed().saturating_sub(decode_time),
+            write_time: started.elapsed(),
         })
     }
 }
@@ -417,8 +400,6 @@ struct SlotRow {
     lost: bool,
     usable: bool,
     confirmed: Lsn,
-    /// Where decoding of the slot starts (every peek and advance decodes from here).
-    restart: Lsn,
 }
 
 fn slot_and_progress(client: &SpiClient<'_>, slot: &str) -> (Option<SlotRow>, Option<Lsn>) {
@@ -427,8 +408,7 @@ fn slot_and_progress(client: &SpiClient<'_>, slot: &str) -> (Option<SlotRow>, Op
             "SELECT coalesce(wal_status = 'lost', false), \
                     plugin = 'pgoutput' AND database = pg_catalog.current_database() \
                         AND slot_type = 'logical', \
-                    coalesce(confirmed_flush_lsn, '0/0')::text, \
-                    coalesce(restart_lsn, '0/0')::text \
+                    coalesce(confirmed_flush_lsn, '0/0')::text \
              FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
             None,
             &[slot.into()],
@@ -444,12 +424,11 @@ fn slot_and_progress(client: &SpiClient<'_>, slot: &str) -> (Option<SlotRow>, Op
         };
         let lost = row.get::<bool>(1).ok().flatten();
         let usable = row.get::<bool>(2).ok().flatten();
-        let (confirmed, restart) = (read(3), read(4));
+        let confirmed = read(3);
         Some(SlotRow {
             lost: lost.unwrap_or(false),
             usable: usable.unwrap_or(false),
             confirmed: confirmed.as_deref().and_then(parse_lsn).unwrap_or(0),
-            restart: restart.as_deref().and_then(parse_lsn).unwrap_or(0),
         })
     };
     let progress = client
@@ -631,21 +610,6 @@ fn update_change<'a>(
         old,
         unchanged_toast,
     }
-}
-
-/// Advances the slot to `lsn` (after the events up to it are committed).
-pub fn advance_slot(lsn: Lsn) {
-    let slot = guc::slot_name();
-    Spi::connect(|client| {
-        client
-            .select(
-                "SELECT pg_catalog.pg_replication_slot_advance($1, $2::pg_catalog.pg_lsn)",
-                None,
-                &[slot.as_str().into(), format_lsn(lsn).into()],
-            )
-            .map(|_| ())
-    })
-    .unwrap_or_else(|e| error!("pgpipe worker: advance slot \"{slot}\": {e}"));
 }
 
 #[cfg(test)]
