@@ -54,6 +54,11 @@ class Cluster:
             "pgpipe.database": "'%s'" % self.db,
             "log_min_messages": "warning",
         }
+        # Extra settings to compare, e.g. BENCH_PG_CONF="pgpipe.batch_size=10000;work_mem=8MB".
+        for item in os.environ.get("BENCH_PG_CONF", "").split(";"):
+            if "=" in item:
+                k, v = item.split("=", 1)
+                conf[k.strip()] = v.strip()
         with open(os.path.join(self.data, "postgresql.auto.conf"), "a") as f:
             for k, v in conf.items():
                 f.write("%s = %s\n" % (k, v))
