@@ -18,9 +18,9 @@ pub const FLUSH_ROWS: usize = 500;
 /// one trigger mode builds, plus `unchanged_toast` when the WAL left values out; the
 /// change's LSN goes into `lsn`. Events sent by `pgpipe.emit()` (`msg`) keep their payload
 /// and key; those of schema changes (sql/ddl.sql, `"source": "ddl"` in the message) get
-/// source `ddl`. A change's key is the primary-key columns (`keys`, a JSON array of names) of
-/// `row` — the same values trigger mode gets from `to_jsonb` of those columns — and NULL
-/// when the table has none, for TRUNCATE, or when the image lacks a key column.
+/// source `ddl`. A change's key (`key`, converted with the row, see [`Writer::write`]) is
+/// `to_jsonb` of the primary-key columns of `row` — what trigger mode gets — and NULL when
+/// the table has none, for TRUNCATE, or when the image lacks a key column.
 /// Everything it calls is built in and schema-qualified: it runs with the worker's
 /// rights, user code never.
 const INSERT_SQL: &str = "\
@@ -45,18 +45,15 @@ SELECT u.id, u.channel, u.op,
             THEN CASE WHEN pg_catalog.jsonb_typeof((u.msg::pg_catalog.jsonb) OPERATOR(pg_catalog.->) 'key'::pg_catalog.text)
                            OPERATOR(pg_catalog.=) 'object'::pg_catalog.text
                       THEN (u.msg::pg_catalog.jsonb) OPERATOR(pg_catalog.->) 'key'::pg_catalog.text END
-            ELSE (SELECT CASE WHEN pg_catalog.count(*) OPERATOR(pg_catalog.=)
-                                   pg_catalog.count(u.rw OPERATOR(pg_catalog.->) k.name)
-                              THEN pg_catalog.jsonb_object_agg(k.name, u.rw OPERATOR(pg_catalog.->) k.name) END
-                  FROM pg_catalog.jsonb_array_elements_text(u.keys::pg_catalog.jsonb) AS k(name))
+            ELSE u.key
        END
 FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]), pg_catalog.unnest($2::pg_catalog.text[]),
                pg_catalog.unnest($3::pg_catalog.text[]), pg_catalog.unnest($4::pg_catalog.text[]),
                pg_catalog.unnest($5::pg_catalog.text[]), pg_catalog.unnest($6::pg_catalog.jsonb[]),
                pg_catalog.unnest($7::pg_catalog.jsonb[]), pg_catalog.unnest($8::pg_catalog.text[]),
                pg_catalog.unnest($9::pg_catalog.text[]), pg_catalog.unnest($10::pg_catalog.text[]),
-               pg_catalog.unnest($11::pg_catalog.text[]))
-     AS u(id, channel, op, sch, tbl, rw, old, toast, msg, lsn, keys)";
+               pg_catalog.unnest($11::pg_catalog.jsonb[]))
+     AS u(id, channel, op, sch, tbl, rw, old, toast, msg, lsn, key)";
 
 /// A subscription as the worker needs it.
 pub struct Target {
@@ -65,8 +62,8 @@ pub struct Target {
     pub operations: Vec<String>,
     /// The table's owner; None when the table is gone.
     pub owner: Option<pg_sys::Oid>,
-    /// Its primary-key column names as a JSON array; None without a primary key.
-    pub key_columns: Option<String>,
+    /// Its primary-key column names; None without a primary key.
+    pub key_columns: Option<Vec<String>>,
     /// The captured columns by name; None: every column.
     pub columns: Option<HashSet<String>>,
 }
@@ -94,7 +91,7 @@ struct Pending {
     toast: Vec<Option<String>>,
     messages: Vec<Option<String>>,
     lsns: Vec<String>,
-    keys: Vec<Option<String>>,
+    keys: Vec<Option<pg_sys::Datum>>,
 }
 
 impl Pending {
@@ -192,7 +189,6 @@ impl Writer {
         }
         let owned = target.owner.is_some();
         let channel = target.channel.clone();
-        let key_columns = target.key_columns.clone();
         // A column choice: the others are dropped here, before any conversion.
         let mut change = change;
         if let Some(columns) = &target.columns {
@@ -205,6 +201,19 @@ impl Writer {
             }
             change.unchanged_toast.retain(|name| columns.contains(name));
         }
+        // The key: the primary-key columns of the row (after the column choice), all of
+        // them or none.
+        let key_image: Option<Vec<(usize, &Value)>> = match (&target.key_columns, &change.row) {
+            (Some(names), Some(row)) if !names.is_empty() => names
+                .iter()
+                .map(|name| {
+                    row.iter()
+                        .copied()
+                        .find(|&(i, _)| rel.columns[i].name == *name)
+                })
+                .collect(),
+            _ => None,
+        };
         let converter = &mut self.converter;
         let convert = |converter: &mut Converter, image: Option<&[(usize, &Value)]>| {
             image.map(|image| {
@@ -217,11 +226,12 @@ impl Writer {
         };
         let cx = self.cx.get_or_insert_with(new_cx);
         // SAFETY: the datums are allocated in `cx`, which is reset only after their INSERT.
-        let (row, old) = unsafe {
+        let (row, old, key) = unsafe {
             cx.switch_to(|_| {
                 (
                     convert(converter, change.row.as_deref()),
                     convert(converter, change.old.as_deref()),
+                    convert(converter, key_image.as_deref()),
                 )
             })
         };
@@ -243,7 +253,7 @@ impl Writer {
         p.toast.push(toast);
         p.messages.push(None);
         p.lsns.push(change.lsn.to_string());
-        p.keys.push(key_columns);
+        p.keys.push(key);
         if self.pending.len() >= FLUSH_ROWS {
             self.flush(client);
         }
@@ -298,7 +308,7 @@ impl Writer {
                 text_array,
                 text_array,
                 text_array,
-                text_array,
+                jsonb_array,
             ];
             let plan = client
                 .prepare_mut(INSERT_SQL, &types)
@@ -310,8 +320,15 @@ impl Writer {
         let cx = self.cx.get_or_insert_with(new_cx);
         // SAFETY: the arrays are built in `cx` from datums that live there too; both stay
         // until the reset after the INSERT.
-        let (rows, olds) =
-            unsafe { cx.switch_to(|_| (jsonb_array(&pending.rows), jsonb_array(&pending.olds))) };
+        let (rows, olds, keys) = unsafe {
+            cx.switch_to(|_| {
+                (
+                    jsonb_array(&pending.rows),
+                    jsonb_array(&pending.olds),
+                    jsonb_array(&pending.keys),
+                )
+            })
+        };
         let args: Vec<DatumWithOid<'_>> = vec![
             pending.ids.into(),
             pending.channels.into(),
@@ -324,7 +341,8 @@ impl Writer {
             pending.toast.into(),
             pending.messages.into(),
             pending.lsns.into(),
-            pending.keys.into(),
+            // SAFETY: a jsonb[] datum built above.
+            unsafe { DatumWithOid::new(keys, pg_sys::JSONBARRAYOID) },
         ];
         let plan = self.insert.as_ref().expect("prepared above");
         client
@@ -411,7 +429,11 @@ fn lookup_target(client: &SpiClient<'_>, rel: &Relation) -> Target {
         .unwrap_or_else(|e| error!("pgpipe worker: read the subscription: {e}"));
     let key_columns = first
         .get::<String>(4)
-        .unwrap_or_else(|e| error!("pgpipe worker: read the primary key: {e}"));
+        .unwrap_or_else(|e| error!("pgpipe worker: read the primary key: {e}"))
+        .map(|names| {
+            serde_json::from_str::<Vec<String>>(&names)
+                .unwrap_or_else(|e| error!("pgpipe worker: read the primary key: {e}"))
+        });
     let columns = first
         .get::<Vec<String>>(5)
         .unwrap_or_else(|e| error!("pgpipe worker: read the captured columns: {e}"))
