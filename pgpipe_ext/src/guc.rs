@@ -20,7 +20,7 @@ pub static DATABASE: GucSetting<Option<CString>> =
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(200);
 /// At most this many logical decoding messages per worker transaction (whole source
 /// transactions are never split, so a large one may exceed it).
-pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 /// Name of the logical replication slot the worker consumes.
 pub static SLOT_NAME: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"pgpipe"));

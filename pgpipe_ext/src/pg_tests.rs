@@ -362,7 +362,7 @@ mod tests {
         for (name, value) in [
             ("pgpipe.database", "postgres"),
             ("pgpipe.poll_interval", "200ms"),
-            ("pgpipe.batch_size", "1000"),
+            ("pgpipe.batch_size", "10000"),
             ("pgpipe.slot_name", "pgpipe"),
             ("pgpipe.publication", "pgpipe"),
             ("pgpipe.rotate_interval", "1min"),
