@@ -147,6 +147,18 @@ def cpu_times():
     return busy / hz, idle / hz
 
 
+def proc_rss_anon_kb(pid):
+    """Private (anonymous) resident memory of a process, kB: what palloc'd memory grows."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
+
+
 def proc_cpu_s(pid):
     """utime + stime of a process, seconds."""
     try:

@@ -735,6 +735,7 @@ $function$
         backlog_start = cl.val("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'pgpipe'")
         backlog_end = cl.val("SELECT pg_current_wal_lsn()")
         cpu0 = proc_cpu_s(int(pid)) if pid else None
+        rss0 = proc_rss_anon_kb(int(pid)) if pid else None
         t0 = time.time()
         locker.stdin.write("COMMIT;\n")
         locker.stdin.close()
@@ -746,9 +747,12 @@ $function$
             time.sleep(0.1)
         dt = time.time() - t0
         cpu1 = proc_cpu_s(int(pid)) if pid else None
+        rss1 = proc_rss_anon_kb(int(pid)) if pid else None
         cl.psql("ALTER SYSTEM RESET log_min_messages; SELECT pg_reload_conf();")
         out = {"wal_worker_events": c, "wal_worker_s": rnd(dt, 3), "wal_worker_rows_per_s": rnd(c / dt, 0)}
         out.update(self.worker_decode_accounting(log_path, log_offset, backlog_start, backlog_end))
+        if rss0 is not None and rss1 is not None:
+            out["wal_worker_rss_anon_kb"] = [rss0, rss1]
         if cpu0 is not None and cpu1 is not None and c:
             out["wal_worker_cpu_us_per_event"] = rnd((cpu1 - cpu0) * 1e6 / c, 1)
         if perf:

@@ -252,6 +252,8 @@ def render_md(r, prev):
         L.append("- pg_recvlogical + test_decoding: %s rows/s (%s s)" % (fmt(dec.get("pg_recvlogical_rows_per_s")), dec.get("pg_recvlogical_test_decoding_s")))
         if dec.get("wal_worker_rows_per_s"):
             L.append("- pgpipe WAL-mode worker: %s rows/s (%s s), %s µs of worker CPU per event" % (fmt(dec.get("wal_worker_rows_per_s")), dec.get("wal_worker_s"), dec.get("wal_worker_cpu_us_per_event")))
+            if dec.get("wal_worker_rss_anon_kb"):
+                L.append("- worker private memory (RssAnon) before / after the drain: %s / %s kB" % tuple(dec["wal_worker_rss_anon_kb"]))
             if dec.get("pg_recvlogical_rows_per_s"):
                 L.append("- worker ÷ pg_recvlogical: %s (target ≥ 0.5)" % rnd(dec["wal_worker_rows_per_s"] / dec["pg_recvlogical_rows_per_s"], 3))
             if dec.get("wal_worker_reads"):
