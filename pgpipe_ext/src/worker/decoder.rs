@@ -17,6 +17,13 @@
 //! On every acquire the decoder checks that the slot is where it left it; if anything
 //! else moved, dropped or invalidated it, the context is thrown away and the next read
 //! starts a new one from the slot. Any error in a read throws it away too.
+//!
+//! Unlike a walsender, the worker decodes inside its own transactions and writes the
+//! queue with normal snapshots between reads, so two things a walsender never meets are
+//! handled here: the memory current while records are read must be the decoder's (a
+//! replayed transaction leaves the worker's transaction memory current, which its commit
+//! frees), and the catalog caches are flushed around each read (historic and normal
+//! entries must never serve each other).
 
 use std::ffi::{c_char, c_int, CString};
 
