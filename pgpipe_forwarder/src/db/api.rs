@@ -3,7 +3,8 @@
 //! to the extension lives here, and queue rows become [`Event`]s in one place.
 
 use chrono::{DateTime, Utc};
-use tokio_postgres::{Client, Row};
+use tokio::sync::OnceCell;
+use tokio_postgres::{Client, Row, Statement};
 use uuid::Uuid;
 
 use crate::error::Error;
@@ -163,15 +164,34 @@ pub struct WorkerStatus {
 }
 
 /// The extension's SQL API on one connection.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct QueueClient<'a> {
     client: &'a Client,
+    /// The statements a detector runs for every page, prepared once per connection (a
+    /// text query is parsed and planned again each time, one more round trip).
+    read: OnceCell<Statement>,
+    ack: OnceCell<Statement>,
+    read_group: OnceCell<Statement>,
 }
 
 impl<'a> QueueClient<'a> {
     /// The API on `client`.
     pub fn new(client: &'a Client) -> Self {
-        QueueClient { client }
+        QueueClient {
+            client,
+            read: OnceCell::new(),
+            ack: OnceCell::new(),
+            read_group: OnceCell::new(),
+        }
+    }
+
+    /// `sql` prepared on this connection, the first time it is asked for.
+    async fn prepared<'s>(
+        &'s self,
+        cell: &'s OnceCell<Statement>,
+        sql: &str,
+    ) -> Result<&'s Statement, tokio_postgres::Error> {
+        cell.get_or_try_init(|| self.client.prepare(sql)).await
     }
 
     /// Whether the pgpipe extension is installed in this database.
@@ -262,29 +282,31 @@ impl<'a> QueueClient<'a> {
         position: &str,
         limit: i32,
     ) -> Result<Vec<QueueRow>, Error> {
+        let describe = || format!("read queue for consumer {consumer}");
         let sql = format!("SELECT position, {EVENT_COLUMNS} FROM pgpipe.read($1, $2, $3)");
+        let statement = self
+            .prepared(&self.read, &sql)
+            .await
+            .map_err(Error::pg(describe()))?;
         let rows = self
             .client
-            .query(&sql, &[&consumer, &position, &limit])
+            .query(statement, &[&consumer, &position, &limit])
             .await
-            .map_err(Error::pg(format!("read queue for consumer {consumer}")))?;
-        rows.iter()
-            .map(|row| {
-                let id: Option<Uuid> = row.get(1);
-                Ok(QueueRow {
-                    position: row.get(0),
-                    event: id.map(|id| event_from_row(id, row, 1)).transpose()?,
-                })
-            })
-            .collect()
+            .map_err(Error::pg(describe()))?;
+        queue_rows(&rows)
     }
 
     /// Acknowledges `position` for `consumer`.
     pub async fn ack(&self, consumer: &str, position: &str) -> Result<(), Error> {
-        self.client
-            .execute("SELECT pgpipe.ack($1, $2)", &[&consumer, &position])
+        let describe = || format!("ack consumer {consumer}");
+        let statement = self
+            .prepared(&self.ack, "SELECT pgpipe.ack($1, $2)")
             .await
-            .map_err(Error::pg(format!("ack consumer {consumer}")))?;
+            .map_err(Error::pg(describe()))?;
+        self.client
+            .execute(statement, &[&consumer, &position])
+            .await
+            .map_err(Error::pg(describe()))?;
         Ok(())
     }
 
@@ -319,23 +341,18 @@ impl<'a> QueueClient<'a> {
         position: &str,
         limit: i32,
     ) -> Result<Vec<QueueRow>, Error> {
+        let describe = || format!("read the queue as group member {member}");
         let sql = format!("SELECT position, {EVENT_COLUMNS} FROM pgpipe.read_group($1, $2, $3)");
+        let statement = self
+            .prepared(&self.read_group, &sql)
+            .await
+            .map_err(Error::pg(describe()))?;
         let rows = self
             .client
-            .query(&sql, &[&member, &position, &limit])
+            .query(statement, &[&member, &position, &limit])
             .await
-            .map_err(Error::pg(format!(
-                "read the queue as group member {member}"
-            )))?;
-        rows.iter()
-            .map(|row| {
-                let id: Option<Uuid> = row.get(1);
-                Ok(QueueRow {
-                    position: row.get(0),
-                    event: id.map(|id| event_from_row(id, row, 1)).transpose()?,
-                })
-            })
-            .collect()
+            .map_err(Error::pg(describe()))?;
+        queue_rows(&rows)
     }
 
     /// Acknowledges `position` for group member `member`.
@@ -689,6 +706,19 @@ impl<'a> QueueClient<'a> {
             .map_err(Error::pg("write dead letter"))?;
         Ok(row.get(0))
     }
+}
+
+/// The rows of a `pgpipe.read` (or `read_group`) page.
+fn queue_rows(rows: &[Row]) -> Result<Vec<QueueRow>, Error> {
+    rows.iter()
+        .map(|row| {
+            let id: Option<Uuid> = row.get(1);
+            Ok(QueueRow {
+                position: row.get(0),
+                event: id.map(|id| event_from_row(id, row, 1)).transpose()?,
+            })
+        })
+        .collect()
 }
 
 /// The event in `row`'s [`EVENT_COLUMNS`], which start at column `offset` (`id` given).

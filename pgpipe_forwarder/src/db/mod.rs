@@ -4,7 +4,7 @@
 
 mod api;
 
-pub use api::{DeadLetter, DeadLetterFilter, QueueClient};
+pub use api::{DeadLetter, DeadLetterFilter, QueueClient, QueueRow};
 
 use std::sync::Arc;
 

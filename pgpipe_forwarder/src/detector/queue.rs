@@ -25,7 +25,7 @@ use crate::ack::InFlight;
 use crate::backoff::Backoff;
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::db::{self, QueueClient};
+use crate::db::{self, QueueClient, QueueRow};
 use crate::error::Error;
 use crate::health::Component;
 
@@ -253,17 +253,50 @@ impl QueueDetector {
         let mut retention = !self.retention_interval.is_zero();
         let mut want_read = true;
         let mut shutdown_deadline: Option<tokio::time::Instant> = None;
+        // The next page, read while the one before was handed out (see below).
+        let mut prefetched: Option<(i32, Vec<QueueRow>)> = None;
         loop {
             let room = progress.window.room();
             if want_read && shutdown_deadline.is_none() && room > 0 {
-                let limit = room.min(u64::from(self.batch_size)) as i32;
-                let published = self
-                    .read_batch(&queue, bus, progress, &mut read_position, limit)
-                    .await?;
-                progress.read_position = Some(read_position.clone());
+                let (limit, rows) = match prefetched.take() {
+                    Some(page) => page,
+                    None => {
+                        let limit = room.min(u64::from(self.batch_size)) as i32;
+                        (limit, self.fetch(&queue, &read_position, limit).await?)
+                    }
+                };
                 // A full page means more is waiting.
-                want_read = published == limit as usize;
-                self.write_ack(&queue, progress, false).await?;
+                let events = rows.iter().filter(|r| r.event.is_some()).count();
+                want_read = events == limit as usize;
+                // Room for one more page after this one: read it now, so that Postgres
+                // runs the next read while this page goes to the adapters and the ack is
+                // written (one connection, pipelined). A group member reads one page at a
+                // time: its reads hand out shares. A prefetched page not used (shutdown, a
+                // failed connection) is simply read again: reading changes nothing.
+                let next_room = room.saturating_sub(events as u64);
+                let next: Option<(String, i32)> = match rows.last() {
+                    Some(last) if want_read && self.group.is_none() && next_room > 0 => Some((
+                        last.position.clone(),
+                        next_room.min(u64::from(self.batch_size)) as i32,
+                    )),
+                    _ => None,
+                };
+                match next {
+                    Some((after, next_limit)) => {
+                        let handed_out = async {
+                            self.hand_out(rows, bus, progress, &mut read_position)?;
+                            self.write_ack(&queue, progress, false).await
+                        };
+                        let (page, handed_out) =
+                            tokio::join!(self.fetch(&queue, &after, next_limit), handed_out);
+                        handed_out?;
+                        prefetched = Some((next_limit, page?));
+                    }
+                    None => {
+                        self.hand_out(rows, bus, progress, &mut read_position)?;
+                        self.write_ack(&queue, progress, false).await?;
+                    }
+                }
                 if want_read {
                     continue;
                 }
@@ -493,38 +526,41 @@ impl QueueDetector {
         Ok(())
     }
 
-    /// Reads one page and publishes its events. Returns how many events it published.
-    async fn read_batch(
+    /// Reads the page after `position` (this consumer's, or its share as a group member).
+    async fn fetch(
         &self,
         queue: &QueueClient<'_>,
+        position: &str,
+        limit: i32,
+    ) -> Result<Vec<QueueRow>, Error> {
+        match self.group {
+            Some(_) => queue.read_group(&self.consumer, position, limit).await,
+            None => queue.read(&self.consumer, position, limit).await,
+        }
+    }
+
+    /// Hands a page's events to the bus, in order, and moves the read position past it.
+    fn hand_out(
+        &self,
+        rows: Vec<QueueRow>,
         bus: &Bus,
         progress: &mut Progress,
         read_position: &mut String,
-        limit: i32,
-    ) -> Result<usize, Error> {
-        let rows = match self.group {
-            Some(_) => {
-                queue
-                    .read_group(&self.consumer, read_position, limit)
-                    .await?
-            }
-            None => queue.read(&self.consumer, read_position, limit).await?,
-        };
+    ) -> Result<(), Error> {
         if self.group.is_some() {
             progress.last_heartbeat = Instant::now();
         }
-        let mut published = 0;
         for row in rows {
             match row.event {
                 None => progress.window.push_position(row.position.clone()),
                 Some(event) => {
                     progress.window.publish(bus, row.position.clone(), event)?;
-                    published += 1;
                 }
             }
             *read_position = row.position;
         }
-        Ok(published)
+        progress.read_position = Some(read_position.clone());
+        Ok(())
     }
 
     /// Writes the newest releasable position with `pgpipe.ack`. Progress past events is
