@@ -663,6 +663,12 @@ BEGIN
     RETURN FOUND;
 END $$;
 
+-- unsubscribe() with the table's name as text (see subscribe(text, ...)).
+CREATE FUNCTION pgpipe.unsubscribe("table" text) RETURNS boolean
+LANGUAGE sql AS $$
+    SELECT pgpipe.unsubscribe(pgpipe.table_named($1))
+$$;
+
 -- A dropped table takes its subscription with it.
 CREATE FUNCTION pgpipe.forget_dropped_tables() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

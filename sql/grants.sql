@@ -57,8 +57,11 @@ GRANT EXECUTE ON FUNCTION
     pgpipe.subscribe(text, text, text[], text, boolean, text[], text[], boolean, text),
     pgpipe.table_named(text),
     pgpipe.unsubscribe(regclass),
+    pgpipe.unsubscribe(text),
     pgpipe.snapshot(regclass),
-    pgpipe.cancel_snapshot(regclass)
+    pgpipe.snapshot(text),
+    pgpipe.cancel_snapshot(regclass),
+    pgpipe.cancel_snapshot(text)
 TO pgpipe_producer;
 GRANT SELECT ON pgpipe.snapshots TO pgpipe_consumer, pgpipe_producer;
 

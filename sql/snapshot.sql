@@ -156,6 +156,16 @@ BEGIN
     RETURN FOUND;
 END $$;
 
+-- snapshot() and cancel_snapshot() with the table's name as text (see subscribe(text, ...)).
+CREATE FUNCTION pgpipe.snapshot("table" text) RETURNS bigint
+LANGUAGE sql AS $$
+    SELECT pgpipe.snapshot(pgpipe.table_named($1))
+$$;
+CREATE FUNCTION pgpipe.cancel_snapshot("table" text) RETURNS boolean
+LANGUAGE sql AS $$
+    SELECT pgpipe.cancel_snapshot(pgpipe.table_named($1))
+$$;
+
 -- For the worker: the next running snapshot to read a chunk of, locked, with the two
 -- queries of a chunk. Skips (and ends) snapshots whose table is gone, unsubscribed or
 -- has another key now. The queries run as the table's owner:

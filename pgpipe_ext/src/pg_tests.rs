@@ -208,6 +208,17 @@ mod tests {
             "{e}"
         );
         assert!(e.contains(r#"double-quote it: '"MixedCase"'."#), "{e}");
+        for call in [
+            "pgpipe.unsubscribe('MixedCase')",
+            "pgpipe.snapshot('MixedCase')",
+            "pgpipe.cancel_snapshot('MixedCase')",
+        ] {
+            let e = error_of(&format!("SELECT {call}"));
+            assert!(
+                e.contains(r#"double-quote it: '"MixedCase"'."#),
+                "{call}: {e}"
+            );
+        }
         // Quoted, by regclass, by name => and without a table of that name at all.
         let channel = Spi::get_one::<String>(r#"SELECT pgpipe.subscribe('"MixedCase"')"#).unwrap();
         assert_eq!(channel.as_deref(), Some("Shop.MixedCase"));
@@ -227,6 +238,11 @@ mod tests {
         );
         let e = error_of("SELECT pgpipe.subscribe(NULL)");
         assert!(e.contains("no table given"), "{e}");
+        // The text overloads of unsubscribe and snapshot reach the regclass ones.
+        let removed = Spi::get_one::<bool>(r#"SELECT pgpipe.unsubscribe('"MixedCase"')"#).unwrap();
+        assert_eq!(removed, Some(true));
+        let again = Spi::get_one::<bool>(r#"SELECT pgpipe.unsubscribe('"MixedCase"')"#).unwrap();
+        assert_eq!(again, Some(false), "no longer subscribed");
     }
 
     #[pg_test]

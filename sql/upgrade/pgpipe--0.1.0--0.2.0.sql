@@ -2476,3 +2476,34 @@ BEGIN
 END $$;
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgpipe FROM PUBLIC;
+
+--------------------------------------------------------------------------------
+-- unsubscribe(text), snapshot(text), cancel_snapshot(text): the name as text, with
+-- table_named's hint to double-quote a mixed-case name (issue 17)
+--------------------------------------------------------------------------------
+-- unsubscribe() with the table's name as text (see subscribe(text, ...)).
+CREATE FUNCTION pgpipe.unsubscribe("table" text) RETURNS boolean
+LANGUAGE sql AS $$
+    SELECT pgpipe.unsubscribe(pgpipe.table_named($1))
+$$;
+
+-- snapshot() and cancel_snapshot() with the table's name as text (see subscribe(text, ...)).
+CREATE FUNCTION pgpipe.snapshot("table" text) RETURNS bigint
+LANGUAGE sql AS $$
+    SELECT pgpipe.snapshot(pgpipe.table_named($1))
+$$;
+CREATE FUNCTION pgpipe.cancel_snapshot("table" text) RETURNS boolean
+LANGUAGE sql AS $$
+    SELECT pgpipe.cancel_snapshot(pgpipe.table_named($1))
+$$;
+
+REVOKE ALL ON FUNCTION
+    pgpipe.unsubscribe(text),
+    pgpipe.snapshot(text),
+    pgpipe.cancel_snapshot(text)
+FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    pgpipe.unsubscribe(text),
+    pgpipe.snapshot(text),
+    pgpipe.cancel_snapshot(text)
+TO pgpipe_producer;
