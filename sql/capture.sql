@@ -679,3 +679,31 @@ BEGIN
 END $$;
 CREATE EVENT TRIGGER pgpipe_forget_dropped_tables ON sql_drop
     EXECUTE FUNCTION pgpipe.forget_dropped_tables();
+
+-- ATTACH PARTITION of a subscribed table under a subscribed one (at any level) is
+-- refused, as subscribing either of them then is (pgpipe.check_partitions): the parent's
+-- capture covers the new partition, so its changes would be captured twice. (In trigger
+-- mode Postgres usually refuses first: the parent's trigger clone collides by name.)
+CREATE FUNCTION pgpipe.refuse_double_capture() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    child regclass;
+    parent regclass;
+BEGIN
+    SELECT s.relid, p.relid INTO child, parent
+    FROM pgpipe.subscription s
+    CROSS JOIN LATERAL pg_partition_ancestors(s.relid) a
+    JOIN pgpipe.subscription p ON p.relid = a.relid
+    WHERE a.relid <> s.relid
+    ORDER BY s.relid
+    LIMIT 1;
+    IF child IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot make % a partition of %: both are subscribed', child, parent
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = format('A subscription of %s captures the changes of its partitions, so those of %s would be captured twice.', parent, child),
+                  HINT = format('Unsubscribe one of the two first: SELECT pgpipe.unsubscribe(%L);', child::text);
+    END IF;
+END $$;
+CREATE EVENT TRIGGER pgpipe_refuse_double_capture ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION pgpipe.refuse_double_capture();

@@ -2507,3 +2507,35 @@ GRANT EXECUTE ON FUNCTION
     pgpipe.snapshot(text),
     pgpipe.cancel_snapshot(text)
 TO pgpipe_producer;
+
+--------------------------------------------------------------------------------
+-- ATTACH PARTITION of a subscribed table under a subscribed one is refused (issue 17)
+--------------------------------------------------------------------------------
+-- ATTACH PARTITION of a subscribed table under a subscribed one (at any level) is
+-- refused, as subscribing either of them then is (pgpipe.check_partitions): the parent's
+-- capture covers the new partition, so its changes would be captured twice. (In trigger
+-- mode Postgres usually refuses first: the parent's trigger clone collides by name.)
+CREATE FUNCTION pgpipe.refuse_double_capture() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    child regclass;
+    parent regclass;
+BEGIN
+    SELECT s.relid, p.relid INTO child, parent
+    FROM pgpipe.subscription s
+    CROSS JOIN LATERAL pg_partition_ancestors(s.relid) a
+    JOIN pgpipe.subscription p ON p.relid = a.relid
+    WHERE a.relid <> s.relid
+    ORDER BY s.relid
+    LIMIT 1;
+    IF child IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot make % a partition of %: both are subscribed', child, parent
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = format('A subscription of %s captures the changes of its partitions, so those of %s would be captured twice.', parent, child),
+                  HINT = format('Unsubscribe one of the two first: SELECT pgpipe.unsubscribe(%L);', child::text);
+    END IF;
+END $$;
+CREATE EVENT TRIGGER pgpipe_refuse_double_capture ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION pgpipe.refuse_double_capture();
+REVOKE ALL ON FUNCTION pgpipe.refuse_double_capture() FROM PUBLIC;

@@ -217,6 +217,36 @@ async fn a_partition_and_its_parent_cannot_both_be_subscribed() {
             "{sql}: {e}"
         );
     }
+    // Attaching a subscribed table under a subscribed one is refused the same way, in
+    // WAL mode too (where no trigger name collides), and leaves both as they were.
+    run(
+        &client,
+        "CREATE TABLE {t}_sa (id int NOT NULL, region text NOT NULL, name text, total numeric(10,2), PRIMARY KEY (id, region));
+         SELECT pgpipe.subscribe('{t}_sa', mode => 'wal');",
+        "pr_a",
+    )
+    .await;
+    let e = refused("ALTER TABLE pr_a ATTACH PARTITION pr_a_sa FOR VALUES IN ('sa')".into()).await;
+    assert!(
+        e.contains("cannot make public.pr_a_sa a partition of public.pr_a: both are subscribed (SQLSTATE 55000)")
+            && e.contains("SELECT pgpipe.unsubscribe('public.pr_a_sa');"),
+        "{e}"
+    );
+    let attached = client
+        .query_one(
+            "SELECT count(*) FROM pg_inherits WHERE inhrelid = 'pr_a_sa'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(attached, 0, "the ATTACH was rolled back");
+    run(
+        &client,
+        "SELECT pgpipe.unsubscribe('{t}_sa'); DROP TABLE {t}_sa",
+        "pr_a",
+    )
+    .await;
     // Nothing changed; subscribing the same table again still works, and once the
     // partition is unsubscribed, its parent can be.
     let subscribed: Vec<String> = client
