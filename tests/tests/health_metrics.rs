@@ -85,7 +85,15 @@ async fn metrics_parse_and_health_follows_postgres() {
         .spawn();
     let addr = http_addr(&fwd, "metrics").await;
 
-    assert!(wait_until(WAIT, async || health(addr).await.0 == 200).await);
+    // The server answers before the pipeline has registered its parts (no part yet: 200,
+    // "up"), so wait for the detector to be up.
+    assert!(
+        wait_until(WAIT, async || {
+            let (code, body) = health(addr).await;
+            code == 200 && body["components"]["detector"] == "up"
+        })
+        .await
+    );
     let (_, body) = health(addr).await;
     assert_eq!(body["status"], "up");
     for part in ["detector", "bus", "stdout"] {
