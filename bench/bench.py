@@ -2,7 +2,7 @@
 """pgpipe benchmarks (issue 7). Run through `make bench` (or scripts/bench.sh).
 
 Modules: common (settings), cluster (its Postgres), processes (forwarder, sinks,
-receivers), phases (the measurements), delivery (webhook, drain and live fan-out at
+receivers), phases (the measurements, with capture and decoding mixed in), delivery (webhook, drain and live fan-out at
 scale, issue 13), scale (NATS and consumer groups), report (BENCHMARKS.md).
 
 Starts a Postgres 15 of its own (initdb in a temp dir as the `postgres` OS user, a free

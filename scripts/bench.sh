@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmarks (issue 7): `make bench` installs the extension, builds the release
 # forwarder and runs this. It starts a Postgres of its own (never the machine's), runs the
-# phases in bench/phases.py (entry bench/bench.py), prints a report, writes bench/results/<stamp>.json and the
+# phases in bench/phases.py, capture.py, decoding.py, delivery.py, scale.py, snapshot.py (entry bench/bench.py), prints a report, writes bench/results/<stamp>.json and the
 # generated part of BENCHMARKS.md. Parameters come from the environment (BENCH_*; see
 # bench/common.py and BENCHMARKS.md), e.g. a longer run:
 #   BENCH_CAPTURE_SECS=20 BENCH_ROUNDS=5 make bench
