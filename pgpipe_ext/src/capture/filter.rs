@@ -39,14 +39,9 @@ function_info_v1!(pg_finfo_pgpipe_when_filter_sql);
 pub unsafe extern "C-unwind" fn pgpipe_row_filter_sql(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
-    // SAFETY: a STRICT function of three arguments: all three are set and not null; the
-    // first and third are varlenas (pg_node_tree, text), the second an oid.
+    // SAFETY: called by the fmgr as the STRICT function above.
     unsafe {
-        let args = (*fcinfo).args.as_slice(3);
-        let tree = pg_sys::text_to_cstring(args[0].value.cast_mut_ptr());
-        let relid = pg_sys::Oid::from(args[1].value.value() as u32);
-        let alias = pg_sys::text_to_cstring(args[2].value.cast_mut_ptr());
-        let node = pg_sys::stringToNode(tree) as *mut pg_sys::Node;
+        let (node, relid, alias) = arguments(fcinfo);
         pg_sys::Datum::from(pg_sys::cstring_to_text(deparse(node, relid, alias)))
     }
 }
@@ -58,13 +53,10 @@ pub unsafe extern "C-unwind" fn pgpipe_row_filter_sql(
 pub unsafe extern "C-unwind" fn pgpipe_when_filter_sql(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
-    // SAFETY: as pgpipe_row_filter_sql; `isnull` is the result's null flag.
+    // SAFETY: called by the fmgr as the STRICT function above; `isnull` is the result's
+    // null flag.
     unsafe {
-        let args = (*fcinfo).args.as_slice(3);
-        let tree = pg_sys::text_to_cstring(args[0].value.cast_mut_ptr());
-        let relid = pg_sys::Oid::from(args[1].value.value() as u32);
-        let alias = pg_sys::text_to_cstring(args[2].value.cast_mut_ptr());
-        let when = pg_sys::stringToNode(tree) as *mut pg_sys::Node;
+        let (when, relid, alias) = arguments(fcinfo);
         match matched_filter(when) {
             Some(filter) => {
                 // The filter as one row: NEW's columns as OLD's (the context's table).
@@ -76,6 +68,29 @@ pub unsafe extern "C-unwind" fn pgpipe_when_filter_sql(
                 pg_sys::Datum::from(0usize)
             }
         }
+    }
+}
+
+/// The arguments both functions take: the tree (read back into nodes), the table and the
+/// alias (a C string).
+///
+/// # Safety
+/// `fcinfo` is the call of a STRICT function of (pg_node_tree, regclass, text): all three
+/// arguments are set and not null.
+unsafe fn arguments(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> (*mut pg_sys::Node, pg_sys::Oid, *const c_char) {
+    // SAFETY: see the contract; the first and third are varlenas, the second an oid.
+    unsafe {
+        let args = (*fcinfo).args.as_slice(3);
+        let tree = pg_sys::text_to_cstring(args[0].value.cast_mut_ptr());
+        let relid = pg_sys::Oid::from(args[1].value.value() as u32);
+        let alias = pg_sys::text_to_cstring(args[2].value.cast_mut_ptr());
+        (
+            pg_sys::stringToNode(tree) as *mut pg_sys::Node,
+            relid,
+            alias,
+        )
     }
 }
 
