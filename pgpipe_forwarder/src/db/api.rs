@@ -287,12 +287,12 @@ impl<'a> QueueClient<'a> {
         let statement = self
             .prepared(&self.read, &sql)
             .await
-            .map_err(Error::pg(describe()))?;
+            .map_err(|e| Error::pg(describe())(e))?;
         let rows = self
             .client
             .query(statement, &[&consumer, &position, &limit])
             .await
-            .map_err(Error::pg(describe()))?;
+            .map_err(|e| Error::pg(describe())(e))?;
         queue_rows(&rows)
     }
 
@@ -302,11 +302,11 @@ impl<'a> QueueClient<'a> {
         let statement = self
             .prepared(&self.ack, "SELECT pgpipe.ack($1, $2)")
             .await
-            .map_err(Error::pg(describe()))?;
+            .map_err(|e| Error::pg(describe())(e))?;
         self.client
             .execute(statement, &[&consumer, &position])
             .await
-            .map_err(Error::pg(describe()))?;
+            .map_err(|e| Error::pg(describe())(e))?;
         Ok(())
     }
 
@@ -346,12 +346,12 @@ impl<'a> QueueClient<'a> {
         let statement = self
             .prepared(&self.read_group, &sql)
             .await
-            .map_err(Error::pg(describe()))?;
+            .map_err(|e| Error::pg(describe())(e))?;
         let rows = self
             .client
             .query(statement, &[&member, &position, &limit])
             .await
-            .map_err(Error::pg(describe()))?;
+            .map_err(|e| Error::pg(describe())(e))?;
         queue_rows(&rows)
     }
 
