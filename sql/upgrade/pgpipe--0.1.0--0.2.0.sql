@@ -704,8 +704,9 @@ DROP FUNCTION pgpipe.subscribe(regclass, text, text[], text, boolean);
 
 -- Reads up to max_events events after a position (default: the consumer's acknowledged
 -- one). Every row carries the position just after it; ack the last row's position once
--- its events are handled. When there is nothing to deliver, one row comes back with only
--- a position (id IS NULL): acking it lets the consumer move on.
+-- its events are handled. When the batch ends (fewer than max_events events, or none),
+-- a last row comes back with only a position (id IS NULL): acking it moves the consumer
+-- on to the next batch.
 CREATE FUNCTION pgpipe.read(consumer text, after text DEFAULT NULL, max_events integer DEFAULT 1000)
 RETURNS TABLE (
     "position"  text,
@@ -724,6 +725,7 @@ DECLARE
     c pgpipe.consumers;
     chans text[];
     pos pgpipe.read_position;
+    prefix text;
     rows_returned integer;
 BEGIN
     IF max_events IS NULL OR max_events < 1 THEN
@@ -742,26 +744,22 @@ BEGIN
         pos.last_id := NULL;
     END IF;
 
-    RETURN QUERY
-    WITH page AS (
-        SELECT * FROM pgpipe.batch_first_page(pos.prev, pos.cur, chans, max_events)
-        WHERE pos.last_id IS NULL
-        UNION ALL
-        SELECT * FROM pgpipe.batch_page_after(pos.prev, pos.cur, pos.last_id, chans, max_events)
-        WHERE pos.last_id IS NOT NULL
-    ), numbered AS (
-        SELECT p.*, row_number() OVER (ORDER BY p.id) AS n, count(*) OVER () AS total
-        FROM page p
-    )
-    SELECT CASE WHEN nb.n = nb.total AND nb.total < max_events
-                THEN pos.cur::text || '//'
-                ELSE pos.prev::text || '/' || pos.cur::text || '/' || nb.id::text END,
-           nb.id, nb.channel, nb.operation, nb.payload, nb.source, nb.created_at, nb.xid, nb.lsn, nb.key
-    FROM numbered nb
-    ORDER BY nb.id;
+    -- The page comes in the order its function returns it (id order: the function scan
+    -- reads its result as produced), so it is not sorted again; the position's snapshots
+    -- are printed once per page, not per row.
+    prefix := pos.prev::text || '/' || pos.cur::text || '/';
+    IF pos.last_id IS NULL THEN
+        RETURN QUERY SELECT prefix || p.id::text, p.id, p.channel, p.operation, p.payload,
+                            p.source, p.created_at, p.xid, p.lsn, p.key
+                     FROM pgpipe.batch_first_page(pos.prev, pos.cur, chans, max_events) p;
+    ELSE
+        RETURN QUERY SELECT prefix || p.id::text, p.id, p.channel, p.operation, p.payload,
+                            p.source, p.created_at, p.xid, p.lsn, p.key
+                     FROM pgpipe.batch_page_after(pos.prev, pos.cur, pos.last_id, chans, max_events) p;
+    END IF;
     GET DIAGNOSTICS rows_returned = ROW_COUNT;
 
-    IF rows_returned = 0 THEN
+    IF rows_returned < max_events THEN
         -- The batch is finished: the next one starts after `cur`.
         RETURN QUERY SELECT pos.cur::text || '//', NULL::uuid, NULL::text, NULL::text, NULL::jsonb,
                             NULL::text, NULL::timestamptz, NULL::xid8, NULL::pg_lsn, NULL::jsonb;
