@@ -194,6 +194,15 @@ impl QueueDetector {
         let (client, mut notifications) = db::connect(&self.url).await?;
         reconnect.reached();
         self.check_extension(&client).await?;
+        // An ack is a commit; waiting for its WAL flush held the next read (same
+        // connection) behind an fsync on every page. An ack lost in a crash of Postgres
+        // only delivers its events again (at-least-once, receivers deduplicate on the
+        // id); it can never skip one, and retention cannot outrun it (WAL is flushed in
+        // order, so a durable rotate() implies the acks before it are durable).
+        client
+            .batch_execute("SET synchronous_commit = off")
+            .await
+            .map_err(Error::pg("set synchronous_commit for acks"))?;
         let queue = QueueClient::new(&client);
         let acked = match &self.group {
             Some(group) => match self.join(&client, group, health, reconnect, cancel).await? {
