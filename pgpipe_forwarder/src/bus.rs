@@ -1,8 +1,9 @@
 //! Fan-out of events to adapters: one bounded channel per adapter; publishing never blocks.
 //!
 //! Durable adapters get a channel as large as the detector's in-flight window, so with the
-//! detector's flow control their channel cannot fill. Live adapters (sse, ws) get
-//! `bus.buffer_size` and lose events when they fall behind; the loss is counted.
+//! detector's flow control their channel cannot fill. Live adapters (stdout, sse, ws) get
+//! `bus.buffer_size` and lose events when they fall behind; the loss is counted. (sse and
+//! ws then buffer per client: `sse.client_buffer`, `websocket.client_buffer`.)
 //!
 //! Each output has a [`Route`]: an event outside it is not sent there, and the detector's
 //! in-flight window counts it as finished by that adapter ([`Bus::routed_durables`]).

@@ -206,11 +206,11 @@ async fn a_restarted_forwarder_replays_from_the_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_client_does_not_delay_the_others() {
     let db = subscribed_table("sse_stalled").await;
-    // Small batches and per-client buffers (bus.buffer_size) so the test is quick.
+    // Small batches and per-client buffers (sse.client_buffer) so the test is quick.
     let fwd = start(
         &db,
         &[
-            ("PGPIPE_BUS_BUFFER_SIZE", "500"),
+            ("PGPIPE_SSE_CLIENT_BUFFER", "500"),
             ("PGPIPE_DETECTOR_BATCH_SIZE", "100"),
         ],
     );

@@ -259,14 +259,20 @@ pub struct Hubs {
 
 impl Hubs {
     /// Hubs for the live adapters in `config.adapters`. Each client buffers up to
-    /// `bus.buffer_size` events; sse keeps `sse.replay_buffer` events for replay.
+    /// `sse.client_buffer` (`websocket.client_buffer`) events; sse keeps
+    /// `sse.replay_buffer` events for replay.
     pub fn new(config: &crate::config::Config) -> Hubs {
-        let buffer = config.bus.buffer_size;
         Hubs {
-            sse: config
-                .has_adapter("sse")
-                .then(|| Hub::new("sse", buffer, config.sse.replay_buffer)),
-            ws: config.has_adapter("ws").then(|| Hub::new("ws", buffer, 0)),
+            sse: config.has_adapter("sse").then(|| {
+                Hub::new(
+                    "sse",
+                    config.sse.client_buffer,
+                    config.sse.replay_buffer,
+                )
+            }),
+            ws: config
+                .has_adapter("ws")
+                .then(|| Hub::new("ws", config.websocket.client_buffer, 0)),
         }
     }
 

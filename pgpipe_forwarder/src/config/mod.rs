@@ -223,6 +223,12 @@ pub struct BusConfig {
     pub buffer_size: usize,
 }
 
+/// Default events buffered per live client (`sse.client_buffer`, `websocket.client_buffer`):
+/// ten seconds at 1,000 events/s, so a client whose task waits for a busy CPU catches up
+/// instead of losing events (`bus.buffer_size`'s 1,024, the original's, lost some with
+/// 1,000 clients on two cores: BENCHMARKS.md, issue 13).
+pub const LIVE_CLIENT_BUFFER: usize = 10_000;
+
 /// SSE adapter and HTTP server settings (`sse.*`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -246,6 +252,10 @@ pub struct SseConfig {
     pub replay_buffer: usize,
     /// Most events one `Last-Event-ID` replay from the queue sends.
     pub replay_max: usize,
+    /// Events buffered for each connected client; a client further behind loses the
+    /// overflow (counted). The events are shared, so a deep buffer costs memory only
+    /// while a client lags.
+    pub client_buffer: usize,
 }
 
 /// WebSocket adapter settings (`websocket.*`).
@@ -258,6 +268,8 @@ pub struct WebsocketConfig {
     /// A client silent (no pong, no message) for this long is disconnected.
     #[serde(with = "humantime_serde")]
     pub pong_timeout: Duration,
+    /// Events buffered for each connected client (as `sse.client_buffer`).
+    pub client_buffer: usize,
 }
 
 impl Default for Config {
@@ -332,6 +344,7 @@ impl Default for SseConfig {
             auth_token: Secret::default(),
             replay_buffer: 10_000,
             replay_max: 10_000,
+            client_buffer: LIVE_CLIENT_BUFFER,
         }
     }
 }
@@ -341,6 +354,7 @@ impl Default for WebsocketConfig {
         WebsocketConfig {
             ping_interval: Duration::from_secs(15),
             pong_timeout: Duration::from_secs(45),
+            client_buffer: LIVE_CLIENT_BUFFER,
         }
     }
 }

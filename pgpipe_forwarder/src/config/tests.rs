@@ -516,6 +516,9 @@ fn validation_errors() {
     c.bus.buffer_size = 0;
     assert!(err_of(&c).starts_with("bus.buffer_size must be at least 1"));
     let mut c = valid();
+    c.websocket.client_buffer = 0;
+    assert!(err_of(&c).starts_with("websocket.client_buffer must be at least 1"));
+    let mut c = valid();
     c.webhook.max_retries = 0;
     assert!(err_of(&c).starts_with("webhook.max_retries must be at least 1"));
 

@@ -64,6 +64,12 @@ impl Config {
         at_least("detector.batch_size", u64::from(d.batch_size), 1)?;
         at_least("detector.max_in_flight", d.max_in_flight as u64, 1)?;
         at_least("bus.buffer_size", self.bus.buffer_size as u64, 1)?;
+        at_least("sse.client_buffer", self.sse.client_buffer as u64, 1)?;
+        at_least(
+            "websocket.client_buffer",
+            self.websocket.client_buffer as u64,
+            1,
+        )?;
 
         nonzero("detector.poll_interval", d.poll_interval)?;
         if d.group_member_timeout < Duration::from_secs(1) {
