@@ -8,6 +8,7 @@ use pgrx::prelude::*;
 
 mod capture;
 mod guc;
+mod queue;
 mod shared;
 mod status;
 mod uuid7;
