@@ -1,11 +1,13 @@
 //! The payload of a change event, `{"op", "schema", "table", "row", "old"}` (plus
 //! `"unchanged_toast"` from WAL capture when the WAL left values out), made by one
-//! `to_jsonb` of a blessed envelope record: jsonb sorts keys and turns NULL into JSON
-//! null, so it is exactly what `jsonb_build_object('op', ..., 'row', ..., 'old', ...)`
-//! gives. The trigger's `row`/`old` fields are its tuples (records, converted by that same
-//! call); the worker's are already jsonb (converted as the table's owner), which
-//! `to_jsonb` embeds as they are. Nothing here runs user code: the envelope's own fields
-//! are text and jsonb.
+//! jsonb construction that sorts keys and turns NULL into JSON null, so it is exactly what
+//! `jsonb_build_object('op', ..., 'row', ..., 'old', ...)` gives. The trigger's `row`/`old`
+//! are its tuples (records), converted by one `to_jsonb` of a blessed envelope record
+//! with them as fields. The worker's are already jsonb (converted as the table's owner):
+//! its envelope is pushed value by value into a jsonb parse state (`pushJsonbValue`, what
+//! `jsonb_build_object` and `to_jsonb` do inside), the strings as they are and the rows
+//! embedded, without `to_jsonb`'s per-field type lookups and output function calls.
+//! Nothing here runs user code.
 
 use std::ffi::CStr;
 use std::ptr;
@@ -18,10 +20,6 @@ struct JsonState {
     to_jsonb: *mut pg_sys::FmgrInfo,
     /// `(op text, schema text, "table" text, "row" record, old record)`, the trigger's.
     records: pg_sys::TupleDesc,
-    /// `(op text, schema text, "table" text, "row" jsonb, old jsonb)`, the worker's.
-    jsonb: pg_sys::TupleDesc,
-    /// The worker's with `unchanged_toast jsonb` after `old`.
-    jsonb_toast: pg_sys::TupleDesc,
 }
 
 thread_local! {
@@ -74,28 +72,17 @@ unsafe fn json_state() -> &'static JsonState {
         );
         (*flinfo).fn_expr = call.cast();
 
-        let head = [
+        let records = blessed(&[
             (c"op", pg_sys::TEXTOID),
             (c"schema", pg_sys::TEXTOID),
             (c"table", pg_sys::TEXTOID),
-        ];
-        let with = |rest: &[(&'static CStr, pg_sys::Oid)]| {
-            let fields: Vec<(&CStr, pg_sys::Oid)> = head.iter().chain(rest).copied().collect();
-            blessed(&fields)
-        };
-        let records = with(&[(c"row", pg_sys::RECORDOID), (c"old", pg_sys::RECORDOID)]);
-        let jsonb = with(&[(c"row", pg_sys::JSONBOID), (c"old", pg_sys::JSONBOID)]);
-        let jsonb_toast = with(&[
-            (c"row", pg_sys::JSONBOID),
-            (c"old", pg_sys::JSONBOID),
-            (c"unchanged_toast", pg_sys::JSONBOID),
+            (c"row", pg_sys::RECORDOID),
+            (c"old", pg_sys::RECORDOID),
         ]);
         pg_sys::MemoryContextSwitchTo(old_cxt);
         let state: &'static JsonState = Box::leak(Box::new(JsonState {
             to_jsonb: flinfo,
             records,
-            jsonb,
-            jsonb_toast,
         }));
         state
     };
@@ -129,42 +116,6 @@ pub struct Change<'a> {
 /// # Safety
 /// Inside a transaction; `row`/`old` are composite datums without external values.
 pub unsafe fn records_payload(change: &Change<'_>) -> pg_sys::Datum {
-    // SAFETY: see the contract.
-    unsafe {
-        let state = json_state();
-        payload(state, state.records, change, None)
-    }
-}
-
-/// The worker's payload: `row`/`old` are jsonb, and `unchanged_toast` (a jsonb array of
-/// column names) is there only when given.
-///
-/// # Safety
-/// Inside a transaction; the datums are jsonb, not toasted.
-pub unsafe fn jsonb_payload(
-    change: &Change<'_>,
-    unchanged_toast: Option<pg_sys::Datum>,
-) -> pg_sys::Datum {
-    // SAFETY: see the contract.
-    unsafe {
-        let state = json_state();
-        let desc = if unchanged_toast.is_some() {
-            state.jsonb_toast
-        } else {
-            state.jsonb
-        };
-        payload(state, desc, change, unchanged_toast)
-    }
-}
-
-/// # Safety
-/// `desc` is one of `state`'s envelopes, with the toast field iff `toast` is Some.
-unsafe fn payload(
-    state: &JsonState,
-    desc: pg_sys::TupleDesc,
-    change: &Change<'_>,
-    toast: Option<pg_sys::Datum>,
-) -> pg_sys::Datum {
     let text = |s: &[u8]| {
         // SAFETY: copies len bytes into a new palloc'd text.
         pg_sys::Datum::from(unsafe {
@@ -178,7 +129,6 @@ unsafe fn payload(
         text(change.table),
         change.row.unwrap_or(null),
         change.old.unwrap_or(null),
-        toast.unwrap_or(null),
     ];
     let mut nulls = [
         false,
@@ -186,14 +136,73 @@ unsafe fn payload(
         false,
         change.row.is_none(),
         change.old.is_none(),
-        toast.is_none(),
     ];
-    // SAFETY: the descriptor has 5 or 6 fields, the arrays at least as many; the
-    // envelope holds no external values (the rows were flattened, jsonb is built in
-    // memory), so its header is a valid composite datum as it is.
+    // SAFETY: the envelope has 5 fields; it holds no external values (the rows were
+    // flattened), so its header is a valid composite datum as it is.
     unsafe {
-        let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        let state = json_state();
+        let tuple = pg_sys::heap_form_tuple(state.records, values.as_mut_ptr(), nulls.as_mut_ptr());
         let envelope = pg_sys::Datum::from((*tuple).t_data);
         pg_sys::FunctionCall1Coll(state.to_jsonb, pg_sys::InvalidOid, envelope)
+    }
+}
+
+/// The worker's payload: `row`/`old` are jsonb, and `unchanged_toast` (a jsonb array of
+/// column names) is there only when given.
+///
+/// # Safety
+/// Inside a transaction; the datums are jsonb with a 4-byte header (built in memory, not
+/// toasted).
+pub unsafe fn jsonb_payload(
+    change: &Change<'_>,
+    unchanged_toast: Option<pg_sys::Datum>,
+) -> pg_sys::Datum {
+    use pg_sys::JsonbIteratorToken::{WJB_BEGIN_OBJECT, WJB_END_OBJECT, WJB_KEY, WJB_VALUE};
+    let string = |s: &[u8]| {
+        // SAFETY: a plain C struct, all-zero is valid; the bytes outlive the parse state
+        // (JsonbValueToJsonb copies them).
+        unsafe {
+            let mut v: pg_sys::JsonbValue = std::mem::zeroed();
+            v.type_ = pg_sys::jbvType::jbvString;
+            v.val.string.len = s.len() as i32;
+            v.val.string.val = s.as_ptr().cast_mut().cast();
+            v
+        }
+    };
+    let jsonb = |datum: Option<pg_sys::Datum>| {
+        // SAFETY: as above; a jsonb's root container, embedded (pushJsonbValue unpacks it).
+        let mut v: pg_sys::JsonbValue = unsafe { std::mem::zeroed() };
+        match datum {
+            None => v.type_ = pg_sys::jbvType::jbvNull,
+            Some(datum) => unsafe {
+                let jsonb = datum.cast_mut_ptr::<pg_sys::Jsonb>();
+                v.type_ = pg_sys::jbvType::jbvBinary;
+                v.val.binary.len = pgrx::varsize_any_exhdr(jsonb.cast()) as i32;
+                v.val.binary.data = &raw mut (*jsonb).root;
+            },
+        }
+        v
+    };
+    let mut fields = [
+        (&b"op"[..], string(change.op)),
+        (b"schema", string(change.schema)),
+        (b"table", string(change.table)),
+        (b"row", jsonb(change.row)),
+        (b"old", jsonb(change.old)),
+        (b"unchanged_toast", jsonb(unchanged_toast)),
+    ];
+    let count = if unchanged_toast.is_some() { 6 } else { 5 };
+    // SAFETY: the parse state and the values live in the current memory context until
+    // the result is built; every value pushed is valid (see above).
+    unsafe {
+        let mut state: *mut pg_sys::JsonbParseState = ptr::null_mut();
+        pg_sys::pushJsonbValue(&mut state, WJB_BEGIN_OBJECT, ptr::null_mut());
+        for (key, value) in &mut fields[..count] {
+            let mut key = string(key);
+            pg_sys::pushJsonbValue(&mut state, WJB_KEY, &mut key);
+            pg_sys::pushJsonbValue(&mut state, WJB_VALUE, value);
+        }
+        let object = pg_sys::pushJsonbValue(&mut state, WJB_END_OBJECT, ptr::null_mut());
+        pg_sys::Datum::from(pg_sys::JsonbValueToJsonb(object))
     }
 }

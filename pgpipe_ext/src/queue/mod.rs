@@ -358,11 +358,8 @@ impl Queue {
         }
     }
 
-    /// Inserts one event (allocating in the current memory context).
-    ///
-    /// # Safety
-    /// The transaction that opened the queue, which is still open; the datums are valid.
-    pub unsafe fn insert(&mut self, event: &Event<'_>) {
+    /// The partition's columns for an event.
+    fn row(&self, event: &Event<'_>) -> ([pg_sys::Datum; MAX_COLUMNS], [bool; MAX_COLUMNS]) {
         let id = pgrx::IntoDatum::into_datum(event.id).expect("a uuid datum is never NULL");
         // SAFETY: a plain clock read; the default of created_at is clock_timestamp().
         let now = unsafe { pg_sys::GetCurrentTimestamp() };
@@ -401,6 +398,15 @@ impl Queue {
                 None => {}
             }
         }
+        (values, nulls)
+    }
+
+    /// Inserts one event (allocating in the current memory context).
+    ///
+    /// # Safety
+    /// The transaction that opened the queue, which is still open; the datums are valid.
+    pub unsafe fn insert(&mut self, event: &Event<'_>) {
+        let (mut values, mut nulls) = self.row(event);
         // SAFETY: values/nulls match the partition's descriptor; the relations are open.
         unsafe {
             let tuple = pg_sys::heap_form_tuple(
@@ -409,7 +415,11 @@ impl Queue {
                 nulls.as_mut_ptr(),
             );
             pg_sys::heap_insert(self.part, tuple, self.cid, 0, std::ptr::null_mut());
-            self.insert_index_entries(tuple, &values[..self.natts], &nulls[..self.natts]);
+            self.insert_index_entries(
+                &raw mut (*tuple).t_self,
+                &values[..self.natts],
+                &nulls[..self.natts],
+            );
         }
     }
 
@@ -432,11 +442,11 @@ impl Queue {
     /// does for plain column indexes (the queue's: its primary key and the xid index).
     ///
     /// # Safety
-    /// `tuple` was just inserted into the partition (t_self is its TID); `values`/`nulls`
-    /// are its columns.
+    /// `tid` is that of a tuple just inserted into the partition; `values`/`nulls` are its
+    /// columns.
     unsafe fn insert_index_entries(
         &self,
-        tuple: pg_sys::HeapTuple,
+        tid: pg_sys::ItemPointer,
         values: &[pg_sys::Datum],
         nulls: &[bool],
     ) {
@@ -460,7 +470,7 @@ impl Queue {
                     index,
                     ivalues.as_mut_ptr(),
                     inulls.as_mut_ptr(),
-                    &raw mut (*tuple).t_self,
+                    tid,
                     self.part,
                     check,
                     false,

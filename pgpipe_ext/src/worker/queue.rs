@@ -270,8 +270,8 @@ impl Writer {
         // into `row_cx`, reset after each row.
         unsafe {
             let mut queue = Queue::open();
-            for event in &pending {
-                row_cx.switch_to(|_| insert(&mut queue, converter, event));
+            for p in &pending {
+                row_cx.switch_to(|_| queue.insert(&event(p, queue_row(converter, p))));
                 row_cx.reset();
             }
             queue.close();
@@ -294,12 +294,12 @@ fn new_cx(name: &str) -> PgMemoryContexts {
     unsafe { PgMemoryContexts::TopMemoryContext.switch_to(|_| PgMemoryContexts::new(name)) }
 }
 
-/// Builds one pending event's row and inserts it (allocating in the current context).
-///
-/// # Safety
-/// `queue` is open in the current transaction; the event's datums are valid.
-unsafe fn insert(queue: &mut Queue, converter: &mut Converter, event: &Pending) {
-    let (payload, source, key) = match &event.body {
+/// A pending event's payload, source and key (allocated in the current context).
+fn queue_row(
+    converter: &mut Converter,
+    event: &Pending,
+) -> (pg_sys::Datum, Source, Option<pg_sys::Datum>) {
+    match &event.body {
         Body::Change {
             schema,
             table,
@@ -325,19 +325,23 @@ unsafe fn insert(queue: &mut Queue, converter: &mut Converter, event: &Pending) 
             // SAFETY: a jsonb datum just built (not toasted).
             unsafe { emitted(message) }
         }
-    };
-    // SAFETY: see the contract.
-    unsafe {
-        queue.insert(&Event {
-            id: event.id,
-            channel: event.channel.as_bytes(),
-            operation: event.operation.as_bytes(),
-            payload,
-            source,
-            lsn: Some(event.lsn),
-            key,
-        })
-    };
+    }
+}
+
+/// The queue row of a pending event.
+fn event(
+    event: &Pending,
+    (payload, source, key): (pg_sys::Datum, Source, Option<pg_sys::Datum>),
+) -> Event<'_> {
+    Event {
+        id: event.id,
+        channel: event.channel.as_bytes(),
+        operation: event.operation.as_bytes(),
+        payload,
+        source,
+        lsn: Some(event.lsn),
+        key,
+    }
 }
 
 /// The payload, source and key of an emitted event, from its message (a jsonb object):
