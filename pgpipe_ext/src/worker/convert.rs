@@ -251,3 +251,41 @@ impl Converter {
         desc
     }
 }
+
+/// The fields `names` of a jsonb object (a converted row) as a new jsonb object, in the
+/// current memory context; None when one of them is missing. A change's key is its row's
+/// primary-key fields: the same values converted once, with no input, output or cast
+/// function run a second time.
+///
+/// # Safety
+/// `object` is a jsonb datum with a 4-byte header (built in memory, not toasted).
+pub unsafe fn object_fields(object: pg_sys::Datum, names: &[String]) -> Option<pg_sys::Datum> {
+    use pg_sys::JsonbIteratorToken::{WJB_BEGIN_OBJECT, WJB_END_OBJECT, WJB_KEY, WJB_VALUE};
+    // SAFETY: the object's root container; found values point into it, and the new
+    // object copies them (JsonbValueToJsonb) before the function returns.
+    unsafe {
+        let root = &raw mut (*object.cast_mut_ptr::<pg_sys::Jsonb>()).root;
+        let mut state: *mut pg_sys::JsonbParseState = std::ptr::null_mut();
+        pg_sys::pushJsonbValue(&mut state, WJB_BEGIN_OBJECT, std::ptr::null_mut());
+        for name in names {
+            let mut value: pg_sys::JsonbValue = std::mem::zeroed();
+            let found = pg_sys::getKeyJsonValueFromContainer(
+                root,
+                name.as_ptr().cast(),
+                name.len() as i32,
+                &mut value,
+            );
+            if found.is_null() {
+                return None;
+            }
+            let mut key: pg_sys::JsonbValue = std::mem::zeroed();
+            key.type_ = pg_sys::jbvType::jbvString;
+            key.val.string.len = name.len() as i32;
+            key.val.string.val = name.as_ptr().cast_mut().cast();
+            pg_sys::pushJsonbValue(&mut state, WJB_KEY, &mut key);
+            pg_sys::pushJsonbValue(&mut state, WJB_VALUE, &mut value);
+        }
+        let result = pg_sys::pushJsonbValue(&mut state, WJB_END_OBJECT, std::ptr::null_mut());
+        Some(pg_sys::Datum::from(pg_sys::JsonbValueToJsonb(result)))
+    }
+}

@@ -7,9 +7,9 @@
 //! envelope `{"op", "schema", "table", "row", "old"}` (plus `unchanged_toast`, a JSON
 //! array of column names, when the WAL left values out; see
 //! [`envelope`](crate::queue::envelope)), source `wal`, the change's LSN in `lsn`, and as
-//! `key` `to_jsonb` of the primary-key columns of `row` (converted with the row, see
-//! [`Writer::write`]), NULL when the table has none, for TRUNCATE, or when the image lacks
-//! a key column. Events sent by `pgpipe.emit()` keep the message's `payload` (JSON null
+//! `key` the primary-key fields of `row` (what `to_jsonb` of those columns gives, taken
+//! out of the converted row, see [`Writer::write`]), NULL when the table has none, for
+//! TRUNCATE, or when the image lacks a key column. Events sent by `pgpipe.emit()` keep the message's `payload` (JSON null
 //! when it has none) and its `key` when that is an object; those of schema changes
 //! (sql/ddl.sql, `"source": "ddl"` in the message) get source `ddl`, the others `emit`.
 //! Building and inserting the rows calls only built-in code (text and jsonb), as the
@@ -173,19 +173,6 @@ impl Writer {
             }
             change.unchanged_toast.retain(|name| columns.contains(name));
         }
-        // The key: the primary-key columns of the row (after the column choice), all of
-        // them or none.
-        let key_image: Option<Vec<(usize, &Value)>> = match (&target.key_columns, &change.row) {
-            (Some(names), Some(row)) if !names.is_empty() => names
-                .iter()
-                .map(|name| {
-                    row.iter()
-                        .copied()
-                        .find(|&(i, _)| rel.columns[i].name == *name)
-                })
-                .collect(),
-            _ => None,
-        };
         let converter = &mut self.converter;
         let convert = |converter: &mut Converter, image: Option<&[(usize, &Value)]>| {
             image.map(|image| {
@@ -197,14 +184,21 @@ impl Writer {
             })
         };
         let cx = self.cx.get_or_insert_with(|| new_cx("pgpipe wal batch"));
-        // SAFETY: the datums are allocated in `cx`, which is reset only after their insert.
+        // SAFETY: the datums are allocated in `cx`, which is reset only after their
+        // insert; `row` is a jsonb datum just built.
         let (row, old, key) = unsafe {
             cx.switch_to(|_| {
-                (
-                    convert(converter, change.row.as_deref()),
-                    convert(converter, change.old.as_deref()),
-                    convert(converter, key_image.as_deref()),
-                )
+                let row = convert(converter, change.row.as_deref());
+                let old = convert(converter, change.old.as_deref());
+                // The key: the primary-key fields of the row (after the column choice),
+                // all of them or none.
+                let key = match (&target.key_columns, row) {
+                    (Some(names), Some(row)) if !names.is_empty() => {
+                        super::convert::object_fields(row, names)
+                    }
+                    _ => None,
+                };
+                (row, old, key)
             })
         };
         let namespace = if rel.namespace.is_empty() {
