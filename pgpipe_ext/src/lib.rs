@@ -8,6 +8,7 @@ use pgrx::prelude::*;
 
 mod capture;
 mod guc;
+mod jsonb;
 mod queue;
 mod shared;
 mod status;

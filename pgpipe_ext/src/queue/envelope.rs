@@ -14,6 +14,8 @@ use std::ptr;
 
 use pgrx::pg_sys;
 
+use crate::jsonb;
+
 /// Per-backend state of the JSON conversion, allocated once in TopMemoryContext.
 struct JsonState {
     /// `to_jsonb(record)`, with a call expression telling it its argument is a record.
@@ -157,52 +159,18 @@ pub unsafe fn jsonb_payload(
     change: &Change<'_>,
     unchanged_toast: Option<pg_sys::Datum>,
 ) -> pg_sys::Datum {
-    use pg_sys::JsonbIteratorToken::{WJB_BEGIN_OBJECT, WJB_END_OBJECT, WJB_KEY, WJB_VALUE};
-    let string = |s: &[u8]| {
-        // SAFETY: a plain C struct, all-zero is valid; the bytes outlive the parse state
-        // (JsonbValueToJsonb copies them).
-        unsafe {
-            let mut v: pg_sys::JsonbValue = std::mem::zeroed();
-            v.type_ = pg_sys::jbvType::jbvString;
-            v.val.string.len = s.len() as i32;
-            v.val.string.val = s.as_ptr().cast_mut().cast();
-            v
-        }
-    };
-    let jsonb = |datum: Option<pg_sys::Datum>| {
-        // SAFETY: as above; a jsonb's root container, embedded (pushJsonbValue unpacks it).
-        let mut v: pg_sys::JsonbValue = unsafe { std::mem::zeroed() };
-        match datum {
-            None => v.type_ = pg_sys::jbvType::jbvNull,
-            Some(datum) => unsafe {
-                let jsonb = datum.cast_mut_ptr::<pg_sys::Jsonb>();
-                v.type_ = pg_sys::jbvType::jbvBinary;
-                v.val.binary.len = pgrx::varsize_any_exhdr(jsonb.cast()) as i32;
-                v.val.binary.data = &raw mut (*jsonb).root;
-            },
-        }
-        v
-    };
-    let mut fields = [
-        (&b"op"[..], string(change.op)),
-        (b"schema", string(change.schema)),
-        (b"table", string(change.table)),
-        (b"row", jsonb(change.row)),
-        (b"old", jsonb(change.old)),
-        (b"unchanged_toast", jsonb(unchanged_toast)),
-    ];
-    let count = if unchanged_toast.is_some() { 6 } else { 5 };
-    // SAFETY: the parse state and the values live in the current memory context until
-    // the result is built; every value pushed is valid (see above).
+    // SAFETY: the values point to the change's strings and datums, which outlive the
+    // object; the datums are jsonb (see the contract).
     unsafe {
-        let mut state: *mut pg_sys::JsonbParseState = ptr::null_mut();
-        pg_sys::pushJsonbValue(&mut state, WJB_BEGIN_OBJECT, ptr::null_mut());
-        for (key, value) in &mut fields[..count] {
-            let mut key = string(key);
-            pg_sys::pushJsonbValue(&mut state, WJB_KEY, &mut key);
-            pg_sys::pushJsonbValue(&mut state, WJB_VALUE, value);
+        let mut object = jsonb::Object::new();
+        object.push(b"op", &mut jsonb::string(change.op));
+        object.push(b"schema", &mut jsonb::string(change.schema));
+        object.push(b"table", &mut jsonb::string(change.table));
+        object.push(b"row", &mut jsonb::embedded(change.row));
+        object.push(b"old", &mut jsonb::embedded(change.old));
+        if unchanged_toast.is_some() {
+            object.push(b"unchanged_toast", &mut jsonb::embedded(unchanged_toast));
         }
-        let object = pg_sys::pushJsonbValue(&mut state, WJB_END_OBJECT, ptr::null_mut());
-        pg_sys::Datum::from(pg_sys::JsonbValueToJsonb(object))
+        object.finish()
     }
 }

@@ -16,6 +16,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use super::pgoutput::{Datum as Value, Relation};
+use crate::jsonb;
 
 /// The search_path user code sees while the worker converts values (what Postgres 17's
 /// `RestrictSearchPath()` sets for maintenance commands).
@@ -260,32 +261,13 @@ impl Converter {
 /// # Safety
 /// `object` is a jsonb datum with a 4-byte header (built in memory, not toasted).
 pub unsafe fn object_fields(object: pg_sys::Datum, names: &[String]) -> Option<pg_sys::Datum> {
-    use pg_sys::JsonbIteratorToken::{WJB_BEGIN_OBJECT, WJB_END_OBJECT, WJB_KEY, WJB_VALUE};
-    // SAFETY: the object's root container; found values point into it, and the new
-    // object copies them (JsonbValueToJsonb) before the function returns.
+    // SAFETY: the found values point into `object` and the keys into `names`, both valid
+    // until the new object is built (which copies them).
     unsafe {
-        let root = &raw mut (*object.cast_mut_ptr::<pg_sys::Jsonb>()).root;
-        let mut state: *mut pg_sys::JsonbParseState = std::ptr::null_mut();
-        pg_sys::pushJsonbValue(&mut state, WJB_BEGIN_OBJECT, std::ptr::null_mut());
+        let mut key = jsonb::Object::new();
         for name in names {
-            let mut value: pg_sys::JsonbValue = std::mem::zeroed();
-            let found = pg_sys::getKeyJsonValueFromContainer(
-                root,
-                name.as_ptr().cast(),
-                name.len() as i32,
-                &mut value,
-            );
-            if found.is_null() {
-                return None;
-            }
-            let mut key: pg_sys::JsonbValue = std::mem::zeroed();
-            key.type_ = pg_sys::jbvType::jbvString;
-            key.val.string.len = name.len() as i32;
-            key.val.string.val = name.as_ptr().cast_mut().cast();
-            pg_sys::pushJsonbValue(&mut state, WJB_KEY, &mut key);
-            pg_sys::pushJsonbValue(&mut state, WJB_VALUE, &mut value);
+            key.push(name.as_bytes(), &mut jsonb::field(object, name.as_bytes())?);
         }
-        let result = pg_sys::pushJsonbValue(&mut state, WJB_END_OBJECT, std::ptr::null_mut());
-        Some(pg_sys::Datum::from(pg_sys::JsonbValueToJsonb(result)))
+        Some(key.finish())
     }
 }

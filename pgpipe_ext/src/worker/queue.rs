@@ -23,6 +23,7 @@ use pgrx::PgMemoryContexts;
 
 use super::convert::{Converter, Restricted};
 use super::pgoutput::{Datum as Value, Relation};
+use crate::jsonb;
 use crate::queue::{envelope, Event, Queue, Source};
 
 /// Events per insert batch.
@@ -347,28 +348,14 @@ fn event(
 pub(crate) unsafe fn emitted(
     message: pg_sys::Datum,
 ) -> (pg_sys::Datum, Source, Option<pg_sys::Datum>) {
-    // SAFETY: a jsonb's root container; the found values point into it and are copied
-    // into new jsonb datums (in the current memory context).
+    // SAFETY: the found values point into the message and are copied into new jsonb
+    // datums (in the current memory context).
     unsafe {
-        let root = &raw mut (*message.cast_mut_ptr::<pg_sys::Jsonb>()).root;
-        let field = |name: &str| {
-            let mut value: pg_sys::JsonbValue = std::mem::zeroed();
-            let found = pg_sys::getKeyJsonValueFromContainer(
-                root,
-                name.as_ptr().cast(),
-                name.len() as i32,
-                &mut value,
-            );
-            (!found.is_null()).then_some(value)
+        let payload = match jsonb::field(message, b"payload") {
+            Some(mut value) => jsonb::datum(&mut value),
+            None => jsonb::datum(&mut jsonb::embedded(None)),
         };
-        let payload = match field("payload") {
-            Some(mut value) => pg_sys::Datum::from(pg_sys::JsonbValueToJsonb(&mut value)),
-            None => pg_sys::Datum::from(pg_sys::JsonbValueToJsonb(&mut pg_sys::JsonbValue {
-                type_: pg_sys::jbvType::jbvNull,
-                ..std::mem::zeroed()
-            })),
-        };
-        let source = match field("source") {
+        let source = match jsonb::field(message, b"source") {
             Some(value)
                 if value.type_ == pg_sys::jbvType::jbvString
                     && std::slice::from_raw_parts(
@@ -380,12 +367,12 @@ pub(crate) unsafe fn emitted(
             }
             _ => Source::Emit,
         };
-        let key = match field("key") {
+        let key = match jsonb::field(message, b"key") {
             Some(mut value)
                 if value.type_ == pg_sys::jbvType::jbvBinary
                     && (*value.val.binary.data).header & pg_sys::JB_FOBJECT != 0 =>
             {
-                Some(pg_sys::Datum::from(pg_sys::JsonbValueToJsonb(&mut value)))
+                Some(jsonb::datum(&mut value))
             }
             _ => None,
         };
