@@ -8,6 +8,8 @@ use pgrx::prelude::*;
 
 mod capture;
 mod guc;
+mod jsonb;
+mod queue;
 mod shared;
 mod status;
 mod uuid7;

@@ -707,4 +707,118 @@ mod tests {
             "((amount > (100)::numeric) OR (status = 'vip'::text))"
         );
     }
+
+    /// JSON text as a jsonb datum, by jsonb's input function (exact, unlike a round trip
+    /// through serde_json).
+    fn jsonb_datum(text: &str) -> pg_sys::Datum {
+        let text = std::ffi::CString::new(text).unwrap();
+        let mut input = pg_sys::Oid::INVALID;
+        let mut io_param = pg_sys::Oid::INVALID;
+        // SAFETY: out-parameters, then jsonb's input function on a NUL-terminated string.
+        unsafe {
+            pg_sys::getTypeInputInfo(pg_sys::JSONBOID, &mut input, &mut io_param);
+            pg_sys::OidInputFunctionCall(input, text.as_ptr().cast_mut(), io_param, -1)
+        }
+    }
+
+    /// True when the datum (jsonb) equals the SQL expression `expected` (same jsonb).
+    fn jsonb_is(datum: pg_sys::Datum, expected: &str) -> bool {
+        // SAFETY: a jsonb datum built in this transaction.
+        let arg = unsafe { pgrx::datum::DatumWithOid::new(datum, pg_sys::JSONBOID) };
+        Spi::get_one_with_args::<bool>(
+            &format!("SELECT $1 = ({expected}) AND $1::text = ({expected})::text"),
+            &[arg],
+        )
+        .unwrap()
+        .unwrap()
+    }
+
+    /// The WAL worker's payload without SQL is what its batch INSERT built with
+    /// `jsonb_build_object`: `row`/`old` embedded as JSON (not quoted), NULL as null,
+    /// `unchanged_toast` only when given.
+    #[pg_test]
+    fn wal_payload_is_the_jsonb_build_object_envelope() {
+        use crate::queue::envelope;
+        let row_text =
+            r#"{"id": 1, "n": 1.000000000000000000001, "doc": {"k": [1, "x"]}, "s": "a\"b"}"#;
+        let old_text = r#"{"id": 1}"#;
+        let row = jsonb_datum(row_text);
+        let old = jsonb_datum(old_text);
+        let toast = jsonb_datum(r#"["doc"]"#);
+        let change = |old| envelope::Change {
+            op: b"UPDATE",
+            schema: b"shop",
+            table: b"orders \"x\"",
+            row: Some(row),
+            old,
+        };
+        // The SQL the worker ran before (worker/queue.rs INSERT_SQL).
+        let build = |old: &str, toast: Option<&str>| {
+            format!(
+                "pg_catalog.jsonb_build_object('op', 'UPDATE', 'schema', 'shop', 'table', 'orders \"x\"', \
+                 'row', '{row_text}'::jsonb, 'old', {old}{})",
+                toast.map(|t| format!(", 'unchanged_toast', '{t}'::jsonb")).unwrap_or_default()
+            )
+        };
+        // SAFETY: jsonb datums of this transaction.
+        unsafe {
+            let payload = envelope::jsonb_payload(&change(Some(old)), None);
+            assert!(jsonb_is(
+                payload,
+                &build(&format!("'{old_text}'::jsonb"), None)
+            ));
+            let payload = envelope::jsonb_payload(&change(None), None);
+            assert!(jsonb_is(payload, &build("NULL::jsonb", None)));
+            let payload = envelope::jsonb_payload(&change(None), Some(toast));
+            assert!(jsonb_is(payload, &build("NULL::jsonb", Some(r#"["doc"]"#))));
+        }
+    }
+
+    /// An emitted message's payload, source and key, taken out without SQL, are what the
+    /// batch INSERT took out with `->`, `->>` and `jsonb_typeof`.
+    #[pg_test]
+    fn emitted_message_fields_are_those_sql_took_out() {
+        use crate::queue::Source;
+        let messages = [
+            r#"{"channel": "c", "operation": "EMIT", "payload": {"n": 1.000000000000000000001, "a": [1, null]}, "key": {"id": 7}}"#,
+            r#"{"channel": "c", "operation": "EMIT", "payload": 3, "key": 5, "source": "ddl"}"#,
+            r#"{"channel": "c", "operation": "EMIT", "payload": "text", "source": ["ddl"]}"#,
+            r#"{"channel": "c", "operation": "EMIT", "payload": null, "key": null, "source": null}"#,
+            r#"{"channel": "c", "operation": "EMIT", "key": {}}"#,
+        ];
+        for message in messages {
+            let m = format!("'{message}'::jsonb");
+            let datum = jsonb_datum(message);
+            // SAFETY: a jsonb datum just built.
+            let (payload, source, key) = unsafe { crate::worker::queue::emitted(datum) };
+            assert!(
+                jsonb_is(
+                    payload,
+                    &format!("coalesce({m} -> 'payload', 'null'::jsonb)")
+                ),
+                "{message}"
+            );
+            let ddl = Spi::get_one::<bool>(&format!(
+                "SELECT coalesce(({m} ->> 'source') = 'ddl', false)"
+            ))
+            .unwrap()
+            .unwrap();
+            assert_eq!(
+                source,
+                if ddl { Source::Ddl } else { Source::Emit },
+                "{message}"
+            );
+            let sql_key =
+                format!("CASE WHEN jsonb_typeof({m} -> 'key') = 'object' THEN {m} -> 'key' END");
+            match key {
+                Some(key) => assert!(jsonb_is(key, &sql_key), "{message}"),
+                None => assert!(
+                    Spi::get_one::<bool>(&format!("SELECT ({sql_key}) IS NULL"))
+                        .unwrap()
+                        .unwrap(),
+                    "{message}"
+                ),
+            }
+        }
+    }
 }

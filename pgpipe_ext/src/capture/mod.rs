@@ -28,7 +28,6 @@
 
 mod key;
 mod origin;
-mod queue;
 mod shape;
 
 use std::ffi::{c_char, CStr};
@@ -36,6 +35,8 @@ use std::ptr;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+
+use crate::queue::{self, envelope};
 
 /// What the trigger fired for.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -107,7 +108,7 @@ pub unsafe extern "C-unwind" fn pgpipe_capture_truncate(
 }
 
 /// Raises a Postgres ERROR with a SQLSTATE.
-fn raise(code: PgSqlErrorCode, message: String) -> ! {
+pub(crate) fn raise(code: PgSqlErrorCode, message: String) -> ! {
     pg_sys::panic::ErrorReport::new(code, message, "pgpipe capture").report(PgLogLevel::ERROR);
     unreachable!("ERROR does not return")
 }
@@ -228,8 +229,17 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, row_level: bool) -> pg_sys::
         }
     };
     // User code (casts, output functions) runs here, before any queue relation is open.
-    // SAFETY: the names are NUL-terminated strings valid for this call.
-    let payload = unsafe { envelope_to_jsonb(op, schema, table, row, old) };
+    // SAFETY: the names are NUL-terminated strings valid for this call; the rows are
+    // flattened composite datums.
+    let payload = unsafe {
+        envelope::records_payload(&envelope::Change {
+            op: op.name().as_bytes(),
+            schema: CStr::from_ptr(schema).to_bytes(),
+            table: CStr::from_ptr(table).to_bytes(),
+            row,
+            old,
+        })
+    };
     // The key of the row the event is about: its `row` (the new row, the old one for
     // DELETE).
     // SAFETY: the tuple is a row of rel, valid for the trigger call.
@@ -242,13 +252,23 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, row_level: bool) -> pg_sys::
         match columns {
             Some(columns) if !tuple.is_null() => {
                 let captured = projection.as_ref().map(|p| p.attnums.as_slice());
-                key::key_jsonb(rel, tuple, columns, captured, json_state().to_jsonb)
+                key::key_jsonb(rel, tuple, columns, captured, envelope::to_jsonb_record())
             }
             _ => None,
         }
     };
     // SAFETY: called inside the writer's transaction, in a trigger.
-    unsafe { queue::insert_event(channel, op.name(), payload, key) };
+    unsafe {
+        queue::insert_event(&queue::Event {
+            id: crate::uuid7::uuid_generate_v7(),
+            channel: channel.to_bytes(),
+            operation: op.name().as_bytes(),
+            payload,
+            source: queue::Source::Trigger,
+            lsn: None,
+            key,
+        })
+    };
     crate::shared::mark_wakeup();
     // AFTER triggers return NULL (a null pointer, not an SQL NULL).
     pg_sys::Datum::from(0)
@@ -263,107 +283,4 @@ fn parse_attnums(text: &CStr) -> Option<Option<Vec<i32>>> {
         .map(|n| n.parse::<i32>().ok().filter(|&n| n > 0))
         .collect::<Option<_>>()?;
     Some((!attnums.is_empty()).then_some(attnums))
-}
-
-/// Per-backend state of the JSON conversion, allocated once in TopMemoryContext.
-struct JsonState {
-    /// `to_jsonb(record)`, with a call expression telling it its argument is a record.
-    to_jsonb: *mut pg_sys::FmgrInfo,
-    /// The envelope record `(op text, schema text, "table" text, "row" record, old record)`,
-    /// blessed so that `to_jsonb` can look it up by its typmod.
-    envelope: pg_sys::TupleDesc,
-}
-
-thread_local! {
-    static JSON_STATE: std::cell::Cell<Option<&'static JsonState>> = const { std::cell::Cell::new(None) };
-}
-
-/// # Safety
-/// Call inside a transaction (catalog lookups).
-unsafe fn json_state() -> &'static JsonState {
-    if let Some(state) = JSON_STATE.get() {
-        return state;
-    }
-    // SAFETY: allocations in TopMemoryContext live as long as the backend; the catalog
-    // lookups (fmgr_info, TupleDescInitEntry) need a transaction, which triggers have.
-    let state = unsafe {
-        let old_cxt = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
-        let flinfo =
-            pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>()) as *mut pg_sys::FmgrInfo;
-        pg_sys::fmgr_info_cxt(
-            pg_sys::Oid::from(pg_sys::F_TO_JSONB),
-            flinfo,
-            pg_sys::TopMemoryContext,
-        );
-        // to_jsonb(anyelement) reads its argument's type from the call expression.
-        let arg = pg_sys::makeNullConst(pg_sys::RECORDOID, -1, pg_sys::InvalidOid);
-        let args = pg_sys::lappend(ptr::null_mut(), arg.cast());
-        let call = pg_sys::makeFuncExpr(
-            pg_sys::Oid::from(pg_sys::F_TO_JSONB),
-            pg_sys::JSONBOID,
-            args,
-            pg_sys::InvalidOid,
-            pg_sys::InvalidOid,
-            pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
-        );
-        (*flinfo).fn_expr = call.cast();
-
-        let envelope = pg_sys::CreateTemplateTupleDesc(5);
-        let fields: [(&CStr, pg_sys::Oid); 5] = [
-            (c"op", pg_sys::TEXTOID),
-            (c"schema", pg_sys::TEXTOID),
-            (c"table", pg_sys::TEXTOID),
-            (c"row", pg_sys::RECORDOID),
-            (c"old", pg_sys::RECORDOID),
-        ];
-        for (i, (name, typid)) in fields.iter().enumerate() {
-            pg_sys::TupleDescInitEntry(envelope, (i + 1) as i16, name.as_ptr(), *typid, -1, 0);
-        }
-        let envelope = pg_sys::BlessTupleDesc(envelope);
-        pg_sys::MemoryContextSwitchTo(old_cxt);
-        let state: &'static JsonState = Box::leak(Box::new(JsonState {
-            to_jsonb: flinfo,
-            envelope,
-        }));
-        state
-    };
-    JSON_STATE.set(Some(state));
-    state
-}
-
-/// The event's payload: `{"op", "schema", "table", "row", "old"}` as jsonb.
-///
-/// # Safety
-/// `schema` and `table` are NUL-terminated; `row`/`old` are composite datums.
-unsafe fn envelope_to_jsonb(
-    op: Op,
-    schema: *const c_char,
-    table: *const c_char,
-    row: Option<pg_sys::Datum>,
-    old: Option<pg_sys::Datum>,
-) -> pg_sys::Datum {
-    // SAFETY: see the function's contract; the datums are palloc'd in the trigger's
-    // per-call memory context.
-    unsafe {
-        let state = json_state();
-        let text = |s: *const c_char| pg_sys::Datum::from(pg_sys::cstring_to_text(s));
-        let op_name = op.name();
-        let mut values = [
-            pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
-                op_name.as_ptr().cast(),
-                op_name.len() as i32,
-            )),
-            text(schema),
-            text(table),
-            row.unwrap_or(pg_sys::Datum::from(0)),
-            old.unwrap_or(pg_sys::Datum::from(0)),
-        ];
-        let mut nulls = [false, false, false, row.is_none(), old.is_none()];
-        let tuple =
-            pg_sys::heap_form_tuple(state.envelope, values.as_mut_ptr(), nulls.as_mut_ptr());
-        // The envelope holds no external values (the rows were flattened), so its header
-        // is a valid composite datum as it is.
-        let envelope = pg_sys::Datum::from((*tuple).t_data);
-        pg_sys::FunctionCall1Coll(state.to_jsonb, pg_sys::InvalidOid, envelope)
-    }
 }

@@ -16,13 +16,11 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use super::pgoutput::{Datum as Value, Relation};
+use crate::jsonb;
 
 /// The search_path user code sees while the worker converts values (what Postgres 17's
 /// `RestrictSearchPath()` sets for maintenance commands).
 const SAFE_SEARCH_PATH: &CStr = c"pg_catalog, pg_temp";
-
-/// `to_jsonb(anyelement)` in pg_proc.
-const TO_JSONB_OID: u32 = 3787;
 
 /// A security-restricted operation as a given role: the current user is that role, the
 /// security context forbids what SECURITY DEFINER code must not do (SET ROLE, temporary
@@ -93,6 +91,7 @@ type Shape = (u32, Vec<usize>);
 /// Converts images of rows to jsonb; caches the type input functions and one record
 /// descriptor per image shape. Everything it caches lives in its own long-lived memory
 /// context.
+#[derive(Default)]
 pub struct Converter {
     /// Child of TopMemoryContext, made on first use.
     cx: Option<pgrx::PgMemoryContexts>,
@@ -100,23 +99,8 @@ pub struct Converter {
     inputs: HashMap<u32, (*mut pg_sys::FmgrInfo, pg_sys::Oid)>,
     /// A blessed record descriptor (in `cx`) per image shape.
     shapes: HashMap<Shape, pg_sys::TupleDesc>,
-    /// `to_jsonb` with a call expression saying its argument is a record (it looks at
-    /// the expression to learn its argument's type).
-    to_jsonb: *mut pg_sys::FmgrInfo,
     /// Reused buffer for NUL-terminated values.
     text: Vec<u8>,
-}
-
-impl Default for Converter {
-    fn default() -> Self {
-        Self {
-            cx: None,
-            inputs: HashMap::new(),
-            shapes: HashMap::new(),
-            to_jsonb: std::ptr::null_mut(),
-            text: Vec::new(),
-        }
-    }
 }
 
 impl Converter {
@@ -143,7 +127,6 @@ impl Converter {
     pub fn reset(&mut self) {
         self.inputs.clear();
         self.shapes.clear();
-        self.to_jsonb = std::ptr::null_mut();
         if let Some(cx) = self.cx.as_mut() {
             // SAFETY: nothing refers to the context's memory any more (cleared above).
             unsafe { cx.reset() };
@@ -170,10 +153,10 @@ impl Converter {
                 Value::Binary(_) => error!("pgpipe worker: unexpected binary column value"),
             }
         }
-        let to_jsonb = self.jsonb_function();
         // SAFETY: `desc` has one attribute per value, of the value's type; the tuple and
         // the result are allocated in the current memory context.
         unsafe {
+            let to_jsonb = crate::queue::envelope::to_jsonb_record();
             let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
             let record = pg_sys::HeapTupleHeaderGetDatum((*tuple).t_data);
             pg_sys::FunctionCall1Coll(to_jsonb, pg_sys::InvalidOid, record)
@@ -195,7 +178,12 @@ impl Converter {
             })
             .collect();
         let text = serde_json::Value::Object(object).to_string();
-        self.input(pg_sys::JSONBOID.to_u32(), &text)
+        self.jsonb(&text)
+    }
+
+    /// JSON text as a jsonb datum (Postgres's jsonb input; built-in code only).
+    pub fn jsonb(&mut self, text: &str) -> pg_sys::Datum {
+        self.input(pg_sys::JSONBOID.to_u32(), text)
     }
 
     /// A column's text back into a datum, with its type's input function.
@@ -263,31 +251,23 @@ impl Converter {
         self.shapes.insert(key, desc);
         desc
     }
+}
 
-    fn jsonb_function(&mut self) -> *mut pg_sys::FmgrInfo {
-        if self.to_jsonb.is_null() {
-            // SAFETY: built in `cx`: the function's FmgrInfo and a call expression whose
-            // one argument is a (null) record constant.
-            let cx = self.cx();
-            self.to_jsonb = unsafe {
-                cx.switch_to(|cx| {
-                    let finfo = cx.palloc0_struct::<pg_sys::FmgrInfo>();
-                    pg_sys::fmgr_info_cxt(TO_JSONB_OID.into(), finfo, cx.value());
-                    let arg = pg_sys::makeNullConst(pg_sys::RECORDOID, -1, pg_sys::InvalidOid);
-                    let args = pg_sys::lappend(std::ptr::null_mut(), arg.cast());
-                    let call = pg_sys::makeFuncExpr(
-                        TO_JSONB_OID.into(),
-                        pg_sys::JSONBOID,
-                        args,
-                        pg_sys::InvalidOid,
-                        pg_sys::InvalidOid,
-                        pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
-                    );
-                    (*finfo).fn_expr = call.cast();
-                    finfo
-                })
-            };
+/// The fields `names` of a jsonb object (a converted row) as a new jsonb object, in the
+/// current memory context; None when one of them is missing. A change's key is its row's
+/// primary-key fields: the same values converted once, with no input, output or cast
+/// function run a second time.
+///
+/// # Safety
+/// `object` is a jsonb datum with a 4-byte header (built in memory, not toasted).
+pub unsafe fn object_fields(object: pg_sys::Datum, names: &[String]) -> Option<pg_sys::Datum> {
+    // SAFETY: the found values point into `object` and the keys into `names`, both valid
+    // until the new object is built (which copies them).
+    unsafe {
+        let mut key = jsonb::Object::new();
+        for name in names {
+            key.push(name.as_bytes(), &mut jsonb::field(object, name.as_bytes())?);
         }
-        self.to_jsonb
+        Some(key.finish())
     }
 }

@@ -13,7 +13,7 @@
 pub use pgpipe_pgoutput as pgoutput;
 mod convert;
 mod decoder;
-mod queue;
+pub(crate) mod queue;
 mod snapshot;
 pub mod wal;
 

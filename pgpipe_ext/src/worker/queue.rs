@@ -1,59 +1,33 @@
 //! Writing WAL events into the queue in batches: the changes of a read are converted one
-//! by one (as their table's owner, see [`convert`](super::convert)) and inserted with
-//! one multi-row INSERT (arrays unnested) per [`FLUSH_ROWS`] events, as the worker.
+//! by one (as their table's owner, see [`convert`](super::convert)) and every
+//! [`FLUSH_ROWS`] events are inserted, as the worker, straight into the queue partition
+//! ([`crate::queue`], as the capture trigger writes it: no SQL, no SPI).
+//!
+//! Each event is what trigger mode queues: ids minted by the worker in commit order, the
+//! envelope `{"op", "schema", "table", "row", "old"}` (plus `unchanged_toast`, a JSON
+//! array of column names, when the WAL left values out; see
+//! [`envelope`](crate::queue::envelope)), source `wal`, the change's LSN in `lsn`, and as
+//! `key` the primary-key fields of `row` (what `to_jsonb` of those columns gives, taken
+//! out of the converted row, see [`Writer::write`]), NULL when the table has none, for
+//! TRUNCATE, or when the image lacks a key column. Events sent by `pgpipe.emit()` keep the message's `payload` (JSON null
+//! when it has none) and its `key` when that is an object; those of schema changes
+//! (sql/ddl.sql, `"source": "ddl"` in the message) get source `ddl`, the others `emit`.
+//! Building and inserting the rows calls only built-in code (text and jsonb), as the
+//! worker: user code never runs with its rights.
 
 use std::collections::{HashMap, HashSet};
 
 use pgrx::prelude::*;
-use pgrx::spi::{OwnedPreparedStatement, SpiClient};
-use pgrx::{datum::DatumWithOid, PgMemoryContexts, PgOid};
+use pgrx::spi::SpiClient;
+use pgrx::PgMemoryContexts;
 
 use super::convert::{Converter, Restricted};
 use super::pgoutput::{Datum as Value, Relation};
+use crate::jsonb;
+use crate::queue::{envelope, Event, Queue, Source};
 
-/// Events per INSERT statement.
+/// Events per insert batch.
 pub const FLUSH_ROWS: usize = 500;
-
-/// The batch INSERT. Ids are minted by the worker in commit order; the envelope is the
-/// one trigger mode builds, plus `unchanged_toast` when the WAL left values out; the
-/// change's LSN goes into `lsn`. Events sent by `pgpipe.emit()` (`msg`) keep their payload
-/// and key; those of schema changes (sql/ddl.sql, `"source": "ddl"` in the message) get
-/// source `ddl`. A change's key (`key`, converted with the row, see [`Writer::write`]) is
-/// `to_jsonb` of the primary-key columns of `row` — what trigger mode gets — and NULL when
-/// the table has none, for TRUNCATE, or when the image lacks a key column.
-/// Everything it calls is built in and schema-qualified: it runs with the worker's
-/// rights, user code never.
-const INSERT_SQL: &str = "\
-INSERT INTO pgpipe.events (id, channel, operation, payload, source, lsn, key)
-SELECT u.id, u.channel, u.op,
-       CASE WHEN u.msg IS NOT NULL
-            THEN coalesce(
-                     (u.msg::pg_catalog.jsonb) OPERATOR(pg_catalog.->) 'payload'::pg_catalog.text,
-                     'null'::pg_catalog.jsonb)
-            WHEN u.toast IS NULL
-            THEN pg_catalog.jsonb_build_object('op', u.op, 'schema', u.sch, 'table', u.tbl,
-                     'row', u.rw, 'old', u.old)
-            ELSE pg_catalog.jsonb_build_object('op', u.op, 'schema', u.sch, 'table', u.tbl,
-                     'row', u.rw, 'old', u.old, 'unchanged_toast', u.toast::pg_catalog.jsonb)
-       END,
-       CASE WHEN u.msg IS NULL THEN 'wal'
-            WHEN ((u.msg::pg_catalog.jsonb) OPERATOR(pg_catalog.->>) 'source'::pg_catalog.text) = 'ddl'
-            THEN 'ddl'
-            ELSE 'emit' END,
-       u.lsn::pg_catalog.pg_lsn,
-       CASE WHEN u.msg IS NOT NULL
-            THEN CASE WHEN pg_catalog.jsonb_typeof((u.msg::pg_catalog.jsonb) OPERATOR(pg_catalog.->) 'key'::pg_catalog.text)
-                           OPERATOR(pg_catalog.=) 'object'::pg_catalog.text
-                      THEN (u.msg::pg_catalog.jsonb) OPERATOR(pg_catalog.->) 'key'::pg_catalog.text END
-            ELSE u.key
-       END
-FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]), pg_catalog.unnest($2::pg_catalog.text[]),
-               pg_catalog.unnest($3::pg_catalog.text[]), pg_catalog.unnest($4::pg_catalog.text[]),
-               pg_catalog.unnest($5::pg_catalog.text[]), pg_catalog.unnest($6::pg_catalog.jsonb[]),
-               pg_catalog.unnest($7::pg_catalog.jsonb[]), pg_catalog.unnest($8::pg_catalog.text[]),
-               pg_catalog.unnest($9::pg_catalog.text[]), pg_catalog.unnest($10::pg_catalog.text[]),
-               pg_catalog.unnest($11::pg_catalog.jsonb[]))
-     AS u(id, channel, op, sch, tbl, rw, old, toast, msg, lsn, key)";
 
 /// A subscription as the worker needs it.
 pub struct Target {
@@ -70,7 +44,7 @@ pub struct Target {
 
 /// One change to queue.
 pub struct Change<'a> {
-    pub lsn: &'a str,
+    pub lsn: u64,
     pub operation: &'static str,
     pub relation: &'a Relation,
     pub row: Option<Vec<(usize, &'a Value)>>,
@@ -78,41 +52,40 @@ pub struct Change<'a> {
     pub unchanged_toast: Vec<String>,
 }
 
-/// The events converted but not inserted yet, column by column.
-#[derive(Default)]
+/// An event converted but not inserted yet.
 struct Pending {
-    ids: Vec<pgrx::Uuid>,
-    channels: Vec<String>,
-    operations: Vec<String>,
-    schemas: Vec<Option<String>>,
-    tables: Vec<Option<String>>,
-    rows: Vec<Option<pg_sys::Datum>>,
-    olds: Vec<Option<pg_sys::Datum>>,
-    toast: Vec<Option<String>>,
-    messages: Vec<Option<String>>,
-    lsns: Vec<String>,
-    keys: Vec<Option<pg_sys::Datum>>,
+    id: pgrx::Uuid,
+    channel: String,
+    operation: String,
+    lsn: u64,
+    body: Body,
 }
 
-impl Pending {
-    fn len(&self) -> usize {
-        self.ids.len()
-    }
-
-    fn clear(&mut self) {
-        *self = Self::default();
-    }
+enum Body {
+    /// A row change; the datums (jsonb) live in the writer's batch context.
+    Change {
+        schema: String,
+        table: String,
+        row: Option<pg_sys::Datum>,
+        old: Option<pg_sys::Datum>,
+        /// `unchanged_toast` as JSON text.
+        toast: Option<String>,
+        key: Option<pg_sys::Datum>,
+    },
+    /// The text of a message `pgpipe.emit()` sent (a JSON object).
+    Emitted(String),
 }
 
 /// Queues events; keeps its caches across reads.
 #[derive(Default)]
 pub struct Writer {
     converter: Converter,
-    insert: Option<OwnedPreparedStatement>,
-    /// Holds the converted datums until their INSERT (child of TopMemoryContext, reset
-    /// after each INSERT and at the start of each read).
+    /// Holds the converted datums until they are inserted (child of TopMemoryContext,
+    /// reset after each batch and at the start of each read).
     cx: Option<PgMemoryContexts>,
-    pending: Pending,
+    /// What one queue row's insert allocates (child of TopMemoryContext, reset per row).
+    row_cx: Option<PgMemoryContexts>,
+    pending: Vec<Pending>,
     /// Converting as a table's owner right now.
     restricted: Option<Restricted>,
     /// Relations already warned about (owner unknown).
@@ -201,19 +174,6 @@ impl Writer {
             }
             change.unchanged_toast.retain(|name| columns.contains(name));
         }
-        // The key: the primary-key columns of the row (after the column choice), all of
-        // them or none.
-        let key_image: Option<Vec<(usize, &Value)>> = match (&target.key_columns, &change.row) {
-            (Some(names), Some(row)) if !names.is_empty() => names
-                .iter()
-                .map(|name| {
-                    row.iter()
-                        .copied()
-                        .find(|&(i, _)| rel.columns[i].name == *name)
-                })
-                .collect(),
-            _ => None,
-        };
         let converter = &mut self.converter;
         let convert = |converter: &mut Converter, image: Option<&[(usize, &Value)]>| {
             image.map(|image| {
@@ -224,15 +184,22 @@ impl Writer {
                 }
             })
         };
-        let cx = self.cx.get_or_insert_with(new_cx);
-        // SAFETY: the datums are allocated in `cx`, which is reset only after their INSERT.
+        let cx = self.cx.get_or_insert_with(|| new_cx("pgpipe wal batch"));
+        // SAFETY: the datums are allocated in `cx`, which is reset only after their
+        // insert; `row` is a jsonb datum just built.
         let (row, old, key) = unsafe {
             cx.switch_to(|_| {
-                (
-                    convert(converter, change.row.as_deref()),
-                    convert(converter, change.old.as_deref()),
-                    convert(converter, key_image.as_deref()),
-                )
+                let row = convert(converter, change.row.as_deref());
+                let old = convert(converter, change.old.as_deref());
+                // The key: the primary-key fields of the row (after the column choice),
+                // all of them or none.
+                let key = match (&target.key_columns, row) {
+                    (Some(names), Some(row)) if !names.is_empty() => {
+                        super::convert::object_fields(row, names)
+                    }
+                    _ => None,
+                };
+                (row, old, key)
             })
         };
         let namespace = if rel.namespace.is_empty() {
@@ -242,20 +209,22 @@ impl Writer {
         };
         let toast = (!change.unchanged_toast.is_empty())
             .then(|| serde_json::Value::from(change.unchanged_toast).to_string());
-        let p = &mut self.pending;
-        p.ids.push(crate::uuid7::uuid_generate_v7());
-        p.channels.push(channel);
-        p.operations.push(change.operation.to_string());
-        p.schemas.push(Some(namespace.to_string()));
-        p.tables.push(Some(rel.name.clone()));
-        p.rows.push(row);
-        p.olds.push(old);
-        p.toast.push(toast);
-        p.messages.push(None);
-        p.lsns.push(change.lsn.to_string());
-        p.keys.push(key);
+        self.pending.push(Pending {
+            id: crate::uuid7::uuid_generate_v7(),
+            channel,
+            operation: change.operation.to_string(),
+            lsn: change.lsn,
+            body: Body::Change {
+                schema: namespace.to_string(),
+                table: rel.name.clone(),
+                row,
+                old,
+                toast,
+                key,
+            },
+        });
         if self.pending.len() >= FLUSH_ROWS {
-            self.flush(client);
+            self.flush();
         }
         1
     }
@@ -264,91 +233,46 @@ impl Writer {
     /// checked: `channel` and `operation` are the message's).
     pub fn write_emitted(
         &mut self,
-        client: &mut SpiClient<'_>,
-        lsn: &str,
+        lsn: u64,
         channel: String,
         operation: String,
         message: String,
     ) -> u64 {
-        let p = &mut self.pending;
-        p.ids.push(crate::uuid7::uuid_generate_v7());
-        p.channels.push(channel);
-        p.operations.push(operation);
-        p.schemas.push(None);
-        p.tables.push(None);
-        p.rows.push(None);
-        p.olds.push(None);
-        p.toast.push(None);
-        p.messages.push(Some(message));
-        p.lsns.push(lsn.to_string());
-        p.keys.push(None);
+        self.pending.push(Pending {
+            id: crate::uuid7::uuid_generate_v7(),
+            channel,
+            operation,
+            lsn,
+            body: Body::Emitted(message),
+        });
         if self.pending.len() >= FLUSH_ROWS {
-            self.flush(client);
+            self.flush();
         }
         1
     }
 
-    /// Inserts the pending events (as the worker).
-    pub fn flush(&mut self, client: &mut SpiClient<'_>) {
+    /// Inserts the pending events (as the worker), in the order they were queued.
+    pub fn flush(&mut self) {
         self.unrestrict();
-        if self.pending.len() == 0 {
+        if self.pending.is_empty() {
             return;
         }
-        if self.insert.is_none() {
-            let text_array = PgOid::from(pg_sys::TEXTARRAYOID);
-            let jsonb_array = PgOid::from(pg_sys::JSONBARRAYOID);
-            let types = [
-                PgOid::from(pg_sys::UUIDARRAYOID),
-                text_array,
-                text_array,
-                text_array,
-                text_array,
-                jsonb_array,
-                jsonb_array,
-                text_array,
-                text_array,
-                text_array,
-                jsonb_array,
-            ];
-            let plan = client
-                .prepare_mut(INSERT_SQL, &types)
-                .unwrap_or_else(|e| error!("pgpipe worker: prepare the event insert: {e}"))
-                .keep();
-            self.insert = Some(plan);
+        let mut pending = std::mem::take(&mut self.pending);
+        let converter = &mut self.converter;
+        let row_cx = self.row_cx.get_or_insert_with(|| new_cx("pgpipe wal row"));
+        // SAFETY: inside the read's transaction, which may write; the pending datums live
+        // in the batch context until the reset below; what a row's insert allocates goes
+        // into `row_cx`, reset after each row.
+        unsafe {
+            let mut queue = Queue::open();
+            for p in &pending {
+                row_cx.switch_to(|_| queue.insert(&event(p, queue_row(converter, p))));
+                row_cx.reset();
+            }
+            queue.close();
         }
-        let pending = std::mem::take(&mut self.pending);
-        let cx = self.cx.get_or_insert_with(new_cx);
-        // SAFETY: the arrays are built in `cx` from datums that live there too; both stay
-        // until the reset after the INSERT.
-        let (rows, olds, keys) = unsafe {
-            cx.switch_to(|_| {
-                (
-                    jsonb_array(&pending.rows),
-                    jsonb_array(&pending.olds),
-                    jsonb_array(&pending.keys),
-                )
-            })
-        };
-        let args: Vec<DatumWithOid<'_>> = vec![
-            pending.ids.into(),
-            pending.channels.into(),
-            pending.operations.into(),
-            pending.schemas.into(),
-            pending.tables.into(),
-            // SAFETY: jsonb[] datums built above.
-            unsafe { DatumWithOid::new(rows, pg_sys::JSONBARRAYOID) },
-            unsafe { DatumWithOid::new(olds, pg_sys::JSONBARRAYOID) },
-            pending.toast.into(),
-            pending.messages.into(),
-            pending.lsns.into(),
-            // SAFETY: a jsonb[] datum built above.
-            unsafe { DatumWithOid::new(keys, pg_sys::JSONBARRAYOID) },
-        ];
-        let plan = self.insert.as_ref().expect("prepared above");
-        client
-            .update(plan, None, &args)
-            .unwrap_or_else(|e| error!("pgpipe worker: insert events: {e}"));
-        drop(args);
+        pending.clear();
+        self.pending = pending;
         self.reset_cx();
     }
 
@@ -360,36 +284,99 @@ impl Writer {
     }
 }
 
-fn new_cx() -> PgMemoryContexts {
+fn new_cx(name: &str) -> PgMemoryContexts {
     // SAFETY: TopMemoryContext lives as long as the process.
-    unsafe {
-        PgMemoryContexts::TopMemoryContext.switch_to(|_| PgMemoryContexts::new("pgpipe wal batch"))
+    unsafe { PgMemoryContexts::TopMemoryContext.switch_to(|_| PgMemoryContexts::new(name)) }
+}
+
+/// A pending event's payload, source and key (allocated in the current context).
+fn queue_row(
+    converter: &mut Converter,
+    event: &Pending,
+) -> (pg_sys::Datum, Source, Option<pg_sys::Datum>) {
+    match &event.body {
+        Body::Change {
+            schema,
+            table,
+            row,
+            old,
+            toast,
+            key,
+        } => {
+            let toast = toast.as_deref().map(|text| converter.jsonb(text));
+            let change = envelope::Change {
+                op: event.operation.as_bytes(),
+                schema: schema.as_bytes(),
+                table: table.as_bytes(),
+                row: *row,
+                old: *old,
+            };
+            // SAFETY: row/old/toast are jsonb datums built in memory.
+            let payload = unsafe { envelope::jsonb_payload(&change, toast) };
+            (payload, Source::Wal, *key)
+        }
+        Body::Emitted(message) => {
+            let message = converter.jsonb(message);
+            // SAFETY: a jsonb datum just built (not toasted).
+            unsafe { emitted(message) }
+        }
     }
 }
 
-/// A one-dimensional jsonb[] of the datums (None = NULL), in the current memory context.
-fn jsonb_array(values: &[Option<pg_sys::Datum>]) -> pg_sys::Datum {
-    let mut datums: Vec<pg_sys::Datum> = values
-        .iter()
-        .map(|v| v.unwrap_or(pg_sys::Datum::from(0usize)))
-        .collect();
-    let mut nulls: Vec<bool> = values.iter().map(Option::is_none).collect();
-    let mut dims = [i32::try_from(values.len()).unwrap_or(i32::MAX)];
-    let mut lbs = [1i32];
-    // SAFETY: datums, nulls and the dimension agree; jsonb is a varlena aligned on int.
+/// The queue row of a pending event.
+fn event(
+    event: &Pending,
+    (payload, source, key): (pg_sys::Datum, Source, Option<pg_sys::Datum>),
+) -> Event<'_> {
+    Event {
+        id: event.id,
+        channel: event.channel.as_bytes(),
+        operation: event.operation.as_bytes(),
+        payload,
+        source,
+        lsn: Some(event.lsn),
+        key,
+    }
+}
+
+/// The payload, source and key of an emitted event, from its message (a jsonb object):
+/// `message -> 'payload'` (JSON null when absent), `ddl` when `message ->> 'source'` is
+/// `ddl` (else `emit`), and `message -> 'key'` when it is an object.
+///
+/// # Safety
+/// `message` is an untoasted jsonb datum.
+pub(crate) unsafe fn emitted(
+    message: pg_sys::Datum,
+) -> (pg_sys::Datum, Source, Option<pg_sys::Datum>) {
+    // SAFETY: the found values point into the message and are copied into new jsonb
+    // datums (in the current memory context).
     unsafe {
-        let array = pg_sys::construct_md_array(
-            datums.as_mut_ptr(),
-            nulls.as_mut_ptr(),
-            1,
-            dims.as_mut_ptr(),
-            lbs.as_mut_ptr(),
-            pg_sys::JSONBOID,
-            -1,
-            false,
-            pg_sys::TYPALIGN_INT as std::ffi::c_char,
-        );
-        pg_sys::Datum::from(array)
+        let payload = match jsonb::field(message, b"payload") {
+            Some(mut value) => jsonb::datum(&mut value),
+            None => jsonb::datum(&mut jsonb::embedded(None)),
+        };
+        let source = match jsonb::field(message, b"source") {
+            Some(value)
+                if value.type_ == pg_sys::jbvType::jbvString
+                    && std::slice::from_raw_parts(
+                        value.val.string.val.cast::<u8>(),
+                        value.val.string.len as usize,
+                    ) == b"ddl" =>
+            {
+                Source::Ddl
+            }
+            _ => Source::Emit,
+        };
+        let key = match jsonb::field(message, b"key") {
+            Some(mut value)
+                if value.type_ == pg_sys::jbvType::jbvBinary
+                    && (*value.val.binary.data).header & pg_sys::JB_FOBJECT != 0 =>
+            {
+                Some(jsonb::datum(&mut value))
+            }
+            _ => None,
+        };
+        (payload, source, key)
     }
 }
 

@@ -226,8 +226,8 @@ impl WalCapture {
         writer.begin();
         let started = std::time::Instant::now();
         {
-            for (lsn, data) in &decoded.messages {
-                let lsn = format_lsn(*lsn);
+            for &(at, ref data) in &decoded.messages {
+                let lsn = format_lsn(at);
                 let lsn = lsn.as_str();
                 let decoded = pgoutput::decode(data).unwrap_or_else(|e| {
                     raise(
@@ -263,7 +263,7 @@ impl WalCapture {
                             continue;
                         };
                         let change = Change {
-                            lsn,
+                            lsn: at,
                             operation: "INSERT",
                             relation: rel,
                             row: Some(new.iter().enumerate().collect()),
@@ -280,7 +280,7 @@ impl WalCapture {
                         let Some(rel) = next_change(relations, &xact, relation) else {
                             continue;
                         };
-                        let change = update_change(lsn, rel, old.as_ref(), new);
+                        let change = update_change(at, rel, old.as_ref(), new);
                         events += writer.write(client, &mut targets, change);
                     }
                     Message::Delete { relation, ref old } => {
@@ -288,7 +288,7 @@ impl WalCapture {
                             continue;
                         };
                         let change = Change {
-                            lsn,
+                            lsn: at,
                             operation: "DELETE",
                             relation: rel,
                             row: Some(old_image(rel, old)),
@@ -306,7 +306,7 @@ impl WalCapture {
                                 continue;
                             };
                             let change = Change {
-                                lsn,
+                                lsn: at,
                                 operation: "TRUNCATE",
                                 relation: rel,
                                 row: None,
@@ -340,8 +340,7 @@ impl WalCapture {
                         // Transactional messages come inside their transaction.
                         if xact.as_ref().is_some_and(|x| !x.skip) {
                             if let Some((channel, operation, text)) = emitted_event(lsn, content) {
-                                events +=
-                                    writer.write_emitted(client, lsn, channel, operation, text);
+                                events += writer.write_emitted(at, channel, operation, text);
                             }
                         }
                     }
@@ -349,7 +348,7 @@ impl WalCapture {
                 }
             }
         }
-        writer.flush(client);
+        writer.flush();
 
         if let Some(end) = last_commit {
             record_progress(client, &slot, progress, end);
@@ -565,7 +564,7 @@ fn old_image<'a>(rel: &Relation, old: &'a OldTuple) -> Vec<(usize, &'a Value)> {
 }
 
 fn update_change<'a>(
-    lsn: &'a str,
+    lsn: Lsn,
     rel: &'a Relation,
     old: Option<&'a OldTuple>,
     new: &'a [Value],
@@ -645,7 +644,7 @@ mod tests {
             Value::UnchangedToast,
             Value::Text("x".into()),
         ];
-        let change = update_change("0/1", &rel, None, &new);
+        let change = update_change(1, &rel, None, &new);
         assert_eq!(change.unchanged_toast, vec!["doc".to_string()]);
         let row: Vec<usize> = change.row.unwrap().iter().map(|(i, _)| *i).collect();
         assert_eq!(row, vec![0, 2]);
@@ -669,7 +668,7 @@ mod tests {
             Value::UnchangedToast,
             Value::Text("x".into()),
         ];
-        let change = update_change("0/1", &rel, Some(&old), &new);
+        let change = update_change(1, &rel, Some(&old), &new);
         assert!(change.unchanged_toast.is_empty());
         let row = change.row.unwrap();
         assert_eq!(row[1], (1, &Value::Text("big".into())));

@@ -1,15 +1,19 @@
-//! Writing one queue row without SQL: route it to the partition of `pgpipe.events` that
-//! holds the writer's transaction id, insert the heap tuple and its index entries.
+//! Writing queue rows without SQL: route them to the partition of `pgpipe.events` that
+//! holds the writing transaction's id, insert the heap tuples and their index entries.
+//! Both capture paths write the queue this way: the capture trigger one row per call
+//! ([`insert_event`]), the WAL worker a batch of rows per [`Queue::open`].
 //!
-//! This is what `INSERT INTO pgpipe.events` does minus the parts a trigger does not need:
+//! This is what `INSERT INTO pgpipe.events` does minus the parts capture does not need:
 //! no parse/plan/executor start-up, no privilege or row-security check (writers have no
 //! right on the queue; capture writes it on their behalf), no per-row partition-routing
-//! set-up. The row is part of the writer's (sub)transaction like any heap insert: it
-//! commits or aborts with it.
+//! set-up. The rows are part of the writer's (sub)transaction like any heap insert: they
+//! commit or abort with it.
 //!
 //! Locks are those of an INSERT through the parent: RowExclusiveLock on `pgpipe.events`
 //! (so `pgpipe.rotate()` cannot add or drop a partition under us), on the partition and
 //! on its indexes, all held to the end of the transaction.
+
+pub mod envelope;
 
 use std::cell::Cell;
 use std::ffi::{c_char, CStr};
@@ -17,7 +21,7 @@ use std::ffi::{c_char, CStr};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use super::raise;
+use crate::capture::raise;
 
 /// Most indexes a queue partition may have (it has two).
 const MAX_INDEXES: usize = 8;
@@ -183,6 +187,41 @@ unsafe fn route(parent: pg_sys::Relation, xid: u64) -> pg_sys::Oid {
     }
 }
 
+/// Where a queue row comes from (its `source` column).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Source {
+    Trigger,
+    Wal,
+    Emit,
+    Ddl,
+}
+
+impl Source {
+    fn name(self) -> &'static [u8] {
+        match self {
+            Source::Trigger => b"trigger",
+            Source::Wal => b"wal",
+            Source::Emit => b"emit",
+            Source::Ddl => b"ddl",
+        }
+    }
+}
+
+/// One queue row. `created_at` (the clock when it is written) and `xid` (the top-level
+/// transaction's full id) are the table's defaults, filled in here.
+pub struct Event<'a> {
+    pub id: pgrx::Uuid,
+    pub channel: &'a [u8],
+    pub operation: &'a [u8],
+    /// jsonb.
+    pub payload: pg_sys::Datum,
+    pub source: Source,
+    /// The change's LSN (WAL events only).
+    pub lsn: Option<u64>,
+    /// The ordering key (jsonb); None for no key.
+    pub key: Option<pg_sys::Datum>,
+}
+
 /// What a queue column gets.
 #[derive(Clone, Copy)]
 enum Column {
@@ -193,8 +232,9 @@ enum Column {
     Source,
     CreatedAt,
     Xid,
+    Lsn,
     Key,
-    /// `lsn` (WAL events only) and any column capture does not know: NULL.
+    /// Any column capture does not know (and dropped ones): NULL.
     Null,
 }
 
@@ -207,6 +247,7 @@ fn column(name: &CStr) -> Column {
         b"source" => Column::Source,
         b"created_at" => Column::CreatedAt,
         b"xid" => Column::Xid,
+        b"lsn" => Column::Lsn,
         b"key" => Column::Key,
         _ => Column::Null,
     }
@@ -219,66 +260,123 @@ fn text_datum(s: &[u8]) -> pg_sys::Datum {
     })
 }
 
-/// Inserts one event (source 'trigger') into the queue, in the current transaction;
-/// `key` is its ordering key (jsonb), None for no key.
+/// Inserts one event into the queue, in the current transaction.
 ///
 /// # Safety
 /// Inside a transaction that may write (a trigger's).
-pub unsafe fn insert_event(
-    channel: &CStr,
-    operation: &str,
-    payload: pg_sys::Datum,
-    key: Option<pg_sys::Datum>,
-) {
-    // The defaults of pgpipe.events: uuid_generate_v7(), clock_timestamp(),
-    // pg_current_xact_id() (the top-level transaction's full id).
-    let id = pgrx::IntoDatum::into_datum(crate::uuid7::uuid_generate_v7())
-        .expect("a uuid datum is never NULL");
-    // SAFETY: plain calls inside a transaction.
-    let (now, xid) = unsafe {
-        (
-            pg_sys::GetCurrentTimestamp(),
-            pg_sys::GetTopFullTransactionId().value,
-        )
-    };
-    // SAFETY: inside a transaction; the relations stay locked until it ends.
+pub unsafe fn insert_event(event: &Event<'_>) {
+    // SAFETY: see the contract.
     unsafe {
-        let parent = open_events();
-        let part_oid = route(parent, xid);
-        let part = pg_sys::table_open(part_oid, pg_sys::RowExclusiveLock as i32);
-        let form = &*(*part).rd_rel;
-        if form.relkind as u8 != pg_sys::RELKIND_RELATION || form.relam != pg_sys::HEAP_TABLE_AM_OID
-        {
-            raise(
-                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                "pgpipe's capture writes heap partitions of pgpipe.events only".into(),
-            );
+        let mut queue = Queue::open();
+        queue.insert(event);
+        queue.close();
+    }
+}
+
+/// The queue partition of the current transaction, open for inserts: the parent, the
+/// partition and its indexes stay open (and locked) until [`Queue::close`].
+pub struct Queue {
+    parent: pg_sys::Relation,
+    part: pg_sys::Relation,
+    xid: u64,
+    cid: pg_sys::CommandId,
+    natts: usize,
+    columns: [Column; MAX_COLUMNS],
+    not_null: [bool; MAX_COLUMNS],
+    /// The partition's indexes that get entries, and their descriptions (in
+    /// [`CACHE_CONTEXT`], which is reset only when [`partition_indexes`] rebuilds it,
+    /// never while a `Queue` is open).
+    nindexes: usize,
+    indexes: [(pg_sys::Relation, *mut pg_sys::IndexInfo); MAX_INDEXES],
+}
+
+impl Queue {
+    /// Opens the partition that holds the current top-level transaction's id.
+    ///
+    /// # Safety
+    /// Inside a transaction that may write; close it before the transaction ends.
+    pub unsafe fn open() -> Self {
+        // SAFETY: inside a transaction; the relations stay locked until it ends.
+        unsafe {
+            // The default of pgpipe.events.xid: pg_current_xact_id() (assigns one).
+            let xid = pg_sys::GetTopFullTransactionId().value;
+            let parent = open_events();
+            let part_oid = route(parent, xid);
+            let part = pg_sys::table_open(part_oid, pg_sys::RowExclusiveLock as i32);
+            let form = &*(*part).rd_rel;
+            if form.relkind as u8 != pg_sys::RELKIND_RELATION
+                || form.relam != pg_sys::HEAP_TABLE_AM_OID
+            {
+                raise(
+                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    "pgpipe's capture writes heap partitions of pgpipe.events only".into(),
+                );
+            }
+            let desc = (*part).rd_att;
+            let natts = (*desc).natts as usize;
+            if natts > MAX_COLUMNS {
+                raise(
+                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    format!(
+                        "pgpipe's capture writes at most {MAX_COLUMNS} columns of pgpipe.events"
+                    ),
+                );
+            }
+            let mut columns = [Column::Null; MAX_COLUMNS];
+            let mut not_null = [false; MAX_COLUMNS];
+            for i in 0..natts {
+                let att = &*(*desc).attrs.as_ptr().add(i);
+                if !att.attisdropped {
+                    columns[i] = column(CStr::from_ptr(att.attname.data.as_ptr()));
+                    not_null[i] = att.attnotnull;
+                }
+            }
+            let cache = partition_indexes(part);
+            let mut indexes = [(std::ptr::null_mut(), std::ptr::null_mut()); MAX_INDEXES];
+            let mut nindexes = 0;
+            for k in 0..cache.count {
+                let index = pg_sys::index_open(cache.oids[k], pg_sys::RowExclusiveLock as i32);
+                // An index still being built concurrently gets its entries later.
+                if (*index).rd_index.is_null() || !(*(*index).rd_index).indisready {
+                    pg_sys::index_close(index, pg_sys::NoLock as i32);
+                    continue;
+                }
+                indexes[nindexes] = (index, cache.infos[k]);
+                nindexes += 1;
+            }
+            Queue {
+                parent,
+                part,
+                xid,
+                cid: pg_sys::GetCurrentCommandId(true),
+                natts,
+                columns,
+                not_null,
+                nindexes,
+                indexes,
+            }
         }
-        let desc = (*part).rd_att;
-        let natts = (*desc).natts as usize;
-        if natts > MAX_COLUMNS {
-            raise(
-                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                format!("pgpipe's capture writes at most {MAX_COLUMNS} columns of pgpipe.events"),
-            );
-        }
+    }
+
+    /// The partition's columns for an event.
+    fn row(&self, event: &Event<'_>) -> ([pg_sys::Datum; MAX_COLUMNS], [bool; MAX_COLUMNS]) {
+        let id = pgrx::IntoDatum::into_datum(event.id).expect("a uuid datum is never NULL");
+        // SAFETY: a plain clock read; the default of created_at is clock_timestamp().
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
         // On the stack: no allocation per row.
         let mut values = [pg_sys::Datum::from(0); MAX_COLUMNS];
         let mut nulls = [true; MAX_COLUMNS];
-        for i in 0..natts {
-            let att = &*(*desc).attrs.as_ptr().add(i);
-            if att.attisdropped {
-                continue;
-            }
-            let value = match column(CStr::from_ptr(att.attname.data.as_ptr())) {
+        for i in 0..self.natts {
+            let value = match self.columns[i] {
                 Column::Id => Some(id),
-                Column::Channel => Some(text_datum(channel.to_bytes())),
-                Column::Operation => Some(text_datum(operation.as_bytes())),
-                Column::Payload => Some(payload),
-                Column::Source => Some(text_datum(b"trigger")),
+                Column::Channel => Some(text_datum(event.channel)),
+                Column::Operation => Some(text_datum(event.operation)),
+                Column::Payload => Some(event.payload),
+                Column::Source => Some(text_datum(event.source.name())),
                 Column::CreatedAt => Some(pg_sys::Datum::from(now)),
-                Column::Xid => Some(pg_sys::Datum::from(xid)),
-                Column::Key => key,
+                Column::Xid => Some(pg_sys::Datum::from(self.xid)),
+                Column::Lsn => event.lsn.map(pg_sys::Datum::from),
+                Column::Key => event.key,
                 Column::Null => None,
             };
             match value {
@@ -286,27 +384,100 @@ pub unsafe fn insert_event(
                     values[i] = v;
                     nulls[i] = false;
                 }
-                None if att.attnotnull => raise(
-                    PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
-                    format!(
-                        "pgpipe's capture has no value for column {} of pgpipe.events",
-                        CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy()
-                    ),
-                ),
+                // SAFETY: the partition is open; i < natts.
+                None if self.not_null[i] => unsafe {
+                    let att = &*(*(*self.part).rd_att).attrs.as_ptr().add(i);
+                    raise(
+                        PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
+                        format!(
+                            "pgpipe's capture has no value for column {} of pgpipe.events",
+                            CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy()
+                        ),
+                    )
+                },
                 None => {}
             }
         }
-        let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-        pg_sys::heap_insert(
-            part,
-            tuple,
-            pg_sys::GetCurrentCommandId(true),
-            0,
-            std::ptr::null_mut(),
-        );
-        insert_index_entries(part, tuple, &values[..natts], &nulls[..natts]);
-        pg_sys::table_close(part, pg_sys::NoLock as i32);
-        pg_sys::table_close(parent, pg_sys::NoLock as i32);
+        (values, nulls)
+    }
+
+    /// Inserts one event (allocating in the current memory context).
+    ///
+    /// # Safety
+    /// The transaction that opened the queue, which is still open; the datums are valid.
+    pub unsafe fn insert(&mut self, event: &Event<'_>) {
+        let (mut values, mut nulls) = self.row(event);
+        // SAFETY: values/nulls match the partition's descriptor; the relations are open.
+        unsafe {
+            let tuple = pg_sys::heap_form_tuple(
+                (*self.part).rd_att,
+                values.as_mut_ptr(),
+                nulls.as_mut_ptr(),
+            );
+            pg_sys::heap_insert(self.part, tuple, self.cid, 0, std::ptr::null_mut());
+            self.insert_index_entries(
+                &raw mut (*tuple).t_self,
+                &values[..self.natts],
+                &nulls[..self.natts],
+            );
+        }
+    }
+
+    /// Closes the relations (the locks stay until the transaction ends).
+    ///
+    /// # Safety
+    /// In the transaction that opened the queue.
+    pub unsafe fn close(self) {
+        // SAFETY: opened in `open`.
+        unsafe {
+            for &(index, _) in &self.indexes[..self.nindexes] {
+                pg_sys::index_close(index, pg_sys::NoLock as i32);
+            }
+            pg_sys::table_close(self.part, pg_sys::NoLock as i32);
+            pg_sys::table_close(self.parent, pg_sys::NoLock as i32);
+        }
+    }
+
+    /// Adds the index entries of a freshly inserted heap tuple, as `ExecInsertIndexTuples`
+    /// does for plain column indexes (the queue's: its primary key and the xid index).
+    ///
+    /// # Safety
+    /// `tid` is that of a tuple just inserted into the partition; `values`/`nulls` are its
+    /// columns.
+    unsafe fn insert_index_entries(
+        &self,
+        tid: pg_sys::ItemPointer,
+        values: &[pg_sys::Datum],
+        nulls: &[bool],
+    ) {
+        // SAFETY: see the contract; the descriptions match the locked partition.
+        unsafe {
+            for &(index, info) in &self.indexes[..self.nindexes] {
+                let natts = (*info).ii_NumIndexAttrs as usize;
+                let mut ivalues = [pg_sys::Datum::from(0); pg_sys::INDEX_MAX_KEYS as usize];
+                let mut inulls = [false; pg_sys::INDEX_MAX_KEYS as usize];
+                for a in 0..natts {
+                    let attnum = (*info).ii_IndexAttrNumbers[a] as usize;
+                    ivalues[a] = values[attnum - 1];
+                    inulls[a] = nulls[attnum - 1];
+                }
+                let check = if (*info).ii_Unique {
+                    pg_sys::IndexUniqueCheck::UNIQUE_CHECK_YES
+                } else {
+                    pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO
+                };
+                pg_sys::index_insert(
+                    index,
+                    ivalues.as_mut_ptr(),
+                    inulls.as_mut_ptr(),
+                    tid,
+                    self.part,
+                    check,
+                    false,
+                    info,
+                );
+            }
+        }
     }
 }
 
@@ -381,56 +552,5 @@ unsafe fn partition_indexes(part: pg_sys::Relation) -> IndexCache {
         }
         INDEX_CACHE.set(cache);
         cache
-    }
-}
-
-/// Adds the index entries of a freshly inserted heap tuple, as `ExecInsertIndexTuples`
-/// does for plain column indexes (the queue's: its primary key and the xid index).
-///
-/// # Safety
-/// `part` is open and locked; `tuple` was just inserted into it (t_self is its TID);
-/// `values`/`nulls` are its columns.
-unsafe fn insert_index_entries(
-    part: pg_sys::Relation,
-    tuple: pg_sys::HeapTuple,
-    values: &[pg_sys::Datum],
-    nulls: &[bool],
-) {
-    // SAFETY: see the contract; the cached descriptions match the locked partition.
-    unsafe {
-        let cache = partition_indexes(part);
-        for k in 0..cache.count {
-            let info = cache.infos[k];
-            let index = pg_sys::index_open(cache.oids[k], pg_sys::RowExclusiveLock as i32);
-            // An index still being built concurrently gets its entries later.
-            if (*index).rd_index.is_null() || !(*(*index).rd_index).indisready {
-                pg_sys::index_close(index, pg_sys::NoLock as i32);
-                continue;
-            }
-            let natts = (*info).ii_NumIndexAttrs as usize;
-            let mut ivalues = [pg_sys::Datum::from(0); pg_sys::INDEX_MAX_KEYS as usize];
-            let mut inulls = [false; pg_sys::INDEX_MAX_KEYS as usize];
-            for a in 0..natts {
-                let attnum = (*info).ii_IndexAttrNumbers[a] as usize;
-                ivalues[a] = values[attnum - 1];
-                inulls[a] = nulls[attnum - 1];
-            }
-            let check = if (*info).ii_Unique {
-                pg_sys::IndexUniqueCheck::UNIQUE_CHECK_YES
-            } else {
-                pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO
-            };
-            pg_sys::index_insert(
-                index,
-                ivalues.as_mut_ptr(),
-                inulls.as_mut_ptr(),
-                &raw mut (*tuple).t_self,
-                part,
-                check,
-                false,
-                info,
-            );
-            pg_sys::index_close(index, pg_sys::NoLock as i32);
-        }
     }
 }
