@@ -113,11 +113,7 @@ impl<'a> FromSql<'a> for Payload {
         } else {
             raw
         };
-        let text = std::str::from_utf8(text)?;
-        Ok(Payload {
-            raw: RawValue::from_string(compact_postgres(text))?,
-            parsed: OnceLock::new(),
-        })
+        Ok(Payload::from_json(std::str::from_utf8(text)?)?)
     }
 
     fn accepts(ty: &Type) -> bool {
@@ -183,59 +179,6 @@ fn compact(text: &str) -> String {
     String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
-/// [`compact`] for text that Postgres printed (`json` or `jsonb` output): its only
-/// whitespace outside strings is the space after `,` and `:` (jsonb) or what the writer
-/// of a `json` value put there, which this removes the same way; strings are copied whole
-/// (searched with memchr, so long values cost little). Text that is not one JSON value is
-/// still refused by the caller's parse.
-fn compact_postgres(text: &str) -> String {
-    let bytes = text.as_bytes();
-    // A json value may carry newlines or tabs: the general path handles those.
-    if memchr::memchr3(b'\n', b'\r', b'\t', bytes).is_some() {
-        return compact(text);
-    }
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut rest = bytes;
-    while let Some(at) = memchr::memchr2(b'"', b' ', rest) {
-        out.extend_from_slice(&rest[..at]);
-        if rest[at] == b' ' {
-            // Two values side by side (`1 2`) keep a space, so the text stays invalid.
-            let spaces = rest[at..].iter().take_while(|&&c| c == b' ').count();
-            let before = out.last().is_some_and(|p| !b"{[,:".contains(p));
-            let after = rest.get(at + spaces);
-            if before && after.is_some_and(|c| !b"}],:".contains(c)) {
-                out.push(b' ');
-            }
-            rest = &rest[at + spaces..];
-            continue;
-        }
-        // A string: up to its closing quote, past escaped characters.
-        let mut end = at + 1;
-        loop {
-            match memchr::memchr2(b'"', b'\\', &rest[end..]) {
-                Some(i) if rest[end + i] == b'\\' => end += i + 2,
-                Some(i) => {
-                    end += i + 1;
-                    break;
-                }
-                None => {
-                    end = rest.len();
-                    break;
-                }
-            }
-            if end >= rest.len() {
-                end = rest.len();
-                break;
-            }
-        }
-        out.extend_from_slice(&rest[at..end]);
-        rest = &rest[end..];
-    }
-    out.extend_from_slice(rest);
-    // Only ASCII spaces were removed, outside strings: still valid UTF-8.
-    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,27 +210,6 @@ mod tests {
         assert_eq!(event_json, r#"{"n":1,"s":"x y"}"#);
         let back: Payload = serde_json::from_value(json!({"n": 1, "s": "x y"})).unwrap();
         assert_eq!(back.get(), r#"{"n":1,"s":"x y"}"#);
-    }
-
-    #[test]
-    fn postgres_output_compacts_as_the_general_path() {
-        for text in [
-            r#"{"op": "INSERT", "row": {"id": 1, "note": "a \"b\" c: d, e", "total": 10.50}, "old": null}"#,
-            r#"{"a": "x\\", "b": "\\\"", "c": [1, 2, {"d": " "}], "e": ""}"#,
-            r#"[]"#,
-            r#""   ""#,
-            "{\"s\": \"été ☃ \\u00e9\"}",
-            "{\"n\":\n 1,\t\"m\": 2}",
-            r#"{"a": 1 2}"#,
-            r#"{"a": 1   2 ,  "b" :  [ ] }"#,
-            r#"{"a": "unterminated"#,
-        ] {
-            assert_eq!(compact_postgres(text), compact(text), "{text}");
-        }
-        let p =
-            Payload::from_sql(&Type::JSONB, b"\x01{\"a\": [1, 2], \"b\": \"x, y: z\"}").unwrap();
-        assert_eq!(p.get(), r#"{"a":[1,2],"b":"x, y: z"}"#);
-        assert!(Payload::from_sql(&Type::JSONB, b"\x011 2").is_err());
     }
 
     #[test]
