@@ -221,8 +221,15 @@ async fn a_partition_and_its_parent_cannot_both_be_subscribed() {
     // WAL mode too (where no trigger name collides), and leaves both as they were.
     run(
         &client,
-        "CREATE TABLE {t}_sa (id int NOT NULL, region text NOT NULL, name text, total numeric(10,2), PRIMARY KEY (id, region));
-         SELECT pgpipe.subscribe('{t}_sa', mode => 'wal');",
+        "CREATE TABLE {t}_sa (id int NOT NULL, region text NOT NULL, name text, total numeric(10,2), PRIMARY KEY (id, region))",
+        "pr_a",
+    )
+    .await;
+    // A transaction of its own: the other test of this file may be creating the slot,
+    // which waits for every transaction that wrote (as the README says).
+    run(
+        &client,
+        "SELECT pgpipe.subscribe('{t}_sa', mode => 'wal')",
         "pr_a",
     )
     .await;
