@@ -89,7 +89,7 @@ pub struct ListenArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = "Source")]
     poll_interval: Option<Duration>,
 
-    /// Most events read per batch [default: 1000] [config: detector.batch_size]
+    /// Most events read per batch [default: 5000] [config: detector.batch_size]
     /// [env: PGPIPE_DETECTOR_BATCH_SIZE]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), help_heading = "Source")]
     batch_size: Option<u32>,

@@ -316,7 +316,10 @@ impl Default for DetectorConfig {
             group_member: String::new(),
             group_member_timeout: Duration::from_secs(30),
             poll_interval: Duration::from_millis(50),
-            batch_size: 1000,
+            // A page of 5,000 amortises pgpipe.read()'s per-call cost: a pre-filled drain
+            // ran ~10 % faster than with 1,000 (BENCHMARKS.md, issue 13); a page is read
+            // only as large as what is waiting, so live delivery is unchanged.
+            batch_size: 5000,
             max_in_flight: 10_000,
             ack_stall_warning: Duration::from_secs(60),
             idle_ack_interval: Duration::from_secs(10),
