@@ -427,3 +427,57 @@ async fn forged_logical_messages_never_become_events() {
     assert!(warnings >= 5, "a WARNING per skipped message:\n{log}");
     assert!(!log.contains(&key), "the key appears in the server log");
 }
+
+/// The worker skips only its own writes (marked with the replication origin
+/// `DoNotReplicateId`) when it decodes: changes that carry a real replication origin, as
+/// a logical replication subscriber's apply worker writes them into a subscribed table,
+/// are queued as any other (with pgoutput's Origin message in their transaction).
+#[tokio::test]
+async fn changes_with_a_replication_origin_are_captured() {
+    let client = worker_db().await;
+    client
+        .batch_execute("CREATE TABLE replicated (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    client
+        .batch_execute("SELECT pgpipe.subscribe('replicated', mode => 'wal')")
+        .await
+        .unwrap();
+    // As an apply worker does: a session origin, and the remote commit's LSN and time.
+    // (One statement per call: batch_execute runs a batch as one transaction.)
+    for statement in [
+        "SELECT pg_replication_origin_create('pgpipe_test_subscriber')",
+        "SELECT pg_replication_origin_session_setup('pgpipe_test_subscriber')",
+        "BEGIN",
+        "SELECT pg_replication_origin_xact_setup('0/1234', now())",
+        "INSERT INTO replicated VALUES (1, 'a'), (2, 'b')",
+        "COMMIT",
+        "UPDATE replicated SET v = 'c' WHERE id = 1",
+        "DELETE FROM replicated WHERE id = 2",
+        "SELECT pg_replication_origin_session_reset()",
+        "INSERT INTO replicated VALUES (3, 'local')",
+    ] {
+        client.batch_execute(statement).await.unwrap();
+    }
+    let arrived = wait_until(Duration::from_secs(20), async || {
+        events(&client, "replicated").await.len() >= 5
+    })
+    .await;
+    let got = events(&client, "replicated").await;
+    assert!(arrived, "replicated events: {got:#?}");
+    let ops: Vec<(&str, Value)> = got
+        .iter()
+        .map(|(op, _, key)| (op.as_str(), key.clone().unwrap_or(Value::Null)))
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            ("INSERT", serde_json::json!({"id": 1})),
+            ("INSERT", serde_json::json!({"id": 2})),
+            ("UPDATE", serde_json::json!({"id": 1})),
+            ("DELETE", serde_json::json!({"id": 2})),
+            ("INSERT", serde_json::json!({"id": 3})),
+        ],
+        "every change with an origin, once, in commit order"
+    );
+}
