@@ -73,6 +73,10 @@ class DecodingPhases:
         cl.psql("ALTER SYSTEM SET log_min_messages = debug1; SELECT pg_reload_conf();")
         backlog_start = cl.val("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'pgpipe'")
         backlog_end = cl.val("SELECT pg_current_wal_lsn()")
+        # What the reorder buffer replayed to pgoutput (pg_stat_replication_slots): the
+        # worker's own queue writes are dropped by their origin before it (issue 11).
+        slot_stats = "SELECT total_txns || ' ' || total_bytes FROM pg_stat_replication_slots WHERE slot_name = 'pgpipe'"
+        stats0 = cl.val(slot_stats)
         cpu0 = proc_cpu_s(int(pid)) if pid else None
         rss0 = proc_rss_anon_kb(int(pid)) if pid else None
         t0 = time.time()
@@ -87,8 +91,16 @@ class DecodingPhases:
         dt = time.time() - t0
         cpu1 = proc_cpu_s(int(pid)) if pid else None
         rss1 = proc_rss_anon_kb(int(pid)) if pid else None
+        stats1 = cl.val(slot_stats)
         cl.psql("ALTER SYSTEM RESET log_min_messages; SELECT pg_reload_conf();")
         out = {"wal_worker_events": c, "wal_worker_s": rnd(dt, 3), "wal_worker_rows_per_s": rnd(c / dt, 0)}
+        try:
+            (txns0, bytes0), (txns1, bytes1) = (map(int, x.split()) for x in (stats0, stats1))
+            out["wal_worker_replayed_txns"] = txns1 - txns0
+            if c:
+                out["wal_worker_replayed_bytes_per_event"] = rnd((bytes1 - bytes0) / c, 1)
+        except ValueError:
+            pass
         out.update(self.worker_decode_accounting(log_path, log_offset, backlog_start, backlog_end))
         if rss0 is not None and rss1 is not None:
             out["wal_worker_rss_anon_kb"] = [rss0, rss1]
