@@ -428,10 +428,9 @@ async fn forged_logical_messages_never_become_events() {
     assert!(!log.contains(&key), "the key appears in the server log");
 }
 
-/// The worker skips only its own writes (marked with the replication origin
-/// `DoNotReplicateId`) when it decodes: changes that carry a real replication origin, as
-/// a logical replication subscriber's apply worker writes them into a subscribed table,
-/// are queued as any other (with pgoutput's Origin message in their transaction).
+/// Changes that carry a replication origin, as a logical replication subscriber's apply
+/// worker writes them into a subscribed table, are queued as any other (with pgoutput's
+/// Origin message in their transaction): a table fed by replication is captured too.
 #[tokio::test]
 async fn changes_with_a_replication_origin_are_captured() {
     let client = worker_db().await;
