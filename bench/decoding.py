@@ -74,7 +74,7 @@ class DecodingPhases:
         backlog_start = cl.val("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'pgpipe'")
         backlog_end = cl.val("SELECT pg_current_wal_lsn()")
         # What the reorder buffer replayed to pgoutput (pg_stat_replication_slots): the
-        # worker's own queue writes are dropped by their origin before it (issue 11).
+        # worker's own queue writes are replayed too (BENCHMARKS.md, issue 11).
         slot_stats = "SELECT total_txns || ' ' || total_bytes FROM pg_stat_replication_slots WHERE slot_name = 'pgpipe'"
         stats0 = cl.val(slot_stats)
         cpu0 = proc_cpu_s(int(pid)) if pid else None
