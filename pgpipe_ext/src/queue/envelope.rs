@@ -118,12 +118,7 @@ pub struct Change<'a> {
 /// # Safety
 /// Inside a transaction; `row`/`old` are composite datums without external values.
 pub unsafe fn records_payload(change: &Change<'_>) -> pg_sys::Datum {
-    let text = |s: &[u8]| {
-        // SAFETY: copies len bytes into a new palloc'd text.
-        pg_sys::Datum::from(unsafe {
-            pg_sys::cstring_to_text_with_len(s.as_ptr().cast(), s.len() as i32)
-        })
-    };
+    let text = super::text_datum;
     let null = pg_sys::Datum::from(0);
     let mut values = [
         text(change.op),

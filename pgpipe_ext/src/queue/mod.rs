@@ -253,7 +253,8 @@ fn column(name: &CStr) -> Column {
     }
 }
 
-fn text_datum(s: &[u8]) -> pg_sys::Datum {
+/// `s` as a new text datum (in the current memory context).
+pub(crate) fn text_datum(s: &[u8]) -> pg_sys::Datum {
     // SAFETY: copies len bytes into a new palloc'd text.
     pg_sys::Datum::from(unsafe {
         pg_sys::cstring_to_text_with_len(s.as_ptr() as *const c_char, s.len() as i32)

@@ -130,9 +130,7 @@ impl Writer {
         let rel = change.relation;
         let target = targets.entry(rel.id).or_insert_with(|| {
             // Looked up as the worker (the owner may not read pgpipe's tables).
-            if let Some(r) = self.restricted.take() {
-                r.leave();
-            }
+            self.unrestrict();
             lookup_target(client, rel)
         });
         if !target.operations.is_empty()
@@ -266,7 +264,7 @@ impl Writer {
         unsafe {
             let mut queue = Queue::open();
             for p in &pending {
-                row_cx.switch_to(|_| queue.insert(&event(p, queue_row(converter, p))));
+                row_cx.switch_to(|_| queue.insert(&queue_event(converter, p)));
                 row_cx.reset();
             }
             queue.close();
@@ -289,12 +287,9 @@ fn new_cx(name: &str) -> PgMemoryContexts {
     unsafe { PgMemoryContexts::TopMemoryContext.switch_to(|_| PgMemoryContexts::new(name)) }
 }
 
-/// A pending event's payload, source and key (allocated in the current context).
-fn queue_row(
-    converter: &mut Converter,
-    event: &Pending,
-) -> (pg_sys::Datum, Source, Option<pg_sys::Datum>) {
-    match &event.body {
+/// A pending event's queue row (its payload and key allocated in the current context).
+fn queue_event<'a>(converter: &mut Converter, event: &'a Pending) -> Event<'a> {
+    let (payload, source, key) = match &event.body {
         Body::Change {
             schema,
             table,
@@ -320,14 +315,7 @@ fn queue_row(
             // SAFETY: a jsonb datum just built (not toasted).
             unsafe { emitted(message) }
         }
-    }
-}
-
-/// The queue row of a pending event.
-fn event(
-    event: &Pending,
-    (payload, source, key): (pg_sys::Datum, Source, Option<pg_sys::Datum>),
-) -> Event<'_> {
+    };
     Event {
         id: event.id,
         channel: event.channel.as_bytes(),

@@ -225,127 +225,124 @@ impl WalCapture {
         let mut targets: HashMap<u32, Target> = HashMap::new();
         writer.begin();
         let started = std::time::Instant::now();
-        {
-            for &(at, ref data) in &decoded.messages {
-                let lsn = format_lsn(at);
-                let lsn = lsn.as_str();
-                let decoded = pgoutput::decode(data).unwrap_or_else(|e| {
-                    raise(
-                        PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
-                        format!("pgpipe worker: at LSN {lsn}: {e}"),
-                        None,
-                    )
-                });
-                // Message kinds protocol version 1 never sends.
-                let Some(message) = decoded else {
-                    continue;
-                };
-                match message {
-                    Message::Begin { final_lsn, .. } => {
-                        xact = Some(SourceXact {
-                            skip: final_lsn < progress,
-                        });
-                    }
-                    Message::Commit { end_lsn, .. } => {
-                        if xact.take().is_some_and(|x| !x.skip) {
-                            last_commit = Some(end_lsn);
-                        }
-                    }
-                    Message::Relation(relation) => {
-                        targets.remove(&relation.id);
-                        if relations.get(&relation.id) != Some(&relation) {
-                            writer.relation_changed(relation.id);
-                            relations.insert(relation.id, relation);
-                        }
-                    }
-                    Message::Insert { relation, ref new } => {
-                        let Some(rel) = next_change(relations, &xact, relation) else {
-                            continue;
-                        };
-                        let change = Change {
-                            lsn: at,
-                            operation: "INSERT",
-                            relation: rel,
-                            row: Some(new.iter().enumerate().collect()),
-                            old: None,
-                            unchanged_toast: Vec::new(),
-                        };
-                        events += writer.write(client, &mut targets, change);
-                    }
-                    Message::Update {
-                        relation,
-                        ref old,
-                        ref new,
-                    } => {
-                        let Some(rel) = next_change(relations, &xact, relation) else {
-                            continue;
-                        };
-                        let change = update_change(at, rel, old.as_ref(), new);
-                        events += writer.write(client, &mut targets, change);
-                    }
-                    Message::Delete { relation, ref old } => {
-                        let Some(rel) = next_change(relations, &xact, relation) else {
-                            continue;
-                        };
-                        let change = Change {
-                            lsn: at,
-                            operation: "DELETE",
-                            relation: rel,
-                            row: Some(old_image(rel, old)),
-                            old: None,
-                            unchanged_toast: Vec::new(),
-                        };
-                        events += writer.write(client, &mut targets, change);
-                    }
-                    Message::Truncate {
-                        relations: ref truncated,
-                        ..
-                    } => {
-                        for &relation in truncated {
-                            let Some(rel) = next_change(relations, &xact, relation) else {
-                                continue;
-                            };
-                            let change = Change {
-                                lsn: at,
-                                operation: "TRUNCATE",
-                                relation: rel,
-                                row: None,
-                                old: None,
-                                unchanged_toast: Vec::new(),
-                            };
-                            events += writer.write(client, &mut targets, change);
-                        }
-                    }
-                    Message::Message {
-                        transactional,
-                        ref prefix,
-                        ref content,
-                        ..
-                    } if prefix.starts_with(EMIT_PREFIX) => {
-                        if Some(prefix.as_str()) != message_prefix || !transactional {
-                            // Never log the prefix: it may be close to the key.
-                            warning!(
-                                "pgpipe worker: skipped a logical decoding message at LSN {lsn} \
-                                 whose prefix starts with \"{EMIT_PREFIX}\" but is not the one \
-                                 pgpipe.emit_wal() uses{}; only pgpipe.emit() under \
-                                 pgpipe.emit_mode = 'wal' queues events through the WAL",
-                                if transactional {
-                                    ""
-                                } else {
-                                    " (or is not transactional)"
-                                }
-                            );
-                            continue;
-                        }
-                        // Transactional messages come inside their transaction.
-                        if xact.as_ref().is_some_and(|x| !x.skip) {
-                            if let Some((channel, operation, text)) = emitted_event(lsn, content) {
-                                events += writer.write_emitted(at, channel, operation, text);
-                            }
-                        }
-                    }
-                    Message::Origin { .. } | Message::Type { .. } | Message::Message { .. } => {}
+        for &(at, ref data) in &decoded.messages {
+            let decoded = pgoutput::decode(data).unwrap_or_else(|e| {
+                raise(
+                    PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
+                    format!("pgpipe worker: at LSN {}: {e}", format_lsn(at)),
+                    None,
+                )
+            });
+            // Message kinds protocol version 1 never sends.
+            let Some(message) = decoded else {
+                continue;
+            };
+            match message {
+                Message::Begin { final_lsn, .. } => {
+                    xact = Some(SourceXact {
+                        skip: final_lsn < progress,
+                    });
                 }
+                Message::Commit { end_lsn, .. } => {
+                    if xact.take().is_some_and(|x| !x.skip) {
+                        last_commit = Some(end_lsn);
+                    }
+                }
+                Message::Relation(relation) => {
+                    targets.remove(&relation.id);
+                    if relations.get(&relation.id) != Some(&relation) {
+                        writer.relation_changed(relation.id);
+                        relations.insert(relation.id, relation);
+                    }
+                }
+                Message::Insert { relation, ref new } => {
+                    let Some(rel) = next_change(relations, &xact, relation) else {
+                        continue;
+                    };
+                    let change = Change {
+                        lsn: at,
+                        operation: "INSERT",
+                        relation: rel,
+                        row: Some(new.iter().enumerate().collect()),
+                        old: None,
+                        unchanged_toast: Vec::new(),
+                    };
+                    events += writer.write(client, &mut targets, change);
+                }
+                Message::Update {
+                    relation,
+                    ref old,
+                    ref new,
+                } => {
+                    let Some(rel) = next_change(relations, &xact, relation) else {
+                        continue;
+                    };
+                    let change = update_change(at, rel, old.as_ref(), new);
+                    events += writer.write(client, &mut targets, change);
+                }
+                Message::Delete { relation, ref old } => {
+                    let Some(rel) = next_change(relations, &xact, relation) else {
+                        continue;
+                    };
+                    let change = Change {
+                        lsn: at,
+                        operation: "DELETE",
+                        relation: rel,
+                        row: Some(old_image(rel, old)),
+                        old: None,
+                        unchanged_toast: Vec::new(),
+                    };
+                    events += writer.write(client, &mut targets, change);
+                }
+                Message::Truncate {
+                    relations: ref truncated,
+                    ..
+                } => {
+                    for &relation in truncated {
+                        let Some(rel) = next_change(relations, &xact, relation) else {
+                            continue;
+                        };
+                        let change = Change {
+                            lsn: at,
+                            operation: "TRUNCATE",
+                            relation: rel,
+                            row: None,
+                            old: None,
+                            unchanged_toast: Vec::new(),
+                        };
+                        events += writer.write(client, &mut targets, change);
+                    }
+                }
+                Message::Message {
+                    transactional,
+                    ref prefix,
+                    ref content,
+                    ..
+                } if prefix.starts_with(EMIT_PREFIX) => {
+                    if Some(prefix.as_str()) != message_prefix || !transactional {
+                        // Never log the prefix: it may be close to the key.
+                        warning!(
+                            "pgpipe worker: skipped a logical decoding message at LSN {} \
+                             whose prefix starts with \"{EMIT_PREFIX}\" but is not the one \
+                             pgpipe.emit_wal() uses{}; only pgpipe.emit() under \
+                             pgpipe.emit_mode = 'wal' queues events through the WAL",
+                            format_lsn(at),
+                            if transactional {
+                                ""
+                            } else {
+                                " (or is not transactional)"
+                            }
+                        );
+                        continue;
+                    }
+                    // Transactional messages come inside their transaction.
+                    if xact.as_ref().is_some_and(|x| !x.skip) {
+                        if let Some((channel, operation, text)) = emitted_event(at, content) {
+                            events += writer.write_emitted(at, channel, operation, text);
+                        }
+                    }
+                }
+                Message::Origin { .. } | Message::Type { .. } | Message::Message { .. } => {}
             }
         }
         writer.flush();
@@ -478,7 +475,7 @@ fn record_progress(client: &mut SpiClient<'_>, slot: &str, previous: Lsn, lsn: L
 /// The channel, operation and text of a message `pgpipe.emit()` sent, or None (logged)
 /// for a message with our prefix that is not one (someone else's): skipped rather than
 /// stopping capture.
-fn emitted_event(lsn: &str, content: &[u8]) -> Option<(String, String, String)> {
+fn emitted_event(lsn: Lsn, content: &[u8]) -> Option<(String, String, String)> {
     let parsed = std::str::from_utf8(content).ok().and_then(|text| {
         let message = serde_json::from_str::<serde_json::Value>(text).ok()?;
         let channel = message["channel"].as_str()?.to_string();
@@ -488,16 +485,18 @@ fn emitted_event(lsn: &str, content: &[u8]) -> Option<(String, String, String)> 
     match parsed {
         Some((channel, ..)) if !valid_channel(&channel) => {
             warning!(
-                "pgpipe worker: skipped a logical decoding message at LSN {lsn}: invalid channel \
-                 name (1 to 63 letters, digits, '_', '.', ':' or '-')"
+                "pgpipe worker: skipped a logical decoding message at LSN {}: invalid channel \
+                 name (1 to 63 letters, digits, '_', '.', ':' or '-')",
+                format_lsn(lsn)
             );
             None
         }
         Some(event) => Some(event),
         None => {
             warning!(
-                "pgpipe worker: skipped a logical decoding message at LSN {lsn}: not an object \
-                 with a string channel and operation"
+                "pgpipe worker: skipped a logical decoding message at LSN {}: not an object \
+                 with a string channel and operation",
+                format_lsn(lsn)
             );
             None
         }
