@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use tokio::sync::OnceCell;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, Statement};
 use uuid::Uuid;
 
@@ -185,13 +186,15 @@ impl<'a> QueueClient<'a> {
         }
     }
 
-    /// `sql` prepared on this connection, the first time it is asked for.
-    async fn prepared<'s>(
-        &'s self,
-        cell: &'s OnceCell<Statement>,
+    /// Runs `sql`, prepared on this connection (into `cell`) the first time.
+    async fn query_prepared(
+        &self,
+        cell: &OnceCell<Statement>,
         sql: &str,
-    ) -> Result<&'s Statement, tokio_postgres::Error> {
-        cell.get_or_try_init(|| self.client.prepare(sql)).await
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let statement = cell.get_or_try_init(|| self.client.prepare(sql)).await?;
+        self.client.query(statement, params).await
     }
 
     /// Whether the pgpipe extension is installed in this database.
@@ -282,31 +285,23 @@ impl<'a> QueueClient<'a> {
         position: &str,
         limit: i32,
     ) -> Result<Vec<QueueRow>, Error> {
-        let describe = || format!("read queue for consumer {consumer}");
         let sql = format!("SELECT position, {EVENT_COLUMNS} FROM pgpipe.read($1, $2, $3)");
-        let statement = self
-            .prepared(&self.read, &sql)
-            .await
-            .map_err(|e| Error::pg(describe())(e))?;
         let rows = self
-            .client
-            .query(statement, &[&consumer, &position, &limit])
+            .query_prepared(&self.read, &sql, &[&consumer, &position, &limit])
             .await
-            .map_err(|e| Error::pg(describe())(e))?;
+            .map_err(|e| Error::pg(format!("read queue for consumer {consumer}"))(e))?;
         queue_rows(&rows)
     }
 
     /// Acknowledges `position` for `consumer`.
     pub async fn ack(&self, consumer: &str, position: &str) -> Result<(), Error> {
-        let describe = || format!("ack consumer {consumer}");
-        let statement = self
-            .prepared(&self.ack, "SELECT pgpipe.ack($1, $2)")
-            .await
-            .map_err(|e| Error::pg(describe())(e))?;
-        self.client
-            .execute(statement, &[&consumer, &position])
-            .await
-            .map_err(|e| Error::pg(describe())(e))?;
+        self.query_prepared(
+            &self.ack,
+            "SELECT pgpipe.ack($1, $2)",
+            &[&consumer, &position],
+        )
+        .await
+        .map_err(|e| Error::pg(format!("ack consumer {consumer}"))(e))?;
         Ok(())
     }
 
@@ -341,17 +336,11 @@ impl<'a> QueueClient<'a> {
         position: &str,
         limit: i32,
     ) -> Result<Vec<QueueRow>, Error> {
-        let describe = || format!("read the queue as group member {member}");
         let sql = format!("SELECT position, {EVENT_COLUMNS} FROM pgpipe.read_group($1, $2, $3)");
-        let statement = self
-            .prepared(&self.read_group, &sql)
-            .await
-            .map_err(|e| Error::pg(describe())(e))?;
         let rows = self
-            .client
-            .query(statement, &[&member, &position, &limit])
+            .query_prepared(&self.read_group, &sql, &[&member, &position, &limit])
             .await
-            .map_err(|e| Error::pg(describe())(e))?;
+            .map_err(|e| Error::pg(format!("read the queue as group member {member}"))(e))?;
         queue_rows(&rows)
     }
 

@@ -97,8 +97,8 @@ struct Group {
 /// Progress that survives reconnects.
 struct Progress {
     window: InFlight<String>,
-    /// Where the next read starts; `None` until the first connection fetched the acked one.
-    read_position: Option<String>,
+    /// Where the next read starts; empty until the first connection fetched the acked one.
+    read_position: String,
     /// Releasable position not yet written with `pgpipe.ack`.
     unwritten_ack: Option<String>,
     /// `window.released_seq()` at the last written ack.
@@ -155,7 +155,7 @@ impl QueueDetector {
         let (bus, health, window) = io.split(NAME, self.max_in_flight, self.stall_warning);
         let mut progress = Progress {
             window,
-            read_position: None,
+            read_position: String::new(),
             unwritten_ack: None,
             written_seq: 0,
             last_write: Instant::now(),
@@ -241,7 +241,9 @@ impl QueueDetector {
                 .await
                 .map_err(Error::pg(format!("listen on {GROUP_CHANNEL}")))?;
         }
-        let mut read_position = progress.read_position.clone().unwrap_or(acked);
+        if progress.read_position.is_empty() {
+            progress.read_position = acked;
+        }
         reconnect.connected();
         health.up();
         match &self.group {
@@ -271,7 +273,10 @@ impl QueueDetector {
                     Some(page) => page,
                     None => {
                         let limit = room.min(u64::from(self.batch_size)) as i32;
-                        (limit, self.fetch(&queue, &read_position, limit).await?)
+                        (
+                            limit,
+                            self.fetch(&queue, &progress.read_position, limit).await?,
+                        )
                     }
                 };
                 // A full page means more is waiting.
@@ -293,7 +298,7 @@ impl QueueDetector {
                 match next {
                     Some((after, next_limit)) => {
                         let handed_out = async {
-                            self.hand_out(rows, bus, progress, &mut read_position)?;
+                            self.hand_out(rows, bus, progress)?;
                             self.write_ack(&queue, progress, false).await
                         };
                         let (page, handed_out) =
@@ -302,7 +307,7 @@ impl QueueDetector {
                         prefetched = Some((next_limit, page?));
                     }
                     None => {
-                        self.hand_out(rows, bus, progress, &mut read_position)?;
+                        self.hand_out(rows, bus, progress)?;
                         self.write_ack(&queue, progress, false).await?;
                     }
                 }
@@ -554,7 +559,6 @@ impl QueueDetector {
         rows: Vec<QueueRow>,
         bus: &Bus,
         progress: &mut Progress,
-        read_position: &mut String,
     ) -> Result<(), Error> {
         if self.group.is_some() {
             progress.last_heartbeat = Instant::now();
@@ -566,9 +570,8 @@ impl QueueDetector {
                     progress.window.publish(bus, row.position.clone(), event)?;
                 }
             }
-            *read_position = row.position;
+            progress.read_position = row.position;
         }
-        progress.read_position = Some(read_position.clone());
         Ok(())
     }
 
