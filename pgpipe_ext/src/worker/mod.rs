@@ -106,6 +106,14 @@ struct Worker {
     next_snapshot: Instant,
 }
 
+/// `timeout` rounded up to whole milliseconds: `wait_latch` truncates to milliseconds, so
+/// the last fraction of a millisecond before a deadline (a NOTIFY held back by
+/// `pgpipe.notify_min_interval`, the next poll) would wait 0 ms, again and again: under
+/// a steady stream of commits that spin cost the machine more than capture itself.
+fn whole_millis(timeout: Duration) -> Duration {
+    Duration::from_millis(timeout.as_micros().div_ceil(1000) as u64)
+}
+
 impl Worker {
     fn run(&mut self, database: &str) {
         loop {
@@ -119,7 +127,7 @@ impl Worker {
                 timeout = timeout.min(self.notify_delay(now));
             }
             timeout = timeout.min(self.next_snapshot.saturating_duration_since(now));
-            if !BackgroundWorker::wait_latch(Some(timeout)) {
+            if !BackgroundWorker::wait_latch(Some(whole_millis(timeout))) {
                 log!("pgpipe worker exiting");
                 return;
             }
