@@ -17,10 +17,20 @@ class CapturePhases:
     def cell(self, table, op, clients, secs):
         script = (INSERT_SQL if op == "insert" else UPDATE_SQL).format(t=table)
         lsn0 = self.cl.val("SELECT pg_current_wal_lsn()")
+        # The pgpipe worker's own CPU: in trigger mode it only sends wake-up NOTIFYs, at
+        # most one per pgpipe.notify_min_interval, so a figure that grows with the
+        # commit rate is a worker that spins.
+        worker = int(self.cl.val("SELECT coalesce(max(pid), 0) FROM pg_stat_activity "
+                                 "WHERE backend_type = 'pgpipe worker'"))
+        worker_cpu0 = proc_cpu_s(worker) if worker else None
         r = self.cl.pgbench(script, clients, secs=secs, name="%s_%s" % (table, op))
         wal = float(self.cl.val("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '%s')" % lsn0))
         if r.get("tx"):
             self.wal_raw.setdefault(op, {}).setdefault(str(clients), {}).setdefault(table, []).append(wal / r["tx"])
+            worker_cpu1 = proc_cpu_s(worker) if worker else None
+            if worker_cpu0 is not None and worker_cpu1 is not None:
+                self.worker_cpu_raw.setdefault(op, {}).setdefault(str(clients), {}).setdefault(
+                    table, []).append((worker_cpu1 - worker_cpu0) * 1e6 / r["tx"])
         return r["tps"], r.get("cpu_us_per_tx")
 
     def capture_rounds(self, variants, plan, rounds, secs):
@@ -50,7 +60,8 @@ class CapturePhases:
         load_before = loadavg()
         raw = self.capture_rounds(variants, plan, P["rounds"], P["capture_secs"])
         res = {"load_before": load_before, "load_after": loadavg(), "raw_tps": raw, "table": {},
-               "cpu_us_per_tx": self.cpu_summary(), "wal_bytes_per_tx": self.wal_summary()}
+               "cpu_us_per_tx": self.cpu_summary(), "wal_bytes_per_tx": self.wal_summary(),
+               "worker_cpu_us_per_tx": self.worker_cpu_summary()}
         self.summarize_capture(raw, res["table"])
         self.res["phases"]["capture"] = res
 
@@ -79,6 +90,11 @@ class CapturePhases:
         """Median WAL bytes per transaction per cell (by table)."""
         return {op: {c: {t: rnd(med(vals), 0) for t, vals in by_t.items()} for c, by_t in by_c.items()}
                 for op, by_c in self.wal_raw.items()}
+
+    def worker_cpu_summary(self):
+        """Median CPU µs of the pgpipe worker per writer transaction per cell (by table)."""
+        return {op: {c: {t: rnd(med(vals), 2) for t, vals in by_t.items()} for c, by_t in by_c.items()}
+                for op, by_c in self.worker_cpu_raw.items()}
 
     def cpu_summary(self):
         """Median machine-wide CPU µs per transaction (pgbench included) per cell."""

@@ -37,6 +37,7 @@ class Bench(CapturePhases, DecodingPhases, ScalePhases):
         self.has_xip = False
         self.cpu_raw = {}
         self.wal_raw = {}
+        self.worker_cpu_raw = {}
 
     # ---- setup -------------------------------------------------------------------
     def setup(self):

@@ -107,6 +107,12 @@ def render_md(r, prev):
                 "%s c=%s: %s" % (op, c, ", ".join("%s %s" % (t, fmt(b)) for t, b in sorted(by_t.items())))
                 for op, by_c in walb.items() for c, by_t in sorted(by_c.items(), key=lambda kv: int(kv[0]))))
             L.append("")
+        workb = cap.get("worker_cpu_us_per_tx") or {}
+        if workb:
+            L.append("The pgpipe worker's CPU per writer transaction (µs, /proc/PID/stat; in trigger mode it only sends the coalesced wake-up NOTIFY): " + "; ".join(
+                "%s c=%s: %s" % (op, c, ", ".join("%s %s" % (t, fmt(b)) for t, b in sorted(by_t.items())))
+                for op, by_c in workb.items() for c, by_t in sorted(by_c.items(), key=lambda kv: int(kv[0]))))
+            L.append("")
         for op in ("insert", "update"):
             # Issue 11: trigger capture ≥ 0.85 × plain at 8 and at 32 clients.
             for c in ("8", "32"):

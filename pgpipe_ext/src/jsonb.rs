@@ -105,6 +105,30 @@ impl Object {
         }
     }
 
+    /// Adds a field whose value is an object of these fields (null when None).
+    ///
+    /// # Safety
+    /// As [`Object::push`], for every key and value.
+    pub unsafe fn push_object(
+        &mut self,
+        key: &[u8],
+        fields: Option<&mut [(&[u8], pg_sys::JsonbValue)]>,
+    ) {
+        let Some(fields) = fields else {
+            return unsafe { self.push(key, &mut embedded(None)) };
+        };
+        let mut key = string(key);
+        // SAFETY: see the contract; a WJB_BEGIN_OBJECT after a key opens the key's value.
+        unsafe {
+            pg_sys::pushJsonbValue(&mut self.state, WJB_KEY, &mut key);
+            pg_sys::pushJsonbValue(&mut self.state, WJB_BEGIN_OBJECT, ptr::null_mut());
+            for (name, value) in fields.iter_mut() {
+                self.push(name, value);
+            }
+            pg_sys::pushJsonbValue(&mut self.state, WJB_END_OBJECT, ptr::null_mut());
+        }
+    }
+
     /// The object as a jsonb datum (in the current memory context).
     ///
     /// # Safety

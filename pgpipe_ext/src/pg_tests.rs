@@ -514,6 +514,85 @@ mod tests {
         assert_eq!(ok, Some(true));
     }
 
+    /// A table of Postgres's own types only is converted by the trigger itself, one
+    /// conversion per column type decided once (`capture::json`), not through `to_jsonb`:
+    /// its payloads and keys are what `to_jsonb` gives, beside it in the same statement.
+    #[pg_test]
+    fn native_trigger_converts_builtin_types_as_to_jsonb_does() {
+        Spi::run(
+            "CREATE DOMAIN public.pos AS int CHECK (VALUE > 0);
+             CREATE TABLE public.scalars (
+                 id bigint PRIMARY KEY, b bool, s int2, i int4, f4 real, f8 float8, n numeric,
+                 d date, ts timestamp, tz timestamptz, j jsonb, t text, c char(4), u uuid,
+                 ip inet, by bytea, iv interval, tm time, ttz timetz, m money, dom public.pos,
+                 gone text, x xml);
+             ALTER TABLE public.scalars DROP COLUMN gone;
+             ALTER TABLE public.scalars ADD COLUMN added text DEFAULT 'missing-attr';
+             CREATE TABLE public.side (n serial, r jsonb, o jsonb);
+             CREATE FUNCTION public.side() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+                 INSERT INTO public.side (r, o) VALUES (
+                     CASE WHEN TG_OP = 'DELETE' THEN to_jsonb(OLD) ELSE to_jsonb(NEW) END,
+                     CASE WHEN TG_OP = 'UPDATE' THEN to_jsonb(OLD) END);
+                 RETURN NULL; END $$;
+             CREATE TRIGGER zz_side AFTER INSERT OR UPDATE OR DELETE ON public.scalars
+                 FOR EACH ROW EXECUTE FUNCTION public.side();
+             SELECT pgpipe.subscribe('scalars');",
+        )
+        .unwrap();
+        Spi::run(
+            "INSERT INTO scalars (id, b, s, i, f4, f8, n, d, ts, tz, j, t, c, u, ip, by, iv, tm, ttz, m, dom, x) VALUES
+             (1, true, -32768, 2147483647, 1.5, 'NaN', 'NaN', '2024-02-29', '2024-01-02 03:04:05.678',
+              '2024-01-02 03:04:05+02', '{\"a\": [1, 2.50, {\"b\": null}]}', 'quote \" \\ é', 'ab',
+              'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '10.0.0.1/8', '\\x00ff', '1 day 2 hours',
+              '12:00', '12:00+03', 12.34, 5, '<a>1</a>'),
+             (2, false, 0, -1, 'Infinity', '-Infinity', 'Infinity', 'infinity', '-infinity', 'infinity',
+              '5', '', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+             (3, NULL, NULL, NULL, -0.0, 1e-300, -0.00, '0001-01-01 BC', NULL, NULL, '\"s\"',
+              NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+             (4, NULL, NULL, NULL, NULL, 0.1, 1e100, NULL, NULL, NULL, 'null', NULL, NULL, NULL,
+              NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)",
+        )
+        .unwrap();
+        // Long and incompressible: stored out of line (TOAST).
+        Spi::run(
+            "INSERT INTO scalars (id, t, j) SELECT 5, string_agg(md5(g::text), ''),
+                    jsonb_build_object('k', string_agg(md5(g::text), ''))
+             FROM generate_series(1, 400) g",
+        )
+        .unwrap();
+        Spi::run("UPDATE scalars SET n = -0.001, j = '[true]' WHERE id IN (1, 5)").unwrap();
+        Spi::run("DELETE FROM scalars WHERE id = 2").unwrap();
+        let same = || {
+            Spi::get_one::<String>(
+                "SELECT count(*) || ' ' || bool_and(e.payload->'row' = s.r
+                        AND e.payload->'old' = coalesce(s.o, 'null')
+                        AND e.key = jsonb_build_object('id', s.r->'id')
+                        AND e.payload - 'row' - 'old' = jsonb_build_object(
+                            'op', e.operation, 'schema', 'public', 'table', 'scalars'))
+                 FROM (SELECT row_number() OVER (ORDER BY id) AS n, * FROM pgpipe.events) e
+                 JOIN side s USING (n)",
+            )
+            .unwrap()
+            .unwrap()
+        };
+        assert_eq!(same(), "8 true");
+        // A column choice: the row holds just those columns, the key still its own.
+        Spi::run(
+            "TRUNCATE side, pgpipe.events;
+             SELECT pgpipe.subscribe('scalars', columns => ARRAY['id', 'f8', 'tz', 'j']);
+             INSERT INTO scalars (id, f8, tz, j, t) VALUES (6, 2.5, '2026-12-01 10:00+00', '[]', 'left out')",
+        )
+        .unwrap();
+        let chosen = Spi::get_one::<bool>(
+            "SELECT e.payload->'row' = (SELECT jsonb_object_agg(k, v) FROM jsonb_each(s.r) AS f(k, v)
+                                        WHERE k IN ('id', 'f8', 'tz', 'j'))
+                    AND e.key = '{\"id\": 6}'
+             FROM pgpipe.events e, side s",
+        )
+        .unwrap();
+        assert_eq!(chosen, Some(true));
+    }
+
     #[pg_test]
     fn native_trigger_routes_to_the_xid_partition_and_maintains_indexes() {
         // Partitions are shared by the tests running in parallel, so this one creates

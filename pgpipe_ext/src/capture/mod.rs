@@ -7,11 +7,13 @@
 //! without PL/pgSQL, SPI or a privilege check, so writers need no right on pgpipe's own
 //! tables. Nothing here resolves a name through the writer's `search_path`.
 //!
-//! The payload is `to_jsonb` of an envelope record `(op, schema, table, row, old)` whose
-//! `row`/`old` fields are the trigger's tuples: one call of Postgres's own conversion
-//! gives exactly what `jsonb_build_object('op', TG_OP, ..., 'row', to_jsonb(NEW), ...)`
-//! gave (jsonb sorts keys; NULL becomes JSON null), and what WAL mode gives. The event's
-//! `key` is `to_jsonb` of the row's primary-key columns ([`key`]). A subscription with a
+//! The payload is exactly what `jsonb_build_object('op', TG_OP, ..., 'row', to_jsonb(NEW),
+//! ...)` gave (jsonb sorts keys; NULL becomes JSON null), and what WAL mode gives. For a
+//! table of Postgres's own types the trigger converts the columns itself, each the way
+//! `to_jsonb` converts its type, decided once per table ([`json`]); any other table's
+//! rows go through `to_jsonb` of an envelope record `(op, schema, table, row, old)`. The
+//! event's `key` is the row's primary-key columns as an object, converted the same way
+//! ([`key`]). A subscription with a
 //! column choice passes the captured attribute numbers as the trigger's second argument
 //! (`'1 2 5'`): `row` and `old` are then records of only those columns ([`shape`]), and
 //! the others are never converted (no output function of theirs runs).
@@ -26,6 +28,7 @@
 //! UPDATE captured as an INSERT carries the new row, one captured as a DELETE the old
 //! row, as a real INSERT or DELETE does (and as pgoutput sends them in WAL mode).
 
+mod json;
 mod key;
 mod origin;
 mod shape;
@@ -198,21 +201,6 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, row_level: bool) -> pg_sys::
         (Op::Truncate, _) => (ptr::null_mut(), ptr::null_mut()),
     };
     let op = event_op;
-    // The rows, as composite datums of the table's row type (or of the captured columns).
-    // SAFETY: rel and the tuples are valid for the duration of the trigger call.
-    let (row, old) = unsafe {
-        let desc = (*rel).rd_att;
-        let as_datum = |tuple: pg_sys::HeapTuple| {
-            if tuple.is_null() {
-                None
-            } else if let Some(projection) = &projection {
-                Some(shape::record(rel, tuple, projection))
-            } else {
-                Some(pg_sys::heap_copy_tuple_as_datum(tuple, desc))
-            }
-        };
-        (as_datum(row_tuple), as_datum(old_tuple))
-    };
     // SAFETY: rel is the open relation the trigger fired on.
     let (schema, table) = unsafe {
         match &origin {
@@ -228,33 +216,69 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo, row_level: bool) -> pg_sys::
             }
         }
     };
-    // User code (casts, output functions) runs here, before any queue relation is open.
-    // SAFETY: the names are NUL-terminated strings valid for this call; the rows are
-    // flattened composite datums.
-    let payload = unsafe {
-        envelope::records_payload(&envelope::Change {
-            op: op.name().as_bytes(),
-            schema: CStr::from_ptr(schema).to_bytes(),
-            table: CStr::from_ptr(table).to_bytes(),
-            row,
-            old,
-        })
+    // The columns of `row` and `old`: the captured ones, or all.
+    // SAFETY: rel is open for the trigger call.
+    let row_shape = projection.clone().unwrap_or_else(|| unsafe {
+        shape::shape(rel, shape::Columns::All).expect("every table has a shape of all columns")
+    });
+    // The key is that of the row the event is about: its `row` (the new row, the old one
+    // for DELETE).
+    let key_columns = match &origin {
+        Some(origin) => origin.key.as_deref().map(shape::Columns::Key),
+        None => Some(shape::Columns::PrimaryKey),
     };
-    // The key of the row the event is about: its `row` (the new row, the old one for
-    // DELETE).
-    // SAFETY: the tuple is a row of rel, valid for the trigger call.
-    let key = unsafe {
-        let tuple = row_tuple;
-        let columns = match &origin {
-            Some(origin) => origin.key.as_deref().map(shape::Columns::Key),
-            None => Some(shape::Columns::PrimaryKey),
-        };
-        match columns {
-            Some(columns) if !tuple.is_null() => {
-                let captured = projection.as_ref().map(|p| p.attnums.as_slice());
-                key::key_jsonb(rel, tuple, columns, captured, envelope::to_jsonb_record())
+    // SAFETY: rel is open for the trigger call.
+    let key_shape = key_columns
+        .filter(|_| !row_tuple.is_null())
+        .and_then(|columns| unsafe { shape::shape(rel, columns) });
+    // User code (casts, output functions) runs here, before any queue relation is open.
+    // SAFETY: the names are NUL-terminated strings valid for this call; the tuples are
+    // rows of rel, valid for the trigger call; the shapes were made for rel.
+    let (payload, key) = unsafe {
+        let op = op.name().as_bytes();
+        let schema = CStr::from_ptr(schema).to_bytes();
+        let table = CStr::from_ptr(table).to_bytes();
+        match &row_shape.json {
+            Some(plan) => {
+                let mut row = json::fields(rel, row_tuple, &row_shape, plan);
+                let mut old = json::fields(rel, old_tuple, &row_shape, plan);
+                let key = key_shape
+                    .as_ref()
+                    .and_then(|key| key::key_of_fields(key, &row_shape, row.as_deref()?));
+                let payload = envelope::fields_payload(
+                    op,
+                    schema,
+                    table,
+                    row.as_deref_mut(),
+                    old.as_deref_mut(),
+                );
+                (payload, key)
             }
-            _ => None,
+            None => {
+                // to_jsonb of records of the table's row type (or of the captured
+                // columns).
+                let as_datum = |tuple: pg_sys::HeapTuple| {
+                    if tuple.is_null() {
+                        None
+                    } else if let Some(projection) = &projection {
+                        Some(shape::record(rel, tuple, projection))
+                    } else {
+                        Some(pg_sys::heap_copy_tuple_as_datum(tuple, (*rel).rd_att))
+                    }
+                };
+                let payload = envelope::records_payload(&envelope::Change {
+                    op,
+                    schema,
+                    table,
+                    row: as_datum(row_tuple),
+                    old: as_datum(old_tuple),
+                });
+                let key = key_shape.as_ref().and_then(|key| {
+                    let captured = projection.as_ref().map(|p| &p.attnums[..]);
+                    key::key_jsonb(rel, row_tuple, key, captured, envelope::to_jsonb_record())
+                });
+                (payload, key)
+            }
         }
     };
     // SAFETY: called inside the writer's transaction, in a trigger.

@@ -1,15 +1,19 @@
-//! Records of some of a table's columns: the row's primary key (the event's `key`) and
-//! the captured columns of a subscription with a column choice. Each is a blessed record
-//! descriptor of those columns (name, type and typmod as in the table), so `to_jsonb`
-//! converts them exactly as it converts the whole row.
+//! Records of some of a table's columns: the row's primary key (the event's `key`), the
+//! captured columns of a subscription with a column choice, or all of them. Each is a
+//! blessed record descriptor of those columns (name, type and typmod as in the table), so
+//! `to_jsonb` converts them exactly as it converts the whole row, and, when every column
+//! has one, the [`Conversion`] of each (see [`super::json`]).
 //!
 //! Descriptors are cached per relation and purpose for the backend's life and checked
 //! again after a relcache invalidation of the relation (ALTER TABLE, a new trigger, ...).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use pgrx::pg_sys;
+
+use super::json::{self, Conversion};
 
 /// Which columns a shape holds.
 #[derive(Clone, Copy)]
@@ -21,6 +25,8 @@ pub enum Columns<'a> {
     /// These columns as the key: a partition's columns of its subscribed table's primary
     /// key (see [`super::origin`]).
     Key(&'a [i32]),
+    /// Every column (a subscription of the whole row).
+    All,
 }
 
 impl Columns<'_> {
@@ -29,6 +35,7 @@ impl Columns<'_> {
             Columns::PrimaryKey => 0,
             Columns::These(_) => 1,
             Columns::Key(_) => 2,
+            Columns::All => 3,
         }
     }
 }
@@ -36,8 +43,11 @@ impl Columns<'_> {
 /// Columns (1-based attribute numbers) and the record descriptor of just those.
 #[derive(Clone)]
 pub struct Shape {
-    pub attnums: Vec<i32>,
+    pub attnums: Rc<[i32]>,
     pub desc: pg_sys::TupleDesc,
+    /// Each column's conversion to JSON, in `attnums` order; None when a column has
+    /// none (`to_jsonb` converts such rows).
+    pub json: Option<Rc<[Conversion]>>,
 }
 
 /// A relation's cache entry for one kind of [`Columns`].
@@ -87,7 +97,7 @@ pub unsafe fn shape(rel: pg_sys::Relation, columns: Columns<'_>) -> Option<Shape
     let relid = unsafe { (*rel).rd_id };
     let cache_key = (relid, columns.purpose());
     let requested: &[i32] = match columns {
-        Columns::PrimaryKey => &[],
+        Columns::PrimaryKey | Columns::All => &[],
         Columns::These(these) | Columns::Key(these) => these,
     };
     let cached = SHAPES.with_borrow(|shapes| {
@@ -102,6 +112,8 @@ pub unsafe fn shape(rel: pg_sys::Relation, columns: Columns<'_>) -> Option<Shape
     let attnums = match columns {
         // SAFETY: rel is open.
         Columns::PrimaryKey => unsafe { primary_key(rel) },
+        // SAFETY: rel is open.
+        Columns::All => Some((1..=unsafe { (*(*rel).rd_att).natts }).collect()),
         Columns::These(these) | Columns::Key(these) => Some(these.to_vec()),
     };
     let previous = SHAPES
@@ -178,14 +190,18 @@ unsafe fn describe(rel: pg_sys::Relation, attnums: Vec<i32>, previous: Option<Sh
             );
         }
         pg_sys::MemoryContextSwitchTo(old_cxt);
-        if let Some(old) =
-            previous.filter(|old| old.attnums == attnums && pg_sys::equalTupleDescs(old.desc, desc))
+        if let Some(old) = previous
+            .filter(|old| *old.attnums == *attnums && pg_sys::equalTupleDescs(old.desc, desc))
         {
             pg_sys::FreeTupleDesc(desc);
             return old;
         }
+        let types = attnums
+            .iter()
+            .map(|&a| (*(*table_desc).attrs.as_ptr().add(a as usize - 1)).atttypid);
         Shape {
-            attnums,
+            json: json::plan(types).map(Rc::from),
+            attnums: Rc::from(attnums),
             desc: pg_sys::BlessTupleDesc(desc),
         }
     }
@@ -206,7 +222,7 @@ pub unsafe fn record(
     // SAFETY: the attnums are live columns of rel's descriptor.
     unsafe {
         let table_desc = (*rel).rd_att;
-        for &attnum in &shape.attnums {
+        for &attnum in shape.attnums.iter() {
             let mut isnull = false;
             values.push(pg_sys::heap_getattr(tuple, attnum, table_desc, &mut isnull));
             nulls.push(isnull);

@@ -2,8 +2,10 @@
 //! `"unchanged_toast"` from WAL capture when the WAL left values out), made by one
 //! jsonb construction that sorts keys and turns NULL into JSON null, so it is exactly what
 //! `jsonb_build_object('op', ..., 'row', ..., 'old', ...)` gives. The trigger's `row`/`old`
-//! are its tuples (records), converted by one `to_jsonb` of a blessed envelope record
-//! with them as fields. The worker's are already jsonb (converted as the table's owner):
+//! are its tuples: fields it converted itself (`capture::json`, tables of Postgres's own
+//! types: [`fields_payload`]), or records converted by one `to_jsonb` of a blessed
+//! envelope record with them as fields ([`records_payload`]). The worker's are already
+//! jsonb (converted as the table's owner):
 //! its envelope is pushed value by value into a jsonb parse state (`pushJsonbValue`, what
 //! `jsonb_build_object` and `to_jsonb` do inside), the strings as they are and the rows
 //! embedded, without `to_jsonb`'s per-field type lookups and output function calls.
@@ -141,6 +143,30 @@ pub unsafe fn records_payload(change: &Change<'_>) -> pg_sys::Datum {
         let tuple = pg_sys::heap_form_tuple(state.records, values.as_mut_ptr(), nulls.as_mut_ptr());
         let envelope = pg_sys::Datum::from((*tuple).t_data);
         pg_sys::FunctionCall1Coll(state.to_jsonb, pg_sys::InvalidOid, envelope)
+    }
+}
+
+/// The trigger's payload from the rows' fields, each already JSON (see
+/// `capture::json`): the same object [`records_payload`] makes of their records.
+///
+/// # Safety
+/// Inside a transaction; the fields' names and values stay valid for the call.
+pub unsafe fn fields_payload(
+    op: &[u8],
+    schema: &[u8],
+    table: &[u8],
+    row: Option<&mut [(&[u8], pg_sys::JsonbValue)]>,
+    old: Option<&mut [(&[u8], pg_sys::JsonbValue)]>,
+) -> pg_sys::Datum {
+    // SAFETY: see the contract.
+    unsafe {
+        let mut object = jsonb::Object::new();
+        object.push(b"op", &mut jsonb::string(op));
+        object.push(b"schema", &mut jsonb::string(schema));
+        object.push(b"table", &mut jsonb::string(table));
+        object.push_object(b"row", row);
+        object.push_object(b"old", old);
+        object.finish()
     }
 }
 
