@@ -62,6 +62,16 @@ DECLARE
     s record;
     created pg_lsn;
 BEGIN
+    -- A transaction that has written cannot create the slot, and must not wait for the
+    -- lock below: a creator holding it waits for this transaction to end (a deadlock).
+    -- A slot still being created has no confirmed position yet.
+    IF pg_current_xact_id_if_assigned() IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM pg_replication_slots r
+            WHERE r.slot_name = slot AND r.confirmed_flush_lsn IS NOT NULL) THEN
+        RAISE EXCEPTION 'pgpipe must create replication slot % before this transaction writes anything', quote_ident(slot)
+            USING ERRCODE = 'active_sql_transaction',
+                  HINT = 'Run the first pgpipe.subscribe(..., mode => ''wal'') in a transaction of its own, or SELECT pgpipe.ensure_slot() in one first.';
+    END IF;
     -- One creator at a time: a second one waits here until the first one's slot is
     -- consistent and its transaction is over, then finds the slot.
     PERFORM pg_advisory_xact_lock(hashtextextended('pgpipe.ensure_slot', 0));
@@ -73,6 +83,12 @@ BEGIN
                 quote_ident(slot), quote_ident(current_database())
                 USING ERRCODE = 'object_not_in_prerequisite_state',
                       HINT = 'Set pgpipe.slot_name to an unused name in postgresql.conf and reload.';
+        END IF;
+        IF s.confirmed_flush_lsn IS NULL THEN
+            -- Its creator failed and has not dropped it yet (it lets go of the lock first).
+            RAISE EXCEPTION 'replication slot % is still being created or dropped by another session', quote_ident(slot)
+                USING ERRCODE = 'object_in_use',
+                      HINT = 'Try again in a moment.';
         END IF;
         IF s.wal_status = 'lost' THEN
             RAISE EXCEPTION 'replication slot % was invalidated; WAL-mode changes since then were lost', quote_ident(slot)

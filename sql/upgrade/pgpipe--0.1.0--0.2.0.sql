@@ -2537,3 +2537,72 @@ CREATE EVENT TRIGGER pgpipe_refuse_double_capture ON ddl_command_end
     WHEN TAG IN ('ALTER TABLE')
     EXECUTE FUNCTION pgpipe.refuse_double_capture();
 REVOKE ALL ON FUNCTION pgpipe.refuse_double_capture() FROM PUBLIC;
+
+--------------------------------------------------------------------------------
+-- pgpipe.ensure_slot() refuses a transaction that has written before it waits (issue 11)
+--------------------------------------------------------------------------------
+-- A writing transaction cannot create the slot; waiting for the creators' lock while
+-- another creator waited for it to end was a deadlock, and the creator the deadlock
+-- detector aborted could leave its half-made slot visible to the next one for a moment.
+-- (Its grants stay as they were.)
+-- Creates pgpipe's replication slot if there is none yet and returns its confirmed LSN.
+-- Must run before the transaction writes anything (a Postgres rule for slot creation).
+-- Refuses to replace a slot that was lost: see pgpipe.recreate_slot().
+CREATE OR REPLACE FUNCTION pgpipe.ensure_slot() RETURNS pg_lsn
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    slot text := pgpipe.slot_name();
+    s record;
+    created pg_lsn;
+BEGIN
+    -- A transaction that has written cannot create the slot, and must not wait for the
+    -- lock below: a creator holding it waits for this transaction to end (a deadlock).
+    -- A slot still being created has no confirmed position yet.
+    IF pg_current_xact_id_if_assigned() IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM pg_replication_slots r
+            WHERE r.slot_name = slot AND r.confirmed_flush_lsn IS NOT NULL) THEN
+        RAISE EXCEPTION 'pgpipe must create replication slot % before this transaction writes anything', quote_ident(slot)
+            USING ERRCODE = 'active_sql_transaction',
+                  HINT = 'Run the first pgpipe.subscribe(..., mode => ''wal'') in a transaction of its own, or SELECT pgpipe.ensure_slot() in one first.';
+    END IF;
+    -- One creator at a time: a second one waits here until the first one's slot is
+    -- consistent and its transaction is over, then finds the slot.
+    PERFORM pg_advisory_xact_lock(hashtextextended('pgpipe.ensure_slot', 0));
+    SELECT r.slot_type, r.plugin, r.database, r.wal_status, r.confirmed_flush_lsn INTO s
+    FROM pg_replication_slots r WHERE r.slot_name = slot;
+    IF FOUND THEN
+        IF s.slot_type <> 'logical' OR s.plugin IS DISTINCT FROM 'pgoutput' OR s.database IS DISTINCT FROM current_database() THEN
+            RAISE EXCEPTION 'replication slot % exists but is not a pgoutput slot of database %',
+                quote_ident(slot), quote_ident(current_database())
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'Set pgpipe.slot_name to an unused name in postgresql.conf and reload.';
+        END IF;
+        IF s.confirmed_flush_lsn IS NULL THEN
+            -- Its creator failed and has not dropped it yet (it lets go of the lock first).
+            RAISE EXCEPTION 'replication slot % is still being created or dropped by another session', quote_ident(slot)
+                USING ERRCODE = 'object_in_use',
+                      HINT = 'Try again in a moment.';
+        END IF;
+        IF s.wal_status = 'lost' THEN
+            RAISE EXCEPTION 'replication slot % was invalidated; WAL-mode changes since then were lost', quote_ident(slot)
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'SELECT pgpipe.recreate_slot() starts a new slot; raise max_slot_wal_keep_size to keep it from happening again.';
+        END IF;
+        RETURN s.confirmed_flush_lsn;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pgpipe.wal_progress p WHERE p.slot_name = slot) THEN
+        RAISE EXCEPTION 'replication slot % was dropped; WAL-mode changes since then were not captured', quote_ident(slot)
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'SELECT pgpipe.recreate_slot() starts a new slot (the changes in between stay lost).';
+    END IF;
+    BEGIN
+        SELECT c.lsn INTO created FROM pg_create_logical_replication_slot(slot, 'pgoutput') c;
+    EXCEPTION WHEN active_sql_transaction THEN
+        RAISE EXCEPTION 'pgpipe must create replication slot % before this transaction writes anything', quote_ident(slot)
+            USING ERRCODE = 'active_sql_transaction',
+                  HINT = 'Run the first pgpipe.subscribe(..., mode => ''wal'') in a transaction of its own, or SELECT pgpipe.ensure_slot() in one first.';
+    END;
+    INSERT INTO pgpipe.wal_progress (slot_name, lsn) VALUES (slot, created)
+    ON CONFLICT (slot_name) DO UPDATE SET lsn = excluded.lsn, updated_at = now();
+    RETURN created;
+END $$;

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use pgpipe_tests::{describe, test_db, wait_until, TempPg};
+use pgpipe_tests::{describe, test_db, wait_until, PgOptions, TempPg};
 use serde_json::Value;
 use tokio_postgres::Client;
 
@@ -479,4 +479,70 @@ async fn changes_with_a_replication_origin_are_captured() {
         ],
         "every change with an origin, once, in commit order"
     );
+}
+
+/// The first WAL subscription inside a transaction that has already written is refused at
+/// once with what to do, even while another session is creating the slot (that creator
+/// waits for this transaction to end: waiting for it in turn was a deadlock error).
+#[tokio::test]
+async fn a_writing_transaction_is_told_to_subscribe_first() {
+    let pg = TempPg::start_dedicated(PgOptions::new().conf("pgpipe.database = 'postgres'")).await;
+    let writer = pg.client("postgres").await;
+    writer
+        .batch_execute(
+            "CREATE EXTENSION pgpipe;
+             CREATE TABLE t (id int PRIMARY KEY);
+             CREATE TABLE other (v int);",
+        )
+        .await
+        .unwrap();
+    writer
+        .batch_execute("BEGIN; INSERT INTO other VALUES (1);")
+        .await
+        .unwrap();
+    // A creator: its slot becomes consistent only once the writer's transaction ends.
+    let creator = pg.client("postgres").await;
+    let creating = tokio::spawn(async move {
+        creator
+            .query_one("SELECT pgpipe.ensure_slot()::text", &[])
+            .await
+            .map(|row| row.get::<_, String>(0))
+    });
+    let observer = pg.client("postgres").await;
+    let waiting = wait_until(Duration::from_secs(10), async || {
+        observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE query LIKE '%ensure_slot%' AND wait_event IS NOT NULL AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    assert!(waiting, "the creator waits for the writer's transaction");
+    let r = writer
+        .batch_execute("SELECT pgpipe.subscribe('t', mode => 'wal')")
+        .await;
+
+    let err = r.unwrap_err();
+    let db_err = err.as_db_error().expect("a server error");
+    assert_eq!(db_err.code().code(), "25001", "{}", describe(&err));
+    assert!(db_err
+        .message()
+        .contains("before this transaction writes anything"));
+    assert!(db_err
+        .hint()
+        .unwrap_or("")
+        .contains("in a transaction of its own"));
+    writer.batch_execute("ROLLBACK").await.unwrap();
+    let created = creating.await.unwrap().expect("the creator gets its slot");
+    assert!(!created.is_empty());
+    // In a transaction of its own, the subscription goes through.
+    writer
+        .batch_execute("SELECT pgpipe.subscribe('t', mode => 'wal')")
+        .await
+        .unwrap();
 }
