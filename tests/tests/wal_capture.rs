@@ -53,6 +53,32 @@ const WRITES: &str = "
     DELETE FROM {t} WHERE id = 1;
     TRUNCATE {t};";
 
+/// The rich table without the types only `to_jsonb` converts (arrays, json, an enum):
+/// both capture modes then convert every column themselves (`capture::json`).
+const BUILTIN_COLUMNS: &str = "
+    id    int4 PRIMARY KEY,
+    i2    int2, i8 int8, num numeric(12,4), f4 real, f8 double precision, b bool,
+    t     text, vc varchar(20), ch char(5), jb jsonb, u uuid,
+    d     date, ts timestamp, tstz timestamptz, iv interval, by bytea, big text";
+
+const BUILTIN_WRITES: &str = "
+    INSERT INTO {t} VALUES
+      (1, 32767, 9007199254740993, 12345678.1234, 1.1, 2.718281828459045, true,
+       'héllo \"quoted\" \\ back', 'varchar', 'ab', '{\"k\": [1, 2.50, null], \"z\": {\"a\": true}}',
+       'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+       '2024-02-29', '2024-02-29 13:14:15.123456', '2024-02-29 13:14:15.5+02', '1 year 2 mons 3 days 04:05:06.7',
+       '\\xdeadbeef', 'short'),
+      (2, NULL, NULL, NULL, 'NaN', '-Infinity', NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL, NULL, NULL, NULL, NULL),
+      (3, -1, -1, -0.0001, -0, 1e300, false, '', '', '', '\"s\"', NULL,
+       'infinity', '-infinity', 'infinity', '-1 day', '\\x',
+       (SELECT string_agg(md5(g::text), '') FROM generate_series(1, 2000) g));
+    UPDATE {t} SET t = 'changed', num = num * 2, jb = jb || '{\"new\": 1}' WHERE id = 1;
+    UPDATE {t} SET i2 = 7, jb = '5' WHERE id = 3;
+    UPDATE {t} SET id = 4 WHERE id = 2;
+    DELETE FROM {t} WHERE id = 1;
+    TRUNCATE {t};";
+
 /// (operation, payload without "table", key) of a channel's events, in queue order.
 async fn events(client: &Client, channel: &str) -> Vec<(String, Value, Option<Value>)> {
     client
@@ -479,6 +505,63 @@ async fn changes_with_a_replication_origin_are_captured() {
         ],
         "every change with an origin, once, in commit order"
     );
+}
+
+/// Tables of Postgres's own types only, whose rows both modes convert column by column
+/// (no `to_jsonb`): the trigger's and the worker's payloads are still equal.
+#[tokio::test]
+async fn both_modes_convert_builtin_types_alike() {
+    let client = worker_db().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE builtin_trg ({BUILTIN_COLUMNS});
+             CREATE TABLE builtin_wal ({BUILTIN_COLUMNS});
+             ALTER TABLE builtin_trg REPLICA IDENTITY FULL;
+             ALTER TABLE builtin_wal REPLICA IDENTITY FULL;
+             SELECT pgpipe.subscribe('builtin_trg');"
+        ))
+        .await
+        .unwrap();
+    client
+        .batch_execute("SELECT pgpipe.subscribe('builtin_wal', mode => 'wal')")
+        .await
+        .unwrap();
+    for table in ["builtin_trg", "builtin_wal"] {
+        client
+            .batch_execute(&BUILTIN_WRITES.replace("{t}", table))
+            .await
+            .unwrap_or_else(|e| panic!("writes on {table}: {}", describe(&e)));
+    }
+    let trigger = events(&client, "builtin_trg").await;
+    assert_eq!(trigger.len(), 8, "trigger events: {trigger:#?}");
+    let arrived = wait_until(Duration::from_secs(20), async || {
+        events(&client, "builtin_wal").await.len() >= trigger.len()
+    })
+    .await;
+    let wal = events(&client, "builtin_wal").await;
+    assert!(arrived, "WAL events did not arrive: {wal:#?}");
+    for (n, (t, w)) in trigger.iter().zip(&wal).enumerate() {
+        assert_eq!(t, w, "event {n} differs between trigger and WAL capture");
+    }
+    // And both are what to_jsonb gives: the inserted rows, as to_jsonb of the same rows
+    // in a table of the same columns.
+    let inserts = BUILTIN_WRITES.split(';').next().unwrap();
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE builtin_ref ({BUILTIN_COLUMNS}); {}",
+            inserts.replace("{t}", "builtin_ref")
+        ))
+        .await
+        .unwrap();
+    let expected: Vec<Value> = client
+        .query("SELECT to_jsonb(r) FROM builtin_ref r ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let inserted: Vec<Value> = wal[..3].iter().map(|(_, p, _)| p["row"].clone()).collect();
+    assert_eq!(inserted, expected);
 }
 
 /// The first WAL subscription inside a transaction that has already written is refused at

@@ -1,6 +1,6 @@
 //! A captured row as JSON, value for value what `to_jsonb(record)` gives, with each
-//! column's conversion decided once per table shape (see [`super::shape`]) instead of
-//! once per value.
+//! column's conversion decided once per table shape (see [`super::shape`]; the WAL
+//! worker caches it per image shape) instead of once per value.
 //!
 //! `to_jsonb` looks every value's type up again (its base type, element type, row type,
 //! output function: a few syscache searches per column) and reads the fields out of a

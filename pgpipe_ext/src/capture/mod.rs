@@ -28,7 +28,7 @@
 //! UPDATE captured as an INSERT carries the new row, one captured as a DELETE the old
 //! row, as a real INSERT or DELETE does (and as pgoutput sends them in WAL mode).
 
-mod json;
+pub(crate) mod json;
 mod key;
 mod origin;
 mod shape;

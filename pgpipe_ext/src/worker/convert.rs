@@ -11,11 +11,13 @@
 
 use std::collections::HashMap;
 use std::ffi::CStr;
+use std::rc::Rc;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use super::pgoutput::{Datum as Value, Relation};
+use crate::capture::json::{self, Conversion};
 use crate::jsonb;
 
 /// The search_path user code sees while the worker converts values (what Postgres 17's
@@ -88,17 +90,28 @@ impl Restricted {
 /// Which columns of a relation an image holds.
 type Shape = (u32, Vec<usize>);
 
-/// Converts images of rows to jsonb; caches the type input functions and one record
-/// descriptor per image shape. Everything it caches lives in its own long-lived memory
-/// context.
+/// How the rows of one image shape become JSON.
+#[derive(Clone)]
+enum Conversions {
+    /// Column by column (every column is of one of Postgres's own types).
+    Columns(Rc<[Conversion]>),
+    /// `to_jsonb` of a record of this blessed descriptor (in `cx`).
+    Record(pg_sys::TupleDesc),
+}
+
+/// Converts images of rows to jsonb; caches the type input functions and, per image
+/// shape, a blessed record descriptor or, when every column is of one of Postgres's own
+/// types, each column's JSON conversion (`capture::json`, as the trigger converts: the
+/// values `to_jsonb` gives, without its per-value type lookups). Everything it caches
+/// lives in its own long-lived memory context.
 #[derive(Default)]
 pub struct Converter {
     /// Child of TopMemoryContext, made on first use.
     cx: Option<pgrx::PgMemoryContexts>,
     /// Input function (in `cx`) and I/O parameter per type.
     inputs: HashMap<u32, (*mut pg_sys::FmgrInfo, pg_sys::Oid)>,
-    /// A blessed record descriptor (in `cx`) per image shape.
-    shapes: HashMap<Shape, pg_sys::TupleDesc>,
+    /// How each image shape is converted.
+    shapes: HashMap<Shape, Conversions>,
     /// Reused buffer for NUL-terminated values.
     text: Vec<u8>,
 }
@@ -137,7 +150,10 @@ impl Converter {
     /// current memory context. Call it inside [`Restricted`] as the table's owner: it
     /// runs the columns' input functions and their casts or output functions.
     pub fn image_jsonb(&mut self, rel: &Relation, image: &[(usize, &Value)]) -> pg_sys::Datum {
-        let desc = self.shape(rel, image);
+        let desc = match self.shape(rel, image) {
+            Conversions::Columns(plan) => return self.columns_jsonb(rel, image, &plan),
+            Conversions::Record(desc) => desc,
+        };
         let mut values: Vec<pg_sys::Datum> = Vec::with_capacity(image.len());
         let mut nulls: Vec<bool> = Vec::with_capacity(image.len());
         for &(column, value) in image {
@@ -161,6 +177,33 @@ impl Converter {
             let record = pg_sys::HeapTupleHeaderGetDatum((*tuple).t_data);
             pg_sys::FunctionCall1Coll(to_jsonb, pg_sys::InvalidOid, record)
         }
+    }
+
+    /// The jsonb of an image of Postgres's own types: each value read back with its type's
+    /// input function and converted as `to_jsonb` converts it (`plan`, in image order).
+    fn columns_jsonb(
+        &mut self,
+        rel: &Relation,
+        image: &[(usize, &Value)],
+        plan: &[Conversion],
+    ) -> pg_sys::Datum {
+        let mut object = jsonb::Object::new();
+        for (&(column, value), &how) in image.iter().zip(plan) {
+            let col = &rel.columns[column];
+            let (datum, isnull) = match value {
+                Value::Text(text) => (self.input(col.type_oid, text), false),
+                Value::Null | Value::UnchangedToast => (pg_sys::Datum::from(0usize), true),
+                Value::Binary(_) => error!("pgpipe worker: unexpected binary column value"),
+            };
+            // SAFETY: the datum is a value of the column's type (its input function made
+            // it), which `plan` was made for; the name outlives the object.
+            unsafe {
+                let mut converted = json::value(how, datum, isnull);
+                object.push(col.name.as_bytes(), &mut converted);
+            }
+        }
+        // SAFETY: the values point to memory of the current context.
+        unsafe { object.finish() }
     }
 
     /// The jsonb of an image with every value as its text (a JSON string), converted by
@@ -217,12 +260,26 @@ impl Converter {
         unsafe { pg_sys::InputFunctionCall(finfo, self.text.as_mut_ptr().cast(), io_param, -1) }
     }
 
-    /// The record descriptor of an image shape, blessed (registered as an anonymous
-    /// record type, so `to_jsonb` can look it up from the tuple).
-    fn shape(&mut self, rel: &Relation, image: &[(usize, &Value)]) -> pg_sys::TupleDesc {
+    /// How an image shape is converted: column by column, or else through `to_jsonb` of
+    /// a blessed record descriptor (registered as an anonymous record type, so `to_jsonb`
+    /// can look it up from the tuple).
+    fn shape(&mut self, rel: &Relation, image: &[(usize, &Value)]) -> Conversions {
         let key: Shape = (rel.id, image.iter().map(|&(c, _)| c).collect());
-        if let Some(&desc) = self.shapes.get(&key) {
-            return desc;
+        if let Some(found) = self.shapes.get(&key) {
+            return found.clone();
+        }
+        // SAFETY: type catalog lookups, inside the worker's transaction.
+        let plan = unsafe {
+            json::plan(
+                image
+                    .iter()
+                    .map(|&(column, _)| pg_sys::Oid::from(rel.columns[column].type_oid)),
+            )
+        };
+        if let Some(plan) = plan {
+            let found = Conversions::Columns(Rc::from(plan));
+            self.shapes.insert(key, found.clone());
+            return found;
         }
         let natts = i32::try_from(image.len())
             .unwrap_or_else(|_| error!("pgpipe worker: too many columns"));
@@ -248,8 +305,8 @@ impl Converter {
                 pg_sys::BlessTupleDesc(desc)
             })
         };
-        self.shapes.insert(key, desc);
-        desc
+        self.shapes.insert(key, Conversions::Record(desc));
+        Conversions::Record(desc)
     }
 }
 
