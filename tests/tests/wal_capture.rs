@@ -79,8 +79,11 @@ const BUILTIN_WRITES: &str = "
     DELETE FROM {t} WHERE id = 1;
     TRUNCATE {t};";
 
-/// (operation, payload without "table", key) of a channel's events, in queue order.
-async fn events(client: &Client, channel: &str) -> Vec<(String, Value, Option<Value>)> {
+/// (operation, payload without "table", key) of an event.
+type Event = (String, Value, Option<Value>);
+
+/// A channel's events, in queue order.
+async fn events(client: &Client, channel: &str) -> Vec<Event> {
     client
         .query(
             "SELECT operation, payload - 'table', key FROM pgpipe.events WHERE channel = $1 ORDER BY id",
@@ -91,6 +94,29 @@ async fn events(client: &Client, channel: &str) -> Vec<(String, Value, Option<Va
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect()
+}
+
+/// The events of a trigger-mode channel (`count` of them) and, once the worker has queued
+/// them, of a WAL-mode channel fed the same writes: equal one by one.
+async fn same_events(
+    client: &Client,
+    trigger_channel: &str,
+    wal_channel: &str,
+    count: usize,
+) -> (Vec<Event>, Vec<Event>) {
+    let trigger = events(client, trigger_channel).await;
+    assert_eq!(trigger.len(), count, "trigger events: {trigger:#?}");
+    let arrived = wait_until(Duration::from_secs(20), async || {
+        events(client, wal_channel).await.len() >= trigger.len()
+    })
+    .await;
+    let wal = events(client, wal_channel).await;
+    assert!(arrived, "WAL events did not arrive: {wal:#?}");
+    assert_eq!(wal.len(), trigger.len());
+    for (n, (t, w)) in trigger.iter().zip(&wal).enumerate() {
+        assert_eq!(t, w, "event {n} differs between trigger and WAL capture");
+    }
+    (trigger, wal)
 }
 
 #[tokio::test]
@@ -121,18 +147,7 @@ async fn trigger_and_wal_capture_give_identical_payloads() {
             .unwrap_or_else(|e| panic!("writes on {table}: {}", describe(&e)));
     }
 
-    let trigger = events(&client, "rich_trg").await;
-    assert_eq!(trigger.len(), 8, "trigger events: {trigger:#?}");
-    let arrived = wait_until(Duration::from_secs(20), async || {
-        events(&client, "rich_wal").await.len() >= trigger.len()
-    })
-    .await;
-    let wal = events(&client, "rich_wal").await;
-    assert!(arrived, "WAL events did not arrive: {wal:#?}");
-    assert_eq!(wal.len(), trigger.len());
-    for (n, (t, w)) in trigger.iter().zip(&wal).enumerate() {
-        assert_eq!(t, w, "event {n} differs between trigger and WAL capture");
-    }
+    let (trigger, _) = same_events(&client, "rich_trg", "rich_wal", 8).await;
     // The key is the primary key (not REPLICA IDENTITY FULL's every column): the new
     // row's, the old row's for DELETE (id 2 became 4), none for TRUNCATE.
     let keys: Vec<Option<Value>> = trigger.iter().map(|(_, _, k)| k.clone()).collect();
@@ -532,17 +547,7 @@ async fn both_modes_convert_builtin_types_alike() {
             .await
             .unwrap_or_else(|e| panic!("writes on {table}: {}", describe(&e)));
     }
-    let trigger = events(&client, "builtin_trg").await;
-    assert_eq!(trigger.len(), 8, "trigger events: {trigger:#?}");
-    let arrived = wait_until(Duration::from_secs(20), async || {
-        events(&client, "builtin_wal").await.len() >= trigger.len()
-    })
-    .await;
-    let wal = events(&client, "builtin_wal").await;
-    assert!(arrived, "WAL events did not arrive: {wal:#?}");
-    for (n, (t, w)) in trigger.iter().zip(&wal).enumerate() {
-        assert_eq!(t, w, "event {n} differs between trigger and WAL capture");
-    }
+    let (_, wal) = same_events(&client, "builtin_trg", "builtin_wal", 8).await;
     // And both are what to_jsonb gives: the inserted rows, as to_jsonb of the same rows
     // in a table of the same columns.
     let inserts = BUILTIN_WRITES.split(';').next().unwrap();
@@ -606,11 +611,10 @@ async fn a_writing_transaction_is_told_to_subscribe_first() {
     })
     .await;
     assert!(waiting, "the creator waits for the writer's transaction");
-    let r = writer
+    let err = writer
         .batch_execute("SELECT pgpipe.subscribe('t', mode => 'wal')")
-        .await;
-
-    let err = r.unwrap_err();
+        .await
+        .unwrap_err();
     let db_err = err.as_db_error().expect("a server error");
     assert_eq!(db_err.code().code(), "25001", "{}", describe(&err));
     assert!(db_err

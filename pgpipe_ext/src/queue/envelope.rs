@@ -146,6 +146,21 @@ pub unsafe fn records_payload(change: &Change<'_>) -> pg_sys::Datum {
     }
 }
 
+/// An envelope object begun with its `op`, `schema` and `table`.
+///
+/// # Safety
+/// The strings stay valid until the object is finished.
+unsafe fn named(op: &[u8], schema: &[u8], table: &[u8]) -> jsonb::Object {
+    let mut object = jsonb::Object::new();
+    // SAFETY: see the contract.
+    unsafe {
+        object.push(b"op", &mut jsonb::string(op));
+        object.push(b"schema", &mut jsonb::string(schema));
+        object.push(b"table", &mut jsonb::string(table));
+    }
+    object
+}
+
 /// The trigger's payload from the rows' fields, each already JSON (see
 /// `capture::json`): the same object [`records_payload`] makes of their records.
 ///
@@ -160,10 +175,7 @@ pub unsafe fn fields_payload(
 ) -> pg_sys::Datum {
     // SAFETY: see the contract.
     unsafe {
-        let mut object = jsonb::Object::new();
-        object.push(b"op", &mut jsonb::string(op));
-        object.push(b"schema", &mut jsonb::string(schema));
-        object.push(b"table", &mut jsonb::string(table));
+        let mut object = named(op, schema, table);
         object.push_object(b"row", row);
         object.push_object(b"old", old);
         object.finish()
@@ -183,10 +195,7 @@ pub unsafe fn jsonb_payload(
     // SAFETY: the values point to the change's strings and datums, which outlive the
     // object; the datums are jsonb (see the contract).
     unsafe {
-        let mut object = jsonb::Object::new();
-        object.push(b"op", &mut jsonb::string(change.op));
-        object.push(b"schema", &mut jsonb::string(change.schema));
-        object.push(b"table", &mut jsonb::string(change.table));
+        let mut object = named(change.op, change.schema, change.table);
         object.push(b"row", &mut jsonb::embedded(change.row));
         object.push(b"old", &mut jsonb::embedded(change.old));
         if unchanged_toast.is_some() {

@@ -154,21 +154,10 @@ impl Converter {
             Conversions::Columns(plan) => return self.columns_jsonb(rel, image, &plan),
             Conversions::Record(desc) => desc,
         };
-        let mut values: Vec<pg_sys::Datum> = Vec::with_capacity(image.len());
-        let mut nulls: Vec<bool> = Vec::with_capacity(image.len());
-        for &(column, value) in image {
-            match value {
-                Value::Text(text) => {
-                    values.push(self.input(rel.columns[column].type_oid, text));
-                    nulls.push(false);
-                }
-                Value::Null | Value::UnchangedToast => {
-                    values.push(pg_sys::Datum::from(0usize));
-                    nulls.push(true);
-                }
-                Value::Binary(_) => error!("pgpipe worker: unexpected binary column value"),
-            }
-        }
+        let (mut values, mut nulls): (Vec<pg_sys::Datum>, Vec<bool>) = image
+            .iter()
+            .map(|&(column, value)| self.datum(rel, column, value))
+            .unzip();
         // SAFETY: `desc` has one attribute per value, of the value's type; the tuple and
         // the result are allocated in the current memory context.
         unsafe {
@@ -189,21 +178,26 @@ impl Converter {
     ) -> pg_sys::Datum {
         let mut object = jsonb::Object::new();
         for (&(column, value), &how) in image.iter().zip(plan) {
-            let col = &rel.columns[column];
-            let (datum, isnull) = match value {
-                Value::Text(text) => (self.input(col.type_oid, text), false),
-                Value::Null | Value::UnchangedToast => (pg_sys::Datum::from(0usize), true),
-                Value::Binary(_) => error!("pgpipe worker: unexpected binary column value"),
-            };
+            let (datum, isnull) = self.datum(rel, column, value);
             // SAFETY: the datum is a value of the column's type (its input function made
             // it), which `plan` was made for; the name outlives the object.
             unsafe {
                 let mut converted = json::value(how, datum, isnull);
-                object.push(col.name.as_bytes(), &mut converted);
+                object.push(rel.columns[column].name.as_bytes(), &mut converted);
             }
         }
         // SAFETY: the values point to memory of the current context.
         unsafe { object.finish() }
+    }
+
+    /// A column's value as a datum of its type and a null flag (a value the WAL left out
+    /// is null).
+    fn datum(&mut self, rel: &Relation, column: usize, value: &Value) -> (pg_sys::Datum, bool) {
+        match value {
+            Value::Text(text) => (self.input(rel.columns[column].type_oid, text), false),
+            Value::Null | Value::UnchangedToast => (pg_sys::Datum::from(0usize), true),
+            Value::Binary(_) => error!("pgpipe worker: unexpected binary column value"),
+        }
     }
 
     /// The jsonb of an image with every value as its text (a JSON string), converted by

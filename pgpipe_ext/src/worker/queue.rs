@@ -52,6 +52,26 @@ pub struct Change<'a> {
     pub unchanged_toast: Vec<String>,
 }
 
+impl<'a> Change<'a> {
+    /// A change with one row image or none and no old one: an INSERT (the new row), a
+    /// DELETE (the old row) or a TRUNCATE (none).
+    pub fn of_row(
+        lsn: u64,
+        operation: &'static str,
+        relation: &'a Relation,
+        row: Option<Vec<(usize, &'a Value)>>,
+    ) -> Self {
+        Change {
+            lsn,
+            operation,
+            relation,
+            row,
+            old: None,
+            unchanged_toast: Vec::new(),
+        }
+    }
+}
+
 /// An event converted but not inserted yet.
 struct Pending {
     id: pgrx::Uuid,

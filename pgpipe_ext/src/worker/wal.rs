@@ -259,14 +259,8 @@ impl WalCapture {
                     let Some(rel) = next_change(relations, &xact, relation) else {
                         continue;
                     };
-                    let change = Change {
-                        lsn: at,
-                        operation: "INSERT",
-                        relation: rel,
-                        row: Some(new.iter().enumerate().collect()),
-                        old: None,
-                        unchanged_toast: Vec::new(),
-                    };
+                    let change =
+                        Change::of_row(at, "INSERT", rel, Some(new.iter().enumerate().collect()));
                     events += writer.write(client, &mut targets, change);
                 }
                 Message::Update {
@@ -284,14 +278,7 @@ impl WalCapture {
                     let Some(rel) = next_change(relations, &xact, relation) else {
                         continue;
                     };
-                    let change = Change {
-                        lsn: at,
-                        operation: "DELETE",
-                        relation: rel,
-                        row: Some(old_image(rel, old)),
-                        old: None,
-                        unchanged_toast: Vec::new(),
-                    };
+                    let change = Change::of_row(at, "DELETE", rel, Some(old_image(rel, old)));
                     events += writer.write(client, &mut targets, change);
                 }
                 Message::Truncate {
@@ -302,14 +289,7 @@ impl WalCapture {
                         let Some(rel) = next_change(relations, &xact, relation) else {
                             continue;
                         };
-                        let change = Change {
-                            lsn: at,
-                            operation: "TRUNCATE",
-                            relation: rel,
-                            row: None,
-                            old: None,
-                            unchanged_toast: Vec::new(),
-                        };
+                        let change = Change::of_row(at, "TRUNCATE", rel, None);
                         events += writer.write(client, &mut targets, change);
                     }
                 }
