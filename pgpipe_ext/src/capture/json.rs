@@ -6,8 +6,9 @@
 //! output function: a few syscache searches per column) and reads the fields out of a
 //! flattened copy of the row. Here the trigger's tuple is deformed once and each column
 //! goes through the conversion `to_jsonb` would choose for its type — the same output
-//! function, `numeric_in` or `JsonEncodeDateTime` call — pushed into one jsonb parse
-//! state with the envelope around it.
+//! function, `numeric_in` or `JsonEncodeDateTime` call, or for integers and numerics the
+//! numeric that `numeric_in` would return, made without the text — pushed into one jsonb
+//! parse state with the envelope around it.
 //!
 //! Only Postgres's own types (and domains over them) are converted here: booleans,
 //! numbers, dates and timestamps, jsonb and every other built-in scalar type (as its
@@ -29,8 +30,14 @@ use crate::jsonb;
 #[derive(Clone, Copy, Debug)]
 pub enum Conversion {
     Bool,
-    /// Integers, floats and numeric: the output text as a JSON number, or as a string
-    /// when it holds an N or n (NaN, Infinity).
+    /// int2, int4, int8 (the type): the number as a numeric, which is what `numeric_in`
+    /// makes of the output text, without the text.
+    Integer(pg_sys::Oid),
+    /// A numeric value as it is (`numeric_in` of its output text gives it back), its
+    /// output text as a string when it is NaN or infinite.
+    Numeric(pg_sys::Oid),
+    /// Floats: the output text as a JSON number, or as a string when it holds an N or n
+    /// (NaN, Infinity).
     Number(pg_sys::Oid),
     /// `JsonEncodeDateTime` of this type (date, timestamp, timestamptz).
     DateTime(pg_sys::Oid),
@@ -65,12 +72,9 @@ pub unsafe fn conversion(typid: pg_sys::Oid) -> Option<Conversion> {
         };
         Some(match base {
             pg_sys::BOOLOID => Conversion::Bool,
-            pg_sys::INT2OID
-            | pg_sys::INT4OID
-            | pg_sys::INT8OID
-            | pg_sys::FLOAT4OID
-            | pg_sys::FLOAT8OID
-            | pg_sys::NUMERICOID => Conversion::Number(output()),
+            pg_sys::INT2OID | pg_sys::INT4OID | pg_sys::INT8OID => Conversion::Integer(base),
+            pg_sys::NUMERICOID => Conversion::Numeric(output()),
+            pg_sys::FLOAT4OID | pg_sys::FLOAT8OID => Conversion::Number(output()),
             pg_sys::DATEOID | pg_sys::TIMESTAMPOID | pg_sys::TIMESTAMPTZOID => {
                 Conversion::DateTime(base)
             }
@@ -115,6 +119,27 @@ pub unsafe fn value(how: Conversion, datum: pg_sys::Datum, isnull: bool) -> pg_s
             Conversion::Bool => {
                 v.type_ = pg_sys::jbvType::jbvBool;
                 v.val.boolean = datum.value() != 0;
+            }
+            Conversion::Integer(typid) => {
+                let n = match typid {
+                    pg_sys::INT2OID => datum.value() as i16 as i64,
+                    pg_sys::INT4OID => datum.value() as i32 as i64,
+                    _ => datum.value() as i64,
+                };
+                v.type_ = pg_sys::jbvType::jbvNumeric;
+                v.val.numeric = pg_sys::int64_to_numeric(n);
+            }
+            Conversion::Numeric(output) => {
+                // With a 4-byte header, as numeric_in returns it (a stored value may
+                // have a short one).
+                let numeric = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) as pg_sys::Numeric;
+                if pg_sys::numeric_is_nan(numeric) || pg_sys::numeric_is_inf(numeric) {
+                    let text = pg_sys::OidOutputFunctionCall(output, datum);
+                    v = string(text, CStr::from_ptr(text).to_bytes().len());
+                } else {
+                    v.type_ = pg_sys::jbvType::jbvNumeric;
+                    v.val.numeric = numeric;
+                }
             }
             Conversion::Number(output) => {
                 let text = pg_sys::OidOutputFunctionCall(output, datum);
