@@ -1,7 +1,7 @@
 //! Writing queue rows without SQL: route them to the partition of `pgpipe.events` that
 //! holds the writing transaction's id, insert the heap tuples and their index entries.
 //! Both capture paths write the queue this way: the capture trigger one row per call
-//! ([`insert_event`]), the WAL worker a batch of rows per [`Queue::open`].
+//! ([`insert_event`]), the WAL worker a batch of rows per [`Queue::insert_batch`].
 //!
 //! This is what `INSERT INTO pgpipe.events` does minus the parts capture does not need:
 //! no parse/plan/executor start-up, no privilege or row-security check (writers have no
@@ -421,6 +421,56 @@ impl Queue {
                 &values[..self.natts],
                 &nulls[..self.natts],
             );
+        }
+    }
+
+    /// Inserts events as one batch: their heap tuples with `heap_multi_insert`, which
+    /// fills a page per WAL record instead of logging each row on its own (what COPY
+    /// does), then their index entries (allocating in the current memory context).
+    ///
+    /// # Safety
+    /// As [`Queue::insert`].
+    pub unsafe fn insert_batch(&mut self, events: &[Event<'_>]) {
+        let natts = self.natts;
+        let mut values = Vec::with_capacity(events.len() * natts);
+        let mut nulls = Vec::with_capacity(events.len() * natts);
+        let mut slots = Vec::with_capacity(events.len());
+        // SAFETY: values/nulls match the partition's descriptor; each slot owns its tuple
+        // (freed when the slot is dropped) and pins the descriptor until then.
+        unsafe {
+            let desc = (*self.part).rd_att;
+            for event in events {
+                let (mut row_values, mut row_nulls) = self.row(event);
+                let tuple =
+                    pg_sys::heap_form_tuple(desc, row_values.as_mut_ptr(), row_nulls.as_mut_ptr());
+                let slot =
+                    pg_sys::MakeSingleTupleTableSlot(desc, &raw const pg_sys::TTSOpsHeapTuple);
+                pg_sys::ExecStoreHeapTuple(tuple, slot, true);
+                slots.push(slot);
+                values.extend_from_slice(&row_values[..natts]);
+                nulls.extend_from_slice(&row_nulls[..natts]);
+            }
+            if slots.is_empty() {
+                return;
+            }
+            pg_sys::heap_multi_insert(
+                self.part,
+                slots.as_mut_ptr(),
+                slots.len() as i32,
+                self.cid,
+                0,
+                std::ptr::null_mut(),
+            );
+            // heap_multi_insert left each row's place in its slot.
+            for (i, &slot) in slots.iter().enumerate() {
+                let row = i * natts..(i + 1) * natts;
+                self.insert_index_entries(
+                    &raw mut (*slot).tts_tid,
+                    &values[row.clone()],
+                    &nulls[row],
+                );
+                pg_sys::ExecDropSingleTupleTableSlot(slot);
+            }
         }
     }
 

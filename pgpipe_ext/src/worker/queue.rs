@@ -1,7 +1,8 @@
 //! Writing WAL events into the queue in batches: the changes of a read are converted one
 //! by one (as their table's owner, see [`convert`](super::convert)) and every
 //! [`FLUSH_ROWS`] events are inserted, as the worker, straight into the queue partition
-//! ([`crate::queue`], as the capture trigger writes it: no SQL, no SPI).
+//! ([`crate::queue`], as the capture trigger writes it: no SQL, no SPI), their heap
+//! tuples by one multi-row insert.
 //!
 //! Each event is what trigger mode queues: ids minted by the worker in commit order, the
 //! envelope `{"op", "schema", "table", "row", "old"}` (plus `unchanged_toast`, a JSON
@@ -279,14 +280,16 @@ impl Writer {
         let converter = &mut self.converter;
         let row_cx = self.row_cx.get_or_insert_with(|| new_cx("pgpipe wal row"));
         // SAFETY: inside the read's transaction, which may write; the pending datums live
-        // in the batch context until the reset below; what a row's insert allocates goes
-        // into `row_cx`, reset after each row.
+        // in the batch context until the reset below; the rows' payloads and what their
+        // insert allocates go into `row_cx`, reset after the batch.
         unsafe {
             let mut queue = Queue::open();
-            for p in &pending {
-                row_cx.switch_to(|_| queue.insert(&queue_event(converter, p)));
-                row_cx.reset();
-            }
+            row_cx.switch_to(|_| {
+                let events: Vec<Event<'_>> =
+                    pending.iter().map(|p| queue_event(converter, p)).collect();
+                queue.insert_batch(&events);
+            });
+            row_cx.reset();
             queue.close();
         }
         pending.clear();
