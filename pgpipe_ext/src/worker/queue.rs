@@ -29,6 +29,9 @@ use crate::queue::{envelope, Event, Queue, Source};
 
 /// Events per insert batch.
 pub const FLUSH_ROWS: usize = 500;
+/// Events per heap multi-insert: a queue page or two, so that what they allocate
+/// stays small (and in cache) between the resets of the rows' memory.
+const INSERT_ROWS: usize = 32;
 
 /// A subscription as the worker needs it.
 pub struct Target {
@@ -281,15 +284,17 @@ impl Writer {
         let row_cx = self.row_cx.get_or_insert_with(|| new_cx("pgpipe wal row"));
         // SAFETY: inside the read's transaction, which may write; the pending datums live
         // in the batch context until the reset below; the rows' payloads and what their
-        // insert allocates go into `row_cx`, reset after the batch.
+        // insert allocates go into `row_cx`, reset after each chunk.
         unsafe {
             let mut queue = Queue::open();
-            row_cx.switch_to(|_| {
-                let events: Vec<Event<'_>> =
-                    pending.iter().map(|p| queue_event(converter, p)).collect();
-                queue.insert_batch(&events);
-            });
-            row_cx.reset();
+            for chunk in pending.chunks(INSERT_ROWS) {
+                row_cx.switch_to(|_| {
+                    let events: Vec<Event<'_>> =
+                        chunk.iter().map(|p| queue_event(converter, p)).collect();
+                    queue.insert_batch(&events);
+                });
+                row_cx.reset();
+            }
             queue.close();
         }
         pending.clear();
