@@ -1,7 +1,7 @@
 //! Writing queue rows without SQL: route them to the partition of `pgpipe.events` that
 //! holds the writing transaction's id, insert the heap tuples and their index entries.
 //! Both capture paths write the queue this way: the capture trigger one row per call
-//! ([`insert_event`]), the WAL worker a batch of rows per [`Queue::insert_batch`].
+//! ([`insert_event`]), the WAL worker a chunk of rows per [`Queue::insert_batch`].
 //!
 //! This is what `INSERT INTO pgpipe.events` does minus the parts capture does not need:
 //! no parse/plan/executor start-up, no privilege or row-security check (writers have no

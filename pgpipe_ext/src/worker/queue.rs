@@ -2,7 +2,7 @@
 //! by one (as their table's owner, see [`convert`](super::convert)) and every
 //! [`FLUSH_ROWS`] events are inserted, as the worker, straight into the queue partition
 //! ([`crate::queue`], as the capture trigger writes it: no SQL, no SPI), their heap
-//! tuples by one multi-row insert.
+//! tuples [`INSERT_ROWS`] at a time by one multi-row insert.
 //!
 //! Each event is what trigger mode queues: ids minted by the worker in commit order, the
 //! envelope `{"op", "schema", "table", "row", "old"}` (plus `unchanged_toast`, a JSON
