@@ -89,11 +89,15 @@ class DecodingPhases:
                 break
             time.sleep(0.1)
         dt = time.time() - t0
+        # Only the worker writes while it drains: what its queue writes cost in WAL.
+        own_wal = float(cl.val("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '%s')" % backlog_end))
         cpu1 = proc_cpu_s(int(pid)) if pid else None
         rss1 = proc_rss_anon_kb(int(pid)) if pid else None
         stats1 = cl.val(slot_stats)
         cl.psql("ALTER SYSTEM RESET log_min_messages; SELECT pg_reload_conf();")
         out = {"wal_worker_events": c, "wal_worker_s": rnd(dt, 3), "wal_worker_rows_per_s": rnd(c / dt, 0)}
+        if c:
+            out["wal_worker_own_wal_bytes_per_event"] = rnd(own_wal / c, 0)
         try:
             (txns0, bytes0), (txns1, bytes1) = (map(int, x.split()) for x in (stats0, stats1))
             out["wal_worker_replayed_txns"] = txns1 - txns0

@@ -263,10 +263,10 @@ def render_md(r, prev):
             if dec.get("pg_recvlogical_rows_per_s"):
                 L.append("- worker ÷ pg_recvlogical: %s (target ≥ 0.5)" % rnd(dec["wal_worker_rows_per_s"] / dec["pg_recvlogical_rows_per_s"], 3))
             if dec.get("wal_worker_reads"):
-                L.append("- %s reads; each byte of the %s bytes of WAL they covered (the %s-byte backlog plus the worker's own queue writes) was decoded %s times; %s bytes decoded per backlog byte; time decoding %s s, converting + inserting %s s, confirming %s s" % (
+                L.append("- %s reads; each byte of the %s bytes of WAL they covered (the %s-byte backlog plus the worker's own queue writes) was decoded %s times; %s bytes decoded per backlog byte; the worker's queue writes add %s bytes of WAL per event; time decoding %s s, converting + inserting %s s, confirming %s s" % (
                     dec["wal_worker_reads"], fmt(dec.get("wal_worker_span_wal_bytes")), fmt(dec.get("wal_worker_backlog_wal_bytes")),
                     dec.get("wal_worker_decode_overlap"), dec.get("wal_worker_decoded_per_backlog_byte"),
-                    dec.get("wal_worker_decode_s"), dec.get("wal_worker_write_s"), dec.get("wal_worker_confirm_s")))
+                    fmt(dec.get("wal_worker_own_wal_bytes_per_event")), dec.get("wal_worker_decode_s"), dec.get("wal_worker_write_s"), dec.get("wal_worker_confirm_s")))
             if dec.get("wal_worker_perf_top"):
                 L.append("")
                 L.append("Worker profile while it drains (perf -p <worker pid>):")
