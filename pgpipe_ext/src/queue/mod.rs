@@ -431,6 +431,9 @@ impl Queue {
     /// # Safety
     /// As [`Queue::insert`].
     pub unsafe fn insert_batch(&mut self, events: &[Event<'_>]) {
+        if events.is_empty() {
+            return;
+        }
         let natts = self.natts;
         let mut values = Vec::with_capacity(events.len() * natts);
         let mut nulls = Vec::with_capacity(events.len() * natts);
@@ -449,9 +452,6 @@ impl Queue {
                 slots.push(slot);
                 values.extend_from_slice(&row_values[..natts]);
                 nulls.extend_from_slice(&row_nulls[..natts]);
-            }
-            if slots.is_empty() {
-                return;
             }
             pg_sys::heap_multi_insert(
                 self.part,
